@@ -1,0 +1,102 @@
+"""A prepared dataset in memory: item text, id maps, and the examples of each split."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from lmrec.data.prepare import FORMAT_VERSION
+from lmrec.errors import DataError, LmrecError
+
+ItemText = list[tuple[str, str]]
+
+
+@dataclass
+class Examples:
+    """Histories (oldest → newest, at most ``max_history_len`` items) and their target items."""
+
+    users: np.ndarray  # (n,) user indices
+    histories: list[np.ndarray]
+    targets: np.ndarray  # (n,) item indices
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class PreparedDataset:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.exists():
+            raise LmrecError(f"{self.path} is not a prepared dataset (no manifest.json); run `lmrec data prepare`")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"format_version {self.manifest.get('format_version')} is not supported "
+                            f"(expected {FORMAT_VERSION})", file=manifest)
+        items = pq.read_table(self.path / "items.parquet").to_pydict()
+        self.item_ids: list[str] = items["item_id"]
+        self.item_text: list[ItemText] = [[(a["key"], a["value"]) for a in attrs] for attrs in items["attrs"]]
+        self.item_index = {it: i for i, it in enumerate(self.item_ids)}
+        seq = pq.read_table(self.path / "sequences.parquet", columns=["user_id"]).to_pydict()
+        self.user_ids: list[str] = seq["user_id"]
+        split = pq.read_table(self.path / "split.parquet").to_pydict()
+        self.train = [np.asarray(x, dtype=np.int64) for x in split["train"]]
+        self.valid_target = split["valid_target"]
+        self.test_target = split["test_target"]
+        self.max_history_len: int = self.manifest["options"]["max_history_len"]
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    def examples(self, split: str) -> Examples:
+        """Evaluation examples of ``split`` ("valid" or "test"), users without a target skipped."""
+        if split not in ("valid", "test"):
+            raise LmrecError(f"split must be 'valid' or 'test', got {split!r}")
+        users, hists, targets = [], [], []
+        for u, tr in enumerate(self.train):
+            v, t = self.valid_target[u], self.test_target[u]
+            if split == "valid" and v is not None:
+                users.append(u), hists.append(tr), targets.append(v)
+            elif split == "test" and t is not None and v is not None:
+                users.append(u), hists.append(np.append(tr, v)), targets.append(t)
+        m = self.max_history_len
+        return Examples(np.asarray(users, dtype=np.int64), [h[-m:] for h in hists],
+                        np.asarray(targets, dtype=np.int64))
+
+    def train_examples(self, rng: np.random.Generator) -> Examples:
+        """One sample per user: a random prefix of the training sequence → the next item (RecFormer)."""
+        users, hists, targets = [], [], []
+        for u, tr in enumerate(self.train):
+            if len(tr) < 2:
+                continue
+            cut = int(rng.integers(1, len(tr)))
+            users.append(u), hists.append(tr[max(0, cut - self.max_history_len):cut]), targets.append(tr[cut])
+        return Examples(np.asarray(users, dtype=np.int64), hists, np.asarray(targets, dtype=np.int64))
+
+    def train_item_counts(self) -> np.ndarray:
+        """Interactions per item in the training part only (for the popularity baseline)."""
+        counts = np.zeros(self.num_items, dtype=np.int64)
+        for tr in self.train:
+            np.add.at(counts, tr, 1)
+        return counts
+
+    def resolve_history(self, ids: list[str], source: str = "--history") -> list[int]:
+        """Item ids → indices; an unknown id is a clear error."""
+        out = []
+        for pos, it in enumerate(ids, start=1):
+            if it not in self.item_index:
+                raise DataError(f"unknown item id {it!r} at position {pos} (expected an id from "
+                                f"{self.path / 'items.parquet'})", file=source)
+            out.append(self.item_index[it])
+        if not out:
+            raise DataError("empty history (expected at least one item id)", file=source)
+        return out

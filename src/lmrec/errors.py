@@ -1,0 +1,40 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, a wrong key in a config, an unknown item id) is raised as a
+:class:`LmrecError`. The CLI prints its message and exits with code 2, without a traceback; any other
+exception is a bug in lmrec and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LmrecError(Exception):
+    """An error the user can fix; its message says where and what was expected."""
+
+
+class DataError(LmrecError):
+    """Bad input data. The message names the file, the row (1-based, header = row 1) and the column."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        row: int | None = None,
+        column: str | None = None,
+    ):
+        self.file, self.row, self.column = file, row, column
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class ConfigError(LmrecError):
+    """A bad run configuration (unknown key, wrong type, missing value)."""

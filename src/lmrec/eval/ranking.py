@@ -1,0 +1,70 @@
+"""Full ranking over all items in bounded memory.
+
+Scores are dot products between query vectors (users) and item vectors, computed one item chunk at a
+time, so memory is O(batch × chunk) however large the catalog (RecFormer's code materialised a
+users × items matrix and ran out of memory at 1.5M items). Both the text family (cosine = dot of unit
+vectors) and the popularity baseline (a 1-d "vector" per item) go through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _exclude_mask(histories: Sequence[Sequence[int]], start: int, stop: int, device) -> tuple[torch.Tensor, ...]:
+    rows, cols = [], []
+    for b, h in enumerate(histories):
+        for it in h:
+            if start <= it < stop:
+                rows.append(b)
+                cols.append(it - start)
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def target_ranks(
+    queries: torch.Tensor,  # (B, H)
+    items: torch.Tensor,  # (N, H)
+    targets: torch.Tensor,  # (B,)
+    *,
+    exclude: Sequence[Sequence[int]] | None = None,
+    chunk_size: int = 65536,
+) -> torch.Tensor:
+    """Rank of each target = number of items scoring strictly higher (excluded items never count)."""
+    target_scores = (queries * items[targets]).sum(-1, keepdim=True)  # (B, 1)
+    ranks = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
+    for start in range(0, items.shape[0], chunk_size):
+        chunk = items[start : start + chunk_size]
+        scores = queries @ chunk.T  # (B, C)
+        higher = scores > target_scores
+        if exclude is not None:
+            r, c = _exclude_mask(exclude, start, start + len(chunk), queries.device)
+            higher[r, c] = False
+        ranks += higher.sum(-1)
+    return ranks
+
+
+@torch.no_grad()
+def top_k(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    k: int,
+    *,
+    exclude: Sequence[Sequence[int]] | None = None,
+    chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices) of the k best items per query, merged chunk by chunk: (B, k) each."""
+    k = min(k, items.shape[0])
+    best_s = torch.full((len(queries), 0), float("-inf"), device=queries.device)
+    best_i = torch.zeros((len(queries), 0), dtype=torch.long, device=queries.device)
+    for start in range(0, items.shape[0], chunk_size):
+        scores = queries @ items[start : start + chunk_size].T
+        if exclude is not None:
+            r, c = _exclude_mask(exclude, start, start + scores.shape[1], queries.device)
+            scores[r, c] = float("-inf")
+        s, i = scores.topk(min(k, scores.shape[1]), dim=-1)
+        best_s, order = torch.cat([best_s, s], -1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=-1)
+        best_i = torch.cat([best_i, i + start], -1).gather(-1, order)
+    return best_s, best_i
