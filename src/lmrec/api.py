@@ -1,0 +1,87 @@
+"""The Python API, mirroring the CLI: prepare → finetune → evaluate → recommend.
+
+>>> import lmrec
+>>> data = lmrec.prepare("ml-100k", "data/ml-100k")
+>>> run = lmrec.finetune(data, output_dir="runs/ml-100k", overrides=["train.stage1_epochs=4"])
+>>> lmrec.evaluate(run.model_dir, data)["ndcg@10"]
+>>> lmrec.recommend(run.model_dir, ["50", "181", "258"], k=5)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmrec.errors import LmrecError
+
+
+def load_raw(source: str | Path, *, fmt: str = "auto", items: str | Path | None = None, user_col: str = "user_id",
+             item_col: str = "item_id", time_col: str = "timestamp", text: list[str] | None = None, log=print):
+    """Read a source into RawData. ``source`` is ``"ml-100k"``, a RecBole ``.inter`` file, an Amazon
+    reviews JSON-lines file (``fmt="amazon"``, ``items`` = the meta file), or any table (``fmt="table"``)."""
+    from lmrec.data import sources
+
+    if str(source) == "ml-100k":
+        return sources.load_ml100k(log)
+    path = Path(source)
+    if fmt == "auto":
+        fmt = "recbole" if path.suffix == ".inter" else "table"
+    if fmt == "recbole":
+        item_path = Path(items) if items else path.with_suffix(".item")
+        return sources.load_recbole(path, item_path, text, user_col=user_col, item_col=item_col, time_col=time_col)
+    if fmt == "amazon":
+        if items is None:
+            raise LmrecError("the amazon format needs the meta file (--items meta_X.json)")
+        return sources.load_amazon(path, items)
+    if fmt == "table":
+        if not text:
+            raise LmrecError("name the item text columns (--text title,brand or key=column entries)")
+        return sources.load_generic(path, user_col=user_col, item_col=item_col, time_col=time_col, text=text,
+                                    items_path=items)
+    raise LmrecError(f"unknown format {fmt!r} (expected auto, recbole, amazon or table)")
+
+
+def prepare(source: str | Path, out_dir: str | Path, *, overwrite: bool = False, log=print, **options) -> Path:
+    """Prepare a dataset directory. Reader options (fmt, items, user_col, item_col, time_col, text) and
+    :class:`~lmrec.data.prepare.PrepareOptions` fields (k_core, max_history_len, split, cold_ratio, seed)."""
+    from lmrec.data.prepare import PrepareOptions
+    from lmrec.data.prepare import prepare as _prepare
+
+    reader_keys = {"fmt", "items", "user_col", "item_col", "time_col", "text"}
+    raw = load_raw(source, log=log, **{k: v for k, v in options.items() if k in reader_keys})
+    opts = PrepareOptions(**{k: v for k, v in options.items() if k not in reader_keys})
+    return _prepare(raw, out_dir, opts, overwrite=overwrite)
+
+
+def finetune(data: str | Path, *, output_dir: str | Path | None = None, config: str | Path | None = None,
+             overrides: list[str] | None = None, log=print):
+    """Two-stage RecFormer finetuning; returns a result with ``run_dir``, ``model_dir`` and ``metrics``."""
+    from lmrec.config import load_config
+    from lmrec.recformer.finetune import finetune as _finetune
+
+    ov = list(overrides or [])
+    if output_dir is not None:
+        ov.append(f"output_dir={output_dir}")
+    return _finetune(load_config(config, ov), data, log=log)
+
+
+def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", exclude_history: bool = False,
+             ks=(10, 20, 50), batch_size: int = 64) -> dict:
+    """Metrics of a saved recommender on a prepared dataset (items it never saw are encoded on the fly)."""
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.evaluator import evaluate as _evaluate
+    from lmrec.recformer.recommender import Recommender
+
+    ds = PreparedDataset(data)
+    rec = Recommender.from_pretrained(model_dir)
+    if rec.item_ids != ds.item_ids or not rec.has_item_table:
+        rec.set_catalog(ds.item_ids, ds.item_text)
+        rec.encode_items()
+    return _evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples(split), ks=ks,
+                     batch_size=batch_size, desc=split)
+
+
+def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude_history: bool = True):
+    """[(item_id, [(key, value), ...], score), ...] for a history of item ids (oldest → newest)."""
+    from lmrec.recformer.recommender import Recommender
+
+    return Recommender.from_pretrained(model_dir).recommend(history, k, exclude_history=exclude_history)

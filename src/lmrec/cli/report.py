@@ -1,0 +1,32 @@
+"""Terminal reports (rich tables) for metrics and recommendations."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("recall@10", "ndcg@10", "mrr@10", "mrr")
+
+
+def print_metrics(metrics: dict, title: str = "metrics", console: Console | None = None) -> None:
+    """One row per model: the recommender (``metrics["test"]``) and each baseline."""
+    console = console or Console()
+    table = Table(title=title)
+    table.add_column("model")
+    for c in COLUMNS:
+        table.add_column(c, justify="right")
+    table.add_column("users", justify="right")
+    rows = [("RecFormer", metrics["test"])] + [(k, v) for k, v in metrics.get("baselines", {}).items()]
+    for name, m in rows:
+        table.add_row(name, *[f"{m.get(c, float('nan')):.4f}" for c in COLUMNS], str(m.get("users", "")))
+    console.print(table)
+
+
+def print_recommendations(recs, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="recommendations")
+    for c in ("#", "item", "text", "score"):
+        table.add_column(c, justify="right" if c in ("#", "score") else "left")
+    for r, (item, text, score) in enumerate(recs, start=1):
+        table.add_row(str(r), item, " | ".join(f"{k}: {v}" for k, v in text), f"{score:.3f}")
+    console.print(table)

@@ -1,0 +1,120 @@
+"""Typed run configuration: defaults < YAML file < ``key.sub=value`` overrides.
+
+Unknown keys are errors (with the key path and the file), never silently ignored. The resolved config is
+written to the run directory as ``run_config.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmrec.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    path: str | None = None  # a prepared dataset directory; None = prepare ml-100k under the run directory
+    split: Literal["loo", "cold"] = "loo"  # used when lmrec prepares ml-100k itself
+    max_history_len: int = 50
+
+
+class ModelConfig(_Strict):
+    backbone: str | None = None  # local checkpoint directory; None = $LMREC_BACKBONE, else the embedded default
+    init: str | None = None  # a saved recommender (or pretraining checkpoint) to start from
+    max_token_num: int = 512
+    max_attr_num: int = 3
+    max_attr_length: int = 16
+    attention_window: int | list[int] = 64
+    temperature: float = 0.05
+    pooler_type: Literal["cls", "mean"] = "cls"
+    # the embedded default backbone (used when no backbone is given): a small random-init Longformer
+    default_hidden_size: int = 256
+    default_layers: int = 2
+    default_heads: int = 4
+    default_vocab_size: int = 8000
+
+
+class TrainConfig(_Strict):
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    stage1_epochs: int = 8
+    stage2_epochs: int = 2
+    eval_every: int = 1
+    patience: int = 3
+    stage2_patience: int = 2
+    stage2_lr: float | None = None  # None = lr / 2
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    item_batch_size: int = 256
+
+
+class EvalConfig(_Strict):
+    ks: list[int] = [10, 20, 50]
+    batch_size: int = 64
+    exclude_history: bool = False
+    chunk_size: int = 65536
+    metric: str = "ndcg@10"  # early-stopping metric
+
+
+class RunConfig(_Strict):
+    output_dir: str = "runs/recformer"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from an optional YAML file and ``key.sub=value`` overrides."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for ov in overrides or []:
+        key, sep, raw = ov.partition("=")
+        if not sep:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError(f"invalid configuration ({source} and overrides):\n" + "\n".join(lines)) from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,179 @@
+"""RecFormer's two-stage finetuning (Li et al., KDD 2023, §3.4) on the shared training loop.
+
+* Stage 1: before every epoch all items are re-encoded into the (frozen) item table; the encoder trains
+  against it with a full softmax; validation every ``eval_every`` epochs; early stopping on NDCG@10; the
+  best state (weights + the table it was validated with) is kept.
+* Stage 2: the best stage-1 state is reloaded, the item table stays exactly as it is, and the encoder
+  trains on with its own patience.
+
+One training sample per user per epoch: a random prefix of the training sequence → the next item.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from lmrec.config import RunConfig, save_config
+from lmrec.data.dataset import PreparedDataset
+from lmrec.eval.baselines import popularity_rank_fn
+from lmrec.eval.evaluator import evaluate
+from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
+from lmrec.recformer.recommender import Recommender
+from lmrec.training.loop import fit, make_accelerator
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: dict
+
+
+def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accelerator, log=print) -> Recommender:
+    """From ``model.init`` (a saved recommender), a backbone directory, or the embedded default."""
+    m = cfg.model
+    if m.init:
+        rec = Recommender.from_pretrained(m.init)
+        if rec.item_ids != ds.item_ids:
+            rec.set_catalog(ds.item_ids, ds.item_text)
+        return rec
+    backbone = resolve_backbone(m.backbone)
+    if backbone is None:
+        backbone = run_dir / "backbone"
+        if accelerator.is_main_process and not (backbone / "config.json").exists():
+            log(f"building the embedded default backbone in {backbone} (tokenizer trained on the item text)")
+            texts = [" ".join(f"{k} {v}" for k, v in t) for t in ds.item_text]
+            build_default_backbone(texts, backbone, hidden_size=m.default_hidden_size, layers=m.default_layers,
+                                   heads=m.default_heads, vocab_size=m.default_vocab_size,
+                                   max_positions=m.max_token_num, attention_window=_first(m.attention_window),
+                                   seed=cfg.train.seed)
+        accelerator.wait_for_everyone()
+    model, tokenizer, _ = build_recformer(
+        backbone, max_token_num=m.max_token_num, max_attr_num=m.max_attr_num, max_attr_length=m.max_attr_length,
+        max_item_embeddings=ds.max_history_len + 1, temperature=m.temperature, pooler_type=m.pooler_type,
+        attention_window=m.attention_window,
+    )
+    return Recommender(model, tokenizer, ds.item_ids, ds.item_text)
+
+
+def _first(w):
+    return w if isinstance(w, int) else w[0]
+
+
+def _reload(rec: Recommender, model_dir: Path) -> None:
+    """Load a saved state (weights + item table) into ``rec`` in place (all ranks)."""
+    rec.model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
+    rec.model.set_item_embeddings(load_file(str(model_dir / "item_table.safetensors"))["item_embeddings"])
+
+
+def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneResult:
+    t0 = time.time()
+    run_dir = Path(cfg.output_dir)
+    acc = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, str(run_dir / "logs"), cfg.train.seed)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "run_config.yaml")
+    acc.wait_for_everyone()
+    acc.init_trackers("finetune")
+    ds = PreparedDataset(dataset_path)
+    rec = build_recommender(cfg, ds, run_dir, acc, log)
+    rec.model.to(acc.device)
+    tr, ev = cfg.train, cfg.eval
+    valid = ds.examples("valid")
+
+    def make_loader(epoch: int):
+        ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch))
+        pairs = list(zip(ex.histories, ex.targets.tolist()))
+
+        def collate(batch):
+            out = rec.batch([h for h, _ in batch], device="cpu")
+            out["labels"] = torch.tensor([t for _, t in batch])
+            return out
+
+        return torch.utils.data.DataLoader(pairs, batch_size=tr.batch_size, shuffle=False, collate_fn=collate)
+
+    n_train = sum(len(t) >= 2 for t in ds.train)
+    steps = math.ceil(math.ceil(n_train / tr.batch_size) / tr.grad_accum)
+    table_fresh = {"value": False}
+
+    def encode_table():
+        rec.encode_items(tr.item_batch_size, acc)
+        table_fresh["value"] = True
+
+    def before_epoch_stage1(epoch: int):
+        if not table_fresh["value"]:
+            encode_table()
+        table_fresh["value"] = False  # training makes it stale
+
+    def validate(reencode: bool):
+        def run():
+            if reencode:
+                encode_table()
+            return evaluate(rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size), valid,
+                            ks=ev.ks, batch_size=ev.batch_size, accelerator=acc, desc="validate")
+        return run
+
+    def keep(name: str):
+        def on_best(metrics, epoch):
+            if acc.is_main_process:
+                rec.save_pretrained(run_dir / name)
+            acc.wait_for_everyone()
+        return on_best
+
+    common = dict(weight_decay=tr.weight_decay, warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip,
+                  steps_per_epoch=steps, eval_every=tr.eval_every, metric=ev.metric)
+    log(f"stage 1: up to {tr.stage1_epochs} epochs, item table re-encoded before each")
+    r1 = fit(acc, rec.model, make_loader, epochs=tr.stage1_epochs, lr=tr.lr, before_epoch=before_epoch_stage1,
+             validate=validate(True), patience=tr.patience, on_best=keep("stage1_best"), tag="stage1", **common)
+    best_dir = run_dir / "stage1_best"
+    history = {"stage1": r1.history}
+    if tr.stage2_epochs > 0 and best_dir.exists():
+        _reload(rec, best_dir)
+        log(f"stage 2: up to {tr.stage2_epochs} epochs from the best stage-1 state (epoch {r1.best_epoch}), "
+            "item table frozen")
+        r2 = fit(acc, rec.model, make_loader, epochs=tr.stage2_epochs, lr=tr.stage2_lr or tr.lr / 2,
+                 validate=validate(False), patience=tr.stage2_patience, on_best=keep("model"), tag="stage2",
+                 global_step=r1.global_step, **common)
+        history["stage2"] = r2.history
+        if r2.best_metrics.get(ev.metric, -1.0) < r1.best_metrics.get(ev.metric, -1.0):
+            # stage 2 never beat the stage-1 state it started from: that one is the model
+
+            if acc.is_main_process:
+                Recommender.from_pretrained(best_dir).save_pretrained(run_dir / "model")
+            acc.wait_for_everyone()
+    elif acc.is_main_process:
+        Recommender.from_pretrained(best_dir).save_pretrained(run_dir / "model")
+    acc.wait_for_everyone()
+    _reload(rec, run_dir / "model")
+    metrics = evaluate_all(rec, ds, cfg, acc)
+    metrics["history"] = history
+    metrics["wall_time_s"] = round(time.time() - t0, 1)
+    metrics["dataset"] = {"path": str(dataset_path), **ds.manifest["counts"], "split": ds.manifest["options"]["split"]}
+    if acc.is_main_process:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    acc.end_training()
+    return FinetuneResult(run_dir, run_dir / "model", metrics)
+
+
+def evaluate_all(rec: Recommender, ds: PreparedDataset, cfg: RunConfig, acc=None) -> dict:
+    """Test and valid metrics of the recommender and of popularity, on the same split."""
+    ev = cfg.eval
+    kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=acc)
+    out: dict = {}
+    if not rec.has_item_table:
+        rec.encode_items(cfg.train.item_batch_size, acc)
+    for split in ("test", "valid"):
+        out[split] = evaluate(rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size),
+                              ds.examples(split), desc=split, **kw)
+    pop = popularity_rank_fn(ds, exclude_history=ev.exclude_history)
+    out["baselines"] = {"popularity": evaluate(pop, ds.examples("test"), desc="popularity", **kw)}
+    out["baselines_valid"] = {"popularity": evaluate(pop, ds.examples("valid"), desc="popularity", **kw)}
+    return out

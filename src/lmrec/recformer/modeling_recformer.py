@@ -1,0 +1,244 @@
+"""RecFormer: a Longformer over the flattened key/value text of a user's items.
+
+Embeddings = token + token position (continuous over the whole flattened history) + token type
+(start/key/value/pad) + item position (0 = start token, 1 = most recent item, ...) → LayerNorm → dropout.
+The encoder is HF's ``LongformerEncoder`` (sliding-window local attention + global attention on the first
+token); the sequence is represented by the first token's hidden state and scored against item vectors by
+cosine similarity / temperature. Parameter names follow HF's Longformer (``longformer.embeddings.*``,
+``longformer.encoder.layer.{i}.attention.self.{query,key,value}[_global]``) so backbone weights load as is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.longformer.modeling_longformer import LongformerEncoder
+from transformers.utils import ModelOutput
+
+from lmrec.recformer.configuration_recformer import RecformerConfig
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention seam. An encoder takes (hidden_states (B, L, H), attention_mask (B, L) with -1 = padding,
+# 0 = local attention, +1 = global attention; L a multiple of the attention window) and returns the last
+# hidden states (B, L, H). A faster implementation registers itself here and is picked by
+# ``config.attention_impl``; its parameter names must match HF's Longformer layers.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class HFLongformerEncoder(nn.Module):
+    def __init__(self, config: RecformerConfig):
+        super().__init__()
+        self.layer = LongformerEncoder(config).layer
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        is_index_masked = attention_mask < 0
+        is_index_global_attn = attention_mask > 0
+        is_global_attn = bool(is_index_global_attn.any())
+        for layer in self.layer:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                is_index_masked=is_index_masked,
+                is_index_global_attn=is_index_global_attn,
+                is_global_attn=is_global_attn,
+            )[0]
+        return hidden_states
+
+
+class SdpaLongformerEncoder(HFLongformerEncoder):
+    """The same attention as HF's Longformer, computed densely with ``scaled_dot_product_attention``.
+
+    Every token attends to the tokens within ``attention_window / 2`` on each side and to the global tokens
+    (local projections); global tokens attend to every token (global projections). Same parameters and the
+    same outputs as :class:`HFLongformerEncoder` (see the parity test), without the padding to a multiple of
+    the window and the chunked band kernels; memory grows as L² per head, so it suits sequences up to a few
+    thousand tokens.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, L, H = hidden_states.shape
+        valid = attention_mask >= 0  # (B, L)
+        glob = attention_mask > 0
+        gpos = glob.any(0).nonzero().squeeze(-1)  # positions that are global somewhere in the batch
+        pos = torch.arange(L, device=hidden_states.device)
+        dist = (pos[:, None] - pos[None, :]).abs()  # (L, L)
+        eye = torch.eye(L, dtype=torch.bool, device=hidden_states.device)
+        for layer in self.layer:
+            sa = layer.attention.self
+            n, d = sa.num_heads, sa.head_dim
+            allowed = ((dist <= sa.one_sided_attn_window_size)[None] | glob[:, None, :]) & valid[:, None, :]
+            allowed |= eye & ~valid[:, :, None]  # padding rows see themselves (ignored, avoids NaN)
+            p = sa.dropout if self.training else 0.0  # HF stores the probability as a float
+
+            def heads(x):
+                return x.view(B, -1, n, d).transpose(1, 2)  # (B, n, L, d)
+
+            h = hidden_states
+            ctx = F.scaled_dot_product_attention(heads(sa.query(h)), heads(sa.key(h)), heads(sa.value(h)),
+                                                 attn_mask=allowed[:, None], dropout_p=p)
+            if len(gpos):
+                gq = heads(sa.query_global(h[:, gpos]))  # (B, n, G, d)
+                g_ctx = F.scaled_dot_product_attention(gq, heads(sa.key_global(h)), heads(sa.value_global(h)),
+                                                       attn_mask=valid[:, None, None, :], dropout_p=p)
+                ctx = ctx.clone()
+                sel = glob[:, gpos][:, None, :, None]  # (B, 1, G, 1)
+                ctx[:, :, gpos] = torch.where(sel, g_ctx, ctx[:, :, gpos])
+            ctx = ctx.transpose(1, 2).reshape(B, L, H)
+            attn_out = layer.attention.output(ctx, h)
+            hidden_states = layer.ff_chunk(attn_out)
+        return hidden_states
+
+
+ENCODERS: dict[str, type[nn.Module]] = {"longformer": HFLongformerEncoder, "sdpa": SdpaLongformerEncoder}
+
+
+class RecformerEmbeddings(nn.Module):
+    def __init__(self, config: RecformerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.token_type_size, config.hidden_size)
+        self.item_position_embeddings = nn.Embedding(config.max_item_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_offset = config.position_offset
+
+    def forward(self, input_ids, position_ids, token_type_ids, item_position_ids) -> torch.Tensor:
+        emb = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(position_ids + self.position_offset)
+            + self.token_type_embeddings(token_type_ids)
+            + self.item_position_embeddings(item_position_ids)
+        )  # (B, L, H)
+        return self.dropout(self.LayerNorm(emb))
+
+
+class RecformerPreTrainedModel(PreTrainedModel):
+    config_class = RecformerConfig
+    config: RecformerConfig
+    base_model_prefix = "longformer"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LongformerLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+
+class RecformerModel(RecformerPreTrainedModel):
+    def __init__(self, config: RecformerConfig):
+        super().__init__(config)
+        self.embeddings = RecformerEmbeddings(config)
+        self.encoder = ENCODERS[config.attention_impl](config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        attention_mask: torch.Tensor,  # (B, L) 1 = token, 0 = padding
+        global_attention_mask: torch.Tensor | None = None,  # (B, L) 1 = global attention
+        token_type_ids: torch.Tensor | None = None,
+        item_position_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,  # 0-based; the config's offset is added
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        B, L = input_ids.shape
+        zeros = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        token_type_ids = zeros if token_type_ids is None else token_type_ids
+        item_position_ids = zeros if item_position_ids is None else item_position_ids
+        if global_attention_mask is None:
+            global_attention_mask = zeros.clone()
+            global_attention_mask[:, 0] = 1
+        # Pad to a multiple of every layer's window (HF's band kernels need it; HF's own LongformerModel
+        # pads to the largest window only, which breaks on mixed windows such as [4, 6]).
+        w = math.lcm(*self.config.attention_window)
+        pad = (w - L % w) % w if self.config.attention_impl == "longformer" else 0
+        if pad:
+            def p(x, v):
+                return F.pad(x, (0, pad), value=v)
+
+            input_ids, position_ids = p(input_ids, self.config.pad_token_id), p(position_ids, 0)
+            token_type_ids, item_position_ids = p(token_type_ids, 0), p(item_position_ids, 0)
+            attention_mask, global_attention_mask = p(attention_mask, 0), p(global_attention_mask, 0)
+        hidden = self.embeddings(input_ids, position_ids, token_type_ids, item_position_ids)
+        mask = torch.where(attention_mask.bool(), global_attention_mask.to(hidden.dtype),
+                           torch.full_like(hidden[..., 0], -1.0))  # -1 pad, 0 local, +1 global
+        hidden = self.encoder(hidden, mask)[:, :L]  # (B, L, H)
+        if self.config.pooler_type == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = attention_mask[:, :L, None].to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+@dataclass
+class SeqRecOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, N) cosine / temperature against the item table
+    user_embeddings: torch.Tensor | None = None  # (B, H)
+
+
+class RecformerForSeqRec(RecformerPreTrainedModel):
+    """Sequential recommendation head: a frozen item table (one vector per item, made by encoding each
+    item's text alone) and a full softmax over all items."""
+
+    def __init__(self, config: RecformerConfig):
+        super().__init__(config)
+        self.longformer = RecformerModel(config)
+        # Not a parameter and not saved with the weights: it is derived from the encoder and the catalog,
+        # and lives beside the weights as item_table.safetensors.
+        self.register_buffer("item_embeddings", torch.zeros(0, config.hidden_size), persistent=False)
+        self.post_init()
+
+    def set_item_embeddings(self, table: torch.Tensor) -> None:
+        self.item_embeddings = table.detach().to(self.device)  # (N, H)
+
+    def encode(self, **inputs) -> torch.Tensor:
+        return self.longformer(**inputs).pooler_output  # (B, H)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        global_attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        item_position_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,  # (B,) item indices
+        **kwargs,
+    ) -> SeqRecOutput:
+        user = self.encode(input_ids=input_ids, attention_mask=attention_mask,
+                           global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
+                           item_position_ids=item_position_ids, position_ids=position_ids)
+        if self.item_embeddings.shape[0] == 0:
+            raise RuntimeError("the item table is empty: call set_item_embeddings() (see recformer.encode_items)")
+        items = self.item_embeddings.to(user.dtype)
+        logits = F.normalize(user, dim=-1) @ F.normalize(items, dim=-1).T / self.config.temperature  # (B, N)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SeqRecOutput(loss=loss, logits=logits, user_embeddings=user)

@@ -1,0 +1,162 @@
+"""A RecFormer recommender as one ``save_pretrained`` directory::
+
+    config.json, model.safetensors     the RecformerForSeqRec encoder (HF layout)
+    tokenizer files                    the backbone's tokenizer (any AutoTokenizer)
+    item_table.safetensors             the frozen item table, one row per item of the catalog
+    items.parquet                      the catalog: item_index, item_id, attrs (key/value text)
+
+It encodes items and histories in batches, ranks all items for the evaluator, and recommends.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lmrec.errors import LmrecError
+from lmrec.eval.evaluator import RankFn, dot_rank_fn
+from lmrec.eval.ranking import top_k
+from lmrec.recformer.configuration_recformer import RecformerConfig
+from lmrec.recformer.modeling_recformer import RecformerForSeqRec
+from lmrec.recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
+
+ItemText = list[tuple[str, str]]
+
+
+class Recommender:
+    def __init__(self, model: RecformerForSeqRec, tokenizer: RecformerTokenizer, item_ids: list[str],
+                 item_text: list[ItemText]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.set_catalog(item_ids, item_text)
+
+    # ------------------------------------------------------------------------------------------ catalog
+    def set_catalog(self, item_ids: list[str], item_text: list[ItemText]) -> None:
+        """Use another catalog (zero-shot on new items); the item table must be re-encoded."""
+        self.item_ids = list(item_ids)
+        self.item_text = list(item_text)
+        self.item_index = {it: i for i, it in enumerate(self.item_ids)}
+        self.item_tokens: list[ItemTokens] = self.tokenizer.encode_items(self.item_text)
+        self.model.set_item_embeddings(torch.zeros(0, self.model.config.hidden_size))
+
+    @property
+    def has_item_table(self) -> bool:
+        return self.model.item_embeddings.shape[0] == len(self.item_ids)
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def batch(self, histories: Sequence[Sequence[int]], device: torch.device | str | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Item-index histories (oldest → newest) → padded model inputs on ``device`` (default: the model's)."""
+        seqs = [self.tokenizer.build_sequence([self.item_tokens[i] for i in h]) for h in histories]
+        device = self.model.device if device is None else device
+        return {k: v.to(device) for k, v in self.tokenizer.pad(seqs).items()}
+
+    @torch.no_grad()
+    def encode_items(self, batch_size: int = 256, accelerator=None, show_progress: bool = True) -> torch.Tensor:
+        """Encode every catalog item (as a one-item history) into the item table; shards across ranks."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        n = len(self.item_ids)
+        world = accelerator.num_processes if accelerator is not None else 1
+        rank = accelerator.process_index if accelerator is not None else 0
+        per_rank = -(-n // world)
+        idx = np.arange(rank * per_rank, (rank + 1) * per_rank).clip(max=n - 1)  # pad the last shard
+        order = np.argsort([len(self.item_tokens[i][0]) for i in idx], kind="stable")  # less padding
+        out = torch.empty(len(idx), model.config.hidden_size, device=model.device)
+        show = show_progress and (accelerator is None or accelerator.is_local_main_process)
+        for s in tqdm(range(0, len(idx), batch_size), desc="encode items", disable=not show, leave=False):
+            sel = order[s : s + batch_size]
+            out[torch.as_tensor(sel, device=out.device)] = model.encode(
+                **self.batch([[int(i)] for i in idx[sel]])).float()
+        if world > 1:
+            out = accelerator.gather(out.contiguous())[:n]
+        model.train(was_training)
+        model.set_item_embeddings(out)
+        return out
+
+    @torch.no_grad()
+    def encode_histories(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        user = self.model.encode(**self.batch(histories)).float()
+        self.model.train(was_training)
+        return F.normalize(user, dim=-1)  # (B, H)
+
+    def _items_normalized(self) -> torch.Tensor:
+        if not self.has_item_table:
+            raise LmrecError("the item table does not match the catalog; call encode_items() first")
+        return F.normalize(self.model.item_embeddings.float(), dim=-1)
+
+    def rank_fn(self, *, exclude_history: bool = False, chunk_size: int = 65536) -> RankFn:
+        """Full ranking over all catalog items (cosine similarity) for :func:`lmrec.eval.evaluate`."""
+        return dot_rank_fn(self.encode_histories, self._items_normalized(), exclude_history=exclude_history,
+                           chunk_size=chunk_size)
+
+    def recommend(self, history: Sequence[str], k: int = 10, *, exclude_history: bool = True):
+        """Item ids (oldest → newest) → [(item_id, text, score)] of the k best items."""
+        from lmrec.errors import DataError
+
+        unknown = [(p, it) for p, it in enumerate(history, start=1) if it not in self.item_index]
+        if unknown:
+            p, it = unknown[0]
+            raise DataError(f"unknown item id {it!r} at position {p} of the history (not in this model's "
+                            f"catalog of {len(self.item_ids)} items)", file="history")
+        if not history:
+            raise DataError("empty history (expected at least one item id)", file="history")
+        idx = [self.item_index[it] for it in history]
+        q = self.encode_histories([idx])
+        scores, items = top_k(q, self._items_normalized(), k, exclude=[idx] if exclude_history else None)
+        temp = self.model.config.temperature
+        return [(self.item_ids[i], self.item_text[i], float(s) / temp) for s, i in
+                zip(scores[0].tolist(), items[0].tolist())]
+
+    # ------------------------------------------------------------------------------------------ files
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the directory atomically (temporary name, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(str(tmp))
+        self.tokenizer.save_pretrained(tmp)
+        if self.has_item_table:
+            save_file({"item_embeddings": self.model.item_embeddings.detach().float().cpu().contiguous()},
+                      str(tmp / "item_table.safetensors"))
+        struct = pa.struct([("key", pa.string()), ("value", pa.string())])
+        pq.write_table(pa.table({
+            "item_index": pa.array(np.arange(len(self.item_ids), dtype=np.int32)),
+            "item_id": pa.array(self.item_ids, pa.string()),
+            "attrs": pa.array([[{"key": k, "value": v} for k, v in t] for t in self.item_text], pa.list_(struct)),
+        }), tmp / "items.parquet")
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
+        path = Path(path)
+        if not (path / "config.json").exists() or not (path / "items.parquet").exists():
+            raise LmrecError(f"{path} is not a saved lmrec recommender (expected config.json and items.parquet)")
+        config = RecformerConfig.from_pretrained(str(path))
+        model = RecformerForSeqRec.from_pretrained(str(path), config=config).to(device)
+        tokenizer = RecformerTokenizer.from_pretrained(path, config)
+        items = pq.read_table(path / "items.parquet").to_pydict()
+        text = [[(a["key"], a["value"]) for a in attrs] for attrs in items["attrs"]]
+        rec = cls(model, tokenizer, items["item_id"], text)
+        if (path / "item_table.safetensors").exists():
+            model.set_item_embeddings(load_file(str(path / "item_table.safetensors"))["item_embeddings"])
+        return rec

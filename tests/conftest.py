@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny tokenizers/backbones built in the tests, and the real MovieLens-100k."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ITEM_TEXTS = [
+    [("title", "Toy Story"), ("year", "1995"), ("genres", "Animation Children's Comedy")],
+    [("title", "GoldenEye"), ("year", "1995"), ("genres", "Action Adventure Thriller")],
+    [("title", "Four Rooms"), ("year", "1995"), ("genres", "Thriller")],
+    [("title", "Get Shorty"), ("year", "1995"), ("genres", "Action Comedy Drama")],
+    [("title", "Copycat"), ("year", "1995"), ("genres", "Crime Drama Thriller")],
+]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess (exit code, stdout, stderr as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "lmrec.cli.main", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A tiny random-init Longformer (allenai layout) with a WordPiece tokenizer trained on item text."""
+    from lmrec.recformer.backbones import build_default_backbone
+
+    texts = [" ".join(f"{k} {v}" for k, v in t) for t in ITEM_TEXTS] * 3
+    out = tmp_path_factory.mktemp("backbone")
+    return build_default_backbone(texts, out, hidden_size=32, layers=2, heads=2, vocab_size=200,
+                                  max_positions=128, attention_window=8)
+
+
+@pytest.fixture(scope="session")
+def ml100k(tmp_path_factory) -> Path:
+    """The real MovieLens-100k prepared with leave-one-out (obtained as `lmrec data prepare` does)."""
+    from lmrec.api import prepare
+
+    return prepare("ml-100k", tmp_path_factory.mktemp("data") / "ml-100k")
