@@ -57,6 +57,9 @@ class TrainConfig(_Strict):
     seed: int = 42
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     item_batch_size: int = 256
+    # Encode the batch's target items with gradient (their rows of the frozen table are replaced in the
+    # logits). Off = RecFormer's finetuning exactly; on = the item side learns too (needed from random init).
+    item_grad: bool = False
 
 
 class EvalConfig(_Strict):
@@ -85,12 +88,22 @@ def _set(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
+PRESETS = Path(__file__).parent / "presets"
+
+
+def preset_path(name: str) -> Path | None:
+    """``"quickstart"`` → the packaged ``presets/quickstart.yaml`` (None if there is no such preset)."""
+    p = PRESETS / f"{name}.yaml"
+    return p if "/" not in name and p.exists() else None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Build a :class:`RunConfig` from an optional YAML file and ``key.sub=value`` overrides."""
+    """Build a :class:`RunConfig` from an optional YAML file (or a preset name such as ``quickstart``) and
+    ``key.sub=value`` overrides."""
     tree: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
+        path = preset_path(str(path)) or Path(path)
         source = str(path)
         if not path.exists():
             raise ConfigError(f"config file {path} not found")

@@ -21,12 +21,19 @@ def test_metrics_on_hand_computed_ranks():
 def test_rank_counts_strictly_higher_scores_in_chunks():
     torch.manual_seed(0)
     q, items = torch.randn(7, 4), torch.randn(23, 4)
-    items[5] = items[3]  # a tie with some targets: ties do not count as higher
+    items[5] = items[3]  # item 5 ties with target 3 (and 3 with target 5): half a rank each
     targets = torch.tensor([3, 5, 0, 22, 10, 11, 3])
     scores = q @ items.T
-    expected = (scores > scores.gather(1, targets[:, None])).sum(1)
+    expected = (scores > scores.gather(1, targets[:, None])).sum(1).double()
+    expected[[0, 1, 6]] += 0.5
     for chunk in (1, 4, 23, 100):
         assert torch.equal(target_ranks(q, items, targets, chunk_size=chunk), expected)
+
+
+def test_a_collapsed_model_does_not_look_perfect():
+    q, items = torch.ones(3, 4), torch.ones(100, 4)  # every item scores the same
+    ranks = target_ranks(q, items, torch.tensor([0, 50, 99]))
+    assert ranks.tolist() == [49.5] * 3
 
 
 def test_exclude_history_removes_only_history_items():

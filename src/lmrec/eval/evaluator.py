@@ -66,6 +66,6 @@ def dot_rank_fn(
         t = torch.as_tensor(targets, device=q.device)
         r = target_ranks(q, item_vectors.to(q.device, q.dtype), t, chunk_size=chunk_size,
                          exclude=histories if exclude_history else None)
-        return r.cpu().numpy().astype(np.float64)
+        return r.cpu().numpy()
 
     return rank_fn

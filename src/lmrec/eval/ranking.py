@@ -32,27 +32,31 @@ def target_ranks(
     exclude: Sequence[Sequence[int]] | None = None,
     chunk_size: int = 65536,
 ) -> torch.Tensor:
-    """Rank of each target = number of items scoring strictly higher (excluded items never count).
+    """Rank of each target = number of items scoring strictly higher, plus half the items tied with it
+    (the expected rank under random tie-breaking). Excluded items never count.
 
-    The target's score comes from a different kernel than the chunk scores, so both can differ in the last
-    bits: scores within a few ulps of the target's count as ties (not higher), and the target never counts
-    against itself.
+    With continuous scores ties do not occur and this is the plain "strictly higher" count. Counting ties as
+    not-higher would let a collapsed model (every item the same vector) score NDCG 1.0 — we saw it happen —
+    and flatter baselines with many equal scores. The target's own score comes from another kernel than
+    the chunk scores, so scores within a few ulps of it count as ties, and the target never counts at all.
+    Returned as float64: ranks may be x.5.
     """
     target_scores = (queries * items[targets]).sum(-1, keepdim=True)  # (B, 1)
     tol = 16 * torch.finfo(target_scores.dtype).eps * target_scores.abs().clamp(min=1.0)
-    threshold = target_scores + tol
-    ranks = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
+    ranks = torch.zeros(len(queries), dtype=torch.float64, device=queries.device)
     rows = torch.arange(len(queries), device=queries.device)
     for start in range(0, items.shape[0], chunk_size):
         chunk = items[start : start + chunk_size]
         scores = queries @ chunk.T  # (B, C)
-        higher = scores > threshold
+        higher = scores > target_scores + tol
+        tied = (scores - target_scores).abs() <= tol
         inside = (targets >= start) & (targets < start + len(chunk))
-        higher[rows[inside], targets[inside] - start] = False
+        tied[rows[inside], targets[inside] - start] = False
         if exclude is not None:
             r, c = _exclude_mask(exclude, start, start + len(chunk), queries.device)
             higher[r, c] = False
-        ranks += higher.sum(-1)
+            tied[r, c] = False
+        ranks += higher.sum(-1) + 0.5 * tied.sum(-1)
     return ranks
 
 

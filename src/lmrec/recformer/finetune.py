@@ -35,6 +35,7 @@ class FinetuneResult:
     run_dir: Path
     model_dir: Path
     metrics: dict
+    recommender: Recommender  # the final model, in memory (on every rank)
 
 
 def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accelerator, log=print) -> Recommender:
@@ -89,6 +90,8 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
     tr, ev = cfg.train, cfg.eval
     valid = ds.examples("valid")
 
+    item_grad = tr.item_grad
+
     def make_loader(epoch: int):
         ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch))
         pairs = list(zip(ex.histories, ex.targets.tolist()))
@@ -96,6 +99,8 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
         def collate(batch):
             out = rec.batch([h for h, _ in batch], device="cpu")
             out["labels"] = torch.tensor([t for _, t in batch])
+            if item_grad:
+                out["target_inputs"] = rec.batch([[t] for _, t in batch], device="cpu")
             return out
 
         return torch.utils.data.DataLoader(pairs, batch_size=tr.batch_size, shuffle=False, collate_fn=collate)
@@ -160,7 +165,7 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
     if acc.is_main_process:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     acc.end_training()
-    return FinetuneResult(run_dir, run_dir / "model", metrics)
+    return FinetuneResult(run_dir, run_dir / "model", metrics, rec)
 
 
 def evaluate_all(rec: Recommender, ds: PreparedDataset, cfg: RunConfig, acc=None) -> dict:

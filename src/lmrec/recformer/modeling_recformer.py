@@ -76,7 +76,7 @@ class SdpaLongformerEncoder(HFLongformerEncoder):
             allowed |= eye & ~valid[:, :, None]  # padding rows see themselves (ignored, avoids NaN)
             p = sa.dropout if self.training else 0.0  # HF stores the probability as a float
 
-            def heads(x):
+            def heads(x, n=n, d=d):
                 return x.view(B, -1, n, d).transpose(1, 2)  # (B, n, L, d)
 
             h = hidden_states
@@ -231,14 +231,29 @@ class RecformerForSeqRec(RecformerPreTrainedModel):
         item_position_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,  # (B,) item indices
+        target_inputs: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> SeqRecOutput:
+        """``target_inputs`` (optional): the labels' items tokenized alone. They are then encoded with gradient
+        and a second, in-batch contrastive term (user vs. the batch's fresh item vectors, as in RecFormer's
+        pretraining) is added, so that the item side learns too. Stale table rows and fresh vectors are never
+        mixed in one softmax: a model could tell them apart and collapse. Without it, the loss is RecFormer's
+        finetuning loss against the frozen table only."""
         user = self.encode(input_ids=input_ids, attention_mask=attention_mask,
                            global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
                            item_position_ids=item_position_ids, position_ids=position_ids)
         if self.item_embeddings.shape[0] == 0:
             raise RuntimeError("the item table is empty: call set_item_embeddings() (see recformer.encode_items)")
         items = self.item_embeddings.to(user.dtype)
-        logits = F.normalize(user, dim=-1) @ F.normalize(items, dim=-1).T / self.config.temperature  # (B, N)
+        user_n = F.normalize(user, dim=-1)
+        logits = user_n @ F.normalize(items, dim=-1).T / self.config.temperature  # (B, N)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        if target_inputs is not None and labels is not None:
+            fresh = F.normalize(self.encode(**target_inputs), dim=-1)  # (B, H), with gradient
+            in_batch = (user_n @ fresh.T / self.config.temperature).float()  # (B, B)
+            # a repeated item is not a negative for the users whose target it also is
+            same = labels[:, None] == labels[None, :]
+            in_batch = in_batch.masked_fill(same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device),
+                                            float("-inf"))
+            loss = loss + F.cross_entropy(in_batch, torch.arange(len(labels), device=labels.device))
         return SeqRecOutput(loss=loss, logits=logits, user_embeddings=user)

@@ -1,0 +1,64 @@
+"""End to end through the console script, as a user runs it: prepare → finetune → evaluate → recommend."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+TINY = ["model.default_hidden_size=32", "model.default_layers=1", "model.default_heads=2",
+        "model.default_vocab_size=2000", "model.max_token_num=64", "train.stage1_epochs=1", "train.stage2_epochs=1",
+        "train.batch_size=32", "train.item_grad=true", "model.pooler_type=mean"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    res = run_cli("data", "prepare", "ml-100k", root / "ml")
+    assert res.returncode == 0, res.stderr
+    assert '"interactions": 100000' in res.stdout and "source:" in res.stdout
+    res = run_cli("finetune", "--data", root / "ml", f"output_dir={root / 'run'}", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "RecFormer" in res.stdout and "popularity" in res.stdout
+    return root
+
+
+def test_finetune_writes_model_metrics_and_logs(trained):
+    run = trained / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for part in (metrics["test"], metrics["valid"], metrics["baselines"]["popularity"]):
+        assert {"recall@10", "ndcg@10", "mrr@10", "mrr", "recall@50"} <= set(part)
+        assert all(0.0 <= v <= 1.0 for k, v in part.items() if k != "users")
+    assert metrics["test"]["users"] == 943
+    assert (run / "model" / "item_table.safetensors").exists() and (run / "run_config.yaml").exists()
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+
+
+def test_evaluate_reloaded_model_gives_identical_metrics(trained):
+    res = run_cli("evaluate", "--model", trained / "run" / "model", "--data", trained / "ml")
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((trained / "run" / "metrics.json").read_text())["test"]
+    row = next(line for line in res.stdout.splitlines() if "RecFormer" in line)
+    values = [float(x) for x in row.replace("│", " ").split()[1:5]]
+    expected = [saved[k] for k in ("recall@10", "ndcg@10", "mrr@10", "mrr")]
+    assert values == pytest.approx(expected, abs=5e-5)
+
+
+def test_recommend_and_unknown_ids(trained):
+    model = trained / "run" / "model"
+    res = run_cli("recommend", "--model", model, "--history", "50,181,258", "-k", "5")
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if "title:" in ln]
+    assert len(lines) == 5
+    assert not any(f"│ {h} " in ln for ln in lines for h in ("50", "181", "258"))  # history excluded
+    res = run_cli("recommend", "--model", model, "--history", "50,no-such-item")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "unknown item id 'no-such-item' at position 2" in res.stderr
+    res = run_cli("recommend", "--model", model, "--history", " , ")
+    assert res.returncode == 2 and "empty history" in res.stderr
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["data", "prepare"], ["quickstart"], ["finetune"], ["evaluate"], ["recommend"]):
+        res = run_cli(*cmd, "--help")
+        assert res.returncode == 0 and "Usage" in res.stdout, cmd
