@@ -43,7 +43,7 @@ def train_throughput(rec: Recommender, ds: PreparedDataset, cfg: RunConfig, step
         idx = rng.choice(len(ex), bs, replace=False)
         b = rec.batch([ex.histories[i] for i in idx])
         b["labels"] = torch.as_tensor(ex.targets[idx])
-        if cfg.train.item_grad:
+        if cfg.train.item_grad == "batch":
             b["target_inputs"] = rec.batch([[int(t)] for t in ex.targets[idx]])
         batches.append(b)
     for i, b in enumerate(batches):

@@ -8,7 +8,7 @@ from tests.conftest import run_cli
 
 TINY = ["model.default_hidden_size=32", "model.default_layers=1", "model.default_heads=2",
         "model.default_vocab_size=2000", "model.max_token_num=64", "train.stage1_epochs=1", "train.stage2_epochs=1",
-        "train.batch_size=32", "train.item_grad=true", "model.pooler_type=mean"]
+        "train.batch_size=32", "train.item_grad=batch", "model.pooler_type=mean"]
 
 
 @pytest.fixture(scope="module")

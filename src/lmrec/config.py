@@ -57,9 +57,11 @@ class TrainConfig(_Strict):
     seed: int = 42
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     item_batch_size: int = 256
-    # Encode the batch's target items with gradient (their rows of the frozen table are replaced in the
-    # logits). Off = RecFormer's finetuning exactly; on = the item side learns too (needed from random init).
-    item_grad: bool = False
+    # How the item side learns in stage 1. "none": only through the table re-encoded before each epoch
+    # (RecFormer's finetuning exactly). "batch": plus an in-batch contrastive term on the batch's target
+    # items encoded with gradient. "all": the whole catalog is encoded with gradient at every step (full
+    # softmax end to end; small catalogs only). A random-init backbone needs "batch" or "all".
+    item_grad: Literal["none", "batch", "all"] = "none"
 
 
 class EvalConfig(_Strict):

@@ -135,3 +135,30 @@ def test_config_checks():
         tiny_config(attention_window=[4, 4, 4])
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         tiny_config(max_token_num=100)
+
+
+def test_item_side_gradient_modes():
+    torch.manual_seed(0)
+    model = RecformerForSeqRec(tiny_config()).eval()
+    b = batch()
+    items = batch(B=5, L=12, seed=7)  # 5 "items", each a short sequence
+    chunks = [{k: v[[3, 1]] for k, v in items.items()}, {k: v[[0, 4, 2]] for k, v in items.items()}]
+    order = torch.tensor([3, 1, 0, 4, 2])
+    labels = torch.tensor([4, 2, 4])
+    out = model(**b, labels=labels, item_inputs=chunks, item_order=order)
+    table = model.encode(**items)  # (5, H) in table order
+    user = model.encode(**b)
+    ref = F.normalize(user, dim=-1) @ F.normalize(table, dim=-1).T / 0.05
+    assert torch.allclose(out.logits, ref, atol=1e-5)
+    out.loss.backward()
+    assert model.longformer.embeddings.word_embeddings.weight.grad[items["input_ids"]].abs().sum() > 0
+    # in-batch term: a repeated target is not a negative for the other users with the same target
+    model.zero_grad()
+    model.set_item_embeddings(table.detach())
+    tgt = {k: v[labels] for k, v in items.items()}
+    out = model(**b, labels=labels, target_inputs=tgt)
+    fresh = F.normalize(model.encode(**tgt), dim=-1)
+    ib = F.normalize(user, dim=-1) @ fresh.T / 0.05
+    ib[0, 2] = ib[2, 0] = float("-inf")
+    expected = F.cross_entropy(ref, labels) + F.cross_entropy(ib, torch.arange(3))
+    assert torch.allclose(out.loss, expected, atol=1e-5)

@@ -32,7 +32,7 @@ def test_two_processes_end_with_the_same_model(tmp_path, tiny_backbone):
     data = synthetic_dataset(tmp_path / "data")
     out = tmp_path / "run"
     overrides = [f"model.backbone={tiny_backbone}", "model.max_token_num=64", "train.stage1_epochs=2",
-                 "train.stage2_epochs=1", "train.batch_size=4", "eval.batch_size=8", "train.item_grad=true"]
+                 "train.stage2_epochs=1", "train.batch_size=4", "eval.batch_size=8", "train.item_grad=batch"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(WORKER), str(data), str(out), *overrides]

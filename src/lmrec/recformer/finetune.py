@@ -11,6 +11,7 @@ One training sample per user per epoch: a random prefix of the training sequence
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -90,17 +91,19 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
     tr, ev = cfg.train, cfg.eval
     valid = ds.examples("valid")
 
-    item_grad = tr.item_grad
+    catalog = rec.catalog_inputs(tr.item_batch_size) if tr.item_grad == "all" else None
 
-    def make_loader(epoch: int):
+    def make_loader(epoch: int, item_grad: str = tr.item_grad):
         ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch))
         pairs = list(zip(ex.histories, ex.targets.tolist()))
 
         def collate(batch):
             out = rec.batch([h for h, _ in batch], device="cpu")
             out["labels"] = torch.tensor([t for _, t in batch])
-            if item_grad:
+            if item_grad == "batch":
                 out["target_inputs"] = rec.batch([[t] for _, t in batch], device="cpu")
+            elif item_grad == "all":
+                out["item_inputs"], out["item_order"] = catalog
             return out
 
         return torch.utils.data.DataLoader(pairs, batch_size=tr.batch_size, shuffle=False, collate_fn=collate)
@@ -144,7 +147,9 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
         _reload(rec, best_dir)
         log(f"stage 2: up to {tr.stage2_epochs} epochs from the best stage-1 state (epoch {r1.best_epoch}), "
             "item table frozen")
-        r2 = fit(acc, rec.model, make_loader, epochs=tr.stage2_epochs, lr=tr.stage2_lr or tr.lr / 2,
+        # the table stays frozen: the catalog is never re-encoded in stage 2 (an in-batch term may stay)
+        stage2_grad = "none" if tr.item_grad == "none" else "batch"
+        r2 = fit(acc, rec.model, functools.partial(make_loader, item_grad=stage2_grad), epochs=tr.stage2_epochs, lr=tr.stage2_lr or tr.lr / 2,
                  validate=validate(False), patience=tr.stage2_patience, on_best=keep("model"), tag="stage2",
                  global_step=r1.global_step, **common)
         history["stage2"] = r2.history

@@ -232,19 +232,30 @@ class RecformerForSeqRec(RecformerPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,  # (B,) item indices
         target_inputs: dict[str, torch.Tensor] | None = None,
+        item_inputs: list[dict[str, torch.Tensor]] | None = None,
+        item_order: torch.Tensor | None = None,
         **kwargs,
     ) -> SeqRecOutput:
         """``target_inputs`` (optional): the labels' items tokenized alone. They are then encoded with gradient
         and a second, in-batch contrastive term (user vs. the batch's fresh item vectors, as in RecFormer's
         pretraining) is added, so that the item side learns too. Stale table rows and fresh vectors are never
         mixed in one softmax: a model could tell them apart and collapse. Without it, the loss is RecFormer's
-        finetuning loss against the frozen table only."""
+        finetuning loss against the frozen table only.
+
+        ``item_inputs`` (optional): every catalog item tokenized alone, as chunks of similar length (less
+        padding); ``item_order[j]`` is the table row of the j-th item over the concatenated chunks. The whole
+        catalog is then encoded with gradient and used instead of the frozen table: end-to-end full softmax,
+        affordable for small catalogs only (its cost grows with the catalog, not with the batch)."""
         user = self.encode(input_ids=input_ids, attention_mask=attention_mask,
                            global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
                            item_position_ids=item_position_ids, position_ids=position_ids)
-        if self.item_embeddings.shape[0] == 0:
+        if item_inputs is not None:
+            flat = torch.cat([self.encode(**chunk) for chunk in item_inputs])  # (N, H), with gradient
+            items = torch.empty_like(flat).index_copy(0, item_order, flat)
+        elif self.item_embeddings.shape[0] == 0:
             raise RuntimeError("the item table is empty: call set_item_embeddings() (see recformer.encode_items)")
-        items = self.item_embeddings.to(user.dtype)
+        else:
+            items = self.item_embeddings.to(user.dtype)
         user_n = F.normalize(user, dim=-1)
         logits = user_n @ F.normalize(items, dim=-1).T / self.config.temperature  # (B, N)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None

@@ -60,6 +60,14 @@ class Recommender:
         device = self.model.device if device is None else device
         return {k: v.to(device) for k, v in self.tokenizer.pad(seqs).items()}
 
+    def catalog_inputs(self, chunk_size: int = 256) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """Every catalog item as a one-item history, in length-sorted chunks (little padding), and the table
+        row of each item in chunk order: the ``item_inputs`` / ``item_order`` of the model's forward."""
+        order = np.argsort([len(t[0]) for t in self.item_tokens], kind="stable")
+        chunks = [self.batch([[int(i)] for i in order[s : s + chunk_size]], device="cpu")
+                  for s in range(0, len(order), chunk_size)]
+        return chunks, torch.as_tensor(order)
+
     @torch.no_grad()
     def encode_items(self, batch_size: int = 256, accelerator=None, show_progress: bool = True) -> torch.Tensor:
         """Encode every catalog item (as a one-item history) into the item table; shards across ranks."""
