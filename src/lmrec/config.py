@@ -26,33 +26,36 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """Defaults: the embedded default backbone on a small catalog (the quickstart). For a pretrained
+    Longformer, the ``recformer`` preset restores the paper's settings (CLS pooling, lr 5e-5, ...)."""
+
     backbone: str | None = None  # local checkpoint directory; None = $LMREC_BACKBONE, else the embedded default
     init: str | None = None  # a saved recommender (or pretraining checkpoint) to start from
-    max_token_num: int = 512
+    max_token_num: int = 96
     max_attr_num: int = 3
     max_attr_length: int = 16
     attention_window: int | list[int] = 64
     temperature: float = 0.05
-    pooler_type: Literal["cls", "mean"] = "cls"
+    pooler_type: Literal["cls", "mean"] = "mean"  # RecFormer uses "cls" (see the "recformer" preset)
     # the embedded default backbone (used when no backbone is given): a small random-init Longformer
-    default_hidden_size: int = 256
+    default_hidden_size: int = 128
     default_layers: int = 2
-    default_heads: int = 4
+    default_heads: int = 2
     default_vocab_size: int = 8000
 
 
 class TrainConfig(_Strict):
-    batch_size: int = 16
-    lr: float = 5e-4
+    batch_size: int = 128
+    lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_accum: int = 1
     grad_clip: float = 1.0
-    stage1_epochs: int = 8
-    stage2_epochs: int = 2
+    stage1_epochs: int = 20
+    stage2_epochs: int = 10
     eval_every: int = 1
-    patience: int = 3
-    stage2_patience: int = 2
+    patience: int = 6
+    stage2_patience: int = 4
     stage2_lr: float | None = None  # None = lr / 2
     seed: int = 42
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
@@ -61,7 +64,7 @@ class TrainConfig(_Strict):
     # (RecFormer's finetuning exactly). "batch": plus an in-batch contrastive term on the batch's target
     # items encoded with gradient. "all": the whole catalog is encoded with gradient at every step (full
     # softmax end to end; small catalogs only). A random-init backbone needs "batch" or "all".
-    item_grad: Literal["none", "batch", "all"] = "none"
+    item_grad: Literal["none", "batch", "all"] = "all"
 
 
 class EvalConfig(_Strict):
