@@ -2,10 +2,10 @@
 final weights so the test can compare ranks."""
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
-import torch
 
 from lmrec.config import load_config
 from lmrec.recformer.finetune import finetune
@@ -18,8 +18,7 @@ def main(data: str, out: str, *overrides: str) -> None:
     for name, p in sorted(result.recommender.model.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().cpu().float().numpy().tobytes())
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     (Path(out) / f"rank{rank}-of-{world}.sha256").write_text(h.hexdigest())
 
 
