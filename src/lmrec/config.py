@@ -36,6 +36,7 @@ class ModelConfig(_Strict):
     max_attr_length: int = 16
     attention_window: int | list[int] = 64
     temperature: float = 0.05
+    user_projection: bool = False  # a linear map on user vectors only (identity at init); off in RecFormer
     pooler_type: Literal["cls", "mean"] = "mean"  # RecFormer uses "cls" (see the "recformer" preset)
     # the embedded default backbone (used when no backbone is given): a small random-init Longformer
     default_hidden_size: int = 128

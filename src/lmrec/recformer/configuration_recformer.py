@@ -23,6 +23,8 @@ class RecformerConfig(LongformerConfig):
             English Longformer checkpoints, 0 for BERT-style ones (Longformer_ZH, MiniLM).
         attention_impl: which implementation of Longformer attention runs the encoder (``modeling_recformer.ENCODERS``):
             ``"sdpa"`` (dense, exact, fast up to a few thousand tokens) or ``"longformer"`` (HF's band kernels).
+        user_projection: a linear map (initialised to the identity) applied to user vectors only, so that the
+            user side can move away from the items it already contains; off in RecFormer.
     """
 
     model_type = "recformer"
@@ -37,6 +39,7 @@ class RecformerConfig(LongformerConfig):
     mlm_weight: float = 0.1
     position_offset: int = 2
     attention_impl: str = "sdpa"
+    user_projection: bool = False
     attention_window: list[int] | int = 64
 
     def __post_init__(self, **kwargs):

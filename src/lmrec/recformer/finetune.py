@@ -61,6 +61,7 @@ def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accele
     model, tokenizer, _ = build_recformer(
         backbone, max_token_num=m.max_token_num, max_attr_num=m.max_attr_num, max_attr_length=m.max_attr_length,
         max_item_embeddings=ds.max_history_len + 1, temperature=m.temperature, pooler_type=m.pooler_type,
+        user_projection=m.user_projection,
         attention_window=m.attention_window,
     )
     return Recommender(model, tokenizer, ds.item_ids, ds.item_text)

@@ -214,13 +214,24 @@ class RecformerForSeqRec(RecformerPreTrainedModel):
         # Not a parameter and not saved with the weights: it is derived from the encoder and the catalog,
         # and lives beside the weights as item_table.safetensors.
         self.register_buffer("item_embeddings", torch.zeros(0, config.hidden_size), persistent=False)
+        self.user_projection = nn.Linear(config.hidden_size, config.hidden_size) if config.user_projection else None
         self.post_init()
+        if self.user_projection is not None:
+            with torch.no_grad():
+                self.user_projection.weight.copy_(torch.eye(config.hidden_size))
+                self.user_projection.bias.zero_()
 
     def set_item_embeddings(self, table: torch.Tensor) -> None:
         self.item_embeddings = table.detach().to(self.device)  # (N, H)
 
     def encode(self, **inputs) -> torch.Tensor:
-        return self.longformer(**inputs).pooler_output  # (B, H)
+        """Item (or any sequence) → its vector: the pooled hidden state. (B, H)"""
+        return self.longformer(**inputs).pooler_output
+
+    def encode_user(self, **inputs) -> torch.Tensor:
+        """History → user vector (the pooled state, through the user projection if configured). (B, H)"""
+        pooled = self.encode(**inputs)
+        return self.user_projection(pooled) if self.user_projection is not None else pooled
 
     def forward(
         self,
@@ -246,7 +257,7 @@ class RecformerForSeqRec(RecformerPreTrainedModel):
         padding); ``item_order[j]`` is the table row of the j-th item over the concatenated chunks. The whole
         catalog is then encoded with gradient and used instead of the frozen table: end-to-end full softmax,
         affordable for small catalogs only (its cost grows with the catalog, not with the batch)."""
-        user = self.encode(input_ids=input_ids, attention_mask=attention_mask,
+        user = self.encode_user(input_ids=input_ids, attention_mask=attention_mask,
                            global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
                            item_position_ids=item_position_ids, position_ids=position_ids)
         if item_inputs is not None:

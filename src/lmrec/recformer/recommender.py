@@ -96,7 +96,7 @@ class Recommender:
     def encode_histories(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
-        user = self.model.encode(**self.batch(histories)).float()
+        user = self.model.encode_user(**self.batch(histories)).float()
         self.model.train(was_training)
         return F.normalize(user, dim=-1)  # (B, H)
 
