@@ -6,7 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-
 from lmrec.config import load_config
 from lmrec.recformer.finetune import finetune
 

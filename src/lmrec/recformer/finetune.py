@@ -67,6 +67,23 @@ def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accele
     return Recommender(model, tokenizer, ds.item_ids, ds.item_text)
 
 
+def make_collate(rec: Recommender, item_grad: str, item_batch_size: int = 256):
+    """(history, target) pairs → a model batch with ``labels``, plus what ``item_grad`` needs:
+    ``target_inputs`` (the targets tokenized alone) for "batch", the whole catalog for "all"."""
+    catalog = rec.catalog_inputs(item_batch_size) if item_grad == "all" else None
+
+    def collate(pairs):
+        out = rec.batch([h for h, _ in pairs], device="cpu")
+        out["labels"] = torch.tensor([int(t) for _, t in pairs])
+        if item_grad == "batch":
+            out["target_inputs"] = rec.batch([[int(t)] for _, t in pairs], device="cpu")
+        elif item_grad == "all":
+            out["item_inputs"], out["item_order"] = catalog
+        return out
+
+    return collate
+
+
 def _first(w):
     return w if isinstance(w, int) else w[0]
 
@@ -92,22 +109,13 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
     tr, ev = cfg.train, cfg.eval
     valid = ds.examples("valid")
 
-    catalog = rec.catalog_inputs(tr.item_batch_size) if tr.item_grad == "all" else None
+    collators = {g: make_collate(rec, g, tr.item_batch_size) for g in {tr.item_grad, "batch", "none"}}
 
     def make_loader(epoch: int, item_grad: str = tr.item_grad):
         ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch))
         pairs = list(zip(ex.histories, ex.targets.tolist()))
-
-        def collate(batch):
-            out = rec.batch([h for h, _ in batch], device="cpu")
-            out["labels"] = torch.tensor([t for _, t in batch])
-            if item_grad == "batch":
-                out["target_inputs"] = rec.batch([[t] for _, t in batch], device="cpu")
-            elif item_grad == "all":
-                out["item_inputs"], out["item_order"] = catalog
-            return out
-
-        return torch.utils.data.DataLoader(pairs, batch_size=tr.batch_size, shuffle=False, collate_fn=collate)
+        return torch.utils.data.DataLoader(pairs, batch_size=tr.batch_size, shuffle=False,
+                                           collate_fn=collators[item_grad])
 
     n_train = sum(len(t) >= 2 for t in ds.train)
     steps = math.ceil(math.ceil(n_train / tr.batch_size) / tr.grad_accum)
@@ -144,24 +152,24 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
              validate=validate(True), patience=tr.patience, on_best=keep("stage1_best"), tag="stage1", **common)
     best_dir = run_dir / "stage1_best"
     history = {"stage1": r1.history}
+    stage2_won = False
     if tr.stage2_epochs > 0 and best_dir.exists():
         _reload(rec, best_dir)
         log(f"stage 2: up to {tr.stage2_epochs} epochs from the best stage-1 state (epoch {r1.best_epoch}), "
             "item table frozen")
         # the table stays frozen: the catalog is never re-encoded in stage 2 (an in-batch term may stay)
         stage2_grad = "none" if tr.item_grad == "none" else "batch"
-        r2 = fit(acc, rec.model, functools.partial(make_loader, item_grad=stage2_grad), epochs=tr.stage2_epochs, lr=tr.stage2_lr or tr.lr / 2,
-                 validate=validate(False), patience=tr.stage2_patience, on_best=keep("model"), tag="stage2",
-                 global_step=r1.global_step, **common)
+        r2 = fit(acc, rec.model, functools.partial(make_loader, item_grad=stage2_grad), epochs=tr.stage2_epochs,
+                 lr=tr.stage2_lr or tr.lr / 2, validate=validate(False), patience=tr.stage2_patience,
+                 on_best=keep("model"), tag="stage2", global_step=r1.global_step, **common)
         history["stage2"] = r2.history
-        if r2.best_metrics.get(ev.metric, -1.0) < r1.best_metrics.get(ev.metric, -1.0):
-            # stage 2 never beat the stage-1 state it started from: that one is the model
-
-            if acc.is_main_process:
-                Recommender.from_pretrained(best_dir).save_pretrained(run_dir / "model")
-            acc.wait_for_everyone()
-    elif acc.is_main_process:
-        Recommender.from_pretrained(best_dir).save_pretrained(run_dir / "model")
+        stage2_won = r2.best_metrics.get(ev.metric, -1.0) >= r1.best_metrics.get(ev.metric, -1.0)
+    if not stage2_won and acc.is_main_process:  # the best stage-1 state is the model
+        if best_dir.exists():
+            Recommender.from_pretrained(best_dir).save_pretrained(run_dir / "model")
+        else:  # no epoch was run: the initial model
+            rec.encode_items(tr.item_batch_size)
+            rec.save_pretrained(run_dir / "model")
     acc.wait_for_everyone()
     _reload(rec, run_dir / "model")
     metrics = evaluate_all(rec, ds, cfg, acc)

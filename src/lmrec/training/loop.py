@@ -28,7 +28,8 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir
     # Frozen buffers (RecFormer's item table) are set identically on every rank: no broadcast needed.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     # Without a GPU, accelerate only sets up multi-process (gloo) training under torchrun when told cpu=True.
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                      gradient_accumulation_steps=grad_accum,
                       log_with="tensorboard" if log_dir else None, project_dir=log_dir, kwargs_handlers=[ddp])
     set_seed(seed)
     return acc
