@@ -77,3 +77,17 @@ def test_k_core_filter():
     assert s["item_ids"] == ["x", "y", "z"]  # q, r, s occur once
     assert s["dropped_interactions"] == 3
     assert [len(q) for q in s["sequences"]] == [3, 3, 3]
+
+
+def test_ml100k_from_the_recbole_wheel(tmp_path, monkeypatch):
+    """The second source: the recbole wheel from the package index, ml-100k extracted from it alone."""
+    from lmrec.data import sources
+
+    monkeypatch.setenv("LMREC_CACHE", str(tmp_path))
+    monkeypatch.setattr(sources, "_ml100k_from_recbole_package", lambda: None)
+    path, source = sources.obtain_ml100k(log=lambda m: None)
+    assert path == tmp_path / "ml-100k" and "recbole wheel" in source
+    assert sorted(p.name for p in path.iterdir()) == ["SOURCE", "ml-100k.inter", "ml-100k.item", "ml-100k.kg",
+                                                      "ml-100k.link", "ml-100k.user"]
+    assert not list(tmp_path.glob("*.partial"))
+    assert sources.obtain_ml100k(log=lambda m: None) == (path, source)  # cached
