@@ -39,7 +39,8 @@ def train_throughput(rec: Recommender, ds: PreparedDataset, cfg: RunConfig, step
     opt = torch.optim.AdamW(rec.model.parameters(), lr=1e-4)
     rec.model.train()
     bs = cfg.train.batch_size
-    collate = make_collate(rec, cfg.train.item_grad, cfg.train.item_batch_size)  # what finetuning feeds the model
+    # what finetuning feeds the model
+    collate = make_collate(rec, cfg.train.item_grad, ds.train_items(), cfg.train.item_batch_size)
     batches = []
     for _ in range(steps + 2):
         idx = rng.choice(len(ex), bs, replace=False)

@@ -91,3 +91,11 @@ def test_ml100k_from_the_recbole_wheel(tmp_path, monkeypatch):
                                                       "ml-100k.link", "ml-100k.user"]
     assert not list(tmp_path.glob("*.partial"))
     assert sources.obtain_ml100k(log=lambda m: None) == (path, source)  # cached
+
+
+def test_train_items_exclude_cold_items(tmp_path):
+    out = prepare(load_ml100k(), tmp_path / "c", PrepareOptions(split="cold", cold_ratio=0.1, seed=3))
+    ds = PreparedDataset(out)
+    known = set(ds.train_items().tolist())
+    assert known.isdisjoint(ds.examples("test").targets.tolist())
+    assert known == set(np.concatenate(ds.train).tolist())

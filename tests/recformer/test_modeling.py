@@ -162,3 +162,15 @@ def test_item_side_gradient_modes():
     ib[0, 2] = ib[2, 0] = float("-inf")
     expected = F.cross_entropy(ref, labels) + F.cross_entropy(ib, torch.arange(3))
     assert torch.allclose(out.loss, expected, atol=1e-5)
+
+
+def test_candidates_restrict_the_softmax():
+    torch.manual_seed(0)
+    model = RecformerForSeqRec(tiny_config()).eval()
+    model.set_item_embeddings(torch.randn(9, 16))
+    b = batch()
+    full = model(**b).logits
+    cand = torch.tensor([1, 4, 5, 8])
+    out = model(**b, candidates=cand, labels=torch.tensor([0, 3, 1]))  # labels are positions in cand
+    assert torch.allclose(out.logits, full[:, cand])
+    assert torch.allclose(out.loss, F.cross_entropy(full[:, cand], torch.tensor([0, 3, 1])), atol=1e-6)

@@ -82,6 +82,10 @@ class PreparedDataset:
             users.append(u), hists.append(tr[max(0, cut - self.max_history_len):cut]), targets.append(tr[cut])
         return Examples(np.asarray(users, dtype=np.int64), hists, np.asarray(targets, dtype=np.int64))
 
+    def train_items(self) -> np.ndarray:
+        """Sorted indices of the items that occur in the training part (what a model may know of)."""
+        return np.unique(np.concatenate(self.train)) if self.train else np.zeros(0, dtype=np.int64)
+
     def train_item_counts(self) -> np.ndarray:
         """Interactions per item in the training part only (for the popularity baseline)."""
         counts = np.zeros(self.num_items, dtype=np.int64)

@@ -67,18 +67,24 @@ def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accele
     return Recommender(model, tokenizer, ds.item_ids, ds.item_text)
 
 
-def make_collate(rec: Recommender, item_grad: str, item_batch_size: int = 256):
-    """(history, target) pairs → a model batch with ``labels``, plus what ``item_grad`` needs:
-    ``target_inputs`` (the targets tokenized alone) for "batch", the whole catalog for "all"."""
-    catalog = rec.catalog_inputs(item_batch_size) if item_grad == "all" else None
+def make_collate(rec: Recommender, item_grad: str, candidates: np.ndarray, item_batch_size: int = 256):
+    """(history, target) pairs → a model batch: ``labels`` as positions in ``candidates`` (the items known
+    at training time), plus what ``item_grad`` needs: ``target_inputs`` (the targets tokenized alone) for
+    "batch", the candidates' text for "all", the ``candidates`` rows of the frozen table otherwise."""
+    position = np.full(len(rec.item_ids), -1)
+    position[candidates] = np.arange(len(candidates))
+    catalog = rec.catalog_inputs(candidates, item_batch_size) if item_grad == "all" else None
+    cand = torch.as_tensor(candidates)
 
     def collate(pairs):
         out = rec.batch([h for h, _ in pairs], device="cpu")
-        out["labels"] = torch.tensor([int(t) for _, t in pairs])
-        if item_grad == "batch":
-            out["target_inputs"] = rec.batch([[int(t)] for _, t in pairs], device="cpu")
-        elif item_grad == "all":
+        out["labels"] = torch.as_tensor(position[[int(t) for _, t in pairs]])
+        if item_grad == "all":
             out["item_inputs"], out["item_order"] = catalog
+        else:
+            out["candidates"] = cand
+            if item_grad == "batch":
+                out["target_inputs"] = rec.batch([[int(t)] for _, t in pairs], device="cpu")
         return out
 
     return collate
@@ -109,7 +115,8 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
     tr, ev = cfg.train, cfg.eval
     valid = ds.examples("valid")
 
-    collators = {g: make_collate(rec, g, tr.item_batch_size) for g in {tr.item_grad, "batch", "none"}}
+    known = ds.train_items()  # the softmax never sees items unknown at training time (cold-start items)
+    collators = {g: make_collate(rec, g, known, tr.item_batch_size) for g in {tr.item_grad, "batch", "none"}}
 
     def make_loader(epoch: int, item_grad: str = tr.item_grad):
         ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch))

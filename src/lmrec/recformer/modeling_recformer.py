@@ -241,7 +241,8 @@ class RecformerForSeqRec(RecformerPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         item_position_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,  # (B,) item indices
+        labels: torch.Tensor | None = None,  # (B,) item indices (into ``candidates`` when given)
+        candidates: torch.Tensor | None = None,  # (C,) table rows the softmax runs over; default: all
         target_inputs: dict[str, torch.Tensor] | None = None,
         item_inputs: list[dict[str, torch.Tensor]] | None = None,
         item_order: torch.Tensor | None = None,
@@ -256,7 +257,12 @@ class RecformerForSeqRec(RecformerPreTrainedModel):
         ``item_inputs`` (optional): every catalog item tokenized alone, as chunks of similar length (less
         padding); ``item_order[j]`` is the table row of the j-th item over the concatenated chunks. The whole
         catalog is then encoded with gradient and used instead of the frozen table: end-to-end full softmax,
-        affordable for small catalogs only (its cost grows with the catalog, not with the batch)."""
+        affordable for small catalogs only (its cost grows with the catalog, not with the batch).
+
+        ``candidates`` (optional) restricts the softmax to some items — in training, the items that occur in
+        the training data: items first seen later (cold-start items) are unknown at training time and must
+        not be pushed down as never-positive negatives. With ``item_inputs`` the chunks hold exactly the
+        candidates and ``item_order`` indexes positions among them."""
         user = self.encode_user(input_ids=input_ids, attention_mask=attention_mask,
                            global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
                            item_position_ids=item_position_ids, position_ids=position_ids)
@@ -267,6 +273,8 @@ class RecformerForSeqRec(RecformerPreTrainedModel):
             raise RuntimeError("the item table is empty: call set_item_embeddings() (see recformer.encode_items)")
         else:
             items = self.item_embeddings.to(user.dtype)
+            if candidates is not None:
+                items = items[candidates]
         user_n = F.normalize(user, dim=-1)
         logits = user_n @ F.normalize(items, dim=-1).T / self.config.temperature  # (B, N)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None

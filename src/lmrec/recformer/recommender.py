@@ -60,11 +60,14 @@ class Recommender:
         device = self.model.device if device is None else device
         return {k: v.to(device) for k, v in self.tokenizer.pad(seqs).items()}
 
-    def catalog_inputs(self, chunk_size: int = 256) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """Every catalog item as a one-item history, in length-sorted chunks (little padding), and the table
-        row of each item in chunk order: the ``item_inputs`` / ``item_order`` of the model's forward."""
-        order = np.argsort([len(t[0]) for t in self.item_tokens], kind="stable")
-        chunks = [self.batch([[int(i)] for i in order[s : s + chunk_size]], device="cpu")
+    def catalog_inputs(self, items: Sequence[int] | None = None, chunk_size: int = 256
+                       ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """``items`` (default: the whole catalog) as one-item histories in length-sorted chunks (little
+        padding), and for each of them in chunk order its position in ``items``: the ``item_inputs`` /
+        ``item_order`` of the model's forward."""
+        items = np.arange(len(self.item_ids)) if items is None else np.asarray(items)
+        order = np.argsort([len(self.item_tokens[i][0]) for i in items], kind="stable")
+        chunks = [self.batch([[int(i)] for i in items[order[s : s + chunk_size]]], device="cpu")
                   for s in range(0, len(order), chunk_size)]
         return chunks, torch.as_tensor(order)
 
