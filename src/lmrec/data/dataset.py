@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmrec.data.prepare import FORMAT_VERSION
+from lmrec.data.prepare import FORMAT_VERSION, read_items
 from lmrec.errors import DataError, LmrecError
 
 ItemText = list[tuple[str, str]]
@@ -37,9 +37,7 @@ class PreparedDataset:
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise DataError(f"format_version {self.manifest.get('format_version')} is not supported "
                             f"(expected {FORMAT_VERSION})", file=manifest)
-        items = pq.read_table(self.path / "items.parquet").to_pydict()
-        self.item_ids: list[str] = items["item_id"]
-        self.item_text: list[ItemText] = [[(a["key"], a["value"]) for a in attrs] for attrs in items["attrs"]]
+        self.item_ids, self.item_text = read_items(self.path / "items.parquet")
         self.item_index = {it: i for i, it in enumerate(self.item_ids)}
         seq = pq.read_table(self.path / "sequences.parquet", columns=["user_id"]).to_pydict()
         self.user_ids: list[str] = seq["user_id"]

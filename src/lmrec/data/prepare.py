@@ -123,7 +123,7 @@ def prepare(raw: RawData, out_dir: str | Path, opts: PrepareOptions | None = Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_items(tmp / "items.parquet", seqs["item_ids"], raw)
+        write_items(tmp / "items.parquet", seqs["item_ids"], [raw.item_text[it] for it in seqs["item_ids"]])
         pq.write_table(pa.table({
             "user_index": pa.array(np.arange(n_users, dtype=np.int32)),
             "user_id": pa.array(seqs["user_ids"], pa.string()),
@@ -146,11 +146,17 @@ def prepare(raw: RawData, out_dir: str | Path, opts: PrepareOptions | None = Non
     return out_dir
 
 
-def _write_items(path: Path, item_ids: list[str], raw: RawData) -> None:
-    attrs = [[{"key": k, "value": v} for k, v in raw.item_text[it]] for it in item_ids]
+def write_items(path: Path, item_ids: list[str], item_text: list[list[tuple[str, str]]]) -> None:
+    """``items.parquet``: item_index, item_id, attrs (ordered key/value text). Read back by :func:`read_items`."""
     struct = pa.struct([("key", pa.string()), ("value", pa.string())])
     pq.write_table(pa.table({
         "item_index": pa.array(np.arange(len(item_ids), dtype=np.int32)),
         "item_id": pa.array(item_ids, pa.string()),
-        "attrs": pa.array(attrs, pa.list_(struct)),
+        "attrs": pa.array([[{"key": k, "value": v} for k, v in t] for t in item_text], pa.list_(struct)),
     }), path)
+
+
+def read_items(path: Path) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """(item ids, item text) from an ``items.parquet`` written by :func:`write_items`."""
+    items = pq.read_table(path).to_pydict()
+    return items["item_id"], [[(a["key"], a["value"]) for a in attrs] for attrs in items["attrs"]]

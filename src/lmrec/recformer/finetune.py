@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,15 @@ def make_collate(rec: Recommender, item_grad: str, candidates: np.ndarray, item_
 
 def _first(w):
     return w if isinstance(w, int) else w[0]
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    """Replace ``dst`` by a copy of ``src`` (copied under a temporary name, then renamed)."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
 
 
 def _reload(rec: Recommender, model_dir: Path) -> None:
@@ -173,7 +183,7 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
         stage2_won = r2.best_metrics.get(ev.metric, -1.0) >= r1.best_metrics.get(ev.metric, -1.0)
     if not stage2_won and acc.is_main_process:  # the best stage-1 state is the model
         if best_dir.exists():
-            Recommender.from_pretrained(best_dir).save_pretrained(run_dir / "model")
+            _copy_dir(best_dir, run_dir / "model")
         else:  # no epoch was run: the initial model
             rec.encode_items(tr.item_batch_size)
             rec.save_pretrained(run_dir / "model")

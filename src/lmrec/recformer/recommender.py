@@ -15,13 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
 from lmrec.eval.ranking import top_k
@@ -143,12 +142,7 @@ class Recommender:
         if self.has_item_table:
             save_file({"item_embeddings": self.model.item_embeddings.detach().float().cpu().contiguous()},
                       str(tmp / "item_table.safetensors"))
-        struct = pa.struct([("key", pa.string()), ("value", pa.string())])
-        pq.write_table(pa.table({
-            "item_index": pa.array(np.arange(len(self.item_ids), dtype=np.int32)),
-            "item_id": pa.array(self.item_ids, pa.string()),
-            "attrs": pa.array([[{"key": k, "value": v} for k, v in t] for t in self.item_text], pa.list_(struct)),
-        }), tmp / "items.parquet")
+        write_items(tmp / "items.parquet", self.item_ids, self.item_text)
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -165,9 +159,7 @@ class Recommender:
         config = RecformerConfig.from_pretrained(str(path))
         model = RecformerForSeqRec.from_pretrained(str(path), config=config).to(device)
         tokenizer = RecformerTokenizer.from_pretrained(path, config)
-        items = pq.read_table(path / "items.parquet").to_pydict()
-        text = [[(a["key"], a["value"]) for a in attrs] for attrs in items["attrs"]]
-        rec = cls(model, tokenizer, items["item_id"], text)
+        rec = cls(model, tokenizer, *read_items(path / "items.parquet"))
         if (path / "item_table.safetensors").exists():
             model.set_item_embeddings(load_file(str(path / "item_table.safetensors"))["item_embeddings"])
         return rec
