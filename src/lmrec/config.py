@@ -47,6 +47,7 @@ class ModelConfig(_Strict):
 
 class TrainConfig(_Strict):
     batch_size: int = 128
+    samples_per_user: int = 1  # (prefix → next item) samples per user per epoch; RecFormer draws 1
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05

@@ -18,6 +18,14 @@ app = typer.Typer(help="lmrec: sequential recommendation with pretrained languag
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+backbone_app = typer.Typer(help="Backbones: initialise RecFormer from one, convert BERT/RoBERTa to long.",
+                           no_args_is_help=True)
+app.add_typer(backbone_app, name="backbone")
+ckpt_app = typer.Typer(help="Checkpoints: convert pretraining checkpoints, reuse one with another tokenizer.",
+                       no_args_is_help=True)
+app.add_typer(ckpt_app, name="checkpoint")
+BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODEL_NAME_OR_PATH, else the embedded "
+                 "default).")
 
 
 def _log(msg: str) -> None:
@@ -60,8 +68,7 @@ def data_prepare(
 @app.command()
 def quickstart(
     output_dir: Path = typer.Option(Path("runs/quickstart"), help="Run directory."),
-    backbone: str = typer.Option(None, help="Local backbone directory (default: $LMREC_BACKBONE, else the "
-                                            "embedded default)."),
+    backbone: str = typer.Option(None, help=BACKBONE_HELP),
     split: str = typer.Option("loo", help="loo | cold"),
     override: list[str] = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
 ):
@@ -83,13 +90,17 @@ def quickstart(
 def finetune(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
     data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
+    backbone: str = typer.Option(None, help=BACKBONE_HELP + " Same as model.backbone=PATH."),
+    init: str = typer.Option(None, help="Start from a RecFormer checkpoint (saved recommender, `backbone init` "
+                                        "or `checkpoint convert` output). Same as model.init=DIR."),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-4 model.backbone=/path."),
 ):
     """Two-stage RecFormer finetuning with validation, early stopping and a final test evaluation."""
     from lmrec.config import load_config
     from lmrec.recformer.finetune import finetune as run
 
-    cfg = load_config(config, overrides)
+    extra = ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
+    cfg = load_config(config, extra + list(overrides or []))
     path = data or cfg.data.path
     if path is None:
         raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
@@ -125,6 +136,103 @@ def recommend(
 
     ids = [h.strip() for h in history.split(",") if h.strip()]
     print_recommendations(run(model, ids, k, exclude_history=not include_history))
+
+
+@backbone_app.command("init")
+def backbone_init(
+    backbone: Path = typer.Argument(..., help="Backbone directory (Longformer, Longformer_ZH, BERT, RoBERTa)."),
+    out: Path = typer.Argument(..., help="Output directory for the initial RecFormer checkpoint."),
+    max_token_num: int = typer.Option(1024, help="Longest flattened history (tokens)."),
+    max_item_embeddings: int = typer.Option(51, help="Item-position rows (max history items + 1)."),
+    max_attr_num: int = typer.Option(3, help="Attributes per item."),
+    max_attr_length: int = typer.Option(32, help="Tokens per attribute."),
+    attention_window: int = typer.Option(None, help="Local window (even) for every layer (default: the backbone's)."),
+    allow_partial: bool = typer.Option(False, help="Write even when essential tensors are missing/mis-shaped."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="List copied tensors too."),
+):
+    """Build the initial RecFormer checkpoint (encoder + MLM head) from a backbone, with a tensor report."""
+    from lmrec.cli.report import print_init_report
+    from lmrec.recformer.checkpoints import init_checkpoint
+
+    report = init_checkpoint(backbone, out, allow_partial=allow_partial, max_token_num=max_token_num,
+                             max_item_embeddings=max_item_embeddings, max_attr_num=max_attr_num,
+                             max_attr_length=max_attr_length, attention_window=attention_window)
+    print_init_report(report, verbose=verbose)
+    typer.echo(f"wrote {out}" + ("" if report.ok else " (partial: see the report)"))
+
+
+@backbone_app.command("convert-to-long")
+def backbone_convert_to_long(
+    src: Path = typer.Argument(..., help="A BERT / RoBERTa / MiniLM checkpoint directory."),
+    dst: Path = typer.Argument(..., help="Output directory."),
+    max_positions: int = typer.Option(4096, help="Positions of the long model."),
+    attention_window: int = typer.Option(512, help="Local attention window (even), every layer."),
+):
+    """Extend positions by tiling the learned rows and add global q/k/v copied from the local ones."""
+    from lmrec.recformer.backbones import convert_to_long
+
+    convert_to_long(src, dst, max_positions=max_positions, attention_window=attention_window, log=typer.echo)
+
+
+@ckpt_app.command("convert")
+def checkpoint_convert(
+    checkpoint: Path = typer.Argument(..., help="Pretraining checkpoint: an lmrec directory, a Lightning .ckpt, "
+                                                 "or a state dict (.bin/.pt/.safetensors)."),
+    out: Path = typer.Argument(..., help="Output directory (gets encoder/ and recommender/)."),
+    backbone: Path = typer.Option(None, help="The backbone pretraining started from (config/tokenizer when the "
+                                             "checkpoint has none; source of restored word embeddings)."),
+    config: Path = typer.Option(None, help="A RecFormer directory whose config.json and tokenizer to use."),
+    strip_prefix: str = typer.Option(None, help="Key prefix to strip (default: detected, e.g. 'model.')."),
+    restore_word_embeddings: bool = typer.Option(False, help="Take word embeddings from --backbone (they were "
+                                                             "frozen in pretraining)."),
+    strict: bool = typer.Option(True, help="Fail on missing / mis-shaped / unexpected encoder tensors."),
+):
+    """Pretraining checkpoint → encoder-only weights and a recommender checkpoint (strict, with a report)."""
+    from lmrec.recformer.checkpoints import convert_checkpoint
+
+    r = convert_checkpoint(checkpoint, out, config=config, backbone=backbone, strip_prefix=strip_prefix,
+                           restore_word_embeddings=restore_word_embeddings, strict=strict)
+    typer.echo(f"prefix {r['prefix']!r} stripped; {r['loaded']} tensors loaded, {len(r['missing'])} missing, "
+               f"{len(r['wrong_size'])} wrong size, {len(r['dropped'])} dropped (MLM head)")
+    for k, v in r["notes"].items():
+        typer.echo(f"  {k}: {v}")
+    typer.echo(f"wrote {out / 'encoder'} and {out / 'recommender'}")
+
+
+@ckpt_app.command("retokenize")
+def checkpoint_retokenize(
+    checkpoint: Path = typer.Argument(..., help="A RecFormer checkpoint directory."),
+    tokenizer: Path = typer.Argument(..., help="Directory of the new tokenizer."),
+    out: Path = typer.Argument(..., help="Output directory."),
+):
+    """Path B: reuse a RecFormer checkpoint with another tokenizer (embeddings and MLM decoder resized)."""
+    from lmrec.recformer.checkpoints import retokenize_checkpoint
+
+    r = retokenize_checkpoint(checkpoint, tokenizer, out)
+    typer.echo(f"vocabulary {r['old_vocab']} → {r['new_vocab']}: {r['rows_copied']} rows copied (same token), "
+               f"{r['rows_reinitialised']} re-initialised")
+    typer.echo(f"resized: {', '.join(r['resized'])}")
+    typer.echo(f"re-initialised tensors: {', '.join(r['reinitialised']) or 'none'}; {len(r['loaded'])} loaded as is")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def doctor(
+    backbone: Path = typer.Option(..., help="Backbone directory to check."),
+    pretrain_steps: int = typer.Option(0, help="Also run N pretraining steps on one batch; loss must go down."),
+    finetune_epochs: int = typer.Option(0, help="Also finetune N epochs; metrics must be finite."),
+    data: Path = typer.Option(None, help="Prepared dataset for the finetuning run (default: ml-100k)."),
+    max_token_num: int = typer.Option(None, help="History length in tokens (default: 256 or the backbone's)."),
+):
+    """Validate a backbone: load + forward, init report, optional pretraining / finetuning smoke runs."""
+    from lmrec.cli.report import print_checks
+    from lmrec.recformer.doctor import run_doctor
+
+    checks = run_doctor(backbone, pretrain_steps=pretrain_steps, finetune_epochs=finetune_epochs, data=data,
+                        max_token_num=max_token_num, log=_log)
+    print_checks(checks)
+    if any(c.ok is False for c in checks):
+        raise typer.Exit(1)
 
 
 def main() -> None:

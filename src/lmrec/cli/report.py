@@ -30,3 +30,31 @@ def print_recommendations(recs, console: Console | None = None) -> None:
     for r, (item, text, score) in enumerate(recs, start=1):
         table.add_row(str(r), item, " | ".join(f"{k}: {v}" for k, v in text), f"{score:.3f}")
     console.print(table)
+
+
+def print_init_report(report, console: Console | None = None, verbose: bool = False) -> None:
+    """Counts per status, then every tensor that is not a plain copy (all of them with ``verbose``)."""
+    console = console or Console()
+    table = Table(title="initialisation report")
+    for c in ("status", "tensor", "note"):
+        table.add_column(c)
+    style = {"missing": "red", "wrong_size": "red", "derived": "cyan", "new": "yellow", "unused": "dim"}
+    for status, name, note in report.rows():
+        if status == "copied" and not verbose:
+            continue
+        if note.startswith("UNEXPECTED"):
+            status = "unexpected"
+        table.add_row(f"[{style.get(status, '')}]{status}[/]" if status in style else status, name, note)
+    console.print(table)
+    console.print("  ".join(f"{k}: {v}" for k, v in report.counts().items()))
+
+
+def print_checks(checks, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="lmrec doctor")
+    for c in ("check", "result", "detail"):
+        table.add_column(c)
+    for c in checks:
+        result = "[green]PASS[/]" if c.ok else ("[dim]skip[/]" if c.ok is None else "[red]FAIL[/]")
+        table.add_row(c.name, result, c.detail)
+    console.print(table)

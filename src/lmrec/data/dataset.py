@@ -70,15 +70,21 @@ class PreparedDataset:
         return Examples(np.asarray(users, dtype=np.int64), [h[-m:] for h in hists],
                         np.asarray(targets, dtype=np.int64))
 
-    def train_examples(self, rng: np.random.Generator) -> Examples:
-        """One sample per user: a random prefix of the training sequence → the next item (RecFormer)."""
+    def train_examples(self, rng: np.random.Generator, samples_per_user: int = 1) -> Examples:
+        """``samples_per_user`` samples per user (RecFormer: 1), each a random prefix of the training
+        sequence → the next item; the cut points of one user are distinct while the sequence allows it.
+        Samples are shuffled across users."""
         users, hists, targets = [], [], []
         for u, tr in enumerate(self.train):
             if len(tr) < 2:
                 continue
-            cut = int(rng.integers(1, len(tr)))
-            users.append(u), hists.append(tr[max(0, cut - self.max_history_len):cut]), targets.append(tr[cut])
-        return Examples(np.asarray(users, dtype=np.int64), hists, np.asarray(targets, dtype=np.int64))
+            n = min(samples_per_user, len(tr) - 1)
+            for cut in rng.choice(np.arange(1, len(tr)), size=n, replace=False):
+                cut = int(cut)
+                users.append(u), hists.append(tr[max(0, cut - self.max_history_len):cut]), targets.append(tr[cut])
+        order = rng.permutation(len(users))
+        return Examples(np.asarray(users, dtype=np.int64)[order], [hists[i] for i in order],
+                        np.asarray(targets, dtype=np.int64)[order])
 
     def train_items(self) -> np.ndarray:
         """Sorted indices of the items that occur in the training part (what a model may know of)."""

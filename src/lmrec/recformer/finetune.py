@@ -6,7 +6,7 @@
 * Stage 2: the best stage-1 state is reloaded, the item table stays exactly as it is, and the encoder
   trains on with its own patience.
 
-One training sample per user per epoch: a random prefix of the training sequence → the next item.
+``train.samples_per_user`` samples per user per epoch (RecFormer: 1): a random prefix → the next item.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 
 from lmrec.config import RunConfig, save_config
 from lmrec.data.dataset import PreparedDataset
+from lmrec.errors import LmrecError
 from lmrec.eval.baselines import popularity_rank_fn
 from lmrec.eval.evaluator import evaluate
-from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
+from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone, unexpected
 from lmrec.recformer.recommender import Recommender
 from lmrec.training.loop import fit, make_accelerator
 
@@ -41,14 +42,16 @@ class FinetuneResult:
 
 
 def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accelerator, log=print) -> Recommender:
-    """From ``model.init`` (a saved recommender), a backbone directory, or the embedded default."""
+    """From ``model.init`` (a saved recommender, or a RecFormer checkpoint without a catalog such as the
+    output of ``lmrec backbone init`` / ``lmrec checkpoint convert``), a backbone directory, or the embedded
+    default."""
     m = cfg.model
-    if m.init:
+    if m.init and (Path(m.init) / "items.parquet").exists():
         rec = Recommender.from_pretrained(m.init)
         if rec.item_ids != ds.item_ids:
             rec.set_catalog(ds.item_ids, ds.item_text)
         return rec
-    backbone = resolve_backbone(m.backbone)
+    backbone = Path(m.init) if m.init else resolve_backbone(m.backbone)
     if backbone is None:
         backbone = run_dir / "backbone"
         if accelerator.is_main_process and not (backbone / "config.json").exists():
@@ -59,12 +62,17 @@ def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accele
                                    max_positions=m.max_token_num, attention_window=_first(m.attention_window),
                                    seed=cfg.train.seed)
         accelerator.wait_for_everyone()
-    model, tokenizer, _ = build_recformer(
+    model, tokenizer, report = build_recformer(
         backbone, max_token_num=m.max_token_num, max_attr_num=m.max_attr_num, max_attr_length=m.max_attr_length,
         max_item_embeddings=ds.max_history_len + 1, temperature=m.temperature, pooler_type=m.pooler_type,
         user_projection=m.user_projection,
         attention_window=m.attention_window,
     )
+    problems = report.missing + report.wrong_size + unexpected(report)
+    if problems:
+        raise LmrecError(f"{backbone} does not initialise RecFormer completely ({', '.join(problems[:5])}"
+                         f"{' ...' if len(problems) > 5 else ''}); see `lmrec backbone init {backbone} OUT`")
+    log(f"initialised from {backbone}: " + ", ".join(f"{v} {k}" for k, v in report.counts().items() if v))
     return Recommender(model, tokenizer, ds.item_ids, ds.item_text)
 
 
@@ -129,12 +137,12 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
     collators = {g: make_collate(rec, g, known, tr.item_batch_size) for g in {tr.item_grad, "batch", "none"}}
 
     def make_loader(epoch: int, item_grad: str = tr.item_grad):
-        ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch))
+        ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch), tr.samples_per_user)
         pairs = list(zip(ex.histories, ex.targets.tolist()))
         return torch.utils.data.DataLoader(pairs, batch_size=tr.batch_size, shuffle=False,
                                            collate_fn=collators[item_grad])
 
-    n_train = sum(len(t) >= 2 for t in ds.train)
+    n_train = sum(min(tr.samples_per_user, len(t) - 1) for t in ds.train if len(t) >= 2)
     steps = math.ceil(math.ceil(n_train / tr.batch_size) / tr.grad_accum)
     table_fresh = {"value": False}
 

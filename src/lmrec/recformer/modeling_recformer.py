@@ -287,3 +287,120 @@ class RecformerForSeqRec(RecformerPreTrainedModel):
                                             float("-inf"))
             loss = loss + F.cross_entropy(in_batch, torch.arange(len(labels), device=labels.device))
         return SeqRecOutput(loss=loss, logits=logits, user_embeddings=user)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretraining (RecFormer §3.3): masked language modelling on the history and on the target item, plus an
+# item-item contrastive loss between a history and its next item.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RecformerLMHead(nn.Module):
+    """dense → gelu → LayerNorm → decoder tied to the word embeddings, + bias. Parameter names follow HF's
+    ``LongformerLMHead`` (``lm_head.dense``, ``lm_head.layer_norm``, ``lm_head.decoder``, ``lm_head.bias``),
+    so RoBERTa/Longformer heads load as they are and BERT's ``cls.predictions.*`` map onto it."""
+
+    def __init__(self, config: RecformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(F.gelu(self.dense(hidden)))) + self.bias
+
+
+@dataclass
+class PretrainingOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    contrastive_loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    contrastive_accuracy: torch.Tensor | None = None
+    user_embeddings: torch.Tensor | None = None
+    item_embeddings: torch.Tensor | None = None
+
+
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows concatenated; the local block keeps its gradient (the others are constants)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+class RecformerForPretraining(RecformerPreTrainedModel):
+    """History (flattened item text) and its next item, both encoded by the same Longformer:
+
+    loss = InfoNCE(history, item; in-batch negatives gathered across ranks, cosine / temperature)
+           + ``mlm_weight`` × (MLM loss on the history + MLM loss on the item)."""
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "longformer.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: RecformerConfig):
+        super().__init__(config)
+        self.longformer = RecformerModel(config)
+        self.lm_head = RecformerLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head.decoder = value
+
+    def _mlm(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+        if labels is None:
+            return None
+        sel = labels >= 0  # -100 = not masked
+        if not bool(sel.any()):
+            return hidden.sum() * 0.0
+        logits = self.lm_head(hidden[sel])  # only masked positions go through the vocabulary projection
+        return F.cross_entropy(logits.float(), labels[sel])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        global_attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        item_position_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,  # (B, L) original token ids at masked positions, else -100
+        item_inputs: dict[str, torch.Tensor] | None = None,  # the next items, tokenized alone (+ mlm_labels)
+        gather: bool = True,
+        **kwargs,
+    ) -> PretrainingOutput:
+        h = self.longformer(input_ids=input_ids, attention_mask=attention_mask,
+                            global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
+                            item_position_ids=item_position_ids, position_ids=position_ids)
+        losses = [self._mlm(h.last_hidden_state, mlm_labels)]
+        user = h.pooler_output
+        out = PretrainingOutput(user_embeddings=user)
+        if item_inputs is not None:
+            item_inputs = dict(item_inputs)
+            item_labels = item_inputs.pop("mlm_labels", None)
+            hi = self.longformer(**item_inputs)
+            losses.append(self._mlm(hi.last_hidden_state, item_labels))
+            items = hi.pooler_output
+            out.item_embeddings = items
+            u = F.normalize(user, dim=-1)
+            v = F.normalize(_gather_with_grad(items) if gather else items, dim=-1)
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0
+            target = torch.arange(len(u), device=u.device) + rank * len(u)
+            logits = (u @ v.T / self.config.temperature).float()
+            out.contrastive_loss = F.cross_entropy(logits, target)
+            out.contrastive_accuracy = (logits.argmax(-1) == target).float().mean()
+        mlm = [x for x in losses if x is not None]
+        out.mlm_loss = sum(mlm) if mlm else None
+        parts = [x for x in (out.contrastive_loss,
+                             self.config.mlm_weight * out.mlm_loss if out.mlm_loss is not None else None)
+                 if x is not None]
+        out.loss = sum(parts) if parts else None
+        return out
