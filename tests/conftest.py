@@ -21,8 +21,9 @@ ITEM_TEXTS = [
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess (exit code, stdout, stderr as a user sees them)."""
+    env = {**os.environ, "COLUMNS": "250"}  # rich tables unfolded, so that tests can search them
     return subprocess.run([sys.executable, "-m", "lmrec.cli.main", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=timeout)
+                          text=True, cwd=cwd, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,9 @@ def print_init_report(report, console: Console | None = None, verbose: bool = Fa
     """Counts per status, then every tensor that is not a plain copy (all of them with ``verbose``)."""
     console = console or Console()
     table = Table(title="initialisation report")
-    for c in ("status", "tensor", "note"):
-        table.add_column(c)
+    table.add_column("status", no_wrap=True)
+    table.add_column("tensor", overflow="fold")
+    table.add_column("note", overflow="fold")
     style = {"missing": "red", "wrong_size": "red", "derived": "cyan", "new": "yellow", "unused": "dim"}
     for status, name, note in report.rows():
         if status == "copied" and not verbose:
@@ -52,8 +53,9 @@ def print_init_report(report, console: Console | None = None, verbose: bool = Fa
 def print_checks(checks, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title="lmrec doctor")
-    for c in ("check", "result", "detail"):
-        table.add_column(c)
+    table.add_column("check")
+    table.add_column("result", no_wrap=True)
+    table.add_column("detail", overflow="fold")
     for c in checks:
         result = "[green]PASS[/]" if c.ok else ("[dim]skip[/]" if c.ok is None else "[red]FAIL[/]")
         table.add_row(c.name, result, c.detail)

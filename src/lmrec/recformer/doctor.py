@@ -46,9 +46,9 @@ def _mask(ids: torch.Tensor, attention: torch.Tensor, mask_id: int, specials: se
     return torch.where(chosen, torch.full_like(ids, mask_id), ids), labels
 
 
-def pretrain_smoke(model, tokenizer, steps: int, lr: float = 1e-3, seed: int = 0) -> tuple[float, float]:
+def pretrain_smoke(model, tokenizer, steps: int, lr: float = 1e-4, seed: int = 0) -> tuple[float, float]:
     """Train ``steps`` steps on one fixed batch (history → next item pairs of SAMPLE_ITEMS, 15% masked);
-    returns (first loss, last loss). Dropout is off so that the losses are comparable."""
+    returns (loss before, loss after) on that batch. Dropout is off so that the losses are comparable."""
     tok = tokenizer.tokenizer
     mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.unk_token_id
     specials = {i for i in (tok.pad_token_id, tokenizer.start_token_id, tok.sep_token_id, tok.cls_token_id,
@@ -67,7 +67,9 @@ def pretrain_smoke(model, tokenizer, steps: int, lr: float = 1e-3, seed: int = 0
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
+    with torch.no_grad():
+        losses.append(model(**hist, item_inputs=tgt, gather=False).loss.item())
     return losses[0], losses[-1]
 
 
@@ -85,6 +87,8 @@ def run_doctor(backbone: str | Path, *, pretrain_steps: int = 0, finetune_epochs
         layout = detect_layout(cfg, state)
         overrides["max_token_num"] = min(overrides["max_token_num"],
                                          int(cfg.get("max_position_embeddings", 512)) - layout.position_offset)
+        if layout.name == "recformer":  # an lmrec checkpoint keeps its own sizes
+            overrides = {"max_token_num": max_token_num} if max_token_num else {}
         t = time.time()
         model, tokenizer, report = build_recformer(backbone, model_cls=RecformerForPretraining, **overrides)
         batch = tokenizer([[it] for it in SAMPLE_ITEMS] + [SAMPLE_ITEMS[:3], SAMPLE_ITEMS[2:]])
@@ -122,7 +126,7 @@ def run_doctor(backbone: str | Path, *, pretrain_steps: int = 0, finetune_epochs
         checks.append(Check("pretrain smoke run", None, "skipped (--pretrain-steps N)"))
     # 4. finetuning smoke run
     if finetune_epochs > 0:
-        checks.append(_finetune_smoke(backbone, finetune_epochs, data, overrides["max_token_num"], log))
+        checks.append(_finetune_smoke(backbone, finetune_epochs, data, model.config.max_token_num, log))
     else:
         checks.append(Check("finetune smoke run", None, "skipped (--finetune-epochs N)"))
     return checks
