@@ -111,7 +111,8 @@ def test_retokenize_resizes_vocabulary_and_copies_shared_rows(init_dir, tmp_path
     assert "longformer.embeddings.word_embeddings.weight" in report["resized"] and "lm_head.bias" in report["resized"]
     old = load_file(str(init_dir / "model.safetensors"))
     new = load_file(str(tmp_path / "out" / "model.safetensors"))
-    W_old, W_new = old["longformer.embeddings.word_embeddings.weight"], new["longformer.embeddings.word_embeddings.weight"]
+    key = "longformer.embeddings.word_embeddings.weight"
+    W_old, W_new = old[key], new[key]
     assert W_new.shape[0] == len(new_tok)
     tok = chars[0]
     assert torch.equal(W_new[new_tok.convert_tokens_to_ids(tok)], W_old[old_tok.convert_tokens_to_ids(tok)])
