@@ -81,3 +81,16 @@ def test_doctor_finetune_evaluate_on_chinese_data(zh_run):
     assert f"{metrics['test']['ndcg@10']:.4f}" in res.stdout
     res = run_cli("recommend", "--model", root / "run" / "model", "--history", "i0,i6", "-k", "3")
     assert res.returncode == 0 and "标题" in res.stdout
+
+
+def test_finetune_from_backbone_init_checkpoint(zh_run):
+    """`backbone init` → `finetune --init` (the path of RecFormer's save_longformer_ckpt.py)."""
+    root, backbone = zh_run
+    res = run_cli("backbone", "init", backbone, root / "init", "--max-token-num", "128")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("finetune", "--data", root / "data", "--init", root / "init", f"output_dir={root / 'run_init'}",
+                  "model.max_token_num=128", "train.stage1_epochs=1", "train.stage2_epochs=0",
+                  "train.batch_size=32", "train.item_grad=batch")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "initialised from" in res.stderr and "missing" not in res.stderr.split("initialised from")[1][:200]
+    assert json.loads((root / "run_init" / "metrics.json").read_text())["test"]["users"] == 120
