@@ -46,18 +46,18 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    batch_size: int = 128
-    samples_per_user: int = 1  # (prefix → next item) samples per user per epoch; RecFormer draws 1
-    lr: float = 1e-3
+    batch_size: int = 256
+    samples_per_user: int = 2  # (prefix → next item) samples per user per epoch; RecFormer draws 1
+    lr: float = 1.5e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_accum: int = 1
     grad_clip: float = 1.0
-    stage1_epochs: int = 20
-    stage2_epochs: int = 10
+    stage1_epochs: int = 30
+    stage2_epochs: int = 5
     eval_every: int = 1
     patience: int = 6
-    stage2_patience: int = 4
+    stage2_patience: int = 2
     stage2_lr: float | None = None  # None = lr / 2
     seed: int = 42
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"

@@ -47,6 +47,17 @@ def test_leave_one_out_has_no_leakage(ml100k):
         tr = list(ds.train[u])
         cut = len(tr) - tr[::-1].index(t) - 1 if t in tr else None
         assert cut is not None and list(h) == tr[max(0, cut - ds.max_history_len):cut]
+    # several samples per user: distinct cut points, each history the prefix before its target
+    ex = ds.train_examples(np.random.default_rng(1), samples_per_user=3)
+    per_user = np.bincount(ex.users, minlength=ds.num_users)
+    assert all(per_user[u] == min(3, len(ds.train[u]) - 1) for u in range(ds.num_users) if len(ds.train[u]) >= 2)
+    seen = set()
+    for u, h, t in zip(ex.users, ex.histories, ex.targets):
+        tr = list(ds.train[u])
+        cut = tr.index(t)
+        assert (u, cut) not in seen and list(h) == tr[max(0, cut - ds.max_history_len):cut]
+        seen.add((u, cut))
+    assert not np.all(np.diff(ex.users) >= 0)  # shuffled across users
 
 
 def test_cold_start_items_never_in_train_or_valid(tmp_path):

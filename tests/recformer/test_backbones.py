@@ -168,8 +168,8 @@ def test_convert_to_long_refuses_long_checkpoints(zh, tmp_path):
 def test_positions_and_windows_are_checked(zh, tmp_path):
     with pytest.raises(LmrecError, match="max_token_num=300.*max_position_embeddings=256"):
         build_recformer(zh, max_token_num=300, max_item_embeddings=8)
-    with pytest.raises(LmrecError, match="max_item_embeddings=400"):
-        build_recformer(zh, max_token_num=64, max_item_embeddings=400)
+    with pytest.raises(LmrecError, match="max_item_embeddings must be >= 2"):
+        build_recformer(zh, max_token_num=64, max_item_embeddings=1)
     odd = build_longformer_zh(tmp_path / "odd", jieba_chars(50), window=7)
     with pytest.raises(LmrecError, match="even"):
         build_recformer(odd, max_token_num=64, max_item_embeddings=8)

@@ -56,12 +56,6 @@ class RecformerConfig(LongformerConfig):
                 f"backbone's max_position_embeddings={self.max_position_embeddings}; lower max_token_num or "
                 "convert the backbone to longer positions (`lmrec backbone convert-to-long`)"
             )
-        if self.max_item_embeddings > self.max_position_embeddings - self.position_offset:
-            raise ConfigError(
-                f"max_item_embeddings={self.max_item_embeddings} exceeds the backbone's "
-                f"{self.max_position_embeddings - self.position_offset} token positions (every item needs at "
-                "least one token); lower the maximum history length"
-            )
         if self.max_item_embeddings < 2:
             raise ConfigError(f"max_item_embeddings must be >= 2 (start token + one item), got "
                               f"{self.max_item_embeddings}")
