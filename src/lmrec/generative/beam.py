@@ -1,0 +1,120 @@
+"""Constrained beam search over semantic IDs.
+
+The constraint is a prefix tree over all item codes stored as arrays (CSR): at depth ``d`` every prefix
+is a node, its children are a contiguous range of the next depth's nodes, each child carries the token of
+its code. One step gathers, for all beams at once, the log-probabilities of their children's tokens
+(padded to the largest fan-out, padding = -inf), adds the beam scores and keeps the best ``beams`` per
+user — no per-beam Python callback. Fewer valid continuations than beams leave -inf beams, dropped at the
+end. Scores are sums of log-probabilities (softmax over the whole vocabulary)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class SidTrie:
+    def __init__(self, codes: np.ndarray, level_token_ids: list[list[int]]):
+        codes = np.asarray(codes, dtype=np.int64)
+        n, L = codes.shape
+        order = np.lexsort(codes.T[::-1])
+        sc = codes[order]
+        self.depth = L
+        self.node_of_row = []  # per depth d (0..L): node id of each sorted row's prefix of length d
+        for d in range(L + 1):
+            if d == 0:
+                ids = np.zeros(n, dtype=np.int64)
+            else:
+                change = np.ones(n, dtype=bool)
+                change[1:] = (sc[1:, :d] != sc[:-1, :d]).any(1)
+                ids = np.cumsum(change) - 1
+            self.node_of_row.append(ids)
+        if len(np.unique(self.node_of_row[L])) != n:
+            raise ValueError("item codes are not unique")
+        self.start, self.end, self.token = [], [], []
+        for d in range(L):
+            parent, child = self.node_of_row[d], self.node_of_row[d + 1]
+            n_par = parent.max() + 1
+            start = np.full(n_par, np.iinfo(np.int64).max)
+            end = np.zeros(n_par, dtype=np.int64)
+            np.minimum.at(start, parent, child)
+            np.maximum.at(end, parent, child + 1)
+            n_child = child.max() + 1
+            code = np.zeros(n_child, dtype=np.int64)
+            code[child] = sc[:, d]
+            tok = np.asarray(level_token_ids[d], dtype=np.int64)[code]
+            self.start.append(torch.as_tensor(start))
+            self.end.append(torch.as_tensor(end))
+            self.token.append(torch.as_tensor(tok))
+        self.fanout = [int((e - s).max()) for s, e in zip(self.start, self.end)]
+        leaf_item = np.zeros(n, dtype=np.int64)
+        leaf_item[self.node_of_row[L]] = order
+        self.leaf_item = torch.as_tensor(leaf_item)
+
+    def children(self, d: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(nodes,) at depth d → child node ids (nodes, C), their tokens, validity mask."""
+        s, e = self.start[d][nodes], self.end[d][nodes]
+        idx = s[:, None] + torch.arange(self.fanout[d])[None]
+        valid = idx < e[:, None]
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        return idx, self.token[d][idx], valid
+
+
+@torch.no_grad()
+def constrained_beam_search(model, trie: SidTrie, prompts: dict[str, torch.Tensor], beams: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (ending right before the first code token) → (B, beams) item indices (-1 = none)
+    and scores, best first."""
+    device = next(model.parameters()).device
+    ids, mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
+    B = ids.shape[0]
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
+    if seq2seq:
+        enc = model.get_encoder()(input_ids=ids, attention_mask=mask)
+        dec = prompts["decoder_input_ids"].to(device)
+        logits = model(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
+        cache = None
+    else:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        logits, cache = out.logits[:, -1], out.past_key_values
+        last_pos = pos[:, -1]
+    nodes = torch.zeros(B, dtype=torch.long)  # root, one beam per user to start
+    score = torch.zeros(B, device=device)
+    width = 1
+    for d in range(trie.depth):
+        lp = torch.log_softmax(logits.float(), dim=-1)  # (B*width, V)
+        child, tok, valid = trie.children(d, nodes)
+        cand = lp.gather(1, tok.to(device)).masked_fill(~valid.to(device), float("-inf"))
+        cand = score[:, None] + cand  # (B*width, C)
+        C = cand.shape[1]
+        k = min(beams, width * C)
+        top, arg = cand.view(B, width * C).topk(k, dim=1)  # (B, k)
+        if k < beams:  # fewer continuations than beams: pad with -inf beams
+            top = torch.cat([top, top.new_full((B, beams - k), float("-inf"))], 1)
+            arg = torch.cat([arg, arg[:, :1].expand(B, beams - k)], 1)
+        rows = (torch.arange(B, device=device)[:, None] * width + arg // C).reshape(-1)  # source rows
+        pick = (arg % C).reshape(-1)
+        nodes = child[rows.cpu(), pick.cpu()]
+        next_tok = tok[rows.cpu(), pick.cpu()].to(device)
+        score = top.reshape(-1)
+        width = beams
+        if d + 1 == trie.depth:
+            break
+        if seq2seq:
+            dec = torch.cat([dec[rows], next_tok[:, None]], 1)
+            user = torch.arange(B, device=device).repeat_interleave(beams)
+            enc_rows = type(enc)(last_hidden_state=enc.last_hidden_state[user])
+            logits = model(encoder_outputs=enc_rows, attention_mask=mask[user], decoder_input_ids=dec).logits[:, -1]
+        else:
+            cache.reorder_cache(rows)  # index_select on the batch axis: reorders and, at step 0, expands
+            mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], 1)
+            last_pos = last_pos[rows] + 1
+            out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                        past_key_values=cache, use_cache=True)
+            logits, cache = out.logits[:, -1], out.past_key_values
+    items = trie.leaf_item[nodes].view(B, beams)
+    score = score.view(B, beams).cpu()
+    items[~torch.isfinite(score)] = -1
+    return items, score
+
