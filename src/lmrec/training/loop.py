@@ -63,10 +63,12 @@ def fit(
     on_best: Callable[[dict[str, float], int], None] | None = None,
     tag: str = "train",
     global_step: int = 0,
+    after_step: Callable[[], None] | None = None,
 ) -> FitResult:
     """Train ``model`` for up to ``epochs`` epochs; ``steps_per_epoch`` counts optimizer steps over all
-    processes (it sizes the learning-rate schedule)."""
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    processes (it sizes the learning-rate schedule). ``after_step`` runs after every optimizer step (stage 1
+    of the generative family restores the frozen embedding rows there)."""
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(no_decay)],
@@ -97,6 +99,8 @@ def fit(
                 if accelerator.sync_gradients and grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
+                if after_step is not None and accelerator.sync_gradients:
+                    after_step()
                 scheduler.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
