@@ -1,0 +1,132 @@
+"""The generative family on tiny models: semantic IDs, vocabulary expansion (Qwen3 and T5), constrained
+beam search against brute-force scoring, stage-1 freezing under weight decay, LoRA merge."""
+
+
+import numpy as np
+import pytest
+import torch
+
+from lmrec.generative.beam import SidTrie, constrained_beam_search
+from lmrec.generative.default_model import build_default_lm
+from lmrec.generative.samples import pad_batch, tokenize_chat
+from lmrec.generative.sid import assign_codes, build_sids, collision_rate, disambiguate
+from lmrec.generative.vocab import expand_vocab, load_lm
+
+TEXTS = ["title: Toy Story; year: 1995", "title: GoldenEye; genres: Action", "hello world"] * 10
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 16)).astype(np.float32)
+    sids, books = build_sids([f"i{i}" for i in range(40)], emb, levels=2, codes=4)
+    build_default_lm(TEXTS, root / "lm", hidden_size=32, layers=1, heads=2, kv_heads=1, head_dim=16, vocab_size=300)
+    meta = expand_vocab(root / "lm", sids, root / "lm2", books=books, init="codebook", log=lambda m: None)
+    return root, sids, books, meta
+
+
+def test_semantic_ids_are_unique_and_reported(setup):
+    _, sids, books, _ = setup
+    assert collision_rate(sids.codes) == 0.0
+    r = sids.report
+    assert r["collision_rate_after"] == 0.0 and r["largest_bucket"] >= 1 and len(r["usage_per_level"]) == 2
+    assert (r["extra_level"] > 0) == (r["collision_rate_before"] > 0)
+    # a new item is encoded by the same codebooks: an existing embedding gets its own first-levels code
+    emb = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    assert (assign_codes(emb, books) == sids.codes[:, :2]).all()
+
+
+def test_disambiguation_numbers_items_within_buckets():
+    codes = np.array([[1, 2], [1, 2], [3, 4], [1, 2]])
+    out, extra = disambiguate(codes)
+    assert extra == 3 and out[:, 2].tolist() == [0, 1, 0, 2]
+
+
+def test_expand_vocab_pads_and_keeps_ties(setup):
+    root, sids, _, meta = setup
+    model, tok = load_lm(root / "lm2")
+    assert model.get_input_embeddings().weight.shape[0] % 256 == 0
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tok.convert_tokens_to_ids("<s_a_0>") == meta["level_token_ids"][0][0] >= meta["old_tokenizer_size"]
+    assert tok.tokenize("<|sid_begin|><s_a_1><s_b_3><|sid_end|>") == ["<|sid_begin|>", "<s_a_1>", "<s_b_3>",
+                                                                        "<|sid_end|>"]
+    old, _ = load_lm(root / "lm")
+    n = meta["old_tokenizer_size"]
+    assert torch.equal(old.get_input_embeddings().weight[:n], model.get_input_embeddings().weight[:n])
+
+
+def test_expand_vocab_t5(tmp_path, setup):
+    """T5 (transformers 5 always ties its input and output embeddings)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    root, sids, _, _ = setup
+    _, tok = load_lm(root / "lm")
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                   decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    meta = expand_vocab(tmp_path / "t5", sids, tmp_path / "t5x", log=lambda m: None)
+    model, _ = load_lm(tmp_path / "t5x")
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.shape[0] % 256 == 0 and meta["tied"] and head.data_ptr() == emb.data_ptr()
+    n = meta["old_tokenizer_size"]
+    assert torch.allclose(emb[meta["level_token_ids"][1][2]], emb[:n].mean(0), atol=1e-6)
+
+
+def test_expand_vocab_untied_decoder(tmp_path, setup):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root, sids, _, _ = setup
+    _, tok = load_lm(root / "lm")
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "q")
+    tok.save_pretrained(tmp_path / "q")
+    meta = expand_vocab(tmp_path / "q", sids, tmp_path / "qx", log=lambda m: None)
+    model, _ = load_lm(tmp_path / "qx")
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert not meta["tied"] and head.data_ptr() != emb.data_ptr() and emb.shape == head.shape
+    new, n = meta["sid_end"], meta["old_tokenizer_size"]
+    assert torch.allclose(emb[new], emb[:n].mean(0), atol=1e-6)
+    assert torch.allclose(head[new], head[:n].mean(0), atol=1e-6)
+
+
+def _prompt(tok, meta, text):
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True,
+                                  return_dict=False)
+    return {"input_ids": ids + [meta["sid_begin"]]}
+
+
+def test_beam_search_equals_brute_force_scoring(setup):
+    root, sids, _, meta = setup
+    model, tok = load_lm(root / "lm2")
+    model.eval()
+    trie = SidTrie(sids.codes, meta["level_token_ids"])
+    prompts = [_prompt(tok, meta, "hello <|sid_begin|><s_a_1><s_b_2><|sid_end|>"), _prompt(tok, meta, "world")]
+    batch = pad_batch(prompts, tok.pad_token_id, left=True)  # different lengths: left padding is exercised
+    N = len(sids.codes)
+    items, scores = constrained_beam_search(model, trie, batch, beams=N + 7)  # more beams than items
+    assert (items[:, N:] == -1).all() and torch.isinf(scores[:, N:]).all()
+    for b, p in enumerate(prompts):
+        assert sorted(items[b, :N].tolist()) == list(range(N))  # every real item, once
+        got = dict(zip(items[b, :N].tolist(), scores[b, :N].tolist()))
+        for i in (0, 7, 39):
+            toks = [meta["level_token_ids"][lv][c] for lv, c in enumerate(sids.codes[i])]
+            with torch.no_grad():
+                lp = model(torch.tensor([p["input_ids"] + toks])).logits.log_softmax(-1)[0]
+            ref = sum(lp[len(p["input_ids"]) - 1 + j, t].item() for j, t in enumerate(toks))
+            assert abs(got[i] - ref) < 1e-4
+        assert all(np.diff(scores[b, :N].numpy()) <= 1e-6)  # best first
+    few, fs = constrained_beam_search(model, trie, batch, beams=3)
+    assert few.shape == (2, 3) and (few >= 0).all() and len(set(few[0].tolist())) == 3
+
+
+def test_tokenize_chat_labels_only_the_assistant_turn(setup):
+    root, _, _, _ = setup
+    _, tok = load_lm(root / "lm2")
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "<|sid_begin|><s_a_1><|sid_end|>"}]
+    x = tokenize_chat(tok, msgs)
+    labelled = [t for t, lab in zip(x["input_ids"], x["labels"]) if lab != -100]
+    assert tok.decode(labelled).startswith("<|sid_begin|><s_a_1><|sid_end|>")
+    assert tok.decode(labelled).replace("<|sid_begin|><s_a_1><|sid_end|>", "").strip() == "<|im_end|>"
