@@ -9,7 +9,7 @@ COLUMNS = ("recall@10", "ndcg@10", "mrr@10", "mrr")
 
 
 def print_metrics(metrics: dict, title: str = "metrics", console: Console | None = None,
-                  model_name: str = "RecFormer") -> None:
+                  model_name: str = "RecFormer", extra: dict[str, dict] | None = None) -> None:
     """One row per model: the recommender (``metrics["test"]``) and each baseline."""
     console = console or Console()
     table = Table(title=title)
@@ -17,7 +17,8 @@ def print_metrics(metrics: dict, title: str = "metrics", console: Console | None
     for c in COLUMNS:
         table.add_column(c, justify="right")
     table.add_column("users", justify="right")
-    rows = [(model_name, metrics["test"])] + [(k, v) for k, v in metrics.get("baselines", {}).items()]
+    rows = [(model_name, metrics["test"])] + list((extra or {}).items())
+    rows += [(k, v) for k, v in metrics.get("baselines", {}).items()]
     for name, m in rows:
         table.add_row(name, *[f"{m.get(c, float('nan')):.4f}" for c in COLUMNS], str(m.get("users", "")))
     console.print(table)

@@ -112,3 +112,24 @@ def load_recommender(model_dir, data, sids_dir, max_history: int = 20):
     model, tok = load_generative(model_dir)
     return GenerativeRecommender(model, tok, read_meta(model_dir), align_sids(ds, SemanticIds.load(sids_dir)), ds,
                                  max_history)
+
+
+def run_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, stages=("2",),
+                 overrides: list[str] | None = None, log=print) -> dict:
+    """Semantic IDs → vocabulary expansion → the given training stages (each from the previous one's best
+    model) → the last stage's metrics. What `lmrec quickstart` runs for its generative row."""
+    from lmrec.config import GenRunConfig, load_config
+    from lmrec.generative.train import train_generative
+
+    out_dir = Path(out_dir)
+    sids = out_dir / "sids"
+    build_semantic_ids(data, sids, encoder=encoder, recommender=recommender, log=log)
+    current = out_dir / "expanded"
+    expand_model(model, sids, current, data=data, log=log)
+    metrics = {}
+    for stage in stages:
+        cfg = load_config(None, [f"output_dir={out_dir / f'stage{stage}'}"] + list(overrides or []),
+                          schema=GenRunConfig)
+        r = train_generative(cfg, model_dir=current, data=data, sids_dir=sids, stage=stage, log=log)
+        current, metrics = r.model_dir, r.metrics
+    return metrics
