@@ -86,16 +86,19 @@ class RunConfig(_Strict):
 
 
 class GenDataConfig(_Strict):
-    max_history: int = 20  # items of history in a prompt
-    targets_per_user: int = 10  # next-item samples per user: the last positions of the training sequence
+    """Defaults measured with the embedded tiny Qwen3 on ml-100k (valid NDCG@10 after 2 epochs: 0.0405 with
+    3 history items × all positions, no alignment, vs 0.0225 best with 10 items × 5 positions + alignment)."""
+
+    max_history: int = 3  # items of history in a prompt
+    targets_per_user: int = 50  # next-item samples per user: the last positions of the training sequence
     with_titles: bool = False  # history items as "<sid> title" instead of the semantic ID alone
-    alignment: bool = True  # add sid→title and title→sid samples
+    alignment: bool = False  # add sid→title and title→sid samples
     max_length: int = 512
 
 
 class GenTrainConfig(_Strict):
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05

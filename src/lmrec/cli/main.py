@@ -29,7 +29,7 @@ app.add_typer(sid_app, name="sid")
 gen_app = typer.Typer(help="Generative recommendation: vocabulary expansion, training stages, beam search.",
                       no_args_is_help=True)
 app.add_typer(gen_app, name="gen")
-GEN_QUICKSTART = ["train.epochs=5", "data.max_history=10", "data.targets_per_user=5"]
+GEN_QUICKSTART = ["train.epochs=3"]  # CPU budget; more epochs keep improving
 BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODEL_NAME_OR_PATH, else the embedded "
                  "default).")
 

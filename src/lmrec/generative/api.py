@@ -103,15 +103,20 @@ def merge_lora(adapter, out) -> Path:
     return Path(out)
 
 
-def load_recommender(model_dir, data, sids_dir, max_history: int = 20):
+def load_recommender(model_dir, data, sids_dir, max_history: int | None = None):
+    """A trained generative model with the prompt format it was trained with (``prompt_config.json``)."""
+    import json
+
     from lmrec.generative.samples import align_sids
-    from lmrec.generative.train import GenerativeRecommender, load_generative
+    from lmrec.generative.train import PROMPT_CONFIG, GenerativeRecommender, load_generative
     from lmrec.generative.vocab import read_meta
 
     ds = PreparedDataset(data)
     model, tok = load_generative(model_dir)
+    p = Path(model_dir) / PROMPT_CONFIG
+    prompt = json.loads(p.read_text()) if p.exists() else {}
     return GenerativeRecommender(model, tok, read_meta(model_dir), align_sids(ds, SemanticIds.load(sids_dir)), ds,
-                                 max_history)
+                                 max_history or prompt.get("max_history", 3), prompt.get("with_titles", False))
 
 
 def run_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, stages=("2",),

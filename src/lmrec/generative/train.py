@@ -147,13 +147,21 @@ def _apply_lora(model, tr, meta: dict):
     return get_peft_model(model, cfg)
 
 
-def _save(model, tokenizer, meta_dir: Path, out: Path, base: Path | None = None) -> None:
-    """model + tokenizer + sid_vocab.json (+ the LoRA base model) under a temporary name, then renamed."""
+PROMPT_CONFIG = "prompt_config.json"
+
+
+def _save(model, tokenizer, meta_dir: Path, out: Path, base: Path | None = None, prompt: dict | None = None) -> None:
+    """model + tokenizer + sid_vocab.json + the prompt format (+ the LoRA base model) under a temporary
+    name, then renamed."""
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     shutil.copy2(meta_dir / META, tmp / META)
+    prompt = prompt or (json.loads((meta_dir / PROMPT_CONFIG).read_text()) if (meta_dir / PROMPT_CONFIG).exists()
+                        else None)
+    if prompt:
+        (tmp / PROMPT_CONFIG).write_text(json.dumps(prompt) + "\n")
     if base is not None:
         shutil.copytree(base, tmp / "base_model")
     if out.exists():
@@ -231,7 +239,8 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
 
     def on_best(metrics, epoch):
         if acc.is_main_process:
-            _save(acc.unwrap_model(model), tok, model_dir, best_dir, base=run_dir / "base_model" if tr.lora else None)
+            _save(acc.unwrap_model(model), tok, model_dir, best_dir, base=run_dir / "base_model" if tr.lora else None,
+                  prompt={"max_history": dc.max_history, "with_titles": dc.with_titles})
         acc.wait_for_everyone()
 
     steps = math.ceil(math.ceil(len(encoded) / tr.batch_size) / tr.grad_accum)
