@@ -93,3 +93,28 @@ def test_stage2_lora_and_merge_generate_the_same(gen):
                   "--history", "i0,i6", "-k", "3")
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("title:") == 3
+
+
+def test_chat_samples_parquet(gen):
+    import pyarrow.parquet as pq
+
+    from lmrec.data.dataset import PreparedDataset
+
+    res = run_cli("gen", "samples", "--data", gen / "data", "--sids", gen / "sids", "--out", gen / "samples",
+                  "data.alignment=true", "data.with_titles=true", "data.max_history=4")
+    assert res.returncode == 0, res.stderr
+    ds = PreparedDataset(gen / "data")
+    train = pq.read_table(gen / "samples" / "train.parquet").to_pylist()
+    test = pq.read_table(gen / "samples" / "test.parquet").to_pylist()
+    assert {r["task"] for r in train} == {"next_item", "sid2title", "title2sid"}
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in train)
+    assert [r["target"] for r in test] == [ds.item_ids[t] for t in ds.examples("test").targets]
+    one = test[0]["messages"]
+    ex = ds.examples("test")
+    last = ex.histories[0][-1]
+    assert one[0]["content"].count("<|sid_begin|>") == min(4, len(ex.histories[0]))
+    assert ds.item_text[last][0][1] in one[0]["content"]  # with_titles: "<sid> title"
+    assert one[1]["content"].startswith("<|sid_begin|>") and one[1]["content"].endswith("<|sid_end|>")
+    # training samples end inside the training part: no valid/test target is ever a training target
+    last_target = {r["user"]: r["target"] for r in train if r["task"] == "next_item"}
+    assert all(last_target[ds.user_ids[u]] == ds.item_ids[ds.train[u][-1]] for u in range(ds.num_users))
