@@ -130,3 +130,63 @@ def test_tokenize_chat_labels_only_the_assistant_turn(setup):
     labelled = [t for t, lab in zip(x["input_ids"], x["labels"]) if lab != -100]
     assert tok.decode(labelled).startswith("<|sid_begin|><s_a_1><|sid_end|>")
     assert tok.decode(labelled).replace("<|sid_begin|><s_a_1><|sid_end|>", "").strip() == "<|im_end|>"
+
+
+def test_residual_kmeans_reconstructs_better_at_each_level():
+    from lmrec.generative.sid import residual_kmeans
+
+    x = np.random.default_rng(1).normal(size=(300, 12)).astype(np.float32)
+    codes, books = residual_kmeans(x, levels=4, codes=8)
+    recon, errors = np.zeros_like(x), []
+    for lv, book in enumerate(books):
+        recon += book[codes[:, lv]]
+        errors.append(float(((x - recon) ** 2).sum(1).mean()))
+    assert all(b < a for a, b in zip([float((x ** 2).sum(1).mean())] + errors, errors)), errors
+
+
+def test_expansion_keeps_old_token_ids(setup):
+    root, _, _, meta = setup
+    _, old = load_lm(root / "lm")
+    _, new = load_lm(root / "lm2")
+    text = "title: Toy Story; year: 1995 hello world"
+    assert old(text)["input_ids"] == new(text)["input_ids"]
+    assert all(new.convert_tokens_to_ids(t) == i for t, i in old.get_vocab().items())
+    assert min(sum(meta["level_token_ids"], [])) >= len(old)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_constrained_decoding_property_random_catalogs(setup, seed):
+    """Random catalogs (levels, fan-outs, sizes) and beam widths below/above the catalog size: every
+    returned item is real and distinct, -1 only after the real ones, scores sorted and equal to the
+    teacher-forced log-probability of the returned item's code."""
+    root, _, _, _ = setup
+    rng = np.random.default_rng(seed)
+    levels = int(rng.integers(1, 4))
+    sizes = [int(rng.integers(2, 6)) for _ in range(levels)]
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij"), -1).reshape(-1, levels)
+    n = int(rng.integers(1, len(grid) + 1))
+    codes = grid[rng.choice(len(grid), n, replace=False)]
+    model, tok = load_lm(root / "lm")
+    model.eval()
+    vocab = rng.choice(np.arange(10, len(tok)), size=sum(sizes), replace=False).tolist()
+    level_ids, s = [], 0
+    for size in sizes:
+        level_ids.append(vocab[s : s + size])
+        s += size
+    trie = SidTrie(codes, level_ids)
+    prompts = [{"input_ids": rng.integers(10, len(tok), size=int(rng.integers(2, 7))).tolist()} for _ in range(3)]
+    batch = pad_batch(prompts, tok.pad_token_id, left=True)
+    for beams in (1, max(1, n // 2), n + 3):
+        items, scores = constrained_beam_search(model, trie, batch, beams)
+        for b, p in enumerate(prompts):
+            got = [i for i in items[b].tolist() if i >= 0]
+            assert len(got) == min(beams, n) and len(set(got)) == len(got)
+            assert items[b, len(got):].eq(-1).all()
+            sc = scores[b, : len(got)].numpy()
+            assert np.all(np.diff(sc) <= 1e-5)
+            for i, score in zip(got[:3], sc[:3]):
+                toks = [level_ids[lv][c] for lv, c in enumerate(codes[i])]
+                with torch.no_grad():
+                    lp = model(torch.tensor([p["input_ids"] + toks])).logits.log_softmax(-1)[0]
+                ref = sum(lp[len(p["input_ids"]) - 1 + j, t].item() for j, t in enumerate(toks))
+                assert abs(ref - score) < 1e-4

@@ -118,3 +118,28 @@ def test_chat_samples_parquet(gen):
     # training samples end inside the training part: no valid/test target is ever a training target
     last_target = {r["user"]: r["target"] for r in train if r["task"] == "next_item"}
     assert all(last_target[ds.user_ids[u]] == ds.item_ids[ds.train[u][-1]] for u in range(ds.num_users))
+
+
+def test_t5_trains_and_ranks(gen, tmp_path):
+    """--model with a T5 checkpoint: expand, train stage 2 (encoder input = the prompt, decoder target =
+    the semantic ID), constrained beam search inside the evaluator."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from lmrec.generative.default_model import build_default_lm
+    from lmrec.generative.sid import SemanticIds
+    from lmrec.generative.vocab import expand_vocab
+
+    build_default_lm(["title brand category 手机 小米"] * 5, tmp_path / "tok", hidden_size=16, layers=1, heads=2,
+                     kv_heads=1, head_dim=8, vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                   decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                   eos_token_id=tok.eos_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    expand_vocab(tmp_path / "t5", SemanticIds.load(gen / "sids"), tmp_path / "t5x", log=lambda m: None)
+    res = run_cli("gen", "train", "--stage", "2", "--model", tmp_path / "t5x", "--data", gen / "data", "--sids",
+                  gen / "sids", "--output-dir", tmp_path / "run", *FAST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["test"]["users"] == 60 and 0.0 <= m["test"]["ndcg@10"] <= 1.0

@@ -76,7 +76,7 @@ def constrained_beam_search(model, trie: SidTrie, prompts: dict[str, torch.Tenso
         cache = None
     else:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         logits, cache = out.logits[:, -1], out.past_key_values
         last_pos = pos[:, -1]
     nodes = torch.zeros(B, dtype=torch.long)  # root, one beam per user to start

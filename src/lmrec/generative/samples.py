@@ -86,6 +86,12 @@ def read_samples(path: str | Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def tokenize_seq2seq(tokenizer, messages: list[dict], max_length: int = 1024) -> dict[str, list[int]]:
+    """Encoder-decoder (T5): encoder input = the user turn as plain text, labels = the assistant turn."""
+    enc = tokenizer(messages[0]["content"], truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": enc, "decoder_labels": tokenizer(messages[-1]["content"])["input_ids"]}
+
+
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int = 1024) -> dict[str, list[int]]:
     """input_ids of the whole conversation and labels = input_ids on the last assistant turn, -100 elsewhere."""
     full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
@@ -98,6 +104,11 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int = 1024) -> di
 
 
 def pad_batch(items: list[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    if items and "decoder_labels" in items[0]:  # encoder-decoder: labels are the decoder's target
+        enc = pad_batch([{"input_ids": x["input_ids"]} for x in items], pad_id)
+        dec = pad_batch([{"input_ids": x["decoder_labels"]} for x in items], pad_id)
+        enc["labels"] = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
+        return enc
     L = max(len(x["input_ids"]) for x in items)
     ids = torch.full((len(items), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), L), dtype=torch.long)

@@ -29,7 +29,14 @@ from lmrec.errors import LmrecError
 from lmrec.eval.baselines import popularity_rank_fn
 from lmrec.eval.evaluator import RankFn, evaluate
 from lmrec.generative.beam import SidTrie, constrained_beam_search
-from lmrec.generative.samples import align_sids, build_samples, next_item_messages, pad_batch, tokenize_chat
+from lmrec.generative.samples import (
+    align_sids,
+    build_samples,
+    next_item_messages,
+    pad_batch,
+    tokenize_chat,
+    tokenize_seq2seq,
+)
 from lmrec.generative.sid import SemanticIds
 from lmrec.generative.vocab import META, load_lm, read_meta
 from lmrec.training.loop import fit, make_accelerator
@@ -59,9 +66,12 @@ class GenerativeRecommender:
         seq2seq = getattr(self.model.config, "is_encoder_decoder", False)
         for h in histories:
             msgs = next_item_messages(self.ds, self.sids, list(h)[-self.max_history:], None, self.with_titles)
-            ids = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=not seq2seq,
-                                                     return_dict=False)
-            rows.append({"input_ids": ids if seq2seq else ids + [self.meta["sid_begin"]]})
+            if seq2seq:
+                rows.append({"input_ids": self.tokenizer(msgs[0]["content"])["input_ids"]})
+            else:
+                ids = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True,
+                                                         return_dict=False)
+                rows.append({"input_ids": ids + [self.meta["sid_begin"]]})
         batch = pad_batch(rows, self.tokenizer.pad_token_id, left=not seq2seq)
         if seq2seq:
             start = self.model.config.decoder_start_token_id
@@ -217,7 +227,8 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
     log(f"stage {stage}: {trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}")
     rows = build_samples(ds, sids, split="train", max_history=dc.max_history, targets_per_user=dc.targets_per_user,
                          with_titles=dc.with_titles, alignment=dc.alignment)
-    encoded = [tokenize_chat(tok, r["messages"], dc.max_length) for r in rows]
+    tokenize = tokenize_seq2seq if model.config.is_encoder_decoder else tokenize_chat
+    encoded = [tokenize(tok, r["messages"], dc.max_length) for r in rows]
     log(f"{len(encoded)} training samples ({sum(r['task'] == 'next_item' for r in rows)} next-item)")
     pad = tok.pad_token_id
 
