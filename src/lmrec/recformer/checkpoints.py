@@ -13,12 +13,12 @@ Every output directory is written under a temporary name and renamed when comple
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from lmrec.errors import LmrecError
+from lmrec.io import atomic_dir
 from lmrec.recformer.backbones import (
     InitReport,
     build_recformer,
@@ -31,24 +31,6 @@ from lmrec.recformer.modeling_recformer import RecformerForPretraining, Recforme
 from lmrec.recformer.tokenization_recformer import RecformerTokenizer
 
 WORD_EMB = "longformer.embeddings.word_embeddings.weight"
-
-
-def _atomic_dir(dst: Path, write) -> Path:
-    tmp = dst.with_name(f".{dst.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = dst.with_name(f".{dst.name}.old")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
-    return dst
 
 
 def _report_problems(report: InitReport) -> list[str]:
@@ -75,7 +57,7 @@ def init_checkpoint(backbone: str | Path, out: str | Path, *, allow_partial: boo
         (tmp / "init_report.json").write_text(json.dumps({"backbone": str(backbone), **report.to_json()},
                                                          indent=2) + "\n")
 
-    _atomic_dir(Path(out), write)
+    atomic_dir(Path(out), write)
     return report
 
 
@@ -139,7 +121,7 @@ def retokenize_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out
         tokenizer.save_pretrained(tmp)
         (tmp / "retokenize_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    _atomic_dir(Path(out), write)
+    atomic_dir(Path(out), write)
     return report
 
 
@@ -233,5 +215,5 @@ def convert_checkpoint(checkpoint: str | Path, out: str | Path, *, config: str |
         tokenizer.save_pretrained(tmp / "recommender")
         (tmp / "convert_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    _atomic_dir(Path(out), write)
+    atomic_dir(Path(out), write)
     return report

@@ -10,7 +10,6 @@ It encodes items and histories in batches, ranks all items for the evaluator, an
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
 from lmrec.eval.ranking import top_k
+from lmrec.io import atomic_dir
 from lmrec.recformer.configuration_recformer import RecformerConfig
 from lmrec.recformer.modeling_recformer import RecformerForSeqRec
 from lmrec.recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
@@ -133,22 +133,15 @@ class Recommender:
     # ------------------------------------------------------------------------------------------ files
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the directory atomically (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.model.save_pretrained(str(tmp))
-        self.tokenizer.save_pretrained(tmp)
-        if self.has_item_table:
-            save_file({"item_embeddings": self.model.item_embeddings.detach().float().cpu().contiguous()},
-                      str(tmp / "item_table.safetensors"))
-        write_items(tmp / "items.parquet", self.item_ids, self.item_text)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(tmp)
+            if self.has_item_table:
+                save_file({"item_embeddings": self.model.item_embeddings.detach().float().cpu().contiguous()},
+                          str(tmp / "item_table.safetensors"))
+            write_items(tmp / "items.parquet", self.item_ids, self.item_text)
+
+        path = atomic_dir(path, write)
         return path
 
     @classmethod
