@@ -16,19 +16,13 @@ def build_semantic_ids(data, out, *, encoder=None, recommender=None, levels: int
                        seed: int = 0, log=print) -> SemanticIds:
     ds = PreparedDataset(data)
     if recommender is not None:
-        from safetensors.torch import load_file
-
         from lmrec.recformer.recommender import Recommender
 
-        rec = Recommender.from_pretrained(recommender)
+        rec = Recommender.from_pretrained(recommender)  # with its saved item table
         if rec.item_ids != ds.item_ids:
             rec.set_catalog(ds.item_ids, ds.item_text)
+        if not rec.has_item_table:
             rec.encode_items()
-        elif not (Path(recommender) / "item_table.safetensors").exists():
-            rec.encode_items()
-        else:
-            rec.model.set_item_embeddings(load_file(str(Path(recommender) / "item_table.safetensors"))[
-                "item_embeddings"])
         emb = rec.model.item_embeddings.float().cpu().numpy()
         emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-8)
         source = f"recformer:{recommender}"

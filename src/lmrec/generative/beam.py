@@ -95,8 +95,9 @@ def constrained_beam_search(model, trie: SidTrie, prompts: dict[str, torch.Tenso
             arg = torch.cat([arg, arg[:, :1].expand(B, beams - k)], 1)
         rows = (torch.arange(B, device=device)[:, None] * width + arg // C).reshape(-1)  # source rows
         pick = (arg % C).reshape(-1)
-        nodes = child[rows.cpu(), pick.cpu()]
-        next_tok = tok[rows.cpu(), pick.cpu()].to(device)
+        r_cpu, p_cpu = rows.cpu(), pick.cpu()
+        nodes = child[r_cpu, p_cpu]
+        next_tok = tok[r_cpu, p_cpu].to(device)
         score = top.reshape(-1)
         width = beams
         if d + 1 == trie.depth:

@@ -82,10 +82,6 @@ def write_samples(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def read_samples(path: str | Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
-
-
 def tokenize_seq2seq(tokenizer, messages: list[dict], max_length: int = 1024) -> dict[str, list[int]]:
     """Encoder-decoder (T5): encoder input = the user turn as plain text, labels = the assistant turn."""
     enc = tokenizer(messages[0]["content"], truncation=True, max_length=max_length)["input_ids"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmrec.errors import LmrecError
+from lmrec.io import atomic_dir
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -160,19 +160,14 @@ class SemanticIds:
     def save(self, out: str | Path, books: list[np.ndarray]) -> Path:
         from safetensors.numpy import save_file
 
-        out = Path(out)
-        tmp = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        pq.write_table(pa.table({"item_id": self.item_ids, "codes": [r.tolist() for r in self.codes]}),
-                       tmp / "sids.parquet")
-        save_file({f"level_{i}": b for i, b in enumerate(books)}, str(tmp / "codebooks.safetensors"))
-        (tmp / "sid_config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        (tmp / "sid_report.json").write_text(json.dumps(self.report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return out
+        def write(tmp: Path) -> None:
+            pq.write_table(pa.table({"item_id": self.item_ids, "codes": [r.tolist() for r in self.codes]}),
+                           tmp / "sids.parquet")
+            save_file({f"level_{i}": b for i, b in enumerate(books)}, str(tmp / "codebooks.safetensors"))
+            (tmp / "sid_config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            (tmp / "sid_report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+
+        return atomic_dir(out, write)
 
     @classmethod
     def load(cls, path: str | Path) -> SemanticIds:

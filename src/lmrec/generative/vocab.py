@@ -6,7 +6,6 @@ Works for decoder-only models (``Qwen3ForCausalLM``, tied embeddings) and encode
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 
 from lmrec.errors import LmrecError
 from lmrec.generative.sid import SemanticIds
+from lmrec.io import atomic_dir
 
 SID_BEGIN, SID_END = "<|sid_begin|>", "<|sid_end|>"
 META = "sid_vocab.json"
@@ -62,15 +62,13 @@ def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, 
             "added": added, "tied": tied, "init": init, "level_sizes": sids.config.level_sizes,
             "level_token_ids": [[tok.convert_tokens_to_ids(sids.token(lv, c)) for c in range(size)]
                                 for lv, size in enumerate(sids.config.level_sizes)]}
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / META).write_text(json.dumps(meta) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / META).write_text(json.dumps(meta) + "\n")
+
+    atomic_dir(out, write)
     log(f"added {added} tokens: ids {meta['first_new_id']}..{meta['last_new_id']} "
         f"(embedding rows {old_rows} → {meta['embedding_rows']}, padded to a multiple of {pad_multiple}; "
         f"{'tied' if tied else 'untied'} output embeddings; init {init})")

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from lmrec.errors import LmrecError
+from lmrec.io import atomic_dir
 from lmrec.recformer.configuration_recformer import RecformerConfig
 
 BACKBONE_ENV = "LMREC_BACKBONE"
@@ -91,6 +92,12 @@ class InitReport:
         for status in ("copied", "derived", "new", "missing", "wrong_size", "unused"):
             out += [(status, name, self.notes.get(name, "")) for name in getattr(self, status)]
         return out
+
+    def problems(self) -> list[str]:
+        """Essential tensors missing or mis-shaped, and unused ones no layout rule explains."""
+        return ([f"missing: {n} ({self.notes.get(n, '')})" for n in self.missing]
+                + [f"wrong size: {n} ({self.notes.get(n, '')})" for n in self.wrong_size]
+                + [f"unexpected: {n}" for n in unexpected(self)])
 
     def counts(self) -> dict[str, int]:
         return {s: len(getattr(self, s)) for s in ("copied", "derived", "new", "missing", "wrong_size", "unused")}
@@ -162,11 +169,6 @@ def canonical_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 break
         out[k] = v
     return out
-
-
-def position_offset(cfg: dict) -> int:
-    """RoBERTa-style checkpoints (Longformer included) number positions from pad_token_id + 1, BERT from 0."""
-    return detect_layout(cfg, {}).position_offset
 
 
 def recformer_config_from_backbone(cfg: dict, layout: Layout | None = None, **overrides) -> RecformerConfig:
@@ -351,22 +353,21 @@ def convert_to_long(src: str | Path, dst: str | Path, max_positions: int = 4096,
     else:
         new_cfg.update(model_type="longformer", architectures=["LongformerForMaskedLM" if has_head
                                                                else "LongformerModel"])
-    tmp = dst.with_name(f".{dst.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(out_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, tmp / name)
-    tc = tmp / "tokenizer_config.json"
-    if tc.exists():
-        t = json.loads(tc.read_text(encoding="utf-8"))
-        t["model_max_length"] = max_positions
-        tc.write_text(json.dumps(t, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+
+    def write(tmp: Path) -> None:
+        save_file(out_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+        tc = tmp / "tokenizer_config.json"
+        if tc.exists():
+            t = json.loads(tc.read_text(encoding="utf-8"))
+            t["model_max_length"] = max_positions
+            tc.write_text(json.dumps(t, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    atomic_dir(dst, write)
     log(f"{src} ({layout.name}, {pos.shape[0] - off} positions) → {dst} "
         f"({'longformer_zh' if is_bert else 'longformer'} layout, {max_positions} positions, "
         f"attention_window {windows[0]} × {layers} layers, global q/k/v copied from local)")

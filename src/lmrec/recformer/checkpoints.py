@@ -24,19 +24,12 @@ from lmrec.recformer.backbones import (
     build_recformer,
     canonical_state,
     read_backbone,
-    unexpected,
 )
 from lmrec.recformer.configuration_recformer import RecformerConfig
 from lmrec.recformer.modeling_recformer import RecformerForPretraining, RecformerForSeqRec, RecformerModel
 from lmrec.recformer.tokenization_recformer import RecformerTokenizer
 
 WORD_EMB = "longformer.embeddings.word_embeddings.weight"
-
-
-def _report_problems(report: InitReport) -> list[str]:
-    return ([f"missing: {n} ({report.notes.get(n, '')})" for n in report.missing]
-            + [f"wrong size: {n} ({report.notes.get(n, '')})" for n in report.wrong_size]
-            + [f"unexpected: {n}" for n in unexpected(report)])
 
 
 # --------------------------------------------------------------------------------------------- init
@@ -46,7 +39,7 @@ def init_checkpoint(backbone: str | Path, out: str | Path, *, allow_partial: boo
     ``init_report.json``). Raises (and writes nothing) when an essential tensor is missing or mis-shaped,
     unless ``allow_partial``."""
     model, tokenizer, report = build_recformer(backbone, model_cls=RecformerForPretraining, **overrides)
-    problems = _report_problems(report)
+    problems = report.problems()
     if problems and not allow_partial:
         raise LmrecError(f"backbone {backbone} does not initialise RecFormer completely:\n  "
                          + "\n  ".join(problems) + "\n(--allow-partial keeps the random init for these)")

@@ -75,7 +75,7 @@ def pretrain_smoke(model, tokenizer, steps: int, lr: float = 1e-4, seed: int = 0
 
 def run_doctor(backbone: str | Path, *, pretrain_steps: int = 0, finetune_epochs: int = 0,
                data: str | Path | None = None, max_token_num: int | None = None, log=print) -> list[Check]:
-    from lmrec.recformer.backbones import build_recformer, detect_layout, read_backbone, unexpected
+    from lmrec.recformer.backbones import build_recformer, detect_layout, read_backbone
     from lmrec.recformer.modeling_recformer import RecformerForPretraining
 
     checks: list[Check] = []
@@ -111,9 +111,7 @@ def run_doctor(backbone: str | Path, *, pretrain_steps: int = 0, finetune_epochs
         checks.append(Check("static load + forward", False, str(e)))
         return checks
     # 2. init report
-    problems = [f"missing {n}: {report.notes.get(n, '')}" for n in report.missing] + \
-        [f"wrong size {n}: {report.notes.get(n, '')}" for n in report.wrong_size] + \
-        [f"unexpected {n}" for n in unexpected(report)]
+    problems = report.problems()
     counts = ", ".join(f"{v} {k}" for k, v in report.counts().items())
     checks.append(Check("init report", not problems, counts + ("; " + "; ".join(problems[:6]) if problems else "")))
     # 3. pretraining smoke run

@@ -28,7 +28,8 @@ from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
 from lmrec.eval.baselines import popularity_rank_fn
 from lmrec.eval.evaluator import evaluate
-from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone, unexpected
+from lmrec.io import atomic_dir
+from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
 from lmrec.recformer.recommender import Recommender
 from lmrec.training.loop import fit, make_accelerator
 
@@ -68,7 +69,7 @@ def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accele
         user_projection=m.user_projection,
         attention_window=m.attention_window,
     )
-    problems = report.missing + report.wrong_size + unexpected(report)
+    problems = report.problems()
     if problems:
         raise LmrecError(f"{backbone} does not initialise RecFormer completely ({', '.join(problems[:5])}"
                          f"{' ...' if len(problems) > 5 else ''}); see `lmrec backbone init {backbone} OUT`")
@@ -101,15 +102,6 @@ def make_collate(rec: Recommender, item_grad: str, candidates: np.ndarray, item_
 
 def _first(w):
     return w if isinstance(w, int) else w[0]
-
-
-def _copy_dir(src: Path, dst: Path) -> None:
-    """Replace ``dst`` by a copy of ``src`` (copied under a temporary name, then renamed)."""
-    tmp = dst.with_name(f".{dst.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
 
 
 def _reload(rec: Recommender, model_dir: Path) -> None:
@@ -191,7 +183,7 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
         stage2_won = r2.best_metrics.get(ev.metric, -1.0) >= r1.best_metrics.get(ev.metric, -1.0)
     if not stage2_won and acc.is_main_process:  # the best stage-1 state is the model
         if best_dir.exists():
-            _copy_dir(best_dir, run_dir / "model")
+            atomic_dir(run_dir / "model", lambda tmp: shutil.copytree(best_dir, tmp, dirs_exist_ok=True))
         else:  # no epoch was run: the initial model
             rec.encode_items(tr.item_batch_size)
             rec.save_pretrained(run_dir / "model")
