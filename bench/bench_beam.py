@@ -1,9 +1,10 @@
 """Constrained beam search: lmrec's CSR prefix tree vs HF ``generate(..., prefix_allowed_tokens_fn=...)``.
 
 Same tiny Qwen3-style model (random init), catalogs of 1k and 10k items with 3-level codes, beam 20,
-top-10, 8 users per call. Checks that both return the same top-10 items and prints the speed ratio.
+top-10, 8 and 32 users per call (32 is the evaluator's default batch). Checks that both return the same
+top-10 items and prints the speed ratio.
 
-    python bench/bench_beam.py [--users 8] [--repeats 3]
+    python bench/bench_beam.py [--users 8 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def catalog(n: int, k: int, levels: int, rng) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--users", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--beams", type=int, default=20)
     args = ap.parse_args()
@@ -40,8 +41,6 @@ def main() -> None:
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                           tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None)
         model = Qwen3ForCausalLM(cfg).eval()
-        prompts = torch.as_tensor(rng.integers(5, base_vocab, size=(args.users, 40)))
-        batch = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
         trie = SidTrie(codes, level_ids)
         prefix: dict[tuple, list[int]] = {}
         for row in codes:
@@ -50,35 +49,42 @@ def main() -> None:
                 prefix.setdefault(tuple(toks[:d]), set()).add(toks[d])
         prefix = {p: sorted(s) for p, s in prefix.items()}
         item_of = {tuple(level_ids[lv][c] for lv, c in enumerate(row)): i for i, row in enumerate(codes)}
-        plen = prompts.shape[1]
+        for users in args.users:
+            prompts = torch.as_tensor(rng.integers(5, base_vocab, size=(users, 40)))
+            run(model, trie, {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}, prefix, item_of,
+                levels, f"{len(codes):>6} items, {levels} levels x {k} codes", cfg.eos_token_id, args)
 
-        def allowed(batch_id, ids):
-            return prefix.get(tuple(ids[plen:].tolist()), [cfg.eos_token_id])
 
-        def ours():
-            return constrained_beam_search(model, trie, batch, args.beams)
+def run(model, trie, batch, prefix, item_of, levels, label, eos, args) -> None:
+    users, plen = batch["input_ids"].shape
 
-        def hf():
-            out = model.generate(**batch, num_beams=args.beams, num_return_sequences=10, max_new_tokens=levels,
-                                 min_new_tokens=levels, do_sample=False, length_penalty=0.0,
-                                 prefix_allowed_tokens_fn=allowed, early_stopping=True, pad_token_id=0)
-            seqs = out[:, plen:].view(args.users, 10, levels)
-            return [[item_of.get(tuple(s.tolist()), -1) for s in u] for u in seqs]
+    def allowed(batch_id, ids):
+        return prefix.get(tuple(ids[plen:].tolist()), [eos])
 
-        with torch.no_grad():
-            a, h = ours(), hf()  # warm-up and check
-            same = sum(a[0][u, :10].tolist() == h[u] for u in range(args.users))
-            t = time.perf_counter()
-            for _ in range(args.repeats):
-                ours()
-            t_ours = (time.perf_counter() - t) / args.repeats
-            t = time.perf_counter()
-            for _ in range(args.repeats):
-                hf()
-            t_hf = (time.perf_counter() - t) / args.repeats
-        print(f"{len(codes):>6} items, {levels} levels x {k} codes, beam {args.beams}, top-10, {args.users} users: "
-              f"same top-10 for {same}/{args.users} users; lmrec {t_ours * 1000:.1f} ms, HF generate + "
-              f"prefix_allowed_tokens_fn {t_hf * 1000:.1f} ms -> {t_hf / t_ours:.1f}x")
+    def ours():
+        return constrained_beam_search(model, trie, batch, args.beams)
+
+    def hf():
+        out = model.generate(**batch, num_beams=args.beams, num_return_sequences=10, max_new_tokens=levels,
+                             min_new_tokens=levels, do_sample=False, length_penalty=0.0,
+                             prefix_allowed_tokens_fn=allowed, early_stopping=True, pad_token_id=0)
+        seqs = out[:, plen:].view(users, 10, levels)
+        return [[item_of.get(tuple(s.tolist()), -1) for s in u] for u in seqs]
+
+    with torch.no_grad():
+        a, h = ours(), hf()  # warm-up and check
+        same = sum(a[0][u, :10].tolist() == h[u] for u in range(users))
+        t = time.perf_counter()
+        for _ in range(args.repeats):
+            ours()
+        t_ours = (time.perf_counter() - t) / args.repeats
+        t = time.perf_counter()
+        for _ in range(args.repeats):
+            hf()
+        t_hf = (time.perf_counter() - t) / args.repeats
+    print(f"{label}, beam {args.beams}, top-10, {users} users: "
+          f"same top-10 for {same}/{users} users; lmrec {t_ours * 1000:.1f} ms, HF generate + "
+          f"prefix_allowed_tokens_fn {t_hf * 1000:.1f} ms -> {t_hf / t_ours:.1f}x")
 
 
 if __name__ == "__main__":

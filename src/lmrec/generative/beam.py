@@ -60,62 +60,87 @@ class SidTrie:
         return idx, self.token[d][idx], valid
 
 
-@torch.no_grad()
+def _select(trie: SidTrie, d: int, logits: torch.Tensor, nodes: torch.Tensor, score: torch.Tensor, B: int,
+            width: int, beams: int):
+    """One beam step at depth d: (B*width, V) logits → new nodes, tokens, scores (B*beams) and the parent beam
+    of each new beam (B, beams)."""
+    device = logits.device
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    child, tok, valid = trie.children(d, nodes)
+    cand = lp.gather(1, tok.to(device)).masked_fill(~valid.to(device), float("-inf"))
+    cand = score[:, None] + cand  # (B*width, C)
+    C = cand.shape[1]
+    k = min(beams, width * C)
+    top, arg = cand.view(B, width * C).topk(k, dim=1)
+    if k < beams:  # fewer continuations than beams: pad with -inf beams
+        top = torch.cat([top, top.new_full((B, beams - k), float("-inf"))], 1)
+        arg = torch.cat([arg, arg[:, :1].expand(B, beams - k)], 1)
+    parent = arg // C
+    rows = (torch.arange(B, device=device)[:, None] * width + parent).reshape(-1).cpu()
+    pick = (arg % C).reshape(-1).cpu()
+    return child[rows, pick], tok[rows, pick].to(device), top.reshape(-1), parent
+
+
+@torch.inference_mode()
 def constrained_beam_search(model, trie: SidTrie, prompts: dict[str, torch.Tensor], beams: int
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts (ending right before the first code token) → (B, beams) item indices (-1 = none)
-    and scores, best first."""
+    and scores, best first.
+
+    Decoder-only models keep one copy of each prompt's keys/values: the beams of a user are decoded as a
+    small token tree in the user's own row (every new token attends to the prompt, its ancestors and
+    itself through a 4D mask, all at the same position), instead of copying the prompt cache per beam."""
     device = next(model.parameters()).device
     ids, mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
     B = ids.shape[0]
-    seq2seq = getattr(model.config, "is_encoder_decoder", False)
-    if seq2seq:
-        enc = model.get_encoder()(input_ids=ids, attention_mask=mask)
-        dec = prompts["decoder_input_ids"].to(device)
-        logits = model(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
-        cache = None
-    else:
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        logits, cache = out.logits[:, -1], out.past_key_values
-        last_pos = pos[:, -1]
     nodes = torch.zeros(B, dtype=torch.long)  # root, one beam per user to start
     score = torch.zeros(B, device=device)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return _seq2seq_search(model, trie, ids, mask, prompts["decoder_input_ids"].to(device), beams, nodes, score)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    logits, cache = out.logits[:, -1], out.past_key_values
+    next_pos = pos[:, -1:] + 1
+    W = beams
+    prompt_keys = mask.bool()[:, None, None, :].expand(B, 1, W, mask.shape[1])
+    own = torch.eye(W, dtype=torch.bool, device=device).expand(B, 1, W, W)
+    ancestors: list[torch.Tensor] = []  # per fed level: (B, W) slot of each beam's ancestor in that block
     width = 1
     for d in range(trie.depth):
-        lp = torch.log_softmax(logits.float(), dim=-1)  # (B*width, V)
-        child, tok, valid = trie.children(d, nodes)
-        cand = lp.gather(1, tok.to(device)).masked_fill(~valid.to(device), float("-inf"))
-        cand = score[:, None] + cand  # (B*width, C)
-        C = cand.shape[1]
-        k = min(beams, width * C)
-        top, arg = cand.view(B, width * C).topk(k, dim=1)  # (B, k)
-        if k < beams:  # fewer continuations than beams: pad with -inf beams
-            top = torch.cat([top, top.new_full((B, beams - k), float("-inf"))], 1)
-            arg = torch.cat([arg, arg[:, :1].expand(B, beams - k)], 1)
-        rows = (torch.arange(B, device=device)[:, None] * width + arg // C).reshape(-1)  # source rows
-        pick = (arg % C).reshape(-1)
-        r_cpu, p_cpu = rows.cpu(), pick.cpu()
-        nodes = child[r_cpu, p_cpu]
-        next_tok = tok[r_cpu, p_cpu].to(device)
-        score = top.reshape(-1)
+        nodes, tok, score, parent = _select(trie, d, logits, nodes, score, B, width, beams)
         width = beams
         if d + 1 == trie.depth:
             break
-        if seq2seq:
-            dec = torch.cat([dec[rows], next_tok[:, None]], 1)
-            user = torch.arange(B, device=device).repeat_interleave(beams)
-            enc_rows = type(enc)(last_hidden_state=enc.last_hidden_state[user])
-            logits = model(encoder_outputs=enc_rows, attention_mask=mask[user], decoder_input_ids=dec).logits[:, -1]
-        else:
-            cache.reorder_cache(rows)  # index_select on the batch axis: reorders and, at step 0, expands
-            mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], 1)
-            last_pos = last_pos[rows] + 1
-            out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                        past_key_values=cache, use_cache=True)
-            logits, cache = out.logits[:, -1], out.past_key_values
+        ancestors = [a.gather(1, parent) for a in ancestors]
+        blocks = [torch.nn.functional.one_hot(a, W).bool()[:, None] for a in ancestors]
+        attn = torch.cat([prompt_keys, *blocks, own], dim=-1)
+        ancestors.append(torch.arange(W, device=device).expand(B, W))
+        out = model(input_ids=tok.view(B, W), attention_mask=attn, position_ids=(next_pos + d).expand(B, W),
+                    past_key_values=cache, use_cache=True)
+        logits, cache = out.logits.reshape(B * W, -1), out.past_key_values
+    return _finish(trie, nodes, score, B, beams)
+
+
+def _seq2seq_search(model, trie, ids, mask, dec, beams, nodes, score):
+    B, device = ids.shape[0], ids.device
+    enc = model.get_encoder()(input_ids=ids, attention_mask=mask)
+    logits = model(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
+    user = torch.arange(B, device=device).repeat_interleave(beams)
+    enc_rows = type(enc)(last_hidden_state=enc.last_hidden_state[user])
+    width = 1
+    for d in range(trie.depth):
+        nodes, tok, score, parent = _select(trie, d, logits, nodes, score, B, width, beams)
+        rows = (torch.arange(B, device=device)[:, None] * width + parent).reshape(-1)
+        width = beams
+        if d + 1 == trie.depth:
+            break
+        dec = torch.cat([dec[rows], tok[:, None]], 1)
+        logits = model(encoder_outputs=enc_rows, attention_mask=mask[user], decoder_input_ids=dec).logits[:, -1]
+    return _finish(trie, nodes, score, B, beams)
+
+
+def _finish(trie, nodes, score, B, beams):
     items = trie.leaf_item[nodes].view(B, beams)
     score = score.view(B, beams).cpu()
     items[~torch.isfinite(score)] = -1
     return items, score
-
