@@ -45,7 +45,13 @@ class ModelConfig(_Strict):
     default_vocab_size: int = 8000
 
 
-class TrainConfig(_Strict):
+class _Checkpoints(_Strict):
+    save_steps: int = 0  # also checkpoint every N optimizer steps (always at the end of each epoch)
+    save_total_limit: int = 2  # checkpoints kept per stage under <output_dir>/checkpoints/
+    resume_from: str | None = None  # "auto" (latest checkpoint of output_dir), a run dir or a checkpoint dir
+
+
+class TrainConfig(_Checkpoints):
     batch_size: int = 256
     samples_per_user: int = 2  # (prefix → next item) samples per user per epoch; RecFormer draws 1
     lr: float = 1.5e-3
@@ -96,7 +102,7 @@ class GenDataConfig(_Strict):
     max_length: int = 512
 
 
-class GenTrainConfig(_Strict):
+class GenTrainConfig(_Checkpoints):
     epochs: int = 10
     batch_size: int = 256
     lr: float = 2e-3

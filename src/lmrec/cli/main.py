@@ -30,6 +30,8 @@ gen_app = typer.Typer(help="Generative recommendation: vocabulary expansion, tra
                       no_args_is_help=True)
 app.add_typer(gen_app, name="gen")
 GEN_QUICKSTART = ["train.epochs=3"]  # CPU budget; more epochs keep improving
+RESUME_HELP = ("Continue a killed run exactly: 'auto' (latest checkpoint in the output directory), a run "
+               "directory, or one checkpoint directory (.../checkpoints/<stage>/step-N).")
 BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODEL_NAME_OR_PATH, else the embedded "
                  "default).")
 
@@ -115,13 +117,16 @@ def finetune(
     backbone: str = typer.Option(None, help=BACKBONE_HELP + " Same as model.backbone=PATH."),
     init: str = typer.Option(None, help="Start from a RecFormer checkpoint (saved recommender, `backbone init` "
                                         "or `checkpoint convert` output). Same as model.init=DIR."),
+    resume_from: str = typer.Option(None, help=RESUME_HELP),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-4 model.backbone=/path."),
 ):
-    """Two-stage RecFormer finetuning with validation, early stopping and a final test evaluation."""
+    """Two-stage RecFormer finetuning with validation, early stopping and a final test evaluation.
+    Checkpoints go to OUTPUT_DIR/checkpoints/ at each epoch end (and every train.save_steps steps)."""
     from lmrec.config import load_config
     from lmrec.recformer.finetune import finetune as run
 
     extra = ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
+    extra += [f"train.resume_from={resume_from}"] if resume_from else []
     cfg = load_config(config, extra + list(overrides or []))
     path = data or cfg.data.path
     if path is None:
@@ -318,14 +323,17 @@ def gen_train(
     output_dir: Path = typer.Option(..., help="Run directory (model/, metrics.json, logs/)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML generative run config."),
     lora: bool = typer.Option(False, help="Train a peft LoRA adapter (stage 2 / sft)."),
+    resume_from: str = typer.Option(None, help=RESUME_HELP),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 eval.beams=20."),
 ):
-    """Train one stage with validation by constrained beam search; evaluate on test next to popularity."""
+    """Train one stage with validation by constrained beam search; evaluate on test next to popularity.
+    Checkpoints go to OUTPUT_DIR/checkpoints/ at each epoch end (and every train.save_steps steps)."""
     from lmrec.cli.report import print_metrics
     from lmrec.config import GenRunConfig, load_config
     from lmrec.generative.train import train_generative
 
     ov = [f"output_dir={output_dir}"] + (["train.lora=true"] if lora else []) + list(overrides or [])
+    ov += [f"train.resume_from={resume_from}"] if resume_from else []
     cfg = load_config(config, ov, schema=GenRunConfig)
     r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, stage=stage, log=_log)
     print_metrics(r.metrics, title=f"{data}: test split, constrained beam search ({cfg.eval.beams} beams)",

@@ -40,7 +40,7 @@ from lmrec.generative.samples import (
 from lmrec.generative.sid import SemanticIds
 from lmrec.generative.vocab import META, load_lm, read_meta
 from lmrec.io import atomic_dir
-from lmrec.training.loop import fit, make_accelerator
+from lmrec.training.loop import checkpointing_for, data_loader, fit, make_accelerator
 
 STAGES = ("1", "2", "sft")
 
@@ -236,8 +236,8 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
 
     def make_loader(epoch: int):
         batches = length_grouped_batches(lengths, tr.batch_size, np.random.default_rng(tr.seed * 1000 + epoch))
-        return torch.utils.data.DataLoader([[encoded[i] for i in b] for b in batches], batch_size=None,
-                                           shuffle=False, collate_fn=lambda b: pad_batch(b, pad))
+        return data_loader([[encoded[i] for i in b] for b in batches], collate_fn=lambda b: pad_batch(b, pad),
+                           seed=tr.seed + epoch)
 
     rec = GenerativeRecommender(model, tok, meta, sids, ds, dc.max_history, dc.with_titles)
     valid = ds.examples("valid")
@@ -257,7 +257,8 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
     steps = math.ceil(math.ceil(len(encoded) / tr.batch_size) / tr.grad_accum)
     r = fit(acc, model, make_loader, epochs=tr.epochs, lr=tr.lr, weight_decay=tr.weight_decay,
             warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip, steps_per_epoch=steps, validate=validate,
-            metric=ev.metric, patience=tr.patience, on_best=on_best, tag=f"stage{stage}", after_step=restore)
+            metric=ev.metric, patience=tr.patience, on_best=on_best, tag=f"stage{stage}", after_step=restore,
+            checkpointing=checkpointing_for(run_dir, tr), log=log)
     acc.wait_for_everyone()
     model, tok = load_generative(best_dir)
     model.to(acc.device)

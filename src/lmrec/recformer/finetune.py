@@ -31,7 +31,7 @@ from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
 from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
 from lmrec.recformer.recommender import Recommender
-from lmrec.training.loop import fit, make_accelerator
+from lmrec.training.loop import checkpointing_for, data_loader, fit, make_accelerator
 
 
 @dataclass
@@ -131,8 +131,7 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
     def make_loader(epoch: int, item_grad: str = tr.item_grad):
         ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch), tr.samples_per_user)
         pairs = list(zip(ex.histories, ex.targets.tolist()))
-        return torch.utils.data.DataLoader(pairs, batch_size=tr.batch_size, shuffle=False,
-                                           collate_fn=collators[item_grad])
+        return data_loader(pairs, batch_size=tr.batch_size, collate_fn=collators[item_grad], seed=tr.seed + epoch)
 
     n_train = sum(min(tr.samples_per_user, len(t) - 1) for t in ds.train if len(t) >= 2)
     steps = math.ceil(math.ceil(n_train / tr.batch_size) / tr.grad_accum)
@@ -162,11 +161,21 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
             acc.wait_for_everyone()
         return on_best
 
+    class TableState:  # stage 1's item table is encoded before an epoch: a mid-epoch resume restores it
+        def state_dict(self):
+            return {"table": rec.model.item_embeddings.cpu(), "fresh": table_fresh["value"]}
+
+        def load_state_dict(self, state):
+            rec.model.set_item_embeddings(state["table"])
+            table_fresh["value"] = state["fresh"]
+
     common = dict(weight_decay=tr.weight_decay, warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip,
-                  steps_per_epoch=steps, eval_every=tr.eval_every, metric=ev.metric)
+                  steps_per_epoch=steps, eval_every=tr.eval_every, metric=ev.metric,
+                  checkpointing=checkpointing_for(run_dir, tr), log=log)
     log(f"stage 1: up to {tr.stage1_epochs} epochs, item table re-encoded before each")
     r1 = fit(acc, rec.model, make_loader, epochs=tr.stage1_epochs, lr=tr.lr, before_epoch=before_epoch_stage1,
-             validate=validate(True), patience=tr.patience, on_best=keep("stage1_best"), tag="stage1", **common)
+             validate=validate(True), patience=tr.patience, on_best=keep("stage1_best"), tag="stage1",
+             extra_state=TableState(), **common)
     best_dir = run_dir / "stage1_best"
     history = {"stage1": r1.history}
     stage2_won = False

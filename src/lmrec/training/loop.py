@@ -5,13 +5,25 @@ steps with warmup + linear decay, gradient accumulation and clipping, mixed prec
 present, a progress bar, TensorBoard logging, periodic validation, early stopping on a metric, and calls
 back when a new best is reached so the caller can keep the best state. Family-specific work (re-encoding
 RecFormer's item table before an epoch, for instance) comes in through ``before_epoch``.
+
+Checkpoints (``Checkpointing``) hold everything needed to continue exactly: model, optimizer, scheduler and
+RNG states (``Accelerator.save_state``), the loop's position (epoch, batches done, running loss, best
+metrics, early-stopping counter) and the caller's ``extra_state``. They are written under a temporary
+name and renamed, so a run killed while saving leaves the previous checkpoint intact. A run resumed from a
+checkpoint on CPU with a fixed seed ends with the same weights as an uninterrupted one: batches come from
+``make_loader(epoch)`` (deterministic per epoch; build it with ``data_loader``) and the consumed ones are
+skipped.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -33,6 +45,71 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir
                       log_with="tensorboard" if log_dir else None, project_dir=log_dir, kwargs_handlers=[ddp])
     set_seed(seed)
     return acc
+
+
+def data_loader(data, *, seed: int, collate_fn=None, batch_size: int | None = None) -> torch.utils.data.DataLoader:
+    """An unshuffled DataLoader with its own generator, so creating its iterator does not draw from the
+    global RNG (which would make a resumed run diverge from an uninterrupted one). ``batch_size=None``:
+    ``data`` is a list of ready-made batches (served one per step, so batches can be skipped on resume and
+    sharded across processes)."""
+    if batch_size is None:
+        inner = collate_fn or (lambda b: b)
+        batch_size, collate_fn = 1, (lambda one: inner(one[0]))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+STATE_FILE = "trainer_state.json"
+
+
+def _step_dirs(d: Path) -> list[Path]:
+    return sorted(p for p in d.glob("step-*") if (p / STATE_FILE).exists()) if d.is_dir() else []
+
+
+class Resume:
+    """Which checkpoint each ``fit`` of a command resumes from. ``spec``: None (start afresh), "auto" (the
+    latest checkpoint of each stage under ``root``, if any), a run directory, or one checkpoint directory
+    (``.../checkpoints/<tag>/step-N``: earlier stages use their latest checkpoint, that stage resumes from
+    exactly this one, later stages start afresh)."""
+
+    def __init__(self, root: str | Path, spec: str | Path | None):
+        self.root, self.exact, self.passed = Path(root), None, False
+        self.enabled = spec is not None
+        if spec is None or str(spec) == "auto":
+            return
+        p = Path(spec)
+        if (p / STATE_FILE).exists():
+            self.exact, self.root = p, p.parent.parent
+        elif (p / "checkpoints").is_dir():
+            self.root = p / "checkpoints"
+        else:
+            from lmrec.errors import LmrecError
+
+            raise LmrecError(f"--resume-from {spec}: neither a checkpoint (no {STATE_FILE}) nor a run directory "
+                             "with checkpoints/; use 'auto' to resume the latest checkpoint of the output directory")
+
+    def checkpoint_for(self, tag: str) -> Path | None:
+        if not self.enabled or self.passed:
+            return None
+        if self.exact is not None and self.exact.parent.name == tag:
+            self.passed = True
+            return self.exact
+        found = _step_dirs(self.root / tag)
+        return found[-1] if found else None
+
+
+@dataclass
+class Checkpointing:
+    root: Path  # <run>/checkpoints; each fit writes <root>/<tag>/step-<global step>
+    save_steps: int = 0  # also save every N optimizer steps (0: only at the end of each epoch)
+    keep: int = 2  # checkpoints kept per stage
+    resume: Resume | None = None
+
+
+def checkpointing_for(run_dir: str | Path, tr) -> Checkpointing:
+    """From a train config with ``save_steps``, ``save_total_limit`` and ``resume_from``."""
+    root = Path(run_dir) / "checkpoints"
+    return Checkpointing(root, tr.save_steps, tr.save_total_limit, Resume(root, tr.resume_from))
 
 
 @dataclass
@@ -64,10 +141,14 @@ def fit(
     tag: str = "train",
     global_step: int = 0,
     after_step: Callable[[], None] | None = None,
+    checkpointing: Checkpointing | None = None,
+    extra_state: Any = None,
+    log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train ``model`` for up to ``epochs`` epochs; ``steps_per_epoch`` counts optimizer steps over all
     processes (it sizes the learning-rate schedule). ``after_step`` runs after every optimizer step (stage 1
-    of the generative family restores the frozen embedding rows there)."""
+    of the generative family restores the frozen embedding rows there). ``extra_state`` (an object with
+    ``state_dict``/``load_state_dict``) is saved with every checkpoint and restored on resume."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -83,16 +164,37 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     result = FitResult(global_step=global_step)
-    bad_epochs = 0
+    pos = {"epoch": 0, "batches": 0, "running": 0.0, "bad_epochs": 0, "finished": False}
+    ck = checkpointing
+    start = ck.resume.checkpoint_for(tag) if ck is not None and ck.resume is not None else None
+    if start is not None:
+        pos, result = _load_checkpoint(accelerator, start, tag, extra_state)
+        log(f"[{tag}] resumed from {start} (epoch {pos['epoch'] + 1}, batch {pos['batches']}, "
+            f"step {result.global_step})")
+        if pos["finished"]:
+            return result
+    elif ck is not None and accelerator.is_main_process:  # a fresh start replaces this stage's checkpoints
+        shutil.rmtree(ck.root / tag, ignore_errors=True)
+
+    def save(finished: bool = False):
+        if ck is not None:
+            pos["finished"] = finished
+            _save_checkpoint(accelerator, ck, tag, pos, result, extra_state)
+
     show = accelerator.is_local_main_process
-    for epoch in range(epochs):
-        if before_epoch is not None:
+    for epoch in range(pos["epoch"], epochs):
+        skip, pos["epoch"] = pos["batches"], epoch
+        if before_epoch is not None and skip == 0:  # mid-epoch, the state it sets came from the checkpoint
             before_epoch(epoch)
         loader = accelerator.prepare(make_loader(epoch))
+        n_batches = len(loader)
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
         model.train()
-        bar = tqdm(loader, desc=f"{tag} epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
-        running = 0.0
-        for i, batch in enumerate(bar):
+        bar = tqdm(loader, desc=f"{tag} epoch {epoch + 1}/{epochs}", disable=not show, leave=False,
+                   initial=skip, total=n_batches)
+        i = skip - 1
+        for i, batch in enumerate(bar, start=skip):
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -103,32 +205,80 @@ def fit(
                     after_step()
                 scheduler.step()
                 optimizer.zero_grad()
+            pos["running"] += loss.item()
+            bar.set_postfix(loss=f"{pos['running'] / (i + 1):.4f}")
             if accelerator.sync_gradients:
                 result.global_step += 1
-            running += loss.item()
-            bar.set_postfix(loss=f"{running / (i + 1):.4f}")
-            if accelerator.sync_gradients:
                 accelerator.log({f"{tag}/loss": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]},
                                 step=result.global_step)
+                if ck is not None and ck.save_steps and result.global_step % ck.save_steps == 0 and i + 1 < n_batches:
+                    pos["batches"] = i + 1
+                    save()
         result.epochs_run = epoch + 1
-        record = {"epoch": epoch + 1, "loss": running / max(1, i + 1)}
+        record = {"epoch": epoch + 1, "loss": pos["running"] / max(1, i + 1)}
+        pos.update(epoch=epoch + 1, batches=0, running=0.0)
+        stop = False
         if validate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             metrics = validate()
             record.update({f"valid_{k}": v for k, v in metrics.items()})
             accelerator.log({f"{tag}/valid_{k}": v for k, v in metrics.items() if k != "users"},
                             step=result.global_step)
             if metrics[metric] > result.best_metrics.get(metric, -1.0):
-                result.best_metrics, result.best_epoch, bad_epochs = metrics, epoch + 1, 0
+                result.best_metrics, result.best_epoch, pos["bad_epochs"] = metrics, epoch + 1, 0
                 if on_best is not None:
                     on_best(metrics, epoch + 1)
             else:
-                bad_epochs += 1
+                pos["bad_epochs"] += 1
             if show:
                 tqdm.write(f"[{tag}] epoch {epoch + 1}: loss {record['loss']:.4f}  valid {metric} "
                            f"{metrics[metric]:.4f}  (best {result.best_metrics[metric]:.4f} @ {result.best_epoch})")
-            if patience is not None and bad_epochs >= patience:
-                result.history.append(record)
-                break
+            stop = patience is not None and pos["bad_epochs"] >= patience
         result.history.append(record)
+        save(finished=stop or epoch + 1 == epochs)
+        if stop:
+            break
     accelerator.wait_for_everyone()
     return result
+
+
+def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, pos: dict, result: FitResult,
+                     extra_state: Any) -> None:
+    """Every rank writes its part (RNG states) into a temporary directory; the main process adds the loop
+    state and renames it into place, then drops the oldest checkpoints beyond ``ck.keep``."""
+    stage_dir = ck.root / tag
+    final = stage_dir / f"step-{result.global_step:08d}"
+    tmp = stage_dir / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if extra_state is not None:
+            torch.save(extra_state.state_dict(), tmp / "extra_state.pt")
+        state = {"tag": tag, **pos, "result": asdict(result)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        if final.exists():  # same step saved again (an epoch end right after a periodic save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in _step_dirs(stage_dir)[: -ck.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state: Any) -> tuple[dict, FitResult]:
+    from lmrec.errors import LmrecError
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmrecError(f"cannot resume from {path}: {STATE_FILE} unreadable ({e})") from None
+    if state.get("tag") != tag:
+        raise LmrecError(f"cannot resume stage {tag!r} from {path}: it is a checkpoint of {state.get('tag')!r}")
+    accelerator.load_state(str(path))
+    if extra_state is not None:
+        extra_state.load_state_dict(torch.load(path / "extra_state.pt", weights_only=False))
+    result = FitResult(**state.pop("result"))
+    state.pop("tag")
+    return state, result
