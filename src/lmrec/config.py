@@ -134,6 +134,66 @@ class GenRunConfig(_Strict):
     eval: GenEvalConfig = GenEvalConfig()
 
 
+class PretrainDataConfig(_Strict):
+    paths: list[str] = []  # prepared datasets forming the corpus (several domains)
+    valid: str | None = None  # prepared dataset for validation (zero-shot ranking); None = the first corpus one
+    valid_users: int = 1000  # validation users (the first N of the valid split)
+    max_history_len: int = 50
+
+
+class PretrainModelConfig(ModelConfig):
+    mlm_weight: float = 0.1  # loss = contrastive + mlm_weight × (MLM on the history + MLM on the target item)
+    mlm_probability: float = 0.15  # share of words masked (whole-word masking)
+    freeze_word_embeddings: bool = False
+
+
+class PretrainTrainConfig(_Checkpoints):
+    batch_size: int = 64
+    pairs_per_user: int = 1  # (history → target from the second half) pairs per user sequence per epoch
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    epochs: int = 10
+    eval_every: int = 1
+    patience: int | None = None
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    item_batch_size: int = 256
+
+
+class PretrainRunConfig(_Strict):
+    output_dir: str = "runs/pretrain"
+    data: PretrainDataConfig = PretrainDataConfig()
+    model: PretrainModelConfig = PretrainModelConfig()
+    train: PretrainTrainConfig = PretrainTrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+class MlmTrainConfig(_Checkpoints):
+    """``lmrec backbone pretrain-mlm``: continued MLM pretraining on a raw text corpus."""
+
+    max_length: int = 128  # tokens per chunk (documents longer than this are cut into chunks)
+    mlm_probability: float = 0.15
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    epochs: int = 3
+    patience: int | None = None
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    attention_window: int | list[int] | None = None  # None = the backbone's
+
+
+class MlmRunConfig(_Strict):
+    output_dir: str = "runs/pretrain-mlm"
+    train: MlmTrainConfig = MlmTrainConfig()
+
+
 def _set(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree

@@ -6,6 +6,7 @@ with code 2, without a traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -134,6 +135,34 @@ def finetune(
     result = run(cfg, path, log=_log)
     print_metrics(result.metrics, title=f"{path}: test split, full ranking")
     typer.echo(f"model in {result.model_dir}; metrics in {result.run_dir / 'metrics.json'}")
+
+
+@app.command()
+def pretrain(
+    data: list[Path] = typer.Option(..., help="Prepared dataset of the corpus (repeat for several domains)."),
+    valid: Path = typer.Option(None, help="Prepared dataset for zero-shot validation (default: the first --data)."),
+    output_dir: Path = typer.Option(None, help="Run directory (model/, metrics.json, logs/, checkpoints/)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML pretraining config."),
+    backbone: str = typer.Option(None, help=BACKBONE_HELP + " Same as model.backbone=PATH."),
+    init: str = typer.Option(None, help="Continue from a RecFormer checkpoint. Same as model.init=DIR."),
+    resume_from: str = typer.Option(None, help=RESUME_HELP),
+    overrides: list[str] = typer.Argument(None, help="Overrides like model.mlm_weight=0.1 train.epochs=5."),
+):
+    """RecFormer pretraining: item-item contrastive + whole-word MLM (English; Chinese through jieba) on one
+    or more datasets, zero-shot validation; the best model goes to OUTPUT_DIR/model (use it with
+    `finetune --init` or `evaluate --model`)."""
+    from lmrec.config import PretrainRunConfig, load_config
+    from lmrec.recformer.pretrain import pretrain as run
+
+    ov = [f"data.paths={json.dumps([str(d) for d in data])}"] + ([f"data.valid={valid}"] if valid else [])
+    ov += [f"output_dir={output_dir}"] if output_dir else []
+    ov += ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
+    ov += [f"train.resume_from={resume_from}"] if resume_from else []
+    cfg = load_config(config, ov + list(overrides or []), schema=PretrainRunConfig)
+    r = run(cfg, log=_log)
+    print_metrics(r.metrics, title=f"zero-shot on {r.metrics['zero_shot']['dataset']} (test split, full ranking)",
+                  model_name="RecFormer (pretrained, zero-shot)")
+    typer.echo(f"model in {r.model_dir}; metrics in {r.run_dir / 'metrics.json'}")
 
 
 @app.command()

@@ -26,6 +26,9 @@ class Examples:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def head(self, n: int) -> Examples:
+        return Examples(self.users[:n], self.histories[:n], self.targets[:n])
+
 
 class PreparedDataset:
     def __init__(self, path: str | Path):

@@ -52,17 +52,7 @@ def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accele
         if rec.item_ids != ds.item_ids:
             rec.set_catalog(ds.item_ids, ds.item_text)
         return rec
-    backbone = Path(m.init) if m.init else resolve_backbone(m.backbone)
-    if backbone is None:
-        backbone = run_dir / "backbone"
-        if accelerator.is_main_process and not (backbone / "config.json").exists():
-            log(f"building the embedded default backbone in {backbone} (tokenizer trained on the item text)")
-            texts = [" ".join(f"{k} {v}" for k, v in t) for t in ds.item_text]
-            build_default_backbone(texts, backbone, hidden_size=m.default_hidden_size, layers=m.default_layers,
-                                   heads=m.default_heads, vocab_size=m.default_vocab_size,
-                                   max_positions=m.max_token_num, attention_window=_first(m.attention_window),
-                                   seed=cfg.train.seed)
-        accelerator.wait_for_everyone()
+    backbone = backbone_or_default(m, ds.item_text, run_dir, accelerator, cfg.train.seed, log)
     model, tokenizer, report = build_recformer(
         backbone, max_token_num=m.max_token_num, max_attr_num=m.max_attr_num, max_attr_length=m.max_attr_length,
         max_item_embeddings=ds.max_history_len + 1, temperature=m.temperature, pooler_type=m.pooler_type,
@@ -75,6 +65,24 @@ def build_recommender(cfg: RunConfig, ds: PreparedDataset, run_dir: Path, accele
                          f"{' ...' if len(problems) > 5 else ''}); see `lmrec backbone init {backbone} OUT`")
     log(f"initialised from {backbone}: " + ", ".join(f"{v} {k}" for k, v in report.counts().items() if v))
     return Recommender(model, tokenizer, ds.item_ids, ds.item_text)
+
+
+def backbone_or_default(m, item_text, run_dir: Path, accelerator, seed: int, log=print) -> Path:
+    """``model.init``, else ``model.backbone`` (or $LMREC_BACKBONE / $MODEL_NAME_OR_PATH), else the embedded
+    default built once in ``run_dir/backbone`` (its tokenizer trained on ``item_text``; a resumed run
+    reuses it)."""
+    backbone = Path(m.init) if m.init else resolve_backbone(m.backbone)
+    if backbone is None:
+        backbone = run_dir / "backbone"
+        if accelerator.is_main_process and not (backbone / "config.json").exists():
+            log(f"building the embedded default backbone in {backbone} (tokenizer trained on the item text)")
+            texts = [" ".join(f"{k} {v}" for k, v in t) for t in item_text]
+            build_default_backbone(texts, backbone, hidden_size=m.default_hidden_size, layers=m.default_layers,
+                                   heads=m.default_heads, vocab_size=m.default_vocab_size,
+                                   max_positions=m.max_token_num, attention_window=_first(m.attention_window),
+                                   seed=seed)
+        accelerator.wait_for_everyone()
+    return backbone
 
 
 def make_collate(rec: Recommender, item_grad: str, candidates: np.ndarray, item_batch_size: int = 256):

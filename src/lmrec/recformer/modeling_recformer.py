@@ -321,16 +321,53 @@ class PretrainingOutput(ModelOutput):
     item_embeddings: torch.Tensor | None = None
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows concatenated. Backward: the gradient of every copy of a rank's rows (the loss of
+    every rank uses them as negatives) is summed back onto that rank (an all-reduce, so gloo works), which
+    makes the data-parallel gradient equal to the single-process one on the global batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
 def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows concatenated; the local block keeps its gradient (the others are constants)."""
+    """All ranks' rows concatenated; the local block keeps its gradient and the other ranks' losses send
+    theirs back (see ``_GatherWithGrad``). Identity in a single process."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts)
+    return _GatherWithGrad.apply(x)
+
+
+def contrastive_loss(users: torch.Tensor, items: torch.Tensor, temperature: float, gather: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE of each user against every item of the (global) batch, cosine / temperature; user i's
+    positive is item i. Returns (loss, accuracy). Under DDP the mean of the ranks' losses equals the
+    single-process loss on the concatenated batch (equal local batch sizes)."""
+    import torch.distributed as dist
+
+    u = F.normalize(users, dim=-1)
+    v = F.normalize(_gather_with_grad(items) if gather else items, dim=-1)
+    distributed = gather and dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    target = torch.arange(len(u), device=u.device) + rank * len(u)
+    logits = (u @ v.T / temperature).float()
+    return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
 
 
 class RecformerForPretraining(RecformerPreTrainedModel):
@@ -388,15 +425,8 @@ class RecformerForPretraining(RecformerPreTrainedModel):
             losses.append(self._mlm(hi.last_hidden_state, item_labels))
             items = hi.pooler_output
             out.item_embeddings = items
-            u = F.normalize(user, dim=-1)
-            v = F.normalize(_gather_with_grad(items) if gather else items, dim=-1)
-            import torch.distributed as dist
-
-            rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0
-            target = torch.arange(len(u), device=u.device) + rank * len(u)
-            logits = (u @ v.T / self.config.temperature).float()
-            out.contrastive_loss = F.cross_entropy(logits, target)
-            out.contrastive_accuracy = (logits.argmax(-1) == target).float().mean()
+            out.contrastive_loss, out.contrastive_accuracy = contrastive_loss(user, items, self.config.temperature,
+                                                                              gather)
         mlm = [x for x in losses if x is not None]
         out.mlm_loss = sum(mlm) if mlm else None
         parts = [x for x in (out.contrastive_loss,

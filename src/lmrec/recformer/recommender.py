@@ -10,6 +10,7 @@ It encodes items and histories in batches, ranks all items for the evaluator, an
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,6 +148,15 @@ class Recommender:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
         path = Path(path)
+        if (path / "config.json").exists() and not (path / "items.parquet").exists():
+            cfg = json.loads((path / "config.json").read_text())
+            if cfg.get("model_type") == "recformer":  # pretraining / `backbone init` output: no catalog yet
+                from lmrec.recformer.backbones import build_recformer
+
+                model, tokenizer, report = build_recformer(path)
+                if report.problems():
+                    raise LmrecError(f"{path}: {', '.join(report.problems()[:3])}")
+                return cls(model.to(device), tokenizer, [], [])
         if not (path / "config.json").exists() or not (path / "items.parquet").exists():
             raise LmrecError(f"{path} is not a saved lmrec recommender (expected config.json and items.parquet)")
         config = RecformerConfig.from_pretrained(str(path))

@@ -25,7 +25,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from lmrec.errors import LmrecError
 
 START, KEY, VALUE, PAD = 0, 1, 2, 3
-ItemTokens = tuple[list[int], list[int]]  # (token ids, token types) of one item, no start token
+# (token ids, token types[, word-start flags]) of one item, no start token
+ItemTokens = tuple[list[int], list[int]] | tuple[list[int], list[int], list[bool]]
 
 
 class RecformerTokenizer:
@@ -58,39 +59,52 @@ class RecformerTokenizer:
         return len(self.tokenizer)
 
     # ------------------------------------------------------------------------------------------ items
-    def encode_items(self, items: Sequence[Sequence[tuple[str, str]]]) -> list[ItemTokens]:
-        """Tokenize many items at once (one batched call to the fast tokenizer)."""
+    def encode_items(self, items: Sequence[Sequence[tuple[str, str]]], word_starts: bool = False
+                     ) -> list[ItemTokens]:
+        """Tokenize many items at once (one batched call to the fast tokenizer). ``word_starts``: each item
+        also carries a word-start flag per token (whole-word masking; see ``lmrec.recformer.masking``)."""
         texts: list[str] = []
         for attrs in items:
             for key, value in list(attrs)[: self.max_attr_num]:
                 texts += [self._prefix + key, self._prefix + value]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=word_starts) if texts else None
+        ids = enc["input_ids"] if enc is not None else []
+        if word_starts:
+            from lmrec.recformer.masking import word_starts as starts_of
+
+            flags = starts_of(enc.encodings, texts) if texts else []
         out, pos = [], 0
         for attrs in items:
             item_ids: list[int] = []
             item_types: list[int] = []
+            item_starts: list[bool] = []
             for _ in list(attrs)[: self.max_attr_num]:
                 k, v = ids[pos], ids[pos + 1]
+                item_ids += (k + v)[: self.max_attr_length]
+                item_types += ([KEY] * len(k) + [VALUE] * len(v))[: self.max_attr_length]
+                if word_starts:
+                    item_starts += (flags[pos] + flags[pos + 1])[: self.max_attr_length]
                 pos += 2
-                a_ids = (k + v)[: self.max_attr_length]
-                a_types = ([KEY] * len(k) + [VALUE] * len(v))[: self.max_attr_length]
-                item_ids += a_ids
-                item_types += a_types
-            out.append((item_ids, item_types))
+            out.append((item_ids, item_types, item_starts) if word_starts else (item_ids, item_types))
         return out
 
     # ------------------------------------------------------------------------------------------ sequences
     def build_sequence(self, history: Sequence[ItemTokens]) -> dict[str, list[int]]:
         """One history (oldest → newest item tokens) → unpadded model inputs."""
-        ids, types, item_pos = [self.start_token_id], [START], [0]
-        for j, (i_ids, i_types) in enumerate(reversed(history[-self.max_items :]), start=1):
+        ids, types, item_pos, starts = [self.start_token_id], [START], [0], [True]
+        for j, item in enumerate(reversed(history[-self.max_items :]), start=1):
             room = self.max_token_num - len(ids)
             if room <= 0:
                 break
-            ids += i_ids[:room]
-            types += i_types[:room]
-            item_pos += [j] * min(len(i_ids), room)
-        return {"input_ids": ids, "token_type_ids": types, "item_position_ids": item_pos}
+            ids += item[0][:room]
+            types += item[1][:room]
+            item_pos += [j] * min(len(item[0]), room)
+            if len(item) > 2:
+                starts += ([True] + list(item[2][1:]))[: min(len(item[0]), room)]  # an item starts a word
+        out = {"input_ids": ids, "token_type_ids": types, "item_position_ids": item_pos}
+        if len(starts) == len(ids):
+            out["word_starts"] = starts
+        return out
 
     def pad(self, sequences: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Pad a batch to its longest sequence; adds attention, global-attention and position ids."""
@@ -105,12 +119,18 @@ class RecformerTokenizer:
             token_type_ids[b, :n] = s["token_type_ids"]
             item_position_ids[b, :n] = s["item_position_ids"]
             attention_mask[b, :n] = 1
+        if all("word_starts" in s for s in sequences):
+            starts = np.ones((B, L), dtype=bool)
+            for b, s in enumerate(sequences):
+                starts[b, : len(s["word_starts"])] = s["word_starts"]
         global_attention_mask = np.zeros((B, L), dtype=np.int64)
         global_attention_mask[:, 0] = 1
         position_ids = np.broadcast_to(np.arange(L, dtype=np.int64), (B, L)) * attention_mask
         arrays = dict(input_ids=input_ids, attention_mask=attention_mask,
                       global_attention_mask=global_attention_mask, token_type_ids=token_type_ids,
                       item_position_ids=item_position_ids, position_ids=position_ids)
+        if all("word_starts" in s for s in sequences):
+            arrays["word_starts"] = starts
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
     def __call__(self, histories: Sequence[Sequence[Sequence[tuple[str, str]]]]) -> dict[str, torch.Tensor]:

@@ -136,6 +136,7 @@ def fit(
     validate: Callable[[], dict[str, float]] | None = None,
     eval_every: int = 1,
     metric: str = "ndcg@10",
+    greater_is_better: bool = True,
     patience: int | None = None,
     on_best: Callable[[dict[str, float], int], None] | None = None,
     tag: str = "train",
@@ -196,7 +197,8 @@ def fit(
         i = skip - 1
         for i, batch in enumerate(bar, start=skip):
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                out = model(**batch)
+                loss = out.loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), grad_clip)
@@ -209,7 +211,9 @@ def fit(
             bar.set_postfix(loss=f"{pos['running'] / (i + 1):.4f}")
             if accelerator.sync_gradients:
                 result.global_step += 1
-                accelerator.log({f"{tag}/loss": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]},
+                scalars = {f"{tag}/{k}": v.item() for k, v in out.items()  # mlm_loss, contrastive_accuracy ...
+                           if k != "loss" and torch.is_tensor(v) and v.dim() == 0}
+                accelerator.log({f"{tag}/loss": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0], **scalars},
                                 step=result.global_step)
                 if ck is not None and ck.save_steps and result.global_step % ck.save_steps == 0 and i + 1 < n_batches:
                     pos["batches"] = i + 1
@@ -223,7 +227,8 @@ def fit(
             record.update({f"valid_{k}": v for k, v in metrics.items()})
             accelerator.log({f"{tag}/valid_{k}": v for k, v in metrics.items() if k != "users"},
                             step=result.global_step)
-            if metrics[metric] > result.best_metrics.get(metric, -1.0):
+            sign = 1.0 if greater_is_better else -1.0
+            if metric not in result.best_metrics or sign * metrics[metric] > sign * result.best_metrics[metric]:
                 result.best_metrics, result.best_epoch, pos["bad_epochs"] = metrics, epoch + 1, 0
                 if on_best is not None:
                     on_best(metrics, epoch + 1)
