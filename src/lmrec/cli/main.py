@@ -230,6 +230,38 @@ def backbone_convert_to_long(
     convert_to_long(src, dst, max_positions=max_positions, attention_window=attention_window, log=typer.echo)
 
 
+@backbone_app.command("pretrain-mlm")
+def backbone_pretrain_mlm(
+    backbone: Path = typer.Argument(..., help="Backbone directory (Longformer, Longformer_ZH, BERT/RoBERTa-long, "
+                                              "RecFormer checkpoint)."),
+    train: Path = typer.Option(..., help="Training text, one document per line (English or Chinese)."),
+    valid: Path = typer.Option(..., help="Validation text, one document per line."),
+    output_dir: Path = typer.Option(..., help="Run directory (model/, mlm_report.json, logs/, checkpoints/)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (train.* keys)."),
+    resume_from: str = typer.Option(None, help=RESUME_HELP),
+    overrides: list[str] = typer.Argument(None, help="Overrides like train.epochs=3 train.max_length=256."),
+):
+    """Continued MLM pretraining with whole-word masking (jieba words for Chinese); reports validation
+    perplexity and bits per character before training and after each epoch."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmrec.config import MlmRunConfig, load_config
+    from lmrec.recformer.pretrain_mlm import pretrain_mlm
+
+    ov = [f"output_dir={output_dir}"] + ([f"train.resume_from={resume_from}"] if resume_from else [])
+    cfg = load_config(config, ov + list(overrides or []), schema=MlmRunConfig)
+    r = pretrain_mlm(backbone, train, valid, cfg, log=_log)
+    table = Table(title=f"validation MLM ({valid})")
+    for c in ("epoch", "BPC", "perplexity", "train loss"):
+        table.add_column(c, justify="right")
+    table.add_row("before", f"{r['before']['bpc']:.3f}", f"{r['before']['perplexity']:.1f}", "")
+    for h in r["history"]:
+        table.add_row(str(h["epoch"]), f"{h['valid_bpc']:.3f}", f"{h['valid_perplexity']:.1f}", f"{h['loss']:.3f}")
+    Console().print(table)
+    typer.echo(f"best model (epoch {r['best_epoch']}) in {r['model_dir']}")
+
+
 @ckpt_app.command("convert")
 def checkpoint_convert(
     checkpoint: Path = typer.Argument(..., help="Pretraining checkpoint: an lmrec directory, a Lightning .ckpt, "
