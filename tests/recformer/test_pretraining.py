@@ -1,0 +1,137 @@
+"""Pretraining: BPC / perplexity against a hand computation; `lmrec pretrain` end to end (zero-shot
+evaluation of the pretrained model on another dataset, finetuning from it, exact resume after SIGKILL);
+`lmrec backbone pretrain-mlm` on Chinese text with a Longformer_ZH-layout backbone lowers validation BPC."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.builders import build_longformer_zh, jieba_chars
+from tests.conftest import run_cli
+from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
+from tests.training.test_distributed import synthetic_dataset
+
+
+def chinese_corpus(path, n_docs: int, seed: int):
+    """Generated Chinese documents (not real text): real words from jieba's dictionary in a few sentence
+    patterns, so that there is something to learn."""
+    import jieba
+
+    with open(f"{jieba.__path__[0]}/dict.txt", encoding="utf-8") as f:
+        words = [ln.split()[0] for ln in f]
+    words = [w for w in words if 2 <= len(w) <= 3][:400]
+    rng = np.random.default_rng(seed)
+    patterns = ["{a}的{b}很{c}。", "我们在{a}看到了{b}和{c}。", "{a}{b}，{c}！"]
+
+    def doc():
+        return "".join(rng.choice(patterns).format(a=rng.choice(words[:200]), b=rng.choice(words[:200]),
+                                                   c=rng.choice(words[:30])) for _ in range(rng.integers(2, 6)))
+
+    path.write_text("\n".join(doc() for _ in range(n_docs)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def zh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zh_mlm")
+    return (build_longformer_zh(root / "backbone", jieba_chars(3000), max_positions=256, window=8),
+            chinese_corpus(root / "train.txt", 300, 0), chinese_corpus(root / "valid.txt", 40, 1))
+
+
+def test_bpc_and_perplexity_match_a_hand_computation(zh):
+    from lmrec.recformer.backbones import build_recformer
+    from lmrec.recformer.masking import WholeWordMasker
+    from lmrec.recformer.modeling_recformer import RecformerForPretraining
+    from lmrec.recformer.pretrain_mlm import chunk_corpus, mlm_batch, mlm_metrics, read_lines
+
+    backbone, _, valid = zh
+    model, rtok, _ = build_recformer(backbone, model_cls=RecformerForPretraining, max_token_num=48)
+    tok = rtok.tokenizer
+    lines = read_lines(valid)[:6] + ["iphone 小米 note"]  # Latin word pieces cover several characters
+    chunks = chunk_corpus(tok, lines, 48)
+    batch = mlm_batch(chunks, WholeWordMasker(tok, 0.3), tok.pad_token_id, np.random.default_rng(0))
+    got = mlm_metrics(model, [batch])
+    nll, n, chars = 0.0, 0, 0
+    model.eval()
+    with torch.no_grad():
+        for b in range(len(chunks)):
+            for pos in range(len(chunks[b].ids)):
+                label = int(batch["mlm_labels"][b, pos])
+                if label < 0:
+                    continue
+                ids = batch["input_ids"][b : b + 1, : len(chunks[b].ids)]
+                h = model.longformer(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0, pos]
+                logits = model.lm_head(h).double()
+                nll += float(torch.logsumexp(logits, 0) - logits[label])
+                n += 1
+                chars += len(tok.convert_ids_to_tokens(label).removeprefix("##"))
+    assert got["masked_tokens"] == n and got["masked_chars"] == chars and chars > n  # pieces of >1 char
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert got["bpc"] == pytest.approx(nll / math.log(2) / chars, rel=1e-4)
+
+
+def test_chinese_pretrain_mlm_lowers_validation_bpc(zh, tmp_path):
+    backbone, train, valid = zh
+    res = run_cli("backbone", "pretrain-mlm", backbone, "--train", train, "--valid", valid, "--output-dir",
+                  tmp_path / "run", "train.epochs=3", "train.max_length=64", "train.lr=2e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "mlm_report.json").read_text())
+    bpcs = [report["before"]["bpc"]] + [h["valid_bpc"] for h in report["history"]]
+    assert bpcs[-1] < bpcs[0] - 0.5, bpcs
+    assert "BPC" in res.stdout and "perplexity" in res.stdout
+    # the result is a backbone lmrec reads: RecFormer layout, BertTokenizer kept
+    res = run_cli("doctor", "--backbone", tmp_path / "run" / "model")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_backbone):
+    root = tmp_path_factory.mktemp("pretrain")
+    a = synthetic_dataset(root / "a", users=40, items=30, seed=0)
+    b = synthetic_dataset(root / "b", users=30, items=20, seed=1)
+    args = ["pretrain", "--data", a, "--valid", b, f"model.backbone={tiny_backbone}", "model.max_token_num=64",
+            "train.epochs=3", "train.batch_size=8", "train.save_steps=2", "model.mlm_weight=0.5"]
+    res = run_cli(*args, "--output-dir", root / "ref")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root, a, b, args
+
+
+def test_pretrain_logs_and_zero_shot_on_another_dataset(corpus):
+    root, a, b, _ = corpus
+    m = json.loads((root / "ref" / "metrics.json").read_text())
+    assert m["zero_shot"]["dataset"] == str(b) and m["test"]["users"] == 30
+    assert len(m["history"]) == 3 and all("valid_ndcg@10" in h for h in m["history"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(next((root / "ref" / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert {"pretrain/mlm_loss", "pretrain/contrastive_accuracy", "pretrain/valid_ndcg@10"} <= set(ev.Tags()["scalars"])
+    res = run_cli("evaluate", "--model", root / "ref" / "model", "--data", b)  # items encoded on the fly
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{m['test']['ndcg@10']:.4f}" in res.stdout  # the same numbers as the pretraining run's zero-shot
+
+
+def test_finetune_from_the_pretrained_checkpoint(corpus, tmp_path):
+    root, a, b, _ = corpus
+    res = run_cli("finetune", "--data", b, "--init", root / "ref" / "model", f"output_dir={tmp_path / 'ft'}",
+                  "model.max_token_num=64", "train.stage1_epochs=1", "train.stage2_epochs=0", "train.batch_size=8",
+                  "train.item_grad=batch")
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("initialised from"))
+    assert "copied" in line and "new" not in line  # every encoder tensor comes from pretraining (the MLM head
+    # is the only thing left unused)
+    m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert m["test"]["users"] == 30
+
+
+def test_pretrain_killed_and_resumed_is_exact(corpus):
+    root, a, b, args = corpus
+    run = root / "killed"
+    run_and_kill([*args, "--output-dir", run], lambda: len(checkpoints(run, "pretrain")) >= 2, root / "k.log")
+    res = run_cli(*args, "--output-dir", run, "--resume-from", "auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_weights(root / "ref" / "model" / "model.safetensors", run / "model" / "model.safetensors")
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (root / "ref", run))
+    assert ma["history"] == mb["history"] and ma["test"] == mb["test"]
