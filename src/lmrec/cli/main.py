@@ -100,7 +100,8 @@ def quickstart(
     if generative:
         from lmrec.generative.api import run_pipeline
 
-        gen = run_pipeline(data, output_dir / "generative", recommender=result.model_dir,
+        # new token rows from the codebook centroids: NDCG@10 0.0470 vs 0.0283 (mean init), same SIDs, 3 epochs
+        gen = run_pipeline(data, output_dir / "generative", recommender=result.model_dir, init="codebook",
                            overrides=GEN_QUICKSTART + list(gen_override or []), log=_log)
         extra[f"generative (SID, {gen['beams']} beams)"] = gen["test"]
         wall += f", generative {gen['wall_time_s']:.0f} s"

@@ -113,7 +113,7 @@ def load_recommender(model_dir, data, sids_dir, max_history: int | None = None):
                                  max_history or prompt.get("max_history", 3), prompt.get("with_titles", False))
 
 
-def run_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, stages=("2",),
+def run_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, stages=("2",), init: str = "mean",
                  overrides: list[str] | None = None, log=print) -> dict:
     """Semantic IDs → vocabulary expansion → the given training stages (each from the previous one's best
     model) → the last stage's metrics. What `lmrec quickstart` runs for its generative row."""
@@ -124,7 +124,7 @@ def run_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, s
     sids = out_dir / "sids"
     build_semantic_ids(data, sids, encoder=encoder, recommender=recommender, log=log)
     current = out_dir / "expanded"
-    expand_model(model, sids, current, data=data, log=log)
+    expand_model(model, sids, current, data=data, init=init, log=log)
     metrics = {}
     for stage in stages:
         cfg = load_config(None, [f"output_dir={out_dir / f'stage{stage}'}"] + list(overrides or []),
