@@ -56,5 +56,5 @@ def test_contrastive_gather_equals_single_process(tmp_path, tiny_backbone):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert abs(r["ddp_loss"] - r["single_loss"]) < 1e-9  # float64
+    assert abs(r["ddp_loss"] - r["single_loss"]) < 1e-6  # the logits are float32 (the encoders run in float64)
     assert r["grad_max"] > 1e-5 and r["grad_max_diff"] < 1e-6 * r["grad_max"]
