@@ -45,28 +45,30 @@ class ModelConfig(_Strict):
     default_vocab_size: int = 8000
 
 
-class _Checkpoints(_Strict):
+class _TrainCommon(_Strict):
+    """What every training command shares: optimizer details, seed, precision, checkpoints and resume."""
+
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     save_steps: int = 0  # also checkpoint every N optimizer steps (always at the end of each epoch)
     save_total_limit: int = 2  # checkpoints kept per stage under <output_dir>/checkpoints/
     resume_from: str | None = None  # "auto" (latest checkpoint of output_dir), a run dir or a checkpoint dir
 
 
-class TrainConfig(_Checkpoints):
+class TrainConfig(_TrainCommon):
     batch_size: int = 256
     samples_per_user: int = 2  # (prefix → next item) samples per user per epoch; RecFormer draws 1
     lr: float = 1.5e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_accum: int = 1
-    grad_clip: float = 1.0
     stage1_epochs: int = 30
     stage2_epochs: int = 5
     eval_every: int = 1
     patience: int = 6
     stage2_patience: int = 2
     stage2_lr: float | None = None  # None = lr / 2
-    seed: int = 42
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     item_batch_size: int = 256
     # How the item side learns in stage 1. "none": only through the table re-encoded before each epoch
     # (RecFormer's finetuning exactly). "batch": plus an in-batch contrastive term on the batch's target
@@ -102,17 +104,11 @@ class GenDataConfig(_Strict):
     max_length: int = 512
 
 
-class GenTrainConfig(_Checkpoints):
+class GenTrainConfig(_TrainCommon):
     epochs: int = 10
     batch_size: int = 256
     lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_accum: int = 1
-    grad_clip: float = 1.0
     patience: int = 3
-    seed: int = 42
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     lora: bool = False  # peft LoRA (stage 2 / sft); the new token rows stay trainable
     lora_r: int = 8
     lora_alpha: int = 16
@@ -147,19 +143,13 @@ class PretrainModelConfig(ModelConfig):
     freeze_word_embeddings: bool = False
 
 
-class PretrainTrainConfig(_Checkpoints):
+class PretrainTrainConfig(_TrainCommon):
     batch_size: int = 64
     pairs_per_user: int = 1  # (history → target from the second half) pairs per user sequence per epoch
     lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_accum: int = 1
-    grad_clip: float = 1.0
     epochs: int = 10
     eval_every: int = 1
     patience: int | None = None
-    seed: int = 42
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     item_batch_size: int = 256
 
 
@@ -171,21 +161,15 @@ class PretrainRunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
 
 
-class MlmTrainConfig(_Checkpoints):
+class MlmTrainConfig(_TrainCommon):
     """``lmrec backbone pretrain-mlm``: continued MLM pretraining on a raw text corpus."""
 
     max_length: int = 128  # tokens per chunk (documents longer than this are cut into chunks)
     mlm_probability: float = 0.15
     batch_size: int = 32
     lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_accum: int = 1
-    grad_clip: float = 1.0
     epochs: int = 3
     patience: int | None = None
-    seed: int = 42
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     attention_window: int | list[int] | None = None  # None = the backbone's
 
 

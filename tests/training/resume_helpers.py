@@ -12,6 +12,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from lmrec.training.loop import checkpoint_dirs
+
 HANG = Path(__file__).with_name("hang_in_save.py")
 
 
@@ -33,8 +35,8 @@ def run_and_kill(args: list, when: Callable[[], bool], log: Path, script: Path |
 
 
 def checkpoints(run: Path, tag: str) -> list[Path]:
-    d = run / "checkpoints" / tag
-    return sorted(p for p in d.glob("step-*") if (p / "trainer_state.json").exists()) if d.is_dir() else []
+    """A run's complete checkpoints of one stage, oldest first."""
+    return checkpoint_dirs(run / "checkpoints" / tag)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -40,7 +40,7 @@ from lmrec.generative.samples import (
 from lmrec.generative.sid import SemanticIds
 from lmrec.generative.vocab import META, load_lm, read_meta
 from lmrec.io import atomic_dir
-from lmrec.training.loop import checkpointing_for, data_loader, fit, make_accelerator
+from lmrec.training.loop import accelerator_for, data_loader, fit, fit_options
 
 STAGES = ("1", "2", "sft")
 
@@ -200,7 +200,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
     t0 = time.time()
     model_dir, run_dir = Path(model_dir), Path(cfg.output_dir)
     tr, ev, dc = cfg.train, cfg.eval, cfg.data
-    acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(run_dir / "logs"), tr.seed)
+    acc = accelerator_for(run_dir, tr)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "run_config.yaml")
@@ -255,10 +255,9 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         acc.wait_for_everyone()
 
     steps = math.ceil(math.ceil(len(encoded) / tr.batch_size) / tr.grad_accum)
-    r = fit(acc, model, make_loader, epochs=tr.epochs, lr=tr.lr, weight_decay=tr.weight_decay,
-            warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip, steps_per_epoch=steps, validate=validate,
+    r = fit(acc, model, make_loader, epochs=tr.epochs, lr=tr.lr, steps_per_epoch=steps, validate=validate,
             metric=ev.metric, patience=tr.patience, on_best=on_best, tag=f"stage{stage}", after_step=restore,
-            checkpointing=checkpointing_for(run_dir, tr), log=log)
+            **fit_options(run_dir, tr), log=log)
     acc.wait_for_everyone()
     model, tok = load_generative(best_dir)
     model.to(acc.device)

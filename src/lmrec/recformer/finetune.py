@@ -31,7 +31,7 @@ from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
 from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
 from lmrec.recformer.recommender import Recommender
-from lmrec.training.loop import checkpointing_for, data_loader, fit, make_accelerator
+from lmrec.training.loop import accelerator_for, data_loader, fit, fit_options
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _reload(rec: Recommender, model_dir: Path) -> None:
 def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneResult:
     t0 = time.time()
     run_dir = Path(cfg.output_dir)
-    acc = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, str(run_dir / "logs"), cfg.train.seed)
+    acc = accelerator_for(run_dir, cfg.train)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "run_config.yaml")
@@ -177,9 +177,9 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
             rec.model.set_item_embeddings(state["table"])
             table_fresh["value"] = state["fresh"]
 
-    common = dict(weight_decay=tr.weight_decay, warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip,
-                  steps_per_epoch=steps, eval_every=tr.eval_every, metric=ev.metric,
-                  checkpointing=checkpointing_for(run_dir, tr), log=log)
+    # one Checkpointing (and one resume plan) for both stages
+    common = dict(steps_per_epoch=steps, eval_every=tr.eval_every, metric=ev.metric, **fit_options(run_dir, tr),
+                  log=log)
     log(f"stage 1: up to {tr.stage1_epochs} epochs, item table re-encoded before each")
     r1 = fit(acc, rec.model, make_loader, epochs=tr.stage1_epochs, lr=tr.lr, before_epoch=before_epoch_stage1,
              validate=validate(True), patience=tr.patience, on_best=keep("stage1_best"), tag="stage1",

@@ -73,26 +73,22 @@ def whole_word_mask(ids: np.ndarray, starts: np.ndarray, maskable: np.ndarray, r
     maskable = np.asarray(maskable, dtype=bool)
     boundary = np.asarray(starts, dtype=bool) | ~maskable  # a special token is its own "word" ...
     boundary[1:] |= ~maskable[:-1]  # ... and the token after it starts one
-    word = np.cumsum(boundary) - 1
-    ok = np.zeros(word[-1] + 1 if n else 0, dtype=bool)
-    np.logical_or.at(ok, word[maskable], True)
-    bad = np.zeros_like(ok)
-    np.logical_or.at(bad, word[~maskable], True)
-    candidates = np.flatnonzero(ok & ~bad)
+    word = np.cumsum(boundary) - 1  # so every word is all maskable or a single special token
+    candidates = np.unique(word[maskable])
     labels = np.full(n, -100, dtype=np.int64)
     out = ids.copy()
     if len(candidates) == 0:
         return out, labels
     k = max(1, int(round(p * len(candidates))))
     chosen = rng.choice(candidates, size=min(k, len(candidates)), replace=False)
-    action = rng.random(len(chosen))  # per word: < mask_ratio → [MASK], next random_ratio → random, else keep
-    for w, a in zip(chosen, action):
-        pos = np.flatnonzero(word == w)
-        labels[pos] = ids[pos]
-        if a < mask_ratio:
-            out[pos] = mask_id
-        elif a < mask_ratio + random_ratio:
-            out[pos] = rng.choice(random_ids, size=len(pos))
+    action = np.full(int(word[-1]) + 1, -1.0)  # per word: < mask_ratio → [MASK], next random_ratio → random, else keep
+    action[chosen] = rng.random(len(chosen))
+    a = action[word]
+    picked = a >= 0
+    labels[picked] = ids[picked]
+    out[picked & (a < mask_ratio)] = mask_id
+    rand = picked & (a >= mask_ratio) & (a < mask_ratio + random_ratio)
+    out[rand] = rng.choice(random_ids, size=int(rand.sum()))
     return out, labels
 
 

@@ -30,7 +30,7 @@ from lmrec.recformer.finetune import backbone_or_default
 from lmrec.recformer.masking import WholeWordMasker
 from lmrec.recformer.modeling_recformer import RecformerForPretraining, RecformerForSeqRec
 from lmrec.recformer.recommender import Recommender
-from lmrec.training.loop import checkpointing_for, data_loader, fit, make_accelerator
+from lmrec.training.loop import accelerator_for, data_loader, fit, fit_options
 
 
 @dataclass
@@ -96,7 +96,7 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
     if not dc.paths:
         raise LmrecError("no pretraining corpus: give one or more prepared datasets (--data DIR, repeatable)")
     run_dir = Path(cfg.output_dir)
-    acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(run_dir / "logs"), tr.seed)
+    acc = accelerator_for(run_dir, tr)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "run_config.yaml")
@@ -134,12 +134,11 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
 
     valid = valid_ds.examples("valid").head(dc.valid_users)
 
+    zero_shot = _zero_shot(model, tokenizer, valid_ds)  # built once; it shares (and evaluates) model's encoder
+
     def validate():
-        raw = acc.unwrap_model(model)
-        raw.eval()
-        rec = _zero_shot(raw, tokenizer, valid_ds)
-        rec.encode_items(tr.item_batch_size, acc)
-        return evaluate(rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size), valid,
+        zero_shot.encode_items(tr.item_batch_size, acc)
+        return evaluate(zero_shot.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size), valid,
                         ks=ev.ks, batch_size=ev.batch_size, accelerator=acc, desc="validate (zero-shot)")
 
     model_dir = run_dir / "model"
@@ -152,10 +151,9 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
         acc.wait_for_everyone()
 
     steps = math.ceil(math.ceil(n_pairs / tr.batch_size) / tr.grad_accum)
-    r = fit(acc, model, make_loader, epochs=tr.epochs, lr=tr.lr, weight_decay=tr.weight_decay,
-            warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip, steps_per_epoch=steps, validate=validate,
+    r = fit(acc, model, make_loader, epochs=tr.epochs, lr=tr.lr, steps_per_epoch=steps, validate=validate,
             eval_every=tr.eval_every, metric=ev.metric, patience=tr.patience, on_best=on_best, tag="pretrain",
-            checkpointing=checkpointing_for(run_dir, tr), log=log)
+            **fit_options(run_dir, tr), log=log)
     if not model_dir.exists() and acc.is_main_process:  # no validation ran: the final state
         save_pretraining_model(acc.unwrap_model(model), tokenizer, model_dir, info)
     acc.wait_for_everyone()

@@ -32,7 +32,7 @@ from lmrec.recformer.backbones import build_recformer
 from lmrec.recformer.masking import WholeWordMasker, word_starts
 from lmrec.recformer.modeling_recformer import RecformerForPretraining
 from lmrec.recformer.pretrain import save_pretraining_model
-from lmrec.training.loop import checkpointing_for, data_loader, fit, make_accelerator
+from lmrec.training.loop import accelerator_for, data_loader, fit, fit_options
 
 
 @dataclass
@@ -74,9 +74,10 @@ def chunk_corpus(tokenizer, lines: list[str], max_length: int) -> list[Chunk]:
         for e, f in zip(enc.encodings, flags):
             chars = [b - a for a, b in e.offsets]
             for j in range(0, len(e.ids), room):
-                out.append(Chunk([start, *e.ids[j : j + room], end], [True, *f[j : j + room], True],
+                starts = f[j : j + room]
+                starts[0] = True  # a chunk starts a word
+                out.append(Chunk([start, *e.ids[j : j + room], end], [True, *starts, True],
                                  [0, *chars[j : j + room], 0]))
-                out[-1].starts[1] = True  # a chunk starts a word
     return out
 
 
@@ -113,23 +114,12 @@ def mlm_metrics(model: RecformerForPretraining, batches: list[dict]) -> dict[str
             "bpc": nll / math.log(2) / max(chars, 1), "masked_tokens": tokens, "masked_chars": chars}
 
 
-class _MlmOnly(torch.nn.Module):
-    """Training view: the MLM loss of a batch (the ``chars`` column is for validation only)."""
-
-    def __init__(self, model: RecformerForPretraining):
-        super().__init__()
-        self.model = model
-
-    def forward(self, chars=None, **batch):
-        return self.model(**batch)
-
-
 def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str | Path, cfg: MlmRunConfig,
                  log=print) -> dict:
     t0 = time.time()
     tr = cfg.train
     run_dir = Path(cfg.output_dir)
-    acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(run_dir / "logs"), tr.seed)
+    acc = accelerator_for(run_dir, tr)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "run_config.yaml")
@@ -161,15 +151,16 @@ def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str |
 
         def collate(batch):
             b, chunks = batch
-            return mlm_batch(chunks, masker, tok.pad_token_id, np.random.default_rng([tr.seed, epoch, b]))
+            out = mlm_batch(chunks, masker, tok.pad_token_id, np.random.default_rng([tr.seed, epoch, b]))
+            del out["chars"]  # for validation only
+            return out
 
         return data_loader(batches, seed=tr.seed + epoch, collate_fn=collate)
 
     out_dir = run_dir / "model"
-    history = {"before": before}
 
     def validate():
-        return mlm_metrics(acc.unwrap_model(wrapped).model, valid_batches)
+        return mlm_metrics(acc.unwrap_model(model), valid_batches)
 
     def on_best(metrics, epoch):
         if acc.is_main_process:
@@ -177,13 +168,10 @@ def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str |
                                                            "valid": metrics, "before": before})
         acc.wait_for_everyone()
 
-    wrapped = _MlmOnly(model)
     steps = math.ceil(math.ceil(len(train) / tr.batch_size) / tr.grad_accum)
-    r = fit(acc, wrapped, make_loader, epochs=tr.epochs, lr=tr.lr, weight_decay=tr.weight_decay,
-            warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip, steps_per_epoch=steps, validate=validate,
+    r = fit(acc, model, make_loader, epochs=tr.epochs, lr=tr.lr, steps_per_epoch=steps, validate=validate,
             metric="bpc", greater_is_better=False, patience=tr.patience, on_best=on_best, tag="mlm",
-            checkpointing=checkpointing_for(run_dir, tr), log=log)
-    history["epochs"] = r.history
+            **fit_options(run_dir, tr), log=log)
     result = {"before": before, "best": r.best_metrics, "best_epoch": r.best_epoch, "history": r.history,
               "model_dir": str(out_dir), "wall_time_s": round(time.time() - t0, 1)}
     if acc.is_main_process:

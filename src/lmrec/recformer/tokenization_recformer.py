@@ -23,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmrec.errors import LmrecError
+from lmrec.recformer.masking import word_starts as starts_of
 
 START, KEY, VALUE, PAD = 0, 1, 2, 3
 # (token ids, token types[, word-start flags]) of one item, no start token
@@ -70,8 +71,6 @@ class RecformerTokenizer:
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=word_starts) if texts else None
         ids = enc["input_ids"] if enc is not None else []
         if word_starts:
-            from lmrec.recformer.masking import word_starts as starts_of
-
             flags = starts_of(enc.encodings, texts) if texts else []
         out, pos = [], 0
         for attrs in items:

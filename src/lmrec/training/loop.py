@@ -30,6 +30,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from lmrec.errors import LmrecError
+
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir: str | None = None,
                      seed: int = 42) -> Accelerator:
@@ -62,7 +64,8 @@ def data_loader(data, *, seed: int, collate_fn=None, batch_size: int | None = No
 STATE_FILE = "trainer_state.json"
 
 
-def _step_dirs(d: Path) -> list[Path]:
+def checkpoint_dirs(d: Path) -> list[Path]:
+    """The complete checkpoints (``step-N`` with a loop state) of one stage directory, oldest first."""
     return sorted(p for p in d.glob("step-*") if (p / STATE_FILE).exists()) if d.is_dir() else []
 
 
@@ -83,8 +86,6 @@ class Resume:
         elif (p / "checkpoints").is_dir():
             self.root = p / "checkpoints"
         else:
-            from lmrec.errors import LmrecError
-
             raise LmrecError(f"--resume-from {spec}: neither a checkpoint (no {STATE_FILE}) nor a run directory "
                              "with checkpoints/; use 'auto' to resume the latest checkpoint of the output directory")
 
@@ -94,7 +95,7 @@ class Resume:
         if self.exact is not None and self.exact.parent.name == tag:
             self.passed = True
             return self.exact
-        found = _step_dirs(self.root / tag)
+        found = checkpoint_dirs(self.root / tag)
         return found[-1] if found else None
 
 
@@ -106,10 +107,17 @@ class Checkpointing:
     resume: Resume | None = None
 
 
-def checkpointing_for(run_dir: str | Path, tr) -> Checkpointing:
-    """From a train config with ``save_steps``, ``save_total_limit`` and ``resume_from``."""
+def accelerator_for(run_dir: str | Path, tr) -> Accelerator:
+    """The accelerator of a run from its ``train`` config (TensorBoard logs in ``run_dir/logs``)."""
+    return make_accelerator(tr.mixed_precision, tr.grad_accum, str(Path(run_dir) / "logs"), tr.seed)
+
+
+def fit_options(run_dir: str | Path, tr) -> dict:
+    """``fit`` keyword arguments every command takes from its ``train`` config: optimizer details and the
+    checkpoints under ``run_dir/checkpoints`` (``save_steps``, ``save_total_limit``, ``resume_from``)."""
     root = Path(run_dir) / "checkpoints"
-    return Checkpointing(root, tr.save_steps, tr.save_total_limit, Resume(root, tr.resume_from))
+    return dict(weight_decay=tr.weight_decay, warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip,
+                checkpointing=Checkpointing(root, tr.save_steps, tr.save_total_limit, Resume(root, tr.resume_from)))
 
 
 @dataclass
@@ -267,14 +275,12 @@ def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, pos:
         if final.exists():  # same step saved again (an epoch end right after a periodic save)
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in _step_dirs(stage_dir)[: -ck.keep]:
+        for old in checkpoint_dirs(stage_dir)[: -ck.keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def _load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state: Any) -> tuple[dict, FitResult]:
-    from lmrec.errors import LmrecError
-
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
