@@ -62,3 +62,15 @@ def test_help_on_every_command():
     for cmd in ([], ["data", "prepare"], ["quickstart"], ["finetune"], ["evaluate"], ["recommend"]):
         res = run_cli(*cmd, "--help")
         assert res.returncode == 0 and "Usage" in res.stdout, cmd
+
+
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_final_report_only_on_rank_zero(tmp_path, monkeypatch, capsys, rank, printed):
+    from lmrec.cli.main import _report
+
+    monkeypatch.setenv("RANK", rank)  # what torchrun sets in every process
+    m = {"recall@10": 0.5, "ndcg@10": 0.25, "mrr@10": 0.2, "mrr": 0.3, "users": 7}
+    _report({"test": m, "baselines": {"popularity": m}}, "t", tmp_path / "model", tmp_path)
+    out = capsys.readouterr().out
+    assert ("0.2500" in out and "popularity" in out and "model in" in out) == printed
+    assert printed or out == ""

@@ -7,6 +7,7 @@ with code 2, without a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,17 @@ BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODE
 
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun every process runs the command; only global rank 0 prints the final report."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _report(metrics: dict, title: str, model_dir: Path, run_dir: Path, model_name: str = "RecFormer") -> None:
+    if _is_main_rank():
+        print_metrics(metrics, title=title, model_name=model_name)
+        typer.echo(f"model in {model_dir}; metrics in {run_dir / 'metrics.json'}")
 
 
 @data_app.command("prepare")
@@ -134,8 +146,7 @@ def finetune(
     if path is None:
         raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
     result = run(cfg, path, log=_log)
-    print_metrics(result.metrics, title=f"{path}: test split, full ranking")
-    typer.echo(f"model in {result.model_dir}; metrics in {result.run_dir / 'metrics.json'}")
+    _report(result.metrics, f"{path}: test split, full ranking", result.model_dir, result.run_dir)
 
 
 @app.command()
@@ -161,9 +172,8 @@ def pretrain(
     ov += [f"train.resume_from={resume_from}"] if resume_from else []
     cfg = load_config(config, ov + list(overrides or []), schema=PretrainRunConfig)
     r = run(cfg, log=_log)
-    print_metrics(r.metrics, title=f"zero-shot on {r.metrics['zero_shot']['dataset']} (test split, full ranking)",
-                  model_name="RecFormer (pretrained, zero-shot)")
-    typer.echo(f"model in {r.model_dir}; metrics in {r.run_dir / 'metrics.json'}")
+    _report(r.metrics, f"zero-shot on {r.metrics['zero_shot']['dataset']} (test split, full ranking)", r.model_dir,
+            r.run_dir, model_name="RecFormer (pretrained, zero-shot)")
 
 
 @app.command()
@@ -390,7 +400,6 @@ def gen_train(
 ):
     """Train one stage with validation by constrained beam search; evaluate on test next to popularity.
     Checkpoints go to OUTPUT_DIR/checkpoints/ at each epoch end (and every train.save_steps steps)."""
-    from lmrec.cli.report import print_metrics
     from lmrec.config import GenRunConfig, load_config
     from lmrec.generative.train import train_generative
 
@@ -398,9 +407,8 @@ def gen_train(
     ov += [f"train.resume_from={resume_from}"] if resume_from else []
     cfg = load_config(config, ov, schema=GenRunConfig)
     r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, stage=stage, log=_log)
-    print_metrics(r.metrics, title=f"{data}: test split, constrained beam search ({cfg.eval.beams} beams)",
-                  model_name="generative")
-    typer.echo(f"model in {r.model_dir}; metrics in {r.run_dir / 'metrics.json'}")
+    _report(r.metrics, f"{data}: test split, constrained beam search ({cfg.eval.beams} beams)", r.model_dir,
+            r.run_dir, model_name="generative")
 
 
 @gen_app.command("merge")
