@@ -18,7 +18,9 @@ skipped.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -254,6 +256,23 @@ def fit(
     return result
 
 
+class _TiedWeightsNotice(logging.Filter):
+    """Accelerate drops tensors that share storage with another before writing safetensors and warns about
+    it. For weights the model declares tied (``all_tied_weights_keys``, re-tied when loading) that is the
+    expected behaviour, so that notice is dropped; any other shared tensor still warns."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.tied = {k for m in models for k in (getattr(m, "all_tied_weights_keys", None) or {})}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "Removed shared tensor" not in msg:
+            return True
+        names = re.findall(r"'([^']+)'", msg.split(" while saving")[0])
+        return not names or not all(any(n == t or n.endswith("." + t) for t in self.tied) for n in names)
+
+
 def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, pos: dict, result: FitResult,
                      extra_state: Any) -> None:
     """Every rank writes its part (RNG states) into a temporary directory; the main process adds the loop
@@ -265,7 +284,13 @@ def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, pos:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    notice = _TiedWeightsNotice(accelerator.unwrap_model(m) for m in accelerator._models)
+    acc_log = logging.getLogger("accelerate.utils.other")
+    acc_log.addFilter(notice)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        acc_log.removeFilter(notice)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extra_state is not None:
