@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lmrec.data.dataset import Examples
 from lmrec.eval.metrics import DEFAULT_KS, compute_metrics
 from lmrec.eval.ranking import target_ranks
+from lmrec.progress import progress
 
 RankFn = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
 
@@ -37,7 +37,7 @@ def evaluate(
     shard = np.arange(rank, len(examples), world)
     ranks = np.empty(len(shard), dtype=np.float64)
     show = accelerator is None or accelerator.is_local_main_process
-    for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=not show, leave=False):
+    for start in progress(range(0, len(shard), batch_size), desc, show):
         idx = shard[start : start + batch_size]
         ranks[start : start + len(idx)] = rank_fn([examples.histories[i] for i in idx], examples.targets[idx])
     if world > 1:

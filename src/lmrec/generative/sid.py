@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
+from lmrec.progress import progress
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -56,7 +56,7 @@ def embed_texts(texts: list[str], model_path: str | Path, batch_size: int = 64, 
     model = AutoModel.from_pretrained(str(model_path)).to(device).eval()
     out = []
     order = np.argsort([len(t) for t in texts], kind="stable")  # less padding
-    for s in tqdm(range(0, len(texts), batch_size), desc="embed items", leave=False):
+    for s in progress(range(0, len(texts), batch_size), "embed items"):
         idx = order[s : s + batch_size]
         b = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                 return_tensors="pt").to(device)

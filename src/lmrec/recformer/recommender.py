@@ -18,13 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
 from lmrec.eval.ranking import top_k
 from lmrec.io import atomic_dir
+from lmrec.progress import progress
 from lmrec.recformer.configuration_recformer import RecformerConfig
 from lmrec.recformer.modeling_recformer import RecformerForSeqRec
 from lmrec.recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
@@ -85,7 +85,7 @@ class Recommender:
         order = np.argsort([len(self.item_tokens[i][0]) for i in idx], kind="stable")  # less padding
         out = torch.empty(len(idx), model.config.hidden_size, device=model.device)
         show = show_progress and (accelerator is None or accelerator.is_local_main_process)
-        for s in tqdm(range(0, len(idx), batch_size), desc="encode items", disable=not show, leave=False):
+        for s in progress(range(0, len(idx), batch_size), "encode items", show):
             sel = order[s : s + batch_size]
             out[torch.as_tensor(sel, device=out.device)] = model.encode(
                 **self.batch([[int(i)] for i in idx[sel]])).float()

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from lmrec.errors import LmrecError
+from lmrec.progress import progress, tqdm
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir: str | None = None,
@@ -202,8 +202,7 @@ def fit(
         if skip:
             loader = accelerator.skip_first_batches(loader, skip)
         model.train()
-        bar = tqdm(loader, desc=f"{tag} epoch {epoch + 1}/{epochs}", disable=not show, leave=False,
-                   initial=skip, total=n_batches)
+        bar = progress(loader, f"{tag} epoch {epoch + 1}/{epochs}", show, initial=skip, total=n_batches)
         i = skip - 1
         for i, batch in enumerate(bar, start=skip):
             with accelerator.accumulate(model):
@@ -218,7 +217,7 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad()
             pos["running"] += loss.item()
-            bar.set_postfix(loss=f"{pos['running'] / (i + 1):.4f}")
+            bar.set_postfix(loss=f"{pos['running'] / (i + 1):.4f}", refresh=False)
             if accelerator.sync_gradients:
                 result.global_step += 1
                 scalars = {f"{tag}/{k}": v.item() for k, v in out.items()  # mlm_loss, contrastive_accuracy ...
