@@ -19,7 +19,7 @@ def trained(tmp_path_factory):
     assert '"interactions": 100000' in res.stdout and "source:" in res.stdout
     res = run_cli("finetune", "--data", root / "ml", f"output_dir={root / 'run'}", *TINY)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "RecFormer" in res.stdout and "popularity" in res.stdout
+    assert "RecFormer" in res.stdout and "popularity" in res.stdout and "random" in res.stdout
     return root
 
 
@@ -30,6 +30,7 @@ def test_finetune_writes_model_metrics_and_logs(trained):
         assert {"recall@10", "ndcg@10", "mrr@10", "mrr", "recall@50"} <= set(part)
         assert all(0.0 <= v <= 1.0 for k, v in part.items() if k != "users")
     assert metrics["test"]["users"] == 943
+    assert abs(metrics["baselines"]["random"]["recall@10"] - 10 / 1682) < 1e-12  # expected, all items ranked
     assert (run / "model" / "item_table.safetensors").exists() and (run / "run_config.yaml").exists()
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
 

@@ -51,3 +51,35 @@ def test_top_k_matches_full_sort():
     s, i = top_k(q, items, 10, chunk_size=17)
     ref_s, ref_i = (q @ items.T).topk(10, dim=-1)
     assert torch.equal(i, ref_i) and torch.allclose(s, ref_s)
+
+
+def test_random_expectation_matches_random_scores_through_the_ranker():
+    """The exact expectation against the mean over many random scorings ranked by target_ranks (which does
+    its own exclusion): the candidate counting, with and without history exclusion, must agree."""
+    from lmrec.data.dataset import Examples
+    from lmrec.eval.baselines import random_expectation
+
+    n_items, ks = 12, [1, 3, 5]
+    histories = [np.array([0, 1, 2]), np.array([3, 3, 4, 5, 6, 7]), np.array([8]), np.array([9, 10, 11, 0])]
+    targets = np.array([5, 4, 9, 0])  # user 1 and 3: the target is in the history (it is never excluded)
+    ex = Examples(np.arange(4), histories, targets)
+    gen = torch.Generator().manual_seed(0)
+    for exclude in (False, True):
+        expected = random_expectation(ex, n_items, ks=ks, exclude_history=exclude)
+        draws = []
+        for _ in range(3000):
+            items = torch.rand(n_items, 1, generator=gen, dtype=torch.float64)
+            r = target_ranks(torch.ones(4, 1, dtype=torch.float64), items, torch.as_tensor(targets),
+                             exclude=histories if exclude else None)
+            draws.append(compute_metrics(r.numpy(), ks))
+        for key in ("recall@1", "recall@5", "ndcg@3", "mrr@5", "mrr"):
+            mc = np.mean([d[key] for d in draws])
+            se = np.std([d[key] for d in draws]) / math.sqrt(len(draws))
+            assert abs(mc - expected[key]) < 4 * se + 1e-9, (exclude, key, mc, expected[key])
+        assert expected["users"] == 4
+    # by hand, no exclusion: 12 candidates for everyone
+    full = random_expectation(ex, n_items, ks=ks)
+    assert math.isclose(full["recall@5"], 5 / 12) and math.isclose(full["mrr"], sum(1 / r for r in range(1, 13)) / 12)
+    # with exclusion: 9, 8 (3 is repeated, the target 4 stays), 11, 9 (the target 0 stays) candidates
+    excl = random_expectation(ex, n_items, ks=ks, exclude_history=True)
+    assert math.isclose(excl["recall@1"], (1 / 9 + 1 / 8 + 1 / 11 + 1 / 9) / 4)

@@ -18,7 +18,7 @@ def print_metrics(metrics: dict, title: str = "metrics", console: Console | None
         table.add_column(c, justify="right")
     table.add_column("users", justify="right")
     rows = [(model_name, metrics["test"])] + list((extra or {}).items())
-    rows += [(k, v) for k, v in metrics.get("baselines", {}).items()]
+    rows += [("random (expected)" if k == "random" else k, v) for k, v in metrics.get("baselines", {}).items()]
     for name, m in rows:
         table.add_row(name, *[f"{m.get(c, float('nan')):.4f}" for c in COLUMNS], str(m.get("users", "")))
     console.print(table)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
-from lmrec.data.dataset import PreparedDataset
-from lmrec.eval.evaluator import RankFn, dot_rank_fn
+from lmrec.data.dataset import Examples, PreparedDataset
+from lmrec.eval.evaluator import RankFn, dot_rank_fn, evaluate
+from lmrec.eval.metrics import DEFAULT_KS, compute_metrics
 
 
 def popularity_rank_fn(dataset: PreparedDataset, *, exclude_history: bool = False) -> RankFn:
@@ -17,3 +20,34 @@ def popularity_rank_fn(dataset: PreparedDataset, *, exclude_history: bool = Fals
         return torch.ones(len(histories), 1, dtype=torch.float64)
 
     return dot_rank_fn(queries, counts, exclude_history=exclude_history)
+
+
+def random_expectation(examples: Examples, num_items: int, *, ks: Sequence[int] = DEFAULT_KS,
+                       exclude_history: bool = False) -> dict[str, float]:
+    """Exact expected metrics of a uniformly random ranking — no sampling. The target's rank is uniform
+    over its user's candidates (all items, less the history items other than the target when they are
+    excluded), so each metric is its mean over ranks 0 … n−1, averaged over users. The reference a
+    model must beat where popularity cannot be one: on cold items popularity ranks every target last."""
+    if exclude_history:
+        n = np.array([num_items - len(set(h.tolist()) - {int(t)}) for h, t in zip(examples.histories,
+                                                                                  examples.targets)])
+    else:
+        n = np.full(len(examples), num_items)
+    values, counts = np.unique(n, return_counts=True)
+    out: dict[str, float] = {}
+    for v, c in zip(values, counts):
+        for key, x in compute_metrics(np.arange(v), ks).items():
+            if key != "users":
+                out[key] = out.get(key, 0.0) + x * c / len(n)
+    out["users"] = int(len(n))
+    return out
+
+
+def baselines(dataset: PreparedDataset, split: str = "test", *, ks: Sequence[int] = DEFAULT_KS,
+              exclude_history: bool = False, batch_size: int = 64, accelerator=None) -> dict[str, dict]:
+    """Popularity (ranked by the evaluator) and the random expectation, on ``split`` of ``dataset``."""
+    examples = dataset.examples(split)
+    pop = evaluate(popularity_rank_fn(dataset, exclude_history=exclude_history), examples, ks=ks,
+                   batch_size=batch_size, accelerator=accelerator, desc="popularity")
+    return {"popularity": pop, "random": random_expectation(examples, dataset.num_items, ks=ks,
+                                                            exclude_history=exclude_history)}

@@ -26,7 +26,7 @@ import torch
 from lmrec.config import GenRunConfig, save_config
 from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
-from lmrec.eval.baselines import popularity_rank_fn
+from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import RankFn, evaluate
 from lmrec.generative.beam import SidTrie, constrained_beam_search
 from lmrec.generative.samples import (
@@ -265,8 +265,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
     kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=acc)
     metrics = {"test": evaluate(rec.rank_fn(ev.beams), ds.examples("test"), desc="test", **kw),
                "valid": r.best_metrics,
-               "baselines": {"popularity": evaluate(popularity_rank_fn(ds), ds.examples("test"), desc="popularity",
-                                                    **kw)},
+               "baselines": baselines(ds, "test", **kw),
                "history": r.history, "best_epoch": r.best_epoch, "stage": stage, "beams": ev.beams,
                "sid_report": sids.report, "wall_time_s": round(time.time() - t0, 1)}
     if acc.is_main_process:

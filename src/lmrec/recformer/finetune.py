@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from lmrec.config import RunConfig, save_config
 from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
-from lmrec.eval.baselines import popularity_rank_fn
+from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
 from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
@@ -226,7 +226,6 @@ def evaluate_all(rec: Recommender, ds: PreparedDataset, cfg: RunConfig, acc=None
     for split in ("test", "valid"):
         out[split] = evaluate(rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size),
                               ds.examples(split), desc=split, **kw)
-    pop = popularity_rank_fn(ds, exclude_history=ev.exclude_history)
-    out["baselines"] = {"popularity": evaluate(pop, ds.examples("test"), desc="popularity", **kw)}
-    out["baselines_valid"] = {"popularity": evaluate(pop, ds.examples("valid"), desc="popularity", **kw)}
+    for split, key in (("test", "baselines"), ("valid", "baselines_valid")):
+        out[key] = baselines(ds, split, exclude_history=ev.exclude_history, **kw)
     return out

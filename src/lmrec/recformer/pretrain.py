@@ -22,7 +22,7 @@ import numpy as np
 from lmrec.config import PretrainRunConfig, save_config
 from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
-from lmrec.eval.baselines import popularity_rank_fn
+from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
 from lmrec.recformer.backbones import build_recformer
@@ -164,8 +164,7 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
     test = evaluate(rec.rank_fn(exclude_history=ev.exclude_history), valid_ds.examples("test"),
                     desc="test (zero-shot)", **kw)
     metrics = {"zero_shot": {"test": test, "dataset": str(valid_ds.path)},
-               "baselines": {"popularity": evaluate(popularity_rank_fn(valid_ds, exclude_history=ev.exclude_history),
-                                                    valid_ds.examples("test"), desc="popularity", **kw)},
+               "baselines": baselines(valid_ds, "test", exclude_history=ev.exclude_history, **kw),
                "valid": r.best_metrics, "best_epoch": r.best_epoch, "history": r.history,
                "wall_time_s": round(time.time() - t0, 1)}
     metrics["test"] = metrics["zero_shot"]["test"]
