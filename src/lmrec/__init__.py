@@ -1,7 +1,7 @@
 """lmrec: sequential recommendation with pretrained language models.
 
 Two families on one data layout and one evaluation protocol: ``lmrec.recformer`` (text-based, RecFormer)
-and, later, ``lmrec.generative`` (semantic IDs). The functions below mirror the ``lmrec`` CLI.
+and ``lmrec.generative`` (semantic IDs). The functions below mirror the ``lmrec`` CLI.
 """
 
 from lmrec.api import evaluate, finetune, prepare, recommend

@@ -65,19 +65,42 @@ def finetune(data: str | Path, *, output_dir: str | Path | None = None, config: 
 
 
 def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", exclude_history: bool = False,
-             ks=(10, 20, 50), batch_size: int = 64) -> dict:
-    """Metrics of a saved recommender on a prepared dataset (items it never saw are encoded on the fly)."""
+             ks=(10, 20, 50), batch_size: int = 64, candidates: str = "all", with_random: bool = False) -> dict:
+    """Metrics of a saved recommender on a prepared dataset (items it never saw are encoded on the fly).
+
+    ``candidates="new"`` ranks each target among the items never seen before test time only (no training
+    interaction, no validation target): the new-item protocol of zero-shot evaluation, for cold-start test
+    splits. ``with_random`` returns ``{"test": metrics, "baselines": {"random": expected metrics}}``."""
+    import numpy as np
+
     from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.baselines import random_expectation
     from lmrec.eval.evaluator import evaluate as _evaluate
     from lmrec.recformer.recommender import Recommender
 
+    if candidates not in ("all", "new"):
+        raise LmrecError(f"candidates must be 'all' or 'new', got {candidates!r}")
     ds = PreparedDataset(data)
+    examples = ds.examples(split)
+    pool = None
+    if candidates == "new":
+        pool = ds.new_items()
+        outside = np.setdiff1d(examples.targets, pool)
+        if len(outside):
+            raise LmrecError(f"{data}: --candidates new ranks only the {len(pool)} items never seen before test "
+                             f"time, but {np.isin(examples.targets, outside).sum()} of the {len(examples)} {split} "
+                             f"targets were seen (first: item {ds.item_ids[outside[0]]!r}); use it on a cold-start "
+                             f"split (`lmrec data prepare ... --split cold`)")
     rec = Recommender.from_pretrained(model_dir)
     if rec.item_ids != ds.item_ids or not rec.has_item_table:
         rec.set_catalog(ds.item_ids, ds.item_text)
         rec.encode_items()
-    return _evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples(split), ks=ks,
-                     batch_size=batch_size, desc=split)
+    metrics = _evaluate(rec.rank_fn(exclude_history=exclude_history, candidates=pool), examples, ks=ks,
+                        batch_size=batch_size, desc=split)
+    if not with_random:
+        return metrics
+    rnd = random_expectation(examples, ds.num_items, ks=ks, exclude_history=exclude_history, candidates=pool)
+    return {"test": metrics, "baselines": {"random": rnd}}
 
 
 def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude_history: bool = True):

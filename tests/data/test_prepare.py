@@ -70,6 +70,7 @@ def test_cold_start_items_never_in_train_or_valid(tmp_path):
     cold_targets = set(tested.targets.tolist())
     assert ds.manifest["counts"]["cold_items"] == 168
     assert len(tested) > 500 and not (cold_targets & train_items)
+    assert set(ds.new_items().tolist()) == set(range(ds.num_items)) - train_items >= cold_targets
     for h, u, t in zip(tested.histories, tested.users, tested.targets):
         full = seq[u]
         first = full.index(t)

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from lmrec.eval.metrics import compute_metrics
@@ -83,3 +84,24 @@ def test_random_expectation_matches_random_scores_through_the_ranker():
     # with exclusion: 9, 8 (3 is repeated, the target 4 stays), 11, 9 (the target 0 stays) candidates
     excl = random_expectation(ex, n_items, ks=ks, exclude_history=True)
     assert math.isclose(excl["recall@1"], (1 / 9 + 1 / 8 + 1 / 11 + 1 / 9) / 4)
+
+
+def test_ranking_among_candidates_equals_ranking_the_sub_catalog():
+    from lmrec.errors import LmrecError
+    from lmrec.eval.evaluator import dot_rank_fn
+
+    g = torch.Generator().manual_seed(1)
+    items, users = torch.randn(40, 8, generator=g), torch.randn(3, 8, generator=g)
+    cand = np.array([2, 5, 7, 11, 13, 17, 19, 23, 29, 31])
+    histories = [np.array([5, 6, 2]), np.array([0, 1]), np.array([7, 31, 13])]
+    targets = np.array([7, 11, 13])  # user 3's target is in the history (never excluded)
+    queries = dict(zip(map(id, histories), users))
+    fn = dot_rank_fn(lambda hs: torch.stack([queries[id(h)] for h in hs]), items, candidates=cand,
+                     exclude_history=True)
+    got = fn(histories, targets)
+    for u in range(3):  # by hand: scores on the candidates only, history candidates other than the target out
+        pool = [c for c in cand if c == targets[u] or c not in histories[u]]
+        s = {c: float(users[u] @ items[c]) for c in pool}
+        assert got[u] == sum(v > s[targets[u]] for v in s.values())
+    with pytest.raises(LmrecError, match="not among the 10 candidate items"):
+        fn(histories, np.array([7, 3, 13]))

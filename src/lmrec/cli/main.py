@@ -183,12 +183,16 @@ def evaluate(
     split: str = typer.Option("test", help="test | valid"),
     exclude_history: bool = typer.Option(False, help="Never rank a user's history items."),
     ks: str = typer.Option("10,20,50", help="Cut-offs."),
+    candidates: str = typer.Option("all", help="all (full ranking) | new (rank each target among the items "
+                                                "never seen before test time: zero-shot on a cold-start split)."),
 ):
-    """Full-ranking metrics of a saved recommender (items it never saw are encoded on the fly)."""
+    """Full-ranking metrics of a saved recommender (items it never saw are encoded on the fly), next to the
+    expected metrics of a random ranking."""
     from lmrec.api import evaluate as run
 
-    metrics = run(model, data, split=split, exclude_history=exclude_history, ks=[int(k) for k in ks.split(",")])
-    print_metrics({"test": metrics}, title=f"{data} ({split})")
+    r = run(model, data, split=split, exclude_history=exclude_history, ks=[int(k) for k in ks.split(",")],
+            candidates=candidates, with_random=True)
+    print_metrics(r, title=f"{data} ({split}" + (", new items only)" if candidates == "new" else ")"))
 
 
 @app.command()

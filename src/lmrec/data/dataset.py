@@ -93,6 +93,14 @@ class PreparedDataset:
         """Sorted indices of the items that occur in the training part (what a model may know of)."""
         return np.unique(np.concatenate(self.train)) if self.train else np.zeros(0, dtype=np.int64)
 
+    def new_items(self) -> np.ndarray:
+        """Sorted indices of the items never seen before test time: in no training sequence and no
+        validation target (on a cold-start split, the cold items — and any item without interactions)."""
+        seen = np.zeros(self.num_items, dtype=bool)
+        seen[self.train_items()] = True
+        seen[[v for v in self.valid_target if v is not None]] = True
+        return np.flatnonzero(~seen)
+
     def train_item_counts(self) -> np.ndarray:
         """Interactions per item in the training part only (for the popularity baseline)."""
         counts = np.zeros(self.num_items, dtype=np.int64)

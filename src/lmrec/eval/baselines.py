@@ -23,16 +23,18 @@ def popularity_rank_fn(dataset: PreparedDataset, *, exclude_history: bool = Fals
 
 
 def random_expectation(examples: Examples, num_items: int, *, ks: Sequence[int] = DEFAULT_KS,
-                       exclude_history: bool = False) -> dict[str, float]:
+                       exclude_history: bool = False, candidates: np.ndarray | None = None) -> dict[str, float]:
     """Exact expected metrics of a uniformly random ranking — no sampling. The target's rank is uniform
-    over its user's candidates (all items, less the history items other than the target when they are
-    excluded), so each metric is its mean over ranks 0 … n−1, averaged over users. The reference a
-    model must beat where popularity cannot be one: on cold items popularity ranks every target last."""
+    over its user's candidates (all items or ``candidates``, less the history items other than the target
+    when they are excluded), so each metric is its mean over ranks 0 … n−1, averaged over users. The
+    reference a model must beat where popularity cannot be one: on cold items popularity ranks every
+    target last."""
+    pool = set(range(num_items)) if candidates is None else {int(c) for c in candidates}
     if exclude_history:
-        n = np.array([num_items - len(set(h.tolist()) - {int(t)}) for h, t in zip(examples.histories,
-                                                                                  examples.targets)])
+        n = np.array([len(pool) - len((set(h.tolist()) & pool) - {int(t)}) for h, t in zip(examples.histories,
+                                                                                           examples.targets)])
     else:
-        n = np.full(len(examples), num_items)
+        n = np.full(len(examples), len(pool))
     values, counts = np.unique(n, return_counts=True)
     out: dict[str, float] = {}
     for v, c in zip(values, counts):

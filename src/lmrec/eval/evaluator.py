@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lmrec.data.dataset import Examples
+from lmrec.errors import LmrecError
 from lmrec.eval.metrics import DEFAULT_KS, compute_metrics
 from lmrec.eval.ranking import target_ranks
 from lmrec.progress import progress
@@ -58,14 +59,26 @@ def dot_rank_fn(
     *,
     exclude_history: bool = False,
     chunk_size: int = 65536,
+    candidates: np.ndarray | None = None,
 ) -> RankFn:
-    """Rank function for models that score items by a dot product with a query vector."""
+    """Rank function for models that score items by a dot product with a query vector. ``candidates``
+    (item indices) ranks each target among those items only; every target must be one of them."""
+    if candidates is not None:
+        remap = np.full(len(item_vectors), -1, dtype=np.int64)
+        remap[candidates] = np.arange(len(candidates))
+        item_vectors = item_vectors[torch.as_tensor(candidates, device=item_vectors.device)]
 
     def rank_fn(histories: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
-        q = encode_queries(histories)
+        q = encode_queries(histories)  # the whole history, whatever the candidates
+        exclude = histories if exclude_history else None
+        if candidates is not None:
+            targets = remap[targets]
+            if (targets < 0).any():
+                raise LmrecError(f"{int((targets < 0).sum())} target(s) of this batch are not among the "
+                                 f"{len(candidates)} candidate items")
+            exclude = [remap[h][remap[h] >= 0] for h in exclude] if exclude is not None else None
         t = torch.as_tensor(targets, device=q.device)
-        r = target_ranks(q, item_vectors.to(q.device, q.dtype), t, chunk_size=chunk_size,
-                         exclude=histories if exclude_history else None)
+        r = target_ranks(q, item_vectors.to(q.device, q.dtype), t, chunk_size=chunk_size, exclude=exclude)
         return r.cpu().numpy()
 
     return rank_fn

@@ -108,10 +108,12 @@ class Recommender:
             raise LmrecError("the item table does not match the catalog; call encode_items() first")
         return F.normalize(self.model.item_embeddings.float(), dim=-1)
 
-    def rank_fn(self, *, exclude_history: bool = False, chunk_size: int = 65536) -> RankFn:
-        """Full ranking over all catalog items (cosine similarity) for :func:`lmrec.eval.evaluate`."""
+    def rank_fn(self, *, exclude_history: bool = False, chunk_size: int = 65536,
+                candidates: np.ndarray | None = None) -> RankFn:
+        """Full ranking over all catalog items, or over ``candidates`` (item indices), by cosine similarity,
+        for :func:`lmrec.eval.evaluate`."""
         return dot_rank_fn(self.encode_histories, self._items_normalized(), exclude_history=exclude_history,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, candidates=candidates)
 
     def recommend(self, history: Sequence[str], k: int = 10, *, exclude_history: bool = True):
         """Item ids (oldest → newest) → [(item_id, text, score)] of the k best items."""
