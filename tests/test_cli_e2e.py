@@ -31,6 +31,7 @@ def test_finetune_writes_model_metrics_and_logs(trained):
         assert all(0.0 <= v <= 1.0 for k, v in part.items() if k != "users")
     assert metrics["test"]["users"] == 943
     assert abs(metrics["baselines"]["random"]["recall@10"] - 10 / 1682) < 1e-12  # expected, all items ranked
+    assert "test_new_items" not in metrics  # a leave-one-out split: no new-item protocol
     assert (run / "model" / "item_table.safetensors").exists() and (run / "run_config.yaml").exists()
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
 
@@ -107,3 +108,12 @@ def test_evaluate_among_new_items_on_a_cold_split(trained):
     t = torch.as_tensor([pos[int(x)] for x in ex.targets])
     ranks = (s > s[torch.arange(len(t)), t][:, None] + 1e-6).sum(-1).numpy()
     assert abs(r["test"]["recall@10"] - np.mean(ranks < 10)) < 2 / len(ex)  # ulp-level ties may flip a user
+
+    # finetuning on a cold split reports the new-item protocol too, with the same numbers as `evaluate`
+    res = run_cli("finetune", "--data", cold, f"output_dir={trained / 'cold_run'}", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"test targets among the {len(new)} new items only" in res.stdout
+    m = json.loads((trained / "cold_run" / "metrics.json").read_text())["test_new_items"]
+    again = lmrec.evaluate(trained / "cold_run" / "model", cold, candidates="new", with_random=True)
+    assert m["test"] == pytest.approx(again["test"], abs=1e-6) and m["baselines"] == again["baselines"]
+    assert m["test"]["users"] == len(ex) and m["candidates"] == len(new)

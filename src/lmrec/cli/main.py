@@ -50,7 +50,15 @@ def _is_main_rank() -> bool:
 def _report(metrics: dict, title: str, model_dir: Path, run_dir: Path, model_name: str = "RecFormer") -> None:
     if _is_main_rank():
         print_metrics(metrics, title=title, model_name=model_name)
+        _print_new_items(metrics, model_name)
         typer.echo(f"model in {model_dir}; metrics in {run_dir / 'metrics.json'}")
+
+
+def _print_new_items(metrics: dict, model_name: str = "RecFormer") -> None:
+    """Cold-start splits: the same test users, each target ranked among the items never seen before test time."""
+    new = metrics.get("test_new_items")
+    if new:
+        print_metrics(new, title=f"test targets among the {new['candidates']} new items only", model_name=model_name)
 
 
 @data_app.command("prepare")
@@ -121,6 +129,7 @@ def quickstart(
         metrics["generative"] = {k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")}
         (result.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print_metrics(result.metrics, title=f"MovieLens-100k ({split}), test split", extra=extra)
+    _print_new_items(result.metrics)
     typer.echo(f"wall time {wall}; metrics in {result.run_dir / 'metrics.json'}; model in {result.model_dir}")
 
 

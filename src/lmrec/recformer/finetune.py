@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from lmrec.config import RunConfig, save_config
 from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
-from lmrec.eval.baselines import baselines
+from lmrec.eval.baselines import baselines, random_expectation
 from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
 from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
@@ -228,4 +228,20 @@ def evaluate_all(rec: Recommender, ds: PreparedDataset, cfg: RunConfig, acc=None
                               ds.examples(split), desc=split, **kw)
     for split, key in (("test", "baselines"), ("valid", "baselines_valid")):
         out[key] = baselines(ds, split, exclude_history=ev.exclude_history, **kw)
+    new = evaluate_new_items(rec, ds, cfg.eval, acc)
+    if new is not None:
+        out["test_new_items"] = new
     return out
+
+
+def evaluate_new_items(rec: Recommender, ds: PreparedDataset, ev, acc=None) -> dict | None:
+    """On a cold-start split, the new-item protocol next to full ranking: each test target ranked among
+    the items never seen before test time, with the random expectation for that candidate set.
+    ``{"test": ..., "baselines": {"random": ...}}``; None on other splits."""
+    examples, new = ds.examples("test"), ds.new_items()
+    if ds.manifest["options"].get("split") != "cold" or not len(examples) or not np.isin(examples.targets, new).all():
+        return None
+    fn = rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size, candidates=new)
+    test = evaluate(fn, examples, ks=ev.ks, batch_size=ev.batch_size, accelerator=acc, desc="test (new items)")
+    rnd = random_expectation(examples, ds.num_items, ks=ev.ks, exclude_history=ev.exclude_history, candidates=new)
+    return {"test": test, "baselines": {"random": rnd}, "candidates": int(len(new))}

@@ -26,7 +26,7 @@ from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
 from lmrec.recformer.backbones import build_recformer
-from lmrec.recformer.finetune import backbone_or_default
+from lmrec.recformer.finetune import backbone_or_default, evaluate_new_items
 from lmrec.recformer.masking import WholeWordMasker
 from lmrec.recformer.modeling_recformer import RecformerForPretraining, RecformerForSeqRec
 from lmrec.recformer.recommender import Recommender
@@ -168,6 +168,9 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
                "valid": r.best_metrics, "best_epoch": r.best_epoch, "history": r.history,
                "wall_time_s": round(time.time() - t0, 1)}
     metrics["test"] = metrics["zero_shot"]["test"]
+    new = evaluate_new_items(rec, valid_ds, ev, acc)
+    if new is not None:
+        metrics["test_new_items"] = new
     if acc.is_main_process:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     acc.end_training()
