@@ -436,6 +436,26 @@ def gen_merge(
     typer.echo(f"wrote {out}")
 
 
+@gen_app.command("evaluate")
+def gen_evaluate(
+    model: Path = typer.Option(..., help="Trained generative model directory (a stage's model/, a LoRA adapter "
+                                         "or a merged model)."),
+    data: Path = typer.Option(..., help="Prepared dataset."),
+    sids: Path = typer.Option(..., help="Semantic-ID directory."),
+    split: str = typer.Option("test", help="test | valid"),
+    beams: int = typer.Option(50, help="Beam width; items beyond it rank as misses."),
+    ks: str = typer.Option("10,20,50", help="Cut-offs."),
+    batch_size: int = typer.Option(32, help="Users per beam-search call."),
+):
+    """Constrained-beam-search metrics on a prepared dataset, next to popularity and random (the same
+    evaluator as the end of `gen train`)."""
+    from lmrec.generative.api import evaluate_generative
+
+    r = evaluate_generative(model, data, sids, split=split, beams=beams, ks=[int(k) for k in ks.split(",")],
+                            batch_size=batch_size)
+    print_metrics(r, title=f"{data} ({split}), constrained beam search ({beams} beams)", model_name="generative")
+
+
 @gen_app.command("recommend")
 def gen_recommend(
     model: Path = typer.Option(..., help="Trained generative model directory."),

@@ -113,6 +113,20 @@ def load_recommender(model_dir, data, sids_dir, max_history: int | None = None):
                                  max_history or prompt.get("max_history", 3), prompt.get("with_titles", False))
 
 
+def evaluate_generative(model_dir, data, sids_dir, *, split: str = "test", beams: int = 50, ks=(10, 20, 50),
+                        batch_size: int = 32) -> dict:
+    """Constrained-beam-search metrics of a trained generative model (a stage's model, a LoRA adapter, or a
+    merged model) on a prepared dataset, next to popularity and the random expectation:
+    ``{"test": ..., "baselines": {...}}`` — the same evaluator and numbers as the end of ``gen train``."""
+    from lmrec.eval.baselines import baselines
+    from lmrec.eval.evaluator import evaluate
+
+    rec = load_recommender(model_dir, data, sids_dir)
+    kw = dict(ks=ks, batch_size=batch_size)
+    return {"test": evaluate(rec.rank_fn(beams), rec.ds.examples(split), desc=split, **kw),
+            "baselines": baselines(rec.ds, split, **kw)}
+
+
 def run_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, stages=("2",), init: str = "mean",
                  overrides: list[str] | None = None, log=print) -> dict:
     """Semantic IDs → vocabulary expansion → the given training stages (each from the previous one's best
