@@ -61,7 +61,8 @@ def test_recommend_and_unknown_ids(trained):
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["data", "prepare"], ["quickstart"], ["finetune"], ["evaluate"], ["recommend"]):
+    for cmd in ([], ["data", "prepare"], ["quickstart"], ["finetune"], ["evaluate"], ["recommend"],
+                ["recommend-all"], ["pretrain"], ["gen", "evaluate"], ["gen", "train"], ["backbone", "pretrain-mlm"]):
         res = run_cli(*cmd, "--help")
         assert res.returncode == 0 and "Usage" in res.stdout, cmd
 
@@ -117,3 +118,31 @@ def test_evaluate_among_new_items_on_a_cold_split(trained):
     again = lmrec.evaluate(trained / "cold_run" / "model", cold, candidates="new", with_random=True)
     assert m["test"] == pytest.approx(again["test"], abs=1e-6) and m["baselines"] == again["baselines"]
     assert m["test"]["users"] == len(ex) and m["candidates"] == len(new)
+
+
+def test_recommend_all_users_to_parquet(trained):
+    import pyarrow.parquet as pq
+
+    import lmrec
+
+    out = trained / "recs" / "top5.parquet"
+    res = run_cli("recommend-all", "--model", trained / "run" / "model", "--data", trained / "ml", "--out", out,
+                  "-k", "5")
+    assert res.returncode == 0, res.stderr[-2000:]
+    t = pq.read_table(out).to_pydict()
+    assert len(t["user_id"]) == 943 * 5 and set(t["rank"]) == {1, 2, 3, 4, 5}
+    assert not list(out.parent.glob(".*partial"))
+    seqs = pq.read_table(trained / "ml" / "sequences.parquet").to_pydict()
+    from lmrec.data.dataset import PreparedDataset
+
+    ds = PreparedDataset(trained / "ml")
+    for u in (0, 400, 942):  # the batch path equals the single-history path on the newest 50 items
+        hist = [ds.item_ids[i] for i in seqs["items"][u][-50:]]
+        single = lmrec.recommend(trained / "run" / "model", hist, 5)
+        rows = [i for i, uid in enumerate(t["user_id"]) if uid == seqs["user_id"][u]]
+        assert [t["item_id"][i] for i in rows] == [it for it, _, _ in single]
+        assert [t["score"][i] for i in rows] == pytest.approx([s for _, _, s in single], abs=1e-3)
+        assert not set(hist) & {t["item_id"][i] for i in rows}  # history excluded by default
+    res = run_cli("recommend-all", "--model", trained / "run" / "model", "--data", trained / "ml", "--out",
+                  trained / "recs" / "x.csv")
+    assert res.returncode == 2 and "expected a .parquet file name" in res.stderr and "Traceback" not in res.stderr

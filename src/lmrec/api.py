@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmrec.errors import LmrecError
+from lmrec.io import atomic_file
 
 
 def load_raw(source: str | Path, *, fmt: str = "auto", items: str | Path | None = None, user_col: str = "user_id",
@@ -101,6 +102,47 @@ def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", ex
         return metrics
     rnd = random_expectation(examples, ds.num_items, ks=ks, exclude_history=exclude_history, candidates=pool)
     return {"test": metrics, "baselines": {"random": rnd}}
+
+
+def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k: int = 10,
+                  exclude_history: bool = True, batch_size: int = 256) -> Path:
+    """Top-k items for every user of a prepared dataset, from the user's whole sequence (all splits, the
+    newest ``max_history_len`` items), written atomically to a parquet file with one row per
+    recommendation: ``user_id``, ``rank`` (1 = best), ``item_id``, ``score`` (cosine / temperature)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.progress import progress
+    from lmrec.recformer.recommender import Recommender
+
+    out = Path(out)
+    if out.suffix != ".parquet":
+        raise LmrecError(f"--out {out}: expected a .parquet file name")
+    ds = PreparedDataset(data)
+    rec = Recommender.from_pretrained(model_dir)
+    if rec.item_ids != ds.item_ids or not rec.has_item_table:
+        rec.set_catalog(ds.item_ids, ds.item_text)
+        rec.encode_items()
+    seqs = pq.read_table(ds.path / "sequences.parquet", columns=["user_id", "items"]).to_pydict()
+    m = ds.max_history_len
+    users, ranks, item_ids, scores = [], [], [], []
+    for s in progress(range(0, len(seqs["user_id"]), batch_size), "recommend"):
+        hist = [np.asarray(h[-m:], dtype=np.int64) for h in seqs["items"][s : s + batch_size]]
+        keep = [i for i, h in enumerate(hist) if len(h)]
+        if not keep:
+            continue
+        hist = [hist[i] for i in keep]
+        sc, ix = rec.top_k(hist, k, exclude_history=exclude_history)
+        for row, i in enumerate(keep):
+            users += [seqs["user_id"][s + i]] * ix.shape[1]
+            ranks += list(range(1, ix.shape[1] + 1))
+            item_ids += [rec.item_ids[j] for j in ix[row].tolist()]
+            scores += sc[row].tolist()
+    table = pa.table({"user_id": users, "rank": pa.array(ranks, pa.int32()), "item_id": item_ids,
+                      "score": pa.array(scores, pa.float32())})
+    return atomic_file(out, lambda tmp: pq.write_table(table, tmp))
 
 
 def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude_history: bool = True):

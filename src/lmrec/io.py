@@ -1,8 +1,9 @@
-"""Atomic directory writes: everything is written under a temporary name and renamed when complete, so a
-killed run leaves either the previous directory or the new one, never a half-written one."""
+"""Atomic writes (directories and files): everything is written under a temporary name and renamed when
+complete, so a killed run leaves either the previous output or the new one, never a half-written one."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,4 +26,19 @@ def atomic_dir(dst: str | Path, write: Callable[[Path], None]) -> Path:
         dst.rename(old)
     tmp.rename(dst)
     shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def atomic_file(dst: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``dst``, then rename it onto ``dst``: a run killed
+    or failing midway leaves no half-written ``dst`` (and the previous one, if any, intact)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dst)
     return dst

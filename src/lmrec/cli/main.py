@@ -218,6 +218,22 @@ def recommend(
     print_recommendations(run(model, ids, k, exclude_history=not include_history))
 
 
+@app.command("recommend-all")
+def recommend_all(
+    model: Path = typer.Option(..., help="A saved recommender directory."),
+    data: Path = typer.Option(..., help="A prepared dataset: every user's whole sequence is the history."),
+    out: Path = typer.Option(..., help="Output .parquet (user_id, rank, item_id, score), written atomically."),
+    k: int = typer.Option(10, "-k", help="Items per user."),
+    include_history: bool = typer.Option(False, help="Allow items of the history in the lists."),
+    batch_size: int = typer.Option(256, help="Users per batch."),
+):
+    """Top-k recommendations for every user of a dataset (batch inference) into one parquet file."""
+    from lmrec.api import recommend_all as run
+
+    path = run(model, data, out, k=k, exclude_history=not include_history, batch_size=batch_size)
+    typer.echo(f"wrote {path}")
+
+
 @backbone_app.command("init")
 def backbone_init(
     backbone: Path = typer.Argument(..., help="Backbone directory (Longformer, Longformer_ZH, BERT, RoBERTa)."),

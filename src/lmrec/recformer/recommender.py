@@ -127,11 +127,15 @@ class Recommender:
         if not history:
             raise DataError("empty history (expected at least one item id)", file="history")
         idx = [self.item_index[it] for it in history]
-        q = self.encode_histories([idx])
-        scores, items = top_k(q, self._items_normalized(), k, exclude=[idx] if exclude_history else None)
-        temp = self.model.config.temperature
-        return [(self.item_ids[i], self.item_text[i], float(s) / temp) for s, i in
-                zip(scores[0].tolist(), items[0].tolist())]
+        scores, items = self.top_k([idx], k, exclude_history=exclude_history)
+        return [(self.item_ids[i], self.item_text[i], float(s)) for s, i in zip(scores[0].tolist(), items[0].tolist())]
+
+    def top_k(self, histories: Sequence[Sequence[int]], k: int, *, exclude_history: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores = cosine / temperature, item indices) of the k best items for each history: (B, k) each."""
+        scores, items = top_k(self.encode_histories(histories), self._items_normalized(), k,
+                              exclude=histories if exclude_history else None)
+        return scores / self.model.config.temperature, items
 
     # ------------------------------------------------------------------------------------------ files
     def save_pretrained(self, path: str | Path) -> Path:
