@@ -29,12 +29,13 @@ def random_expectation(examples: Examples, num_items: int, *, ks: Sequence[int] 
     when they are excluded), so each metric is its mean over ranks 0 … n−1, averaged over users. The
     reference a model must beat where popularity cannot be one: on cold items popularity ranks every
     target last."""
-    pool = set(range(num_items)) if candidates is None else {int(c) for c in candidates}
+    size = num_items if candidates is None else len(candidates)
     if exclude_history:
-        n = np.array([len(pool) - len((set(h.tolist()) & pool) - {int(t)}) for h, t in zip(examples.histories,
-                                                                                           examples.targets)])
+        pool = None if candidates is None else set(np.asarray(candidates).tolist())
+        excluded = [set(h.tolist()) - {int(t)} for h, t in zip(examples.histories, examples.targets)]
+        n = np.array([size - len(e if pool is None else e & pool) for e in excluded])
     else:
-        n = np.full(len(examples), len(pool))
+        n = np.full(len(examples), size)
     values, counts = np.unique(n, return_counts=True)
     out: dict[str, float] = {}
     for v, c in zip(values, counts):
