@@ -86,16 +86,13 @@ def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", ex
     pool = None
     if candidates == "new":
         pool = ds.new_items()
-        outside = np.setdiff1d(examples.targets, pool)
-        if len(outside):
+        seen = ~np.isin(examples.targets, pool)
+        if seen.any():
             raise LmrecError(f"{data}: --candidates new ranks only the {len(pool)} items never seen before test "
-                             f"time, but {np.isin(examples.targets, outside).sum()} of the {len(examples)} {split} "
-                             f"targets were seen (first: item {ds.item_ids[outside[0]]!r}); use it on a cold-start "
-                             f"split (`lmrec data prepare ... --split cold`)")
-    rec = Recommender.from_pretrained(model_dir)
-    if rec.item_ids != ds.item_ids or not rec.has_item_table:
-        rec.set_catalog(ds.item_ids, ds.item_text)
-        rec.encode_items()
+                             f"time, but {seen.sum()} of the {len(examples)} {split} targets were seen (first: "
+                             f"item {ds.item_ids[examples.targets[seen][0]]!r}); use it on a cold-start split "
+                             f"(`lmrec data prepare ... --split cold`)")
+    rec = Recommender.from_pretrained(model_dir).ready_for(ds.item_ids, ds.item_text)
     metrics = _evaluate(rec.rank_fn(exclude_history=exclude_history, candidates=pool), examples, ks=ks,
                         batch_size=batch_size, desc=split)
     if not with_random:
@@ -121,10 +118,7 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
     if out.suffix != ".parquet":
         raise LmrecError(f"--out {out}: expected a .parquet file name")
     ds = PreparedDataset(data)
-    rec = Recommender.from_pretrained(model_dir)
-    if rec.item_ids != ds.item_ids or not rec.has_item_table:
-        rec.set_catalog(ds.item_ids, ds.item_text)
-        rec.encode_items()
+    rec = Recommender.from_pretrained(model_dir).ready_for(ds.item_ids, ds.item_text)
     seqs = pq.read_table(ds.path / "sequences.parquet", columns=["user_id", "items"]).to_pydict()
     m = ds.max_history_len
     users, ranks, item_ids, scores = [], [], [], []

@@ -292,6 +292,8 @@ def backbone_pretrain_mlm(
     ov = [f"output_dir={output_dir}"] + ([f"train.resume_from={resume_from}"] if resume_from else [])
     cfg = load_config(config, ov + list(overrides or []), schema=MlmRunConfig)
     r = pretrain_mlm(backbone, train, valid, cfg, log=_log)
+    if not _is_main_rank():
+        return
     table = Table(title=f"validation MLM ({valid})")
     for c in ("epoch", "BPC", "perplexity", "train loss"):
         table.add_column(c, justify="right")

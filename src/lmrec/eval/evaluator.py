@@ -76,7 +76,8 @@ def dot_rank_fn(
             if (targets < 0).any():
                 raise LmrecError(f"{int((targets < 0).sum())} target(s) of this batch are not among the "
                                  f"{len(candidates)} candidate items")
-            exclude = [remap[h][remap[h] >= 0] for h in exclude] if exclude is not None else None
+            if exclude is not None:
+                exclude = [r[r >= 0] for r in (remap[h] for h in exclude)]
         t = torch.as_tensor(targets, device=q.device)
         r = target_ranks(q, item_vectors.to(q.device, q.dtype), t, chunk_size=chunk_size, exclude=exclude)
         return r.cpu().numpy()

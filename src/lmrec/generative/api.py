@@ -18,11 +18,7 @@ def build_semantic_ids(data, out, *, encoder=None, recommender=None, levels: int
     if recommender is not None:
         from lmrec.recformer.recommender import Recommender
 
-        rec = Recommender.from_pretrained(recommender)  # with its saved item table
-        if rec.item_ids != ds.item_ids:
-            rec.set_catalog(ds.item_ids, ds.item_text)
-        if not rec.has_item_table:
-            rec.encode_items()
+        rec = Recommender.from_pretrained(recommender).ready_for(ds.item_ids, ds.item_text)  # its saved table
         emb = rec.model.item_embeddings.float().cpu().numpy()
         emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-8)
         source = f"recformer:{recommender}"

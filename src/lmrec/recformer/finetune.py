@@ -238,8 +238,10 @@ def evaluate_new_items(rec: Recommender, ds: PreparedDataset, ev, acc=None) -> d
     """On a cold-start split, the new-item protocol next to full ranking: each test target ranked among
     the items never seen before test time, with the random expectation for that candidate set.
     ``{"test": ..., "baselines": {"random": ...}}``; None on other splits."""
+    if ds.manifest["options"].get("split") != "cold":
+        return None
     examples, new = ds.examples("test"), ds.new_items()
-    if ds.manifest["options"].get("split") != "cold" or not len(examples) or not np.isin(examples.targets, new).all():
+    if not len(examples) or not np.isin(examples.targets, new).all():
         return None
     fn = rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size, candidates=new)
     test = evaluate(fn, examples, ks=ev.ks, batch_size=ev.batch_size, accelerator=acc, desc="test (new items)")

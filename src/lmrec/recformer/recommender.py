@@ -48,6 +48,15 @@ class Recommender:
         self.item_tokens: list[ItemTokens] = self.tokenizer.encode_items(self.item_text)
         self.model.set_item_embeddings(torch.zeros(0, self.model.config.hidden_size))
 
+    def ready_for(self, item_ids: list[str], item_text: list[ItemText], batch_size: int = 256) -> Recommender:
+        """Ready to rank ``item_ids``: switch to that catalog when it differs, encode the item table when it
+        is missing (items the model never saw are encoded on the fly)."""
+        if self.item_ids != list(item_ids):
+            self.set_catalog(item_ids, item_text)
+        if not self.has_item_table:
+            self.encode_items(batch_size)
+        return self
+
     @property
     def has_item_table(self) -> bool:
         return self.model.item_embeddings.shape[0] == len(self.item_ids)
