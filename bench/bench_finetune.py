@@ -20,7 +20,7 @@ from lmrec.config import RunConfig
 from lmrec.data.dataset import PreparedDataset
 from lmrec.eval.evaluator import evaluate
 from lmrec.recformer.backbones import build_default_backbone, build_recformer
-from lmrec.recformer.finetune import make_collate
+from lmrec.recformer.collator import FinetuneCollator
 from lmrec.recformer.recommender import Recommender
 
 
@@ -40,7 +40,8 @@ def train_throughput(rec: Recommender, ds: PreparedDataset, cfg: RunConfig, step
     rec.model.train()
     bs = cfg.train.batch_size
     # what finetuning feeds the model
-    collate = make_collate(rec, cfg.train.item_grad, ds.train_items(), cfg.train.item_batch_size)
+    collate = FinetuneCollator(rec.tokenizer, rec.item_tokens, len(rec.item_ids), ds.train_items(),
+                               cfg.train.item_grad, cfg.train.item_batch_size)
     batches = []
     for _ in range(steps + 2):
         idx = rng.choice(len(ex), bs, replace=False)

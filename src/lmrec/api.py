@@ -1,10 +1,15 @@
-"""The Python API, mirroring the CLI: prepare → finetune → evaluate → recommend.
+"""The Python API, mirroring the CLI, for both families on one data layout.
 
 >>> import lmrec
 >>> data = lmrec.prepare("ml-100k", "data/ml-100k")
->>> run = lmrec.finetune(data, output_dir="runs/ml-100k", overrides=["train.stage1_epochs=4"])
+>>> run = lmrec.finetune(data, output_dir="runs/ml-100k", overrides=["train.stage1_epochs=4"])   # RecFormer
 >>> lmrec.evaluate(run.model_dir, data)["ndcg@10"]
 >>> lmrec.recommend(run.model_dir, ["50", "181", "258"], k=5)
+>>> lmrec.build_semantic_ids(data, "sids", recommender=run.model_dir)                             # generative
+>>> lmrec.expand_vocab("sids", "models/qwen-sid", data=data)          # model=None: the embedded tiny Qwen3
+>>> g = lmrec.train_generative(data, "sids", "models/qwen-sid", output_dir="runs/g2", stage="2")
+>>> lmrec.evaluate_generative(g.model_dir, data, "sids")["test"]["ndcg@10"]
+>>> lmrec.recommend_generative(g.model_dir, data, "sids", ["50", "181", "258"], k=5)
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
     from lmrec.data.dataset import PreparedDataset
     from lmrec.progress import progress
@@ -117,6 +123,8 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
     out = Path(out)
     if out.suffix != ".parquet":
         raise LmrecError(f"--out {out}: expected a .parquet file name")
+    if k < 1:
+        raise LmrecError(f"k must be at least 1, got {k}")
     ds = PreparedDataset(data)
     rec = Recommender.from_pretrained(model_dir).ready_for(ds.item_ids, ds.item_text)
     seqs = pq.read_table(ds.path / "sequences.parquet", columns=["user_id", "items"]).to_pydict()
@@ -130,10 +138,11 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
         hist = [hist[i] for i in keep]
         sc, ix = rec.top_k(hist, k, exclude_history=exclude_history)
         for row, i in enumerate(keep):
-            users += [seqs["user_id"][s + i]] * ix.shape[1]
-            ranks += list(range(1, ix.shape[1] + 1))
-            item_ids += [rec.item_ids[j] for j in ix[row].tolist()]
-            scores += sc[row].tolist()
+            n = int(torch.isfinite(sc[row]).sum())  # with the history excluded, fewer than k may remain
+            users += [seqs["user_id"][s + i]] * n
+            ranks += list(range(1, n + 1))
+            item_ids += [rec.item_ids[j] for j in ix[row, :n].tolist()]
+            scores += sc[row, :n].tolist()
     table = pa.table({"user_id": users, "rank": pa.array(ranks, pa.int32()), "item_id": item_ids,
                       "score": pa.array(scores, pa.float32())})
     return atomic_file(out, lambda tmp: pq.write_table(table, tmp))
@@ -144,3 +153,52 @@ def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude
     from lmrec.recformer.recommender import Recommender
 
     return Recommender.from_pretrained(model_dir).recommend(history, k, exclude_history=exclude_history)
+
+
+# --------------------------------------------------------------------------------------------- generative
+def build_semantic_ids(data: str | Path, out: str | Path, *, recommender: str | Path | None = None,
+                       encoder: str | Path | None = None, levels: int = 3, codes: int | None = None, seed: int = 0,
+                       log=print):
+    """Semantic IDs of a dataset's items, from a saved RecFormer's item table or from the item text."""
+    from lmrec.pipeline import semantic_ids
+
+    return semantic_ids(data, out, recommender=recommender, encoder=encoder, levels=levels, codes=codes,
+                        seed=seed, log=log)
+
+
+def expand_vocab(sids: str | Path, out: str | Path, *, model: str | Path | None = None,
+                 data: str | Path | None = None, init: str = "mean", log=print) -> dict:
+    """New tokens for every code of ``sids`` in a local language model (None: the embedded tiny Qwen3,
+    whose tokenizer is trained on ``data``'s item text)."""
+    from lmrec.generative.api import expand_model
+
+    return expand_model(model, sids, out, data=data, init=init, log=log)
+
+
+def train_generative(data: str | Path, sids: str | Path, model: str | Path, *, output_dir: str | Path,
+                     stage: str = "2", config: str | Path | None = None, overrides: list[str] | None = None,
+                     log=print):
+    """One generative stage ("1", "2" or "sft"; see ``lmrec.generative.stages``); returns a result with
+    ``run_dir``, ``model_dir`` and ``metrics``."""
+    from lmrec.config import GenRunConfig, load_config
+    from lmrec.generative.train import train_generative as _train
+
+    cfg = load_config(config, [f"output_dir={output_dir}", f"train.stage={stage}", *(overrides or [])],
+                      schema=GenRunConfig)
+    return _train(cfg, model_dir=model, data=data, sids_dir=sids, log=log)
+
+
+def evaluate_generative(model_dir: str | Path, data: str | Path, sids: str | Path, *, split: str = "test",
+                        beams: int = 50, ks=(10, 20, 50), batch_size: int = 32) -> dict:
+    """Constrained-beam-search metrics: ``{"test": ..., "baselines": {...}}``."""
+    from lmrec.generative.api import evaluate_generative as _evaluate
+
+    return _evaluate(model_dir, data, sids, split=split, beams=beams, ks=ks, batch_size=batch_size)
+
+
+def recommend_generative(model_dir: str | Path, data: str | Path, sids: str | Path, history: list[str],
+                         k: int = 10, *, beams: int | None = None):
+    """[(item_id, [(key, value), ...], score), ...]: the top-k distinct real items by constrained beam search."""
+    from lmrec.generative.recommender import GenerativeRecommender
+
+    return GenerativeRecommender.load(model_dir, data, sids).recommend(history, k, beams)

@@ -6,11 +6,13 @@ written to the run directory as ``run_config.yaml``.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmrec.errors import ConfigError
 
@@ -19,10 +21,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# value bounds, checked at load time with the key path
+Count = Annotated[int, Field(ge=1)]  # batch sizes, epochs that must run, k, beams ...
+NonNegInt = Annotated[int, Field(ge=0)]
+Rate = Annotated[float, Field(gt=0)]  # learning rates, temperatures
+Share = Annotated[float, Field(ge=0, lt=1)]  # warmup ratio, dropout
+Probability = Annotated[float, Field(gt=0, lt=1)]
+Patience = Annotated[int, Field(ge=1)] | None
+METRIC = re.compile(r"^(recall|ndcg|mrr)@(\d+)$")
+
+
+class _Ranking(_Strict):
+    """Cut-offs and the early-stopping metric, which must be one that the cut-offs produce."""
+
+    ks: list[Count] = Field([10, 20, 50], min_length=1)
+    metric: str = "ndcg@10"  # early-stopping metric: recall@K, ndcg@K, mrr@K (K in ks) or mrr
+
+    @model_validator(mode="after")
+    def _metric_from_ks(self):
+        m = METRIC.match(self.metric)
+        if self.metric != "mrr" and (m is None or int(m.group(2)) not in self.ks):
+            made = ", ".join([f"{n}@{k}" for k in self.ks for n in ("recall", "ndcg", "mrr")] + ["mrr"])
+            raise ValueError(f"metric {self.metric!r} is not computed with ks={self.ks} (expected one of {made})")
+        return self
+
+
 class DataConfig(_Strict):
     path: str | None = None  # a prepared dataset directory; None = prepare ml-100k under the run directory
     split: Literal["loo", "cold"] = "loo"  # used when lmrec prepares ml-100k itself
-    max_history_len: int = 50
+    max_history_len: Count = 50
 
 
 class ModelConfig(_Strict):
@@ -31,45 +58,65 @@ class ModelConfig(_Strict):
 
     backbone: str | None = None  # local checkpoint directory; None = $LMREC_BACKBONE, else the embedded default
     init: str | None = None  # a saved recommender (or pretraining checkpoint) to start from
-    max_token_num: int = 32  # the newest ≈2–3 items; longer windows measured worse on ml-100k
-    max_attr_num: int = 3
-    max_attr_length: int = 16
-    attention_window: int | list[int] = 64
-    temperature: float = 0.05
+    max_token_num: Count = 32  # the newest ≈2–3 items; longer windows measured worse on ml-100k
+    max_attr_num: Count = 3
+    max_attr_length: Count = 16
+    attention_window: Count | list[Count] = 64
+    temperature: Rate = 0.05
     user_projection: bool = False  # a linear map on user vectors only (identity at init); off in RecFormer
     pooler_type: Literal["cls", "mean"] = "mean"  # RecFormer uses "cls" (see the "recformer" preset)
     # the embedded default backbone (used when no backbone is given): a small random-init Longformer
-    default_hidden_size: int = 128
-    default_layers: int = 2
-    default_heads: int = 2
-    default_vocab_size: int = 8000
+    default_hidden_size: Count = 128
+    default_layers: Count = 2
+    default_heads: Count = 2
+    default_vocab_size: Count = 8000
+
+    def ignored_with_saved_init(self) -> list[str]:
+        """The settings a saved recommender as ``init`` overrides (its architecture is fixed): those set to
+        a value other than the saved model's (or, for backbone settings, other than the default)."""
+        if self.init is None or not (Path(self.init) / "items.parquet").exists():
+            return []
+        try:
+            saved = json.loads((Path(self.init) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return []
+        out = []
+        for key in sorted(self.model_fields_set - {"init"}):
+            value, default = getattr(self, key), type(self).model_fields[key].default
+            if key in saved:
+                window = saved[key] if key != "attention_window" or isinstance(value, list) else saved[key][0]
+                if value != window:
+                    out.append(f"model.{key}={value!r} (the saved model has {window!r})")
+            elif value != default:
+                out.append(f"model.{key}={value!r}")
+        return out
 
 
 class _TrainCommon(_Strict):
     """What every training command shares: optimizer details, seed, precision, checkpoints and resume."""
 
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    grad_accum: int = 1
-    grad_clip: float = 1.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup_ratio: Share = 0.05
+    grad_accum: Count = 1
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0 = no clipping
     seed: int = 42
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    save_steps: int = 0  # also checkpoint every N optimizer steps (always at the end of each epoch)
-    save_total_limit: int = 2  # checkpoints kept per stage under <output_dir>/checkpoints/
+    save_steps: NonNegInt = 0  # also checkpoint every N optimizer steps (always at the end of each epoch)
+    save_total_limit: Count = 2  # checkpoints kept per stage under <output_dir>/checkpoints/
     resume_from: str | None = None  # "auto" (latest checkpoint of output_dir), a run dir or a checkpoint dir
 
 
 class TrainConfig(_TrainCommon):
-    batch_size: int = 256
-    samples_per_user: int = 2  # (prefix → next item) samples per user per epoch; RecFormer draws 1
-    lr: float = 1.5e-3
-    stage1_epochs: int = 30
-    stage2_epochs: int = 5
-    eval_every: int = 1
-    patience: int = 6
-    stage2_patience: int = 2
-    stage2_lr: float | None = None  # None = lr / 2
-    item_batch_size: int = 256
+    batch_size: Count = 256
+    samples_per_user: Count = 2  # (prefix → next item) samples per user per epoch; RecFormer draws 1
+    lr: Rate = 1.5e-3
+    stage1_epochs: NonNegInt = 30
+    stage2_epochs: NonNegInt = 5
+    eval_every: Count = 1
+    patience: Count = 6
+    stage2_patience: Count = 2
+    stage2_lr: Rate | None = None  # None = lr / 2
+    item_batch_size: Count = 256
     # How the item side learns in stage 1. "none": only through the table re-encoded before each epoch
     # (RecFormer's finetuning exactly). "batch": plus an in-batch contrastive term on the batch's target
     # items encoded with gradient. "all": the whole catalog is encoded with gradient at every step (full
@@ -77,12 +124,10 @@ class TrainConfig(_TrainCommon):
     item_grad: Literal["none", "batch", "all"] = "all"
 
 
-class EvalConfig(_Strict):
-    ks: list[int] = [10, 20, 50]
-    batch_size: int = 64
+class EvalConfig(_Ranking):
+    batch_size: Count = 64
     exclude_history: bool = False
-    chunk_size: int = 65536
-    metric: str = "ndcg@10"  # early-stopping metric
+    chunk_size: Count = 65536
 
 
 class RunConfig(_Strict):
@@ -92,35 +137,54 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="after")
+    def _no_ignored_model_settings(self):
+        ignored = self.model.ignored_with_saved_init()
+        if ignored:
+            raise ValueError(f"model.init={self.model.init} is a saved recommender, which fixes the model; these "
+                             f"settings would be ignored: {'; '.join(ignored)}. Remove them, or start from a "
+                             "backbone (model.backbone) instead")
+        return self
+
 
 class GenDataConfig(_Strict):
     """Defaults measured with the embedded tiny Qwen3 on ml-100k (valid NDCG@10 after 2 epochs: 0.0405 with
     3 history items × all positions, no alignment, vs 0.0225 best with 10 items × 5 positions + alignment)."""
 
-    max_history: int = 3  # items of history in a prompt
-    targets_per_user: int = 50  # next-item samples per user: the last positions of the training sequence
+    max_history: Count = 3  # items of history in a prompt (the one default: training and inference)
+    targets_per_user: Count = 50  # next-item samples per user: the last positions of the training sequence
     with_titles: bool = False  # history items as "<sid> title" instead of the semantic ID alone
     alignment: bool = False  # add sid→title and title→sid samples
-    max_length: int = 512
+    max_length: Count = 512
 
 
 class GenTrainConfig(_TrainCommon):
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 2e-3
-    patience: int = 3
+    stage: Literal["1", "2", "sft"] = "2"  # see lmrec.generative.stages
+    epochs: NonNegInt = 10
+    batch_size: Count = 256
+    lr: Rate = 2e-3
+    patience: Count = 3
     lora: bool = False  # peft LoRA (stage 2 / sft); the new token rows stay trainable
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_r: Count = 8
+    lora_alpha: Count = 16
+    lora_dropout: Share = 0.05
     lora_target_modules: list[str] | str = "all-linear"
 
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage_text(cls, v):
+        return str(v) if isinstance(v, int) else v
 
-class GenEvalConfig(_Strict):
-    beams: int = 50  # items beyond the beam count rank as misses
-    ks: list[int] = [10, 20, 50]
-    batch_size: int = 32
-    metric: str = "ndcg@10"
+    @model_validator(mode="after")
+    def _lora_stage(self):
+        if self.lora and self.stage == "1":
+            raise ValueError("train.lora applies to stage 2 / sft (stage 1 trains only the new token rows)")
+        return self
+
+
+class GenEvalConfig(_Ranking):
+    beams: Count = 50  # items beyond the beam count rank as misses
+    batch_size: Count = 32
 
 
 class GenRunConfig(_Strict):
@@ -133,24 +197,24 @@ class GenRunConfig(_Strict):
 class PretrainDataConfig(_Strict):
     paths: list[str] = []  # prepared datasets forming the corpus (several domains)
     valid: str | None = None  # prepared dataset for validation (zero-shot ranking); None = the first corpus one
-    valid_users: int = 1000  # validation users (the first N of the valid split)
-    max_history_len: int = 50
+    valid_users: Count = 1000  # validation users (the first N of the valid split)
+    max_history_len: Count = 50
 
 
 class PretrainModelConfig(ModelConfig):
-    mlm_weight: float = 0.1  # loss = contrastive + mlm_weight × (MLM on the history + MLM on the target item)
-    mlm_probability: float = 0.15  # share of words masked (whole-word masking)
+    mlm_weight: Annotated[float, Field(ge=0)] = 0.1  # loss = contrastive + mlm_weight × (MLM history + target)
+    mlm_probability: Probability = 0.15  # share of words masked (whole-word masking)
     freeze_word_embeddings: bool = False
 
 
 class PretrainTrainConfig(_TrainCommon):
-    batch_size: int = 64
-    pairs_per_user: int = 1  # (history → target from the second half) pairs per user sequence per epoch
-    lr: float = 1e-3
-    epochs: int = 10
-    eval_every: int = 1
-    patience: int | None = None
-    item_batch_size: int = 256
+    batch_size: Annotated[int, Field(ge=2)] = 64  # a contrastive batch needs negatives
+    pairs_per_user: Count = 1  # (history → target from the second half) pairs per user sequence per epoch
+    lr: Rate = 1e-3
+    epochs: NonNegInt = 10
+    eval_every: Count = 1
+    patience: Patience = None
+    item_batch_size: Count = 256
 
 
 class PretrainRunConfig(_Strict):
@@ -164,13 +228,13 @@ class PretrainRunConfig(_Strict):
 class MlmTrainConfig(_TrainCommon):
     """``lmrec backbone pretrain-mlm``: continued MLM pretraining on a raw text corpus."""
 
-    max_length: int = 128  # tokens per chunk (documents longer than this are cut into chunks)
-    mlm_probability: float = 0.15
-    batch_size: int = 32
-    lr: float = 5e-4
-    epochs: int = 3
-    patience: int | None = None
-    attention_window: int | list[int] | None = None  # None = the backbone's
+    max_length: Annotated[int, Field(ge=3)] = 128  # tokens per chunk (longer documents are cut into chunks)
+    mlm_probability: Probability = 0.15
+    batch_size: Count = 32
+    lr: Rate = 5e-4
+    epochs: NonNegInt = 3
+    patience: Patience = None
+    attention_window: Count | list[Count] | None = None  # None = the backbone's
 
 
 class MlmRunConfig(_Strict):
@@ -224,8 +288,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         lines = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {loc}: {msg}")
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
         raise ConfigError(f"invalid configuration ({source} and overrides):\n" + "\n".join(lines)) from None
 
 

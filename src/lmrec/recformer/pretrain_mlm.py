@@ -16,9 +16,7 @@ init`` reads); the result is saved as a RecFormer checkpoint that ``--backbone``
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmrec.config import MlmRunConfig, save_config
+from lmrec.config import MlmRunConfig
 from lmrec.errors import DataError, LmrecError
-from lmrec.recformer.backbones import build_recformer
+from lmrec.recformer.build import build_checked, save_pretraining_model
 from lmrec.recformer.masking import WholeWordMasker, word_starts
 from lmrec.recformer.modeling_recformer import RecformerForPretraining
-from lmrec.recformer.pretrain import save_pretraining_model
-from lmrec.training.loop import accelerator_for, data_loader, fit, fit_options
+from lmrec.training.loop import Stage, data_loader
+from lmrec.training.run import Run
 
 
 @dataclass
@@ -116,65 +114,54 @@ def mlm_metrics(model: RecformerForPretraining, batches: list[dict]) -> dict[str
 
 def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str | Path, cfg: MlmRunConfig,
                  log=print) -> dict:
-    t0 = time.time()
     tr = cfg.train
-    run_dir = Path(cfg.output_dir)
-    acc = accelerator_for(run_dir, tr)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "run_config.yaml")
-    acc.init_trackers("pretrain_mlm")
-    overrides = {"max_token_num": tr.max_length, "mlm_weight": 1.0}
-    if tr.attention_window is not None:
-        overrides["attention_window"] = tr.attention_window
-    model, rtok, report = build_recformer(backbone, model_cls=RecformerForPretraining, **overrides)
-    if report.problems():
-        raise LmrecError(f"{backbone}: {', '.join(report.problems()[:5])}")
-    log(f"initialised from {backbone}: " + ", ".join(f"{v} {k}" for k, v in report.counts().items() if v)
-        + ("" if "lm_head.dense.weight" in report.copied else " (the MLM head is new: the backbone has none)"))
-    tok = rtok.tokenizer
-    masker = WholeWordMasker(tok, tr.mlm_probability)
-    train = chunk_corpus(tok, read_lines(train_file), tr.max_length)
-    valid = chunk_corpus(tok, read_lines(valid_file), tr.max_length)
-    log(f"{len(train)} training chunks, {len(valid)} validation chunks of ≤ {tr.max_length} tokens")
-    vrng = np.random.default_rng([tr.seed, 10**6])  # validation masks: drawn once, the same every time
-    valid_batches = [mlm_batch(valid[i : i + tr.batch_size], masker, tok.pad_token_id, vrng)
-                     for i in range(0, len(valid), tr.batch_size)]
-    model.to(acc.device)
-    before = mlm_metrics(model, valid_batches)
-    log(f"validation before training: BPC {before['bpc']:.3f}, perplexity {before['perplexity']:.1f}")
+    train_lines, valid_lines = read_lines(train_file), read_lines(valid_file)  # checked before the run opens
+    with Run(cfg, "pretrain_mlm", log) as run:
+        overrides = {"max_token_num": tr.max_length, "mlm_weight": 1.0}
+        if tr.attention_window is not None:
+            overrides["attention_window"] = tr.attention_window
+        model, rtok = build_checked(Path(backbone), log, model_cls=RecformerForPretraining, **overrides)
+        tok = rtok.tokenizer
+        masker = WholeWordMasker(tok, tr.mlm_probability)
+        train = chunk_corpus(tok, train_lines, tr.max_length)
+        valid = chunk_corpus(tok, valid_lines, tr.max_length)
+        log(f"{len(train)} training chunks, {len(valid)} validation chunks of ≤ {tr.max_length} tokens")
+        vrng = np.random.default_rng([tr.seed, 10**6])  # validation masks: drawn once, the same every time
+        valid_batches = [mlm_batch(valid[i : i + tr.batch_size], masker, tok.pad_token_id, vrng)
+                         for i in range(0, len(valid), tr.batch_size)]
+        model.to(run.acc.device)
+        before = mlm_metrics(model, valid_batches)
+        log(f"validation before training: BPC {before['bpc']:.3f}, perplexity {before['perplexity']:.1f}")
 
-    def make_loader(epoch: int):
-        order = np.random.default_rng([tr.seed, epoch]).permutation(len(train))
-        batches = [(b, [train[j] for j in order[i : i + tr.batch_size]])
-                   for b, i in enumerate(range(0, len(order), tr.batch_size))]
+        def make_loader(epoch: int):
+            order = np.random.default_rng([tr.seed, epoch]).permutation(len(train))
+            batches = [(b, [train[j] for j in order[i : i + tr.batch_size]])
+                       for b, i in enumerate(range(0, len(order), tr.batch_size))]
+            return data_loader(batches, seed=tr.seed + epoch, collate_fn=MlmCollator(masker, tok.pad_token_id,
+                                                                                   tr.seed, epoch))
 
-        def collate(batch):
-            b, chunks = batch
-            out = mlm_batch(chunks, masker, tok.pad_token_id, np.random.default_rng([tr.seed, epoch, b]))
-            del out["chars"]  # for validation only
-            return out
-
-        return data_loader(batches, seed=tr.seed + epoch, collate_fn=collate)
-
-    out_dir = run_dir / "model"
-
-    def validate():
-        return mlm_metrics(acc.unwrap_model(model), valid_batches)
-
-    def on_best(metrics, epoch):
-        if acc.is_main_process:
-            save_pretraining_model(model, rtok, out_dir, {"backbone": str(backbone), "epoch": epoch,
-                                                           "valid": metrics, "before": before})
-        acc.wait_for_everyone()
-
-    steps = math.ceil(math.ceil(len(train) / tr.batch_size) / tr.grad_accum)
-    r = fit(acc, model, make_loader, epochs=tr.epochs, lr=tr.lr, steps_per_epoch=steps, validate=validate,
-            metric="bpc", greater_is_better=False, patience=tr.patience, on_best=on_best, tag="mlm",
-            **fit_options(run_dir, tr), log=log)
-    result = {"before": before, "best": r.best_metrics, "best_epoch": r.best_epoch, "history": r.history,
-              "model_dir": str(out_dir), "wall_time_s": round(time.time() - t0, 1)}
-    if acc.is_main_process:
-        (run_dir / "mlm_report.json").write_text(json.dumps(result, indent=2) + "\n")
-    acc.end_training()
+        out_dir = run.dir / "model"
+        info = {"backbone": str(backbone), "before": before}
+        r = run.fit(model, make_loader, Stage(
+            "mlm", tr.epochs, tr.lr, lambda: mlm_metrics(run.acc.unwrap_model(model), valid_batches), "bpc",
+            greater_is_better=False, patience=tr.patience,
+            on_best=lambda metrics, epoch: run.on_main(lambda: save_pretraining_model(
+                run.acc.unwrap_model(model), rtok, out_dir, {**info, "epoch": epoch, "valid": metrics}))))
+        result = {"before": before, "best": r.best_metrics, "best_epoch": r.best_epoch, "history": r.history,
+                  "model_dir": str(out_dir)}
+        run.finish(result, "mlm_report.json")
     return result
+
+
+class MlmCollator:
+    """``(batch index, chunks)`` → a masked batch; the RNG is seeded by (seed, epoch, batch index), so a
+    resumed run masks the same batch the same way."""
+
+    def __init__(self, masker: WholeWordMasker, pad_id: int, seed: int, epoch: int):
+        self.masker, self.pad_id, self.seed, self.epoch = masker, pad_id, seed, epoch
+
+    def __call__(self, batch) -> dict:
+        b, chunks = batch
+        out = mlm_batch(chunks, self.masker, self.pad_id, np.random.default_rng([self.seed, self.epoch, b]))
+        del out["chars"]  # for validation only
+        return out

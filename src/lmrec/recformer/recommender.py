@@ -5,7 +5,8 @@
     item_table.safetensors             the frozen item table, one row per item of the catalog
     items.parquet                      the catalog: item_index, item_id, attrs (key/value text)
 
-It encodes items and histories in batches, ranks all items for the evaluator, and recommends.
+Inference only: it encodes items and histories in batches, ranks all items for the evaluator, and
+recommends. Training batches are built by ``lmrec.recformer.collator``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lmrec.eval.evaluator import RankFn, dot_rank_fn
 from lmrec.eval.ranking import top_k
 from lmrec.io import atomic_dir
 from lmrec.progress import progress
+from lmrec.recformer.collator import history_inputs
 from lmrec.recformer.configuration_recformer import RecformerConfig
 from lmrec.recformer.modeling_recformer import RecformerForSeqRec
 from lmrec.recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
@@ -65,20 +67,8 @@ class Recommender:
     def batch(self, histories: Sequence[Sequence[int]], device: torch.device | str | None = None
               ) -> dict[str, torch.Tensor]:
         """Item-index histories (oldest → newest) → padded model inputs on ``device`` (default: the model's)."""
-        seqs = [self.tokenizer.build_sequence([self.item_tokens[i] for i in h]) for h in histories]
         device = self.model.device if device is None else device
-        return {k: v.to(device) for k, v in self.tokenizer.pad(seqs).items()}
-
-    def catalog_inputs(self, items: Sequence[int] | None = None, chunk_size: int = 256
-                       ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """``items`` (default: the whole catalog) as one-item histories in length-sorted chunks (little
-        padding), and for each of them in chunk order its position in ``items``: the ``item_inputs`` /
-        ``item_order`` of the model's forward."""
-        items = np.arange(len(self.item_ids)) if items is None else np.asarray(items)
-        order = np.argsort([len(self.item_tokens[i][0]) for i in items], kind="stable")
-        chunks = [self.batch([[int(i)] for i in items[order[s : s + chunk_size]]], device="cpu")
-                  for s in range(0, len(order), chunk_size)]
-        return chunks, torch.as_tensor(order)
+        return {k: v.to(device) for k, v in history_inputs(self.tokenizer, self.item_tokens, histories).items()}
 
     @torch.no_grad()
     def encode_items(self, batch_size: int = 256, accelerator=None, show_progress: bool = True) -> torch.Tensor:
@@ -137,11 +127,15 @@ class Recommender:
             raise DataError("empty history (expected at least one item id)", file="history")
         idx = [self.item_index[it] for it in history]
         scores, items = self.top_k([idx], k, exclude_history=exclude_history)
-        return [(self.item_ids[i], self.item_text[i], float(s)) for s, i in zip(scores[0].tolist(), items[0].tolist())]
+        return [(self.item_ids[i], self.item_text[i], float(s)) for s, i in zip(scores[0].tolist(), items[0].tolist())
+                if s > float("-inf")]  # with the history excluded, fewer than k items may remain
 
     def top_k(self, histories: Sequence[Sequence[int]], k: int, *, exclude_history: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores = cosine / temperature, item indices) of the k best items for each history: (B, k) each."""
+        """(scores = cosine / temperature, item indices) of the k best items for each history: (B, k) each.
+        Excluded history items can only fill a row when fewer than k items remain; their score is -inf."""
+        if k < 1:
+            raise LmrecError(f"k must be at least 1, got {k}")
         scores, items = top_k(self.encode_histories(histories), self._items_normalized(), k,
                               exclude=histories if exclude_history else None)
         return scores / self.model.config.temperature, items

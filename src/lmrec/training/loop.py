@@ -109,19 +109,6 @@ class Checkpointing:
     resume: Resume | None = None
 
 
-def accelerator_for(run_dir: str | Path, tr) -> Accelerator:
-    """The accelerator of a run from its ``train`` config (TensorBoard logs in ``run_dir/logs``)."""
-    return make_accelerator(tr.mixed_precision, tr.grad_accum, str(Path(run_dir) / "logs"), tr.seed)
-
-
-def fit_options(run_dir: str | Path, tr) -> dict:
-    """``fit`` keyword arguments every command takes from its ``train`` config: optimizer details and the
-    checkpoints under ``run_dir/checkpoints`` (``save_steps``, ``save_total_limit``, ``resume_from``)."""
-    root = Path(run_dir) / "checkpoints"
-    return dict(weight_decay=tr.weight_decay, warmup_ratio=tr.warmup_ratio, grad_clip=tr.grad_clip,
-                checkpointing=Checkpointing(root, tr.save_steps, tr.save_total_limit, Resume(root, tr.resume_from)))
-
-
 @dataclass
 class FitResult:
     best_metrics: dict[str, float] = field(default_factory=dict)
@@ -131,128 +118,185 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def fit(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    make_loader: Callable[[int], torch.utils.data.DataLoader],
-    *,
-    epochs: int,
-    lr: float,
-    weight_decay: float = 0.01,
-    warmup_ratio: float = 0.05,
-    grad_clip: float | None = 1.0,
-    steps_per_epoch: int,
-    before_epoch: Callable[[int], None] | None = None,
-    validate: Callable[[], dict[str, float]] | None = None,
-    eval_every: int = 1,
-    metric: str = "ndcg@10",
-    greater_is_better: bool = True,
-    patience: int | None = None,
-    on_best: Callable[[dict[str, float], int], None] | None = None,
-    tag: str = "train",
-    global_step: int = 0,
-    after_step: Callable[[], None] | None = None,
-    checkpointing: Checkpointing | None = None,
-    extra_state: Any = None,
-    log: Callable[[str], None] = print,
-) -> FitResult:
-    """Train ``model`` for up to ``epochs`` epochs; ``steps_per_epoch`` counts optimizer steps over all
-    processes (it sizes the learning-rate schedule). ``after_step`` runs after every optimizer step (stage 1
-    of the generative family restores the frozen embedding rows there). ``extra_state`` (an object with
-    ``state_dict``/``load_state_dict``) is saved with every checkpoint and restored on resume."""
+@dataclass
+class LoopState:
+    """Where the loop is: saved with every checkpoint (``trainer_state.json``) and restored on resume."""
+
+    epoch: int = 0  # epochs completed
+    batches: int = 0  # batches of the current epoch already consumed
+    running: float = 0.0  # sum of the losses of those batches
+    bad_epochs: int = 0  # validations since the last new best (early stopping)
+    finished: bool = False  # the stage ran to its end (a resumed run skips it)
+    result: FitResult = field(default_factory=FitResult)
+
+
+@dataclass
+class Optim:
+    """AdamW + warmup/linear decay + clipping, from a ``train`` config."""
+
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float | None = 1.0
+
+    @classmethod
+    def from_train(cls, tr) -> Optim:
+        return cls(tr.weight_decay, tr.warmup_ratio, tr.grad_clip)
+
+
+@dataclass
+class Stage:
+    """One call of :func:`fit`: what to train for how long, how to validate, and the hooks of the caller.
+
+    ``before_epoch(epoch)`` runs before a fresh epoch (RecFormer re-encodes its item table there);
+    ``after_step()`` after every optimizer step (generative stage 1 restores the frozen rows there);
+    ``on_best(metrics, epoch)`` when validation reaches a new best (the caller saves the model);
+    ``extra_state`` (``state_dict()`` of tensors and JSON values / ``load_state_dict``) goes into every
+    checkpoint and is restored on resume."""
+
+    tag: str
+    epochs: int
+    lr: float
+    validate: Callable[[], dict[str, float]] | None = None
+    metric: str = "ndcg@10"
+    greater_is_better: bool = True
+    eval_every: int = 1
+    patience: int | None = None
+    on_best: Callable[[dict[str, float], int], None] | None = None
+    before_epoch: Callable[[int], None] | None = None
+    after_step: Callable[[], None] | None = None
+    extra_state: Any = None
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(no_decay)],
-         "weight_decay": weight_decay},
-        {"params": [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(no_decay)],
-         "weight_decay": 0.0},
-    ]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("no trainable parameters")
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    total = max(1, epochs * steps_per_epoch)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
+    return [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+
+
+def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[[int], torch.utils.data.DataLoader],
+        stage: Stage, *, optim: Optim | None = None, checkpointing: Checkpointing | None = None,
+        global_step: int = 0, log: Callable[[str], None] = print) -> FitResult:
+    """Train ``model`` for up to ``stage.epochs`` epochs on ``make_loader(epoch)``. The learning-rate
+    schedule is sized from the loader itself: optimizer steps per epoch = its batches (over all processes)
+    / gradient accumulation."""
+    optim = optim or Optim()
+    first = make_loader(0)
+    steps_per_epoch = math.ceil(len(first) / accelerator.gradient_accumulation_steps)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, optim.weight_decay), lr=stage.lr)
+    total = max(1, stage.epochs * steps_per_epoch)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(optim.warmup_ratio * total), total)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    result = FitResult(global_step=global_step)
-    pos = {"epoch": 0, "batches": 0, "running": 0.0, "bad_epochs": 0, "finished": False}
+    state = LoopState(result=FitResult(global_step=global_step))
     ck = checkpointing
-    start = ck.resume.checkpoint_for(tag) if ck is not None and ck.resume is not None else None
+    start = ck.resume.checkpoint_for(stage.tag) if ck is not None and ck.resume is not None else None
     if start is not None:
-        pos, result = _load_checkpoint(accelerator, start, tag, extra_state)
-        log(f"[{tag}] resumed from {start} (epoch {pos['epoch'] + 1}, batch {pos['batches']}, "
-            f"step {result.global_step})")
-        if pos["finished"]:
-            return result
+        state = _load_checkpoint(accelerator, start, stage)
+        log(f"[{stage.tag}] resumed from {start} (epoch {state.epoch + 1}, batch {state.batches}, "
+            f"step {state.result.global_step})")
+        if state.finished:
+            return state.result
     elif ck is not None and accelerator.is_main_process:  # a fresh start replaces this stage's checkpoints
-        shutil.rmtree(ck.root / tag, ignore_errors=True)
-
-    def save(finished: bool = False):
-        if ck is not None:
-            pos["finished"] = finished
-            _save_checkpoint(accelerator, ck, tag, pos, result, extra_state)
-
-    show = accelerator.is_local_main_process
-    for epoch in range(pos["epoch"], epochs):
-        skip, pos["epoch"] = pos["batches"], epoch
-        if before_epoch is not None and skip == 0:  # mid-epoch, the state it sets came from the checkpoint
-            before_epoch(epoch)
-        loader = accelerator.prepare(make_loader(epoch))
-        n_batches = len(loader)
-        if skip:
-            loader = accelerator.skip_first_batches(loader, skip)
-        model.train()
-        bar = progress(loader, f"{tag} epoch {epoch + 1}/{epochs}", show, initial=skip, total=n_batches)
-        i = skip - 1
-        for i, batch in enumerate(bar, start=skip):
-            with accelerator.accumulate(model):
-                out = model(**batch)
-                loss = out.loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                if after_step is not None and accelerator.sync_gradients:
-                    after_step()
-                scheduler.step()
-                optimizer.zero_grad()
-            pos["running"] += loss.item()
-            bar.set_postfix(loss=f"{pos['running'] / (i + 1):.4f}", refresh=False)
-            if accelerator.sync_gradients:
-                result.global_step += 1
-                scalars = {f"{tag}/{k}": v.item() for k, v in out.items()  # mlm_loss, contrastive_accuracy ...
-                           if k != "loss" and torch.is_tensor(v) and v.dim() == 0}
-                accelerator.log({f"{tag}/loss": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0], **scalars},
-                                step=result.global_step)
-                if ck is not None and ck.save_steps and result.global_step % ck.save_steps == 0 and i + 1 < n_batches:
-                    pos["batches"] = i + 1
-                    save()
-        result.epochs_run = epoch + 1
-        record = {"epoch": epoch + 1, "loss": pos["running"] / max(1, i + 1)}
-        pos.update(epoch=epoch + 1, batches=0, running=0.0)
-        stop = False
-        if validate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-            metrics = validate()
-            record.update({f"valid_{k}": v for k, v in metrics.items()})
-            accelerator.log({f"{tag}/valid_{k}": v for k, v in metrics.items() if k != "users"},
-                            step=result.global_step)
-            sign = 1.0 if greater_is_better else -1.0
-            if metric not in result.best_metrics or sign * metrics[metric] > sign * result.best_metrics[metric]:
-                result.best_metrics, result.best_epoch, pos["bad_epochs"] = metrics, epoch + 1, 0
-                if on_best is not None:
-                    on_best(metrics, epoch + 1)
-            else:
-                pos["bad_epochs"] += 1
-            if show:
-                tqdm.write(f"[{tag}] epoch {epoch + 1}: loss {record['loss']:.4f}  valid {metric} "
-                           f"{metrics[metric]:.4f}  (best {result.best_metrics[metric]:.4f} @ {result.best_epoch})")
-            stop = patience is not None and pos["bad_epochs"] >= patience
-        result.history.append(record)
-        save(finished=stop or epoch + 1 == epochs)
+        shutil.rmtree(ck.root / stage.tag, ignore_errors=True)
+    steps = _Steps(accelerator, model, optimizer, scheduler, stage, optim.grad_clip, ck, state)
+    for epoch in range(state.epoch, stage.epochs):
+        fresh = state.batches == 0
+        if stage.before_epoch is not None and fresh:  # mid-epoch, the state it sets came from the checkpoint
+            stage.before_epoch(epoch)
+        loader = first if epoch == 0 else make_loader(epoch)
+        loss = steps.epoch(epoch, accelerator.prepare(loader))
+        stop = _end_epoch(accelerator, stage, state, loss)
+        steps.save(finished=stop or epoch + 1 == stage.epochs)
         if stop:
             break
     accelerator.wait_for_everyone()
-    return result
+    return state.result
+
+
+class _Steps:
+    """The optimizer steps of one :func:`fit`: forward, backward, clipping, logging, periodic checkpoints."""
+
+    def __init__(self, accelerator, model, optimizer, scheduler, stage: Stage, grad_clip, ck, state: LoopState):
+        self.acc, self.model, self.opt, self.sched = accelerator, model, optimizer, scheduler
+        self.stage, self.grad_clip, self.ck, self.state = stage, grad_clip, ck, state
+
+    def epoch(self, epoch: int, loader) -> float:
+        """Run the rest of epoch ``epoch`` (skipping the batches a resumed state consumed); mean loss."""
+        st, acc, tag = self.state, self.acc, self.stage.tag
+        skip, n_batches = st.batches, len(loader)
+        if skip:
+            loader = acc.skip_first_batches(loader, skip)
+        self.model.train()
+        bar = progress(loader, f"{tag} epoch {epoch + 1}/{self.stage.epochs}", acc.is_local_main_process,
+                       initial=skip, total=n_batches)
+        i = skip - 1
+        for i, batch in enumerate(bar, start=skip):
+            out, loss = self.step(batch)
+            st.running += loss
+            bar.set_postfix(loss=f"{st.running / (i + 1):.4f}", refresh=False)
+            if acc.sync_gradients:
+                st.result.global_step += 1
+                self.log(out, loss)
+                if self.ck is not None and self.ck.save_steps and st.result.global_step % self.ck.save_steps == 0 \
+                        and i + 1 < n_batches:
+                    st.batches = i + 1
+                    self.save()
+        return st.running / max(1, i + 1)
+
+    def step(self, batch) -> tuple[Any, float]:
+        acc = self.acc
+        with acc.accumulate(self.model):
+            out = self.model(**batch)
+            acc.backward(out.loss)
+            if acc.sync_gradients and self.grad_clip:
+                acc.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.opt.step()
+            if self.stage.after_step is not None and acc.sync_gradients:
+                self.stage.after_step()
+            self.sched.step()
+            self.opt.zero_grad()
+        return out, out.loss.item()
+
+    def log(self, out, loss: float) -> None:
+        tag = self.stage.tag
+        scalars = {f"{tag}/{k}": v.item() for k, v in out.items()  # mlm_loss, contrastive_accuracy ...
+                   if k != "loss" and torch.is_tensor(v) and v.dim() == 0}
+        self.acc.log({f"{tag}/loss": loss, f"{tag}/lr": self.sched.get_last_lr()[0], **scalars},
+                     step=self.state.result.global_step)
+
+    def save(self, finished: bool = False) -> None:
+        if self.ck is not None:
+            self.state.finished = finished
+            _save_checkpoint(self.acc, self.ck, self.stage, self.state)
+
+
+def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: float) -> bool:
+    """Record the epoch, validate when due, keep the best, and say whether early stopping ends the stage."""
+    result, epoch = state.result, state.epoch + 1
+    result.epochs_run = epoch
+    record = {"epoch": epoch, "loss": loss}
+    state.epoch, state.batches, state.running = epoch, 0, 0.0
+    stop = False
+    if stage.validate is not None and (epoch % stage.eval_every == 0 or epoch == stage.epochs):
+        metrics = stage.validate()
+        record.update({f"valid_{k}": v for k, v in metrics.items()})
+        accelerator.log({f"{stage.tag}/valid_{k}": v for k, v in metrics.items() if k != "users"},
+                        step=result.global_step)
+        sign, m = (1.0 if stage.greater_is_better else -1.0), stage.metric
+        if m not in result.best_metrics or sign * metrics[m] > sign * result.best_metrics[m]:
+            result.best_metrics, result.best_epoch, state.bad_epochs = metrics, epoch, 0
+            if stage.on_best is not None:
+                stage.on_best(metrics, epoch)
+        else:
+            state.bad_epochs += 1
+        if accelerator.is_local_main_process:
+            tqdm.write(f"[{stage.tag}] epoch {epoch}: loss {loss:.4f}  valid {m} {metrics[m]:.4f}  "
+                       f"(best {result.best_metrics[m]:.4f} @ {result.best_epoch})")
+        stop = stage.patience is not None and state.bad_epochs >= stage.patience
+    result.history.append(record)
+    return stop
 
 
 class _TiedWeightsNotice(logging.Filter):
@@ -272,12 +316,11 @@ class _TiedWeightsNotice(logging.Filter):
         return not names or not all(any(n == t or n.endswith("." + t) for t in self.tied) for n in names)
 
 
-def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, pos: dict, result: FitResult,
-                     extra_state: Any) -> None:
+def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, stage: Stage, state: LoopState) -> None:
     """Every rank writes its part (RNG states) into a temporary directory; the main process adds the loop
     state and renames it into place, then drops the oldest checkpoints beyond ``ck.keep``."""
-    stage_dir = ck.root / tag
-    final = stage_dir / f"step-{result.global_step:08d}"
+    stage_dir = ck.root / stage.tag
+    final = stage_dir / f"step-{state.result.global_step:08d}"
     tmp = stage_dir / f".{final.name}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -292,10 +335,9 @@ def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, pos:
         acc_log.removeFilter(notice)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if extra_state is not None:
-            torch.save(extra_state.state_dict(), tmp / "extra_state.pt")
-        state = {"tag": tag, **pos, "result": asdict(result)}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        if stage.extra_state is not None:
+            save_extra_state(stage.extra_state.state_dict(), tmp)
+        (tmp / STATE_FILE).write_text(json.dumps({"tag": stage.tag, **asdict(state)}, indent=1) + "\n")
         if final.exists():  # same step saved again (an epoch end right after a periodic save)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -304,16 +346,34 @@ def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, pos:
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state: Any) -> tuple[dict, FitResult]:
+EXTRA_TENSORS, EXTRA_VALUES = "extra_state.safetensors", "extra_state.json"
+
+
+def save_extra_state(state: dict[str, Any], directory: Path) -> None:
+    """A caller's extra state without pickle: tensors to safetensors, everything else to JSON."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    values = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    save_file(tensors, str(directory / EXTRA_TENSORS))
+    (directory / EXTRA_VALUES).write_text(json.dumps(values) + "\n")
+
+
+def load_extra_state(directory: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return {**json.loads((directory / EXTRA_VALUES).read_text()), **load_file(str(directory / EXTRA_TENSORS))}
+
+
+def _load_checkpoint(accelerator: Accelerator, path: Path, stage: Stage) -> LoopState:
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        saved = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LmrecError(f"cannot resume from {path}: {STATE_FILE} unreadable ({e})") from None
-    if state.get("tag") != tag:
-        raise LmrecError(f"cannot resume stage {tag!r} from {path}: it is a checkpoint of {state.get('tag')!r}")
+    if saved.get("tag") != stage.tag:
+        raise LmrecError(f"cannot resume stage {stage.tag!r} from {path}: it is a checkpoint of {saved.get('tag')!r}")
     accelerator.load_state(str(path))
-    if extra_state is not None:
-        extra_state.load_state_dict(torch.load(path / "extra_state.pt", weights_only=False))
-    result = FitResult(**state.pop("result"))
-    state.pop("tag")
-    return state, result
+    if stage.extra_state is not None:
+        stage.extra_state.load_state_dict(load_extra_state(path))
+    saved.pop("tag")
+    return LoopState(**{**saved, "result": FitResult(**saved["result"])})

@@ -1,0 +1,94 @@
+"""The one prompt builder of the generative family, used by the training samples and by inference alike.
+
+A next-item prompt shows the newest ``max_history`` items of a history as semantic IDs (optionally each
+followed by its title) in one user turn; the answer is the next item's semantic ID in the assistant turn.
+For a decoder-only model the conversation goes through the tokenizer's chat template and generation starts
+after ``<|sid_begin|>``; for an encoder-decoder model (T5) the encoder reads the user turn as plain text
+and the decoder generates the answer. How a model was prompted in training is saved with it
+(``prompt_config.json``) so inference prompts it the same way; the defaults are the config's
+(:class:`~lmrec.config.GenDataConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmrec.config import GenDataConfig
+from lmrec.errors import LmrecError
+
+NEXT_ITEM = "Recent items, oldest first: {history}. Next item?"
+SID_TO_TITLE = "Title of {sid}?"
+TITLE_TO_SID = "Item for: {title}"
+PROMPT_CONFIG = "prompt_config.json"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    max_history: int = GenDataConfig.model_fields["max_history"].default
+    with_titles: bool = GenDataConfig.model_fields["with_titles"].default
+
+    @classmethod
+    def from_config(cls, dc: GenDataConfig) -> PromptFormat:
+        return cls(dc.max_history, dc.with_titles)
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> PromptFormat:
+        """The format a model was trained with; the config's defaults for a model saved without one."""
+        p = Path(model_dir) / PROMPT_CONFIG
+        return cls(**json.loads(p.read_text())) if p.exists() else cls()
+
+    def save(self, model_dir: str | Path) -> None:
+        (Path(model_dir) / PROMPT_CONFIG).write_text(json.dumps(asdict(self)) + "\n")
+
+
+def title(ds, i: int) -> str:
+    """An item's first text attribute (its title), else its id."""
+    return ds.item_text[i][0][1] if ds.item_text[i] else ds.item_ids[i]
+
+
+def next_item_messages(ds, sids, history, target, fmt: PromptFormat) -> list[dict]:
+    """The user turn for the newest ``fmt.max_history`` items of ``history`` (+ the answer when ``target``
+    is given)."""
+    shown = list(history)[-fmt.max_history:]
+    parts = [sids.item_string(int(i)) + (f" {title(ds, int(i))}" if fmt.with_titles else "") for i in shown]
+    msgs = [{"role": "user", "content": NEXT_ITEM.format(history=", ".join(parts))}]
+    if target is not None:
+        msgs.append({"role": "assistant", "content": sids.item_string(int(target))})
+    return msgs
+
+
+def alignment_messages(ds, sids, i: int) -> list[tuple[str, list[dict]]]:
+    """Item ↔ text alignment samples of item ``i``: (task, messages) for sid→title and title→sid."""
+    s, t = sids.item_string(int(i)), title(ds, int(i))
+    return [("sid2title", [{"role": "user", "content": SID_TO_TITLE.format(sid=s)},
+                           {"role": "assistant", "content": t}]),
+            ("title2sid", [{"role": "user", "content": TITLE_TO_SID.format(title=t)},
+                           {"role": "assistant", "content": s}])]
+
+
+def encode_training(tokenizer, messages: list[dict], *, seq2seq: bool, max_length: int = 1024) -> dict:
+    """A conversation → token ids with labels on the assistant answer only.
+
+    Decoder-only: ``input_ids`` of the whole conversation, ``labels`` = the ids of the last assistant turn
+    (-100 elsewhere). Encoder-decoder: ``input_ids`` = the user turn, ``decoder_labels`` = the answer."""
+    if seq2seq:
+        enc = tokenizer(messages[0]["content"], truncation=True, max_length=max_length)["input_ids"]
+        return {"input_ids": enc, "decoder_labels": tokenizer(messages[-1]["content"])["input_ids"]}
+    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                           return_dict=False)
+    if full[: len(prompt)] != prompt:
+        raise LmrecError("the chat template does not render the prompt as a prefix of the conversation")
+    full, n = full[-max_length:], len(prompt) - max(0, len(full) - max_length)
+    return {"input_ids": full, "labels": [-100] * max(0, n) + full[max(0, n):]}
+
+
+def encode_generation(tokenizer, messages: list[dict], sid_begin: int, *, seq2seq: bool) -> dict:
+    """A prompt (no answer) → the ids generation starts from: the user turn for an encoder (the decoder
+    starts with ``<|sid_begin|>``), else the chat template's generation prompt + ``<|sid_begin|>``."""
+    if seq2seq:
+        return {"input_ids": tokenizer(messages[0]["content"])["input_ids"]}
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    return {"input_ids": ids + [sid_begin]}

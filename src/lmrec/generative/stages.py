@@ -1,0 +1,94 @@
+"""The generative family's training stages, one named function each (OpenOneRec's recipe).
+
+Every stage trains with the same objective: ``model(**batch).loss``, the language model's next-token
+cross-entropy averaged over the supervised tokens, where only the assistant's answer is supervised (the
+labels are built by :func:`lmrec.generative.prompts.encode_training`; -100 everywhere else). What differs
+between the stages is what may change, and that is all a stage function sets up: it freezes or wraps the
+model and returns a :class:`StageSetup` with the model to train and the hook the loop calls after every
+optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmrec.errors import LmrecError
+
+
+@dataclass
+class StageSetup:
+    model: torch.nn.Module  # the model to train (a peft model for LoRA)
+    after_step: Callable[[], None] | None = None  # called by the loop after every optimizer step
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def new_token_ids(meta: dict) -> list[int]:
+    """The rows added by vocabulary expansion: every itemic token and ``<|sid_begin|>``/``<|sid_end|>``."""
+    return sum(meta["level_token_ids"], []) + [meta["sid_begin"], meta["sid_end"]]
+
+
+def stage1_new_embeddings(model: torch.nn.Module, meta: dict, lora=None) -> StageSetup:
+    """Stage 1: align the new itemic tokens with the frozen language model.
+
+    Trains only the embedding rows of the new tokens (input embeddings, and the LM head's rows when it is
+    not tied to them); every other parameter is frozen. The optimizer still holds the whole embedding
+    matrix, and a gradient mask alone would let decoupled weight decay shrink the old rows, so the old rows
+    are restored after every step (``after_step``): they stay bit-for-bit unchanged."""
+    if lora is not None:
+        raise LmrecError("train.lora applies to stage 2 / sft (stage 1 trains only the new token rows)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings().weight
+    mats = [emb]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != emb.data_ptr():
+        mats.append(out.weight)
+    new = torch.zeros(emb.shape[0], dtype=torch.bool)
+    new[torch.as_tensor(new_token_ids(meta))] = True
+    saved = []
+    for w in mats:
+        w.requires_grad_(True)
+        old = (~new).to(w.device)
+        saved.append((w, old, w.detach()[old].clone()))
+
+    def restore_old_rows():
+        with torch.no_grad():
+            for w, old, rows in saved:
+                w[old] = rows
+
+    return StageSetup(model, restore_old_rows)
+
+
+def stage2_full(model: torch.nn.Module, meta: dict, lora=None) -> StageSetup:
+    """Stage 2: every parameter trains (the seed's co-pretraining; with ``lora``, LoRA adapters + the new
+    token rows instead)."""
+    return _all_or_lora(model, meta, lora)
+
+
+def sft(model: torch.nn.Module, meta: dict, lora=None) -> StageSetup:
+    """Supervised finetuning on the recommendation conversations: every parameter, or (``lora``: a
+    ``GenTrainConfig`` with ``lora: true``) peft LoRA adapters with the new token rows trainable
+    (``trainable_token_indices``)."""
+    return _all_or_lora(model, meta, lora)
+
+
+def _all_or_lora(model: torch.nn.Module, meta: dict, lora) -> StageSetup:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if lora is None:
+        return StageSetup(model)
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                     target_modules=lora.lora_target_modules, trainable_token_indices=new_token_ids(meta),
+                     task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
+    return StageSetup(get_peft_model(model, cfg))
+
+
+STAGES: dict[str, Callable[..., StageSetup]] = {"1": stage1_new_embeddings, "2": stage2_full, "sft": sft}

@@ -1,0 +1,43 @@
+"""RecFormer's end-of-run evaluation: test and valid metrics next to popularity, and on a cold-start split
+the new-item protocol (each target ranked among the items never seen before test time)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmrec.data.dataset import PreparedDataset
+from lmrec.eval.baselines import baselines, random_expectation
+from lmrec.eval.evaluator import evaluate
+from lmrec.recformer.recommender import Recommender
+
+
+def evaluate_all(rec: Recommender, ds: PreparedDataset, ev, acc=None, item_batch_size: int = 256) -> dict:
+    """Test and valid metrics of the recommender and of popularity, on the same split."""
+    kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=acc)
+    out: dict = {}
+    if not rec.has_item_table:
+        rec.encode_items(item_batch_size, acc)
+    for split in ("test", "valid"):
+        out[split] = evaluate(rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size),
+                              ds.examples(split), desc=split, **kw)
+    for split, key in (("test", "baselines"), ("valid", "baselines_valid")):
+        out[key] = baselines(ds, split, exclude_history=ev.exclude_history, **kw)
+    new = evaluate_new_items(rec, ds, ev, acc)
+    if new is not None:
+        out["test_new_items"] = new
+    return out
+
+
+def evaluate_new_items(rec: Recommender, ds: PreparedDataset, ev, acc=None) -> dict | None:
+    """On a cold-start split, the new-item protocol next to full ranking: each test target ranked among
+    the items never seen before test time, with the random expectation for that candidate set.
+    ``{"test": ..., "baselines": {"random": ...}}``; None on other splits."""
+    if ds.manifest["options"].get("split") != "cold":
+        return None
+    examples, new = ds.examples("test"), ds.new_items()
+    if not len(examples) or not np.isin(examples.targets, new).all():
+        return None
+    fn = rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size, candidates=new)
+    test = evaluate(fn, examples, ks=ev.ks, batch_size=ev.batch_size, accelerator=acc, desc="test (new items)")
+    rnd = random_expectation(examples, ds.num_items, ks=ev.ks, exclude_history=ev.exclude_history, candidates=new)
+    return {"test": test, "baselines": {"random": rnd}, "candidates": int(len(new))}

@@ -1,0 +1,79 @@
+"""The run skeleton every training command opens (``finetune``, ``pretrain``, ``backbone pretrain-mlm``,
+``gen train``): one place for what they all do around the loop.
+
+    with Run(cfg, "finetune") as run:              # accelerator, run directory, resolved config, barrier,
+        ...                                        # TensorBoard trackers
+        r = run.fit(model, make_loader, Stage(...)) # the one loop, with this run's optimizer options and
+                                                    # checkpoints (one resume plan for every stage)
+        run.finish(metrics)                        # metrics.json written atomically by rank 0
+
+Inputs are validated before a ``Run`` is opened; if a user error (:class:`~lmrec.errors.LmrecError`) still
+ends a run that created its directory, the directory is removed: a failed command leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lmrec.config import save_config
+from lmrec.errors import LmrecError
+from lmrec.io import atomic_file
+from lmrec.training.loop import Checkpointing, FitResult, Optim, Resume, Stage, fit, make_accelerator
+
+
+class Run:
+    def __init__(self, cfg, tracker: str, log: Callable[[str], None] = print):
+        self.cfg, self.log, self.t0 = cfg, log, time.time()
+        self.dir = Path(cfg.output_dir)
+        tr = cfg.train
+        self.acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(self.dir / "logs"), tr.seed)
+        self._created = not self.dir.exists()
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.dir / "run_config.yaml")
+        self.acc.wait_for_everyone()
+        self.acc.init_trackers(tracker)
+        root = self.dir / "checkpoints"
+        self.checkpointing = Checkpointing(root, tr.save_steps, tr.save_total_limit, Resume(root, tr.resume_from))
+        self.optim = Optim.from_train(tr)
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is None:
+            return
+        self.acc.end_training()
+        if isinstance(exc, LmrecError) and self._created and self.is_main:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def fit(self, model, make_loader, stage: Stage, global_step: int = 0) -> FitResult:
+        return fit(self.acc, model, make_loader, stage, optim=self.optim, checkpointing=self.checkpointing,
+                   global_step=global_step, log=self.log)
+
+    def on_main(self, write: Callable[[], object]) -> None:
+        """``write()`` on rank 0, then every rank waits for it (saving a model all ranks read next)."""
+        if self.is_main:
+            write()
+        self.acc.wait_for_everyone()
+
+    def keep_best(self, save: Callable[[Path], object], name: str = "model") -> Callable[[dict, int], None]:
+        """An ``on_best`` hook: ``save(run_dir / name)`` on rank 0 (an atomic directory write), then a barrier."""
+        return lambda metrics, epoch: self.on_main(lambda: save(self.dir / name))
+
+    def finish(self, metrics: dict, name: str = "metrics.json") -> dict:
+        """Add the wall time, write ``name`` atomically on rank 0, close the trackers."""
+        metrics["wall_time_s"] = round(time.time() - self.t0, 1)
+        if self.is_main:
+            text = json.dumps(metrics, indent=2) + "\n"
+            atomic_file(self.dir / name, lambda tmp: tmp.write_text(text))
+        self.acc.end_training()
+        return metrics
