@@ -23,7 +23,7 @@ def jieba_chars(limit: int = 3000) -> list[str]:
 
 def build_longformer_zh(out: Path, vocab: list[str], *, hidden: int = 32, layers: int = 2, heads: int = 2,
                         max_positions: int = 256, window: int | list[int] = 8, drop: tuple[str, ...] = (),
-                        seed: int = 0) -> Path:
+                        seed: int = 0, untied_decoder: bool = False) -> Path:
     """A tiny checkpoint in the ValkyriaLenneth/longformer_zh layout: ``pytorch_model.bin`` of a
     ``BertForMaskedLM`` (``bert.*``, ``cls.predictions.*``) plus ``{query,key,value}_global`` per layer,
     ``config.json`` with ``model_type: bert`` and an ``attention_window`` list, a ``vocab.txt`` only."""
@@ -43,6 +43,8 @@ def build_longformer_zh(out: Path, vocab: list[str], *, hidden: int = 32, layers
     model = BertForMaskedLM(cfg)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"].clone()
+    if untied_decoder:  # an MLM decoder trained apart from the input embeddings
+        state["cls.predictions.decoder.weight"] += 0.1 * torch.randn_like(state["cls.predictions.decoder.weight"])
     for i in range(layers):
         for proj in ("query", "key", "value"):
             lin = torch.nn.Linear(hidden, hidden)

@@ -176,3 +176,24 @@ def test_positions_and_windows_are_checked(zh, tmp_path):
     # a list follows the layer count; a wrong-length list is an error that says so
     m, _, _ = build_recformer(zh, max_token_num=64, max_item_embeddings=8, attention_window=10)
     assert m.config.attention_window == [10, 10]
+
+
+def test_an_untied_mlm_decoder_is_kept_not_replaced(tmp_path):
+    from lmrec.recformer.modeling_recformer import RecformerForPretraining
+
+    src = build_longformer_zh(tmp_path / "untied", jieba_chars(100), untied_decoder=True)
+    raw = torch.load(src / "pytorch_model.bin")
+    model, _, report = build_recformer(src, model_cls=RecformerForPretraining, max_token_num=128)
+    dec, emb = model.lm_head.decoder.weight, model.longformer.embeddings.word_embeddings.weight
+    assert torch.equal(dec, raw["cls.predictions.decoder.weight"])
+    assert torch.equal(emb, raw["bert.embeddings.word_embeddings.weight"]) and not torch.equal(dec, emb)
+    assert "lm_head.decoder.weight" in report.copied and "untied" in report.notes["lm_head.decoder.weight"]
+    model.save_pretrained(tmp_path / "saved")
+    again = RecformerForPretraining.from_pretrained(tmp_path / "saved")
+    assert torch.equal(again.lm_head.decoder.weight, raw["cls.predictions.decoder.weight"])
+    assert torch.equal(again.longformer.embeddings.word_embeddings.weight, emb)
+    # a tied checkpoint (decoder == embeddings) stays tied: one tensor
+    tied, _, tied_report = build_recformer(build_longformer_zh(tmp_path / "tied", jieba_chars(100)),
+                                           model_cls=RecformerForPretraining, max_token_num=128)
+    assert tied.lm_head.decoder.weight is tied.longformer.embeddings.word_embeddings.weight
+    assert "lm_head.decoder.weight" in tied_report.unused

@@ -189,61 +189,25 @@ def recformer_config_from_backbone(cfg: dict, layout: Layout | None = None, **ov
 # --------------------------------------------------------------------------------------------- init
 def init_from_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor], layout: Layout) -> InitReport:
     """Copy backbone tensors (raw names) into a RecFormer model (``RecformerForSeqRec`` or
-    ``RecformerForPretraining``) and report every tensor of both sides."""
+    ``RecformerForPretraining``) and report every tensor of both sides. An MLM decoder is tied to the word
+    embeddings unless the model was configured untied (the backbone's decoder differs: it is kept)."""
     src = canonical_state(state)
     report = InitReport()
     target = model.state_dict()
-    tied = {k for k in target if k == "lm_head.decoder.weight"}  # tied to the word embeddings
+    tied = {"lm_head.decoder.weight"} if getattr(model.config, "tie_word_embeddings", True) else set()
     used: set[str] = set()
     new_state: dict[str, torch.Tensor] = {}
-
-    def put(name, tensor, status, note="", source=None):
-        new_state[name] = tensor
-        getattr(report, status).append(name)
-        if note:
-            report.notes[name] = note
-        if source:
-            used.add(source)
-
     for name, tensor in target.items():
         if name in tied or name == "lm_head.decoder.bias":
             continue
         key = name[len("longformer."):] if name.startswith("longformer.") else name
-        got = src.get(key)
-        if key == "embeddings.token_type_embeddings.weight" and got is not None and got.shape[1:] == tensor.shape[1:]:
-            if layout.name == "recformer" and got.shape == tensor.shape:
-                put(name, got, "copied", source=key)
-            else:
-                put(name, got[0].expand_as(tensor).clone(), "derived",
-                    f"all {tensor.shape[0]} rows from the backbone's row 0 (of {got.shape[0]})", key)
-            continue
-        if got is None and any(g in key for g in _GLOBAL):
-            local = key.replace("_global", "")
-            if layout.is_long:
-                report.missing.append(name)
-                report.notes[name] = (f"global projection missing in a long ({layout.name}) checkpoint that "
-                                      "has an attention_window / other global projections")
-            elif local in src and src[local].shape == tensor.shape:
-                put(name, src[local].clone(), "derived", f"copied from {local} (allenai convert-to-long)", local)
-            else:
-                report.missing.append(name)
-                report.notes[name] = f"neither {key} nor {local} in the backbone"
-            continue
-        if got is None:
-            if key.startswith("embeddings.item_position_embeddings") or name.startswith(("user_projection",
-                                                                                         "lm_head.")):
-                report.new.append(name)
-                report.notes[name] = "new in RecFormer" if not name.startswith("lm_head.") else \
-                    "the backbone has no MLM head"
-            else:
-                report.missing.append(name)
-                report.notes[name] = "not in the backbone"
-            continue
-        if got.shape != tensor.shape:
-            report.wrong_size.append(name)
-            report.notes[name] = f"backbone {tuple(got.shape)} vs RecFormer {tuple(tensor.shape)}"
-            continue
-        put(name, got.to(tensor.dtype), "copied", source=key)
+        status, value, note, source = _init_tensor(name, key, tensor, src, layout)
+        getattr(report, status).append(name)
+        if note:
+            report.notes[name] = note
+        if value is not None:
+            new_state[name] = value
+            used.add(source or key)
     for k in sorted(src):
         if k not in used:
             report.unused.append(k)
@@ -254,9 +218,44 @@ def init_from_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor], l
             else:
                 report.notes[k] = "UNEXPECTED: not a tensor of this layout"
     model.load_state_dict(new_state, strict=False)
-    if hasattr(model, "tie_weights"):
+    if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     return report
+
+
+def _init_tensor(name: str, key: str, tensor: torch.Tensor, src: dict[str, torch.Tensor], layout: Layout
+                 ) -> tuple[str, torch.Tensor | None, str, str | None]:
+    """How one RecFormer tensor is initialised: (report status, value or None, note, source key)."""
+    got = src.get(key)
+    if key == "embeddings.token_type_embeddings.weight" and got is not None and got.shape[1:] == tensor.shape[1:]:
+        if layout.name == "recformer" and got.shape == tensor.shape:
+            return "copied", got, "", key
+        return ("derived", got[0].expand_as(tensor).clone(),
+                f"all {tensor.shape[0]} rows from the backbone's row 0 (of {got.shape[0]})", key)
+    if got is None and any(g in key for g in _GLOBAL):
+        local = key.replace("_global", "")
+        if layout.is_long:
+            return ("missing", None, f"global projection missing in a long ({layout.name}) checkpoint that has an "
+                    "attention_window / other global projections", None)
+        if local in src and src[local].shape == tensor.shape:
+            return "derived", src[local].clone(), f"copied from {local} (allenai convert-to-long)", local
+        return "missing", None, f"neither {key} nor {local} in the backbone", None
+    if got is None:
+        if key.startswith("embeddings.item_position_embeddings") or name.startswith(("user_projection", "lm_head.")):
+            return "new", None, ("new in RecFormer" if not name.startswith("lm_head.") else
+                                 "the backbone has no MLM head"), None
+        return "missing", None, "not in the backbone", None
+    if got.shape != tensor.shape:
+        return "wrong_size", None, f"backbone {tuple(got.shape)} vs RecFormer {tuple(tensor.shape)}", None
+    note = "untied: differs from the word embeddings in the backbone, kept" if key == "lm_head.decoder.weight" else ""
+    return "copied", got.to(tensor.dtype), note, key
+
+
+def decoder_is_untied(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a checkpoint's MLM decoder is a tensor of its own (not equal to the word embeddings)."""
+    src = canonical_state(state)
+    dec, emb = src.get("lm_head.decoder.weight"), src.get("embeddings.word_embeddings.weight")
+    return dec is not None and emb is not None and (dec.shape != emb.shape or not torch.equal(dec, emb))
 
 
 def unexpected(report: InitReport) -> list[str]:
@@ -284,6 +283,8 @@ def build_recformer(backbone: str | Path, model_cls=None, **overrides):
     cfg, state = read_backbone(backbone)
     layout = detect_layout(cfg, state)
     config = recformer_config_from_backbone(cfg, layout, **overrides)
+    if decoder_is_untied(state):  # keep a trained decoder of its own instead of replacing it by the embeddings
+        config.tie_word_embeddings = False
     model = (model_cls or RecformerForSeqRec)(config)
     report = init_from_backbone(model, state, layout)
     tokenizer = RecformerTokenizer.from_pretrained(backbone, config)
@@ -294,6 +295,46 @@ def build_recformer(backbone: str | Path, model_cls=None, **overrides):
 
 
 # --------------------------------------------------------------------------------------------- convert-to-long
+def _tile_positions(pos: torch.Tensor, off: int, max_positions: int) -> torch.Tensor:
+    """The learned position rows (after the ``off`` reserved ones) repeated up to ``max_positions``."""
+    learned = pos[off:]
+    new_pos = pos.new_empty(max_positions + off, pos.shape[1])
+    new_pos[:off] = pos[:off]
+    for start in range(0, max_positions, len(learned)):
+        n = min(len(learned), max_positions - start)
+        new_pos[off + start: off + start + n] = learned[:n]
+    return new_pos
+
+
+def _add_global_projections(canon: dict[str, torch.Tensor], layers: int, src: Path) -> None:
+    """Global q/k/v of every layer copied from its local ones (allenai's recipe)."""
+    for i in range(layers):
+        for proj in ("query", "key", "value"):
+            for part in ("weight", "bias"):
+                local = f"encoder.layer.{i}.attention.self.{proj}.{part}"
+                if local not in canon:
+                    raise LmrecError(f"{src}: missing {local}")
+                canon[f"encoder.layer.{i}.attention.self.{proj}_global.{part}"] = canon[local].clone()
+
+
+def _named_for_layout(canon: dict[str, torch.Tensor], is_bert: bool) -> dict[str, torch.Tensor]:
+    """Canonical names → the Longformer_ZH layout (``bert.*``, BERT's ``cls.predictions`` head) or the
+    Longformer layout (``longformer.*``, ``lm_head.*``)."""
+    prefix = "bert." if is_bert else "longformer."
+    head_back = {v: k for k, v in _BERT_HEAD.items()} if is_bert else {}
+    out_state = {}
+    for k, v in canon.items():
+        if k.startswith("lm_head.") or k.startswith("cls."):
+            for new, old in head_back.items():
+                if k.startswith(new):
+                    k = old + k[len(new):]
+                    break
+            out_state[k] = v.clone().contiguous()
+        else:
+            out_state[prefix + k] = v.clone().contiguous()
+    return out_state
+
+
 def convert_to_long(src: str | Path, dst: str | Path, max_positions: int = 4096, attention_window: int = 512,
                     log=print) -> Path:
     """A short BERT/RoBERTa checkpoint → a long one (the allenai ``convert_model_to_long`` recipe): the learned
@@ -315,36 +356,13 @@ def convert_to_long(src: str | Path, dst: str | Path, max_positions: int = 4096,
     pos = canon.get("embeddings.position_embeddings.weight")
     if pos is None:
         raise LmrecError(f"{src}: no embeddings.position_embeddings.weight (absolute positions are required)")
-    off = layout.position_offset
-    learned = pos[off:]
     if max_positions < 1:
         raise LmrecError(f"--max-positions must be positive, got {max_positions}")
-    new_pos = pos.new_empty(max_positions + off, pos.shape[1])
-    new_pos[:off] = pos[:off]
-    for start in range(0, max_positions, len(learned)):
-        n = min(len(learned), max_positions - start)
-        new_pos[off + start: off + start + n] = learned[:n]
-    canon["embeddings.position_embeddings.weight"] = new_pos
-    for i in range(layers):
-        for proj in ("query", "key", "value"):
-            for part in ("weight", "bias"):
-                local = f"encoder.layer.{i}.attention.self.{proj}.{part}"
-                if local not in canon:
-                    raise LmrecError(f"{src}: missing {local}")
-                canon[f"encoder.layer.{i}.attention.self.{proj}_global.{part}"] = canon[local].clone()
+    off = layout.position_offset
+    canon["embeddings.position_embeddings.weight"] = _tile_positions(pos, off, max_positions)
+    _add_global_projections(canon, layers, src)
     is_bert = layout.name == "bert"
-    prefix = "bert." if is_bert else "longformer."
-    head_back = {v: k for k, v in _BERT_HEAD.items()} if is_bert else {}
-    out_state = {}
-    for k, v in canon.items():
-        if k.startswith("lm_head.") or k.startswith("cls."):
-            for new, old in head_back.items():
-                if k.startswith(new):
-                    k = old + k[len(new):]
-                    break
-            out_state[k] = v.clone().contiguous()
-        else:
-            out_state[prefix + k] = v.clone().contiguous()
+    out_state = _named_for_layout(canon, is_bert)
     has_head = any(k.startswith(("cls.predictions", "lm_head.")) for k in out_state)
     new_cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "architectures", "transformers_version")}
     new_cfg.update(max_position_embeddings=max_positions + off, attention_window=windows)

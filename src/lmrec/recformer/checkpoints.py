@@ -55,6 +55,14 @@ def init_checkpoint(backbone: str | Path, out: str | Path, *, allow_partial: boo
 
 
 # --------------------------------------------------------------------------------------------- path B
+def _shared_rows(old_tok, new_tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the tokens present in both vocabularies (same token string): (new ids, old ids)."""
+    old_vocab = old_tok.get_vocab()
+    shared = [(new_id, old_vocab[t]) for t, new_id in new_tok.get_vocab().items() if t in old_vocab]
+    return (torch.tensor([n for n, _ in shared], dtype=torch.long),
+            torch.tensor([o for _, o in shared], dtype=torch.long))
+
+
 def retokenize_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out: str | Path, seed: int = 0
                           ) -> dict:
     """Reuse a RecFormer checkpoint with another tokenizer: every tensor but the vocabulary-sized ones is
@@ -76,18 +84,16 @@ def retokenize_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out
     torch.manual_seed(seed)
     model = RecformerForPretraining(config)
     target = model.state_dict()
-    old_vocab, new_vocab = old_tok.get_vocab(), new_tok.get_vocab()
-    shared = [(new_id, old_vocab[t]) for t, new_id in new_vocab.items() if t in old_vocab]
-    new_idx = torch.tensor([n for n, _ in shared], dtype=torch.long)
-    old_idx = torch.tensor([o for _, o in shared], dtype=torch.long)
+    new_idx, old_idx = _shared_rows(old_tok, new_tok)
+    shared = new_idx.tolist()
     src = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     loaded, resized, reinit = [], [], []
     new_state = {}
     for name, tensor in target.items():
         got = src.get(name)
-        if name == "lm_head.decoder.weight":
+        if name == "lm_head.decoder.weight" and config.tie_word_embeddings:
             continue  # tied to the word embeddings
-        if name in (WORD_EMB, "lm_head.bias") and got is not None:
+        if name in (WORD_EMB, "lm_head.bias", "lm_head.decoder.weight") and got is not None:
             t = tensor.clone()
             if len(shared):
                 t[new_idx] = got[old_idx].to(t.dtype)
@@ -147,6 +153,20 @@ def detect_prefix(keys: list[str]) -> str:
     raise LmrecError("could not find RecFormer weights (no '*longformer.embeddings.*' key); give --strip-prefix")
 
 
+def _config_for(checkpoint: Path, state: dict, config, backbone) -> tuple[RecformerConfig, Path]:
+    """The RecFormer configuration of a checkpoint and the directory of its tokenizer: from ``config``, else
+    the checkpoint directory, else built from ``backbone``."""
+    cfg_dir = Path(config) if config else (checkpoint if (checkpoint.is_dir() and
+                                                          (checkpoint / "config.json").exists()) else None)
+    if cfg_dir is not None:
+        return RecformerConfig.from_pretrained(str(cfg_dir)), cfg_dir
+    if backbone is not None:
+        shape = state.get("longformer.embeddings.item_position_embeddings.weight")
+        tokens = {"max_item_embeddings": int(shape.shape[0])} if shape is not None else {}
+        return build_recformer(backbone, **tokens)[0].config, Path(backbone)
+    raise LmrecError(f"{checkpoint}: no config.json beside the weights; give --config DIR or --backbone DIR")
+
+
 def convert_checkpoint(checkpoint: str | Path, out: str | Path, *, config: str | Path | None = None,
                        backbone: str | Path | None = None, strip_prefix: str | None = None,
                        restore_word_embeddings: bool = False, strict: bool = True) -> dict:
@@ -161,18 +181,7 @@ def convert_checkpoint(checkpoint: str | Path, out: str | Path, *, config: str |
     prefix = strip_prefix if strip_prefix is not None else detect_prefix(list(raw))
     state = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    cfg_dir = Path(config) if config else (checkpoint if (checkpoint.is_dir() and
-                                                          (checkpoint / "config.json").exists()) else None)
-    if cfg_dir is not None:
-        rc = RecformerConfig.from_pretrained(str(cfg_dir))
-        tok_dir = cfg_dir
-    elif backbone is not None:
-        shape = state.get("longformer.embeddings.item_position_embeddings.weight")
-        tokens = {"max_item_embeddings": int(shape.shape[0])} if shape is not None else {}
-        rc = build_recformer(backbone, **tokens)[0].config
-        tok_dir = Path(backbone)
-    else:
-        raise LmrecError(f"{checkpoint}: no config.json beside the weights; give --config DIR or --backbone DIR")
+    rc, tok_dir = _config_for(checkpoint, state, config, backbone)
     notes: dict[str, str] = {}
     if restore_word_embeddings or WORD_EMB not in state:
         if backbone is None:
