@@ -146,3 +146,51 @@ def test_recommend_all_users_to_parquet(trained):
     res = run_cli("recommend-all", "--model", trained / "run" / "model", "--data", trained / "ml", "--out",
                   trained / "recs" / "x.csv")
     assert res.returncode == 2 and "expected a .parquet file name" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_counts_out_of_range_are_one_clear_message(trained, tmp_path):
+    model, data = trained / "run" / "model", trained / "ml"
+    cases = [(["recommend", "--model", model, "--history", "50", "-k", "-3"], "-k must be at least 1, got -3"),
+             (["recommend", "--model", model, "--history", "50", "-k", "0"], "-k must be at least 1, got 0"),
+             (["recommend-all", "--model", model, "--data", data, "--out", tmp_path / "r.parquet", "-k", "-1"],
+              "-k must be at least 1, got -1"),
+             (["evaluate", "--model", model, "--data", data, "--ks", "0"], "every cut-off must be at least 1"),
+             (["evaluate", "--model", model, "--data", data, "--ks", "10,x"], "expected positive integers")]
+    for args, message in cases:
+        res = run_cli(*args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and message in res.stderr, (args, res.stderr)
+        assert "nan" not in res.stdout and "┏" not in res.stdout  # no table at all
+    assert not list(tmp_path.iterdir())  # recommend-all wrote nothing
+
+
+def test_excluding_the_history_never_returns_history_items(trained):
+    import lmrec
+    from lmrec.data.dataset import PreparedDataset
+
+    ds = PreparedDataset(trained / "ml")
+    history = ds.item_ids[:-3]  # all but three items: only those three can be recommended
+    got = lmrec.recommend(trained / "run" / "model", history, k=10)
+    assert sorted(it for it, _, _ in got) == sorted(ds.item_ids[-3:])
+    assert all(s > float("-inf") for _, _, s in got)
+    every = lmrec.recommend(trained / "run" / "model", history, k=10, exclude_history=False)
+    assert len(every) == 10
+
+
+def test_a_failed_training_command_leaves_nothing_behind(trained, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("finetune", "--data", tmp_path / "nonexistent", f"output_dir={run}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "nonexistent" in res.stderr
+    assert not run.exists()
+    (tmp_path / "not-a-model").mkdir()  # fails after the run directory was opened
+    res = run_cli("finetune", "--data", trained / "ml", f"output_dir={run}",
+                  f"model.backbone={tmp_path / 'not-a-model'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "not-a-model" in res.stderr
+    assert not run.exists()
+
+
+def test_doctor_on_a_wrong_path_is_bad_input(tmp_path):
+    res = run_cli("doctor", "--backbone", tmp_path / "nope")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "no such directory" in res.stderr
+    (tmp_path / "empty").mkdir()
+    res = run_cli("doctor", "--backbone", tmp_path / "empty")
+    assert res.returncode == 2 and "not a model directory" in res.stderr

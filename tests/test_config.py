@@ -32,3 +32,61 @@ def test_precedence_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(None, ["train.batch_size=many"])
     assert load_config("recformer").model.pooler_type == "cls"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.metric=ndcg@5"], r"eval: metric 'ndcg@5' is not computed with ks=\[10, 20, 50\]"),
+    (["eval.ks=[5]"], r"metric 'ndcg@10' is not computed with ks=\[5\]"),
+    (["eval.metric=auc"], "expected one of recall@10"),
+    (["eval.ks=[0, 10]"], r"eval\.ks\.0: Input should be greater than or equal to 1"),
+    (["eval.ks=[]"], r"eval\.ks: List should have at least 1 item"),
+    (["train.lr=0"], r"train\.lr: Input should be greater than 0"),
+    (["train.stage1_epochs=-1"], r"train\.stage1_epochs: Input should be greater than or equal to 0"),
+    (["train.batch_size=0"], r"train\.batch_size: Input should be greater than or equal to 1"),
+    (["train.warmup_ratio=1.5"], r"train\.warmup_ratio: Input should be less than 1"),
+    (["model.temperature=0"], r"model\.temperature: Input should be greater than 0"),
+])
+def test_meaningless_values_are_rejected_at_load_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_early_stopping_metric_follows_the_cutoffs():
+    assert load_config(None, ["eval.ks=[5]", "eval.metric=recall@5"]).eval.metric == "recall@5"
+    assert load_config(None, ["eval.ks=[5]", "eval.metric=mrr"]).eval.metric == "mrr"
+
+
+def test_generative_stage_is_a_literal_choice():
+    from lmrec.config import GenRunConfig
+
+    assert load_config(None, ["train.stage=1"], schema=GenRunConfig).train.stage == "1"  # YAML's int 1 too
+    assert load_config(None, ["train.stage=sft"], schema=GenRunConfig).train.stage == "sft"
+    with pytest.raises(ConfigError, match=r"train\.stage: Input should be '1', '2' or 'sft'"):
+        load_config(None, ["train.stage=3"], schema=GenRunConfig)
+    with pytest.raises(ConfigError, match="train.lora applies to stage 2 / sft"):
+        load_config(None, ["train.stage=1", "train.lora=true"], schema=GenRunConfig)
+    with pytest.raises(ConfigError, match=r"eval: metric 'ndcg@10' is not computed"):
+        load_config(None, ["eval.ks=[20]"], schema=GenRunConfig)
+
+
+def test_model_settings_beside_a_saved_recommender_init_are_errors(tmp_path):
+    import json
+
+    saved = tmp_path / "rec"
+    saved.mkdir()
+    (saved / "items.parquet").write_bytes(b"")  # a saved recommender (only its files' presence matters here)
+    (saved / "config.json").write_text(json.dumps({"model_type": "recformer", "pooler_type": "mean",
+                                                   "max_token_num": 32, "max_attr_length": 16, "max_attr_num": 3,
+                                                   "attention_window": [64, 64]}))
+    # the same values as the saved model (the quickstart config with --init) are fine
+    assert load_config(ROOT / "configs" / "quickstart.yaml", [f"model.init={saved}"]).model.init == str(saved)
+    with pytest.raises(ConfigError) as e:
+        load_config("recformer", [f"model.init={saved}"])  # CLS pooling, 1,024 tokens: ignored silently before
+    msg = str(e.value)
+    assert "model.pooler_type='cls' (the saved model has 'mean')" in msg
+    assert "model.max_token_num=1024 (the saved model has 32)" in msg and "max_attr_num" not in msg
+    with pytest.raises(ConfigError, match=r"model\.default_layers=4"):
+        load_config(None, [f"model.init={saved}", "model.default_layers=4"])
+    # a RecFormer checkpoint without a catalog (backbone init, pretraining) takes model.* settings
+    (saved / "items.parquet").unlink()
+    assert load_config("recformer", [f"model.init={saved}"]).model.pooler_type == "cls"

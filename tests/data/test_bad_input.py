@@ -34,7 +34,8 @@ def test_good_input_works(tmp_path):
 
 @pytest.mark.parametrize("inter, fragments", [
     ("user_id,item,timestamp\nu1,i1,1\n", ["inter.csv", "row 1", "column 'item_id'", "missing column"]),
-    ("user_id,item_id,timestamp\nu1,i1,1\nu1,i9,2\n", ["inter.csv", "'i9'", "no entry in the item file"]),
+    ("user_id,item_id,timestamp\nu1,i1,1\nu1,i9,2\n", ["inter.csv", "row 3", "column 'item_id'", "'i9'",
+                                                     "no entry in the item file"]),
     ("user_id,item_id,timestamp\nu1,i1,1\nu1,i2,\n", ["inter.csv", "row 3", "column 'timestamp'", "missing"]),
     ("user_id,item_id,timestamp\nu1,i1,1\nu1,i2,yesterday\n", ["row 3", "'yesterday' is not a number"]),
     ("", ["inter.csv", "empty"]),
@@ -79,3 +80,15 @@ def test_unknown_config_key(tmp_path):
     res = run_cli("finetune", "--config", cfg, "--data", tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "train.lrr: unknown key" in res.stderr and str(cfg) in res.stderr
+
+
+def test_a_text_field_longer_than_the_csv_default_limit_is_read(tmp_path):
+    """A product description of a megabyte (the csv module stops at 128 KiB by default; JSONL accepts it)."""
+    from lmrec.data.dataset import PreparedDataset
+
+    long = "word " * 200_000
+    items = f'item_id,title,brand\ni1,"{long}",Acme\ni2,Blue Hat,Hatco\ni3,Green Sock,Acme\n'
+    res, out = _prepare(tmp_path, GOOD_INTER, items)
+    assert res.returncode == 0, res.stderr
+    ds = PreparedDataset(out)
+    assert ds.item_text[ds.item_index["i1"]] == [("title", long.strip()), ("brand", "Acme")]

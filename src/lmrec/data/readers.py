@@ -82,6 +82,9 @@ def read_delimited(path: Path, delimiter: str, *, typed_header: bool = False) ->
     ``typed_header``: RecBole atomic headers (``item_id:token``) are reduced to the names (``item_id``).
     """
     text = _read_text(path)
+    # no field can be longer than the file: the csv module's default limit (128 KiB) would stop at a long
+    # product description, which JSONL and Parquet accept
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     quoting = csv.QUOTE_NONE if typed_header else csv.QUOTE_MINIMAL  # atomic files have no quoting
     reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
     header = [h.strip() for h in next(reader)]
@@ -193,21 +196,23 @@ def text_value(value: object) -> str:
 # --------------------------------------------------------------------------------------------- builders
 def read_interactions(
     path: str | Path, user_col: str, item_col: str, time_col: str
-) -> tuple[list[str], list[str], list[float]]:
+) -> tuple[list[str], list[str], list[float], list[int]]:
+    """(users, items, timestamps, row numbers) of an interaction table."""
     path = Path(path)
     header, rows = read_table(path)
     if header is not None:
         _require_columns(path, header, [user_col, item_col, time_col])
-    users, items, times = [], [], []
+    users, items, times, numbers = [], [], [], []
     for row in rows:
         if header is None:
             _require_row_keys(path, row, [user_col, item_col, time_col])
         users.append(cell_str(path, row, user_col))
         items.append(cell_str(path, row, item_col))
         times.append(cell_time(path, row, time_col))
+        numbers.append(row.number)
     if not users:
         raise DataError("no interactions found (expected at least one row)", file=path)
-    return users, items, times
+    return users, items, times, numbers
 
 
 def _require_row_keys(path: Path, row: Row, needed: Sequence[str]) -> None:
@@ -254,8 +259,11 @@ def join_items(
     inter_path: Path,
     drop_unknown: bool,
     source: str,
+    rows: list[int] | None = None,
+    item_col: str | None = None,
 ) -> RawData:
-    """Check that every interacted item has text; drop (and count) or raise on unknown ones."""
+    """Check that every interacted item has text; drop (and count) or raise on unknown ones (naming the
+    first one's row of ``inter_path`` when ``rows`` gives the row numbers)."""
     keep = [i for i, it in enumerate(items) if it in item_text]
     dropped = len(items) - len(keep)
     if dropped and not drop_unknown:
@@ -263,7 +271,7 @@ def join_items(
         raise DataError(
             f"item id {items[first]!r} has no entry in the item file "
             f"({dropped} interaction(s) affected; expected every item to have metadata)",
-            file=inter_path,
+            file=inter_path, row=rows[first] if rows else None, column=item_col,
         )
     if dropped:
         users = [users[i] for i in keep]

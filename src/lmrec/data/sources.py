@@ -57,9 +57,10 @@ def load_recbole(
     if text is None:
         header, _ = read_delimited(item_path, "\t")
         text = [n for n, _, t in (h.partition(":") for h in header) if n != item_col and t in ("token", "token_seq")]
-    users, items, times = read_interactions(inter_path, user_col, item_col, time_col)
+    users, items, times, rows = read_interactions(inter_path, user_col, item_col, time_col)
     item_text = read_item_text(item_path, item_col, parse_text_columns(text))
-    return join_items(users, items, times, item_text, inter_path=inter_path, drop_unknown=False,
+    return join_items(users, items, times, item_text, inter_path=inter_path, drop_unknown=False, rows=rows,
+                      item_col=item_col,
                       source=source or f"recbole atomic files {inter_path}")
 
 
@@ -78,12 +79,13 @@ def load_generic(
     """CSV/TSV/JSONL/Parquet interactions with a column mapping; item text from ``items_path`` or, when it
     is absent, from the interaction rows themselves (the first row of each item)."""
     inter_path = Path(inter_path)
-    users, items, times = read_interactions(inter_path, user_col, item_col, time_col)
+    users, items, times, rows = read_interactions(inter_path, user_col, item_col, time_col)
     if items_path is not None:
         item_text = read_item_text(items_path, items_id_col or item_col, parse_text_columns(text))
     else:
         item_text = _item_text_from_interactions(inter_path, item_col, text)
     return join_items(users, items, times, item_text, inter_path=inter_path, drop_unknown=drop_unknown_items,
+                      rows=rows, item_col=item_col,
                       source=f"table {inter_path}")
 
 
