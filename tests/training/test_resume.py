@@ -36,6 +36,10 @@ def test_sigkill_mid_stage_then_resume_is_exact(setup):
     # killed after the second stage-1 checkpoint (mid-epoch: 10 steps per epoch, a save every 4)
     run_and_kill([*args, f"output_dir={run}"], lambda: len(checkpoints(run, "stage1")) >= 2, root / "k.log")
     assert not (run / "model").exists()
+    # the loop's extra state (stage 1's item table) is stored without pickle: safetensors + JSON
+    last = checkpoints(run, "stage1")[-1]
+    assert (last / "extra_state.safetensors").exists() and (last / "extra_state.json").exists()
+    assert not list(last.glob("*.pt"))
     res = run_cli(*args, f"output_dir={run}", "train.resume_from=auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout + res.stderr

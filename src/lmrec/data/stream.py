@@ -1,0 +1,257 @@
+"""Streaming packed chat samples from parquet files, across ranks and dataloader workers, resumable exactly.
+
+The corpus is never held in memory: per epoch the file list is shuffled with the seed (sources repeated by
+their weight), and file ``i`` of that list goes to the reader ``i mod (world × workers)`` — reader
+``rank × workers + worker`` — so every file is read exactly once per epoch (per unit of weight) across the
+whole job. A reader reads its files one row group at a time, shuffles samples in a local buffer, tokenizes
+them (``encode``, in the worker), and packs them into sequences of ``max_length`` tokens chosen from a
+small buffer (best fit). All epochs form one finite stream: training ends when it ends.
+
+Exact resume. What a reader has read but not yet emitted — the samples in the shuffle buffer and in the
+packing buffer — is part of its state, as references ``[epoch, file position, row]`` that are re-read on
+resume, next to the read position and the shuffle RNG. ``torchdata``'s ``StatefulDataLoader`` takes each
+worker's state at the batch it hands over, so samples sitting in the prefetch queue are not lost either:
+a resumed run continues with exactly the packs an uninterrupted one would have produced next.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmrec.data.chat_format import ChatRow, parquet_row_groups, parse_row, read_row_group
+from lmrec.data.data_config import DataMixConfig
+from lmrec.errors import DataError
+
+# encode(row) → {"input_ids": [...], "labels": [...]} (labels -100 where not supervised)
+Encode = Callable[[ChatRow], dict]
+
+
+@dataclass
+class Sample:
+    ref: list[int]  # [epoch, position in this reader's file list, 1-based row]
+    source: int  # index into the stream's source names
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Counts:
+    """Per source: samples read, over-length samples dropped or truncated, bad rows skipped."""
+
+    samples: Counter = field(default_factory=Counter)
+    too_long: Counter = field(default_factory=Counter)
+    bad_rows: Counter = field(default_factory=Counter)
+
+
+def epoch_files(files: list[list[Path]], weights: list[float], seed: int, epoch: int) -> list[tuple[int, Path]]:
+    """(source index, file) of one epoch: each source's files ``floor(weight)`` times plus a seeded
+    share ``weight mod 1`` of them, all shuffled with (seed, epoch)."""
+    out: list[tuple[int, Path]] = []
+    for s, (fs, w) in enumerate(zip(files, weights)):
+        whole, frac = int(w), w - int(w)
+        out += [(s, f) for _ in range(whole) for f in fs]
+        if frac > 0:
+            pick = np.random.default_rng([seed, epoch, s, 1]).permutation(len(fs))[: round(frac * len(fs))]
+            out += [(s, fs[i]) for i in sorted(pick)]
+    order = np.random.default_rng([seed, epoch]).permutation(len(out))
+    return [out[i] for i in order]
+
+
+class ChatStream(torch.utils.data.IterableDataset):
+    """Packed samples for one rank; ``names[s]`` names source ``s``. Each item is a pack:
+    ``{"input_ids", "labels", "position_ids", "sources"}`` (lists of equal length ≤ ``cfg.max_length``;
+    positions restart at every sample, ``sources`` = the source index of every token)."""
+
+    def __init__(self, files: list[list[Path]], names: list[str], cfg: DataMixConfig, encode: Encode, *,
+                 rank: int = 0, world: int = 1, weights: list[float] | None = None):
+        self.files, self.names, self.cfg, self.encode = files, names, cfg, encode
+        self.weights = weights or [1.0] * len(files)
+        self.rank, self.world = rank, world
+        self.counts = Counts()
+        self._state: dict | None = None  # set by load_state_dict, consumed by the next __iter__
+        self._live: dict | None = None  # the state after the last item handed out
+        self._epoch_files: tuple[int, list] = (-1, [])
+
+    # ----------------------------------------------------------------------------------------- readers
+    def _reader(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world * workers
+
+    def reader_files(self, epoch: int) -> list[tuple[int, Path]]:
+        """This reader's files of ``epoch`` (file granularity: no file is split between readers)."""
+        if self._epoch_files[0] != epoch:  # computed once per epoch, not once per file
+            me, readers = self._reader()
+            self._epoch_files = (epoch, epoch_files(self.files, self.weights, self.cfg.seed, epoch)[me::readers])
+        return self._epoch_files[1]
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Where this reader is, as JSON values (called by StatefulDataLoader after each item)."""
+        return copy.deepcopy(self._live) if self._live is not None else (copy.deepcopy(self._state) or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = copy.deepcopy(state) if state else None
+
+    # ----------------------------------------------------------------------------------------- reading
+    def _rows(self, epoch: int, pos: int, start_row: int) -> Iterator[tuple[int, int, dict]]:
+        """(source, row number, raw row) of file ``pos`` of this reader's epoch, from row ``start_row + 1``."""
+        source, path = self.reader_files(epoch)[pos]
+        row = 0
+        for g, n in enumerate(parquet_row_groups(path)):
+            if row + n <= start_row:
+                row += n
+                continue
+            for raw in read_row_group(path, g):
+                row += 1
+                if row > start_row:
+                    yield source, row, raw
+
+    def _sample(self, ref: list[int], source: int, raw: dict, path: Path, count: bool = True) -> Sample | None:
+        """Parse + encode one row; None when the row is skipped (bad, or over-length and dropped). ``count``
+        is off when a resumed reader re-reads its buffers (those rows were counted before)."""
+        counts = self.counts if count else Counts()
+        name = self.names[source]
+        try:
+            enc = self.encode(parse_row(raw, path, ref[2]))
+        except DataError:
+            if self.cfg.bad_rows == "error":
+                raise
+            counts.bad_rows[name] += 1
+            return None
+        ids, labels = enc["input_ids"], enc["labels"]
+        if len(ids) > self.cfg.sample_limit:
+            counts.too_long[name] += 1
+            if self.cfg.over_length == "drop":
+                return None
+            ids, labels = ids[: self.cfg.sample_limit], labels[: self.cfg.sample_limit]
+        counts.samples[name] += 1
+        return Sample(list(ref), source, ids, labels)
+
+    def _reread(self, refs: list[list[int]]) -> list[Sample]:
+        """The samples behind saved references (buffers of a resumed reader), in the order given."""
+        by_file: dict[tuple[int, int], set[int]] = defaultdict(set)
+        for e, pos, row in refs:
+            by_file[(e, pos)].add(row)
+        got: dict[tuple[int, int, int], Sample] = {}
+        for (e, pos), rows in by_file.items():
+            path = self.reader_files(e)[pos][1]
+            for source, row, raw in self._rows(e, pos, min(rows) - 1):
+                if row in rows:
+                    s = self._sample([e, pos, row], source, raw, path, count=False)
+                    if s is not None:
+                        got[(e, pos, row)] = s
+                if row >= max(rows):
+                    break
+        return [got[tuple(r)] for r in refs if tuple(r) in got]
+
+    # ----------------------------------------------------------------------------------------- iterating
+    def __iter__(self) -> Iterator[dict]:
+        st = self._state or {"epoch": 0, "pos": 0, "row": 0, "shuffle": [], "pack": [],
+                             "rng": np.random.default_rng([self.cfg.seed, *self._reader()]).bit_generator.state}
+        self._state, self._live = None, copy.deepcopy(st)
+        self.counts = Counts(**{k: Counter(v) for k, v in st.get("counts", {}).items()})
+        rng = np.random.default_rng()
+        rng.bit_generator.state = st["rng"]
+        shuffle, pack = self._reread(st["shuffle"]), self._reread(st["pack"])
+        position = [st["epoch"], st["pos"], st["row"]]
+        for sample in self._shuffled(self._read_from(position), shuffle, rng):
+            pack.append(sample)
+            if len(pack) >= self.cfg.pack_buffer_size:
+                out = self._take_pack(pack)
+                self._remember(position, shuffle, pack, rng)
+                yield out
+        while pack:  # the stream ended: flush the packing buffer
+            out = self._take_pack(pack)
+            self._remember(position, shuffle, pack, rng)
+            yield out
+
+    def _read_from(self, position: list[int]) -> Iterator[Sample]:
+        """Samples from ``position`` ([epoch, file position, rows read]) on; ``position`` follows the reading."""
+        first_epoch, first_pos, first_row = position
+        for epoch in range(first_epoch, self.cfg.num_epochs):
+            files = self.reader_files(epoch)
+            for pos in range(first_pos if epoch == first_epoch else 0, len(files)):
+                start = first_row if (epoch, pos) == (first_epoch, first_pos) else 0
+                position[:] = [epoch, pos, start]
+                for source, row, raw in self._rows(epoch, pos, start):
+                    position[2] = row
+                    s = self._sample([epoch, pos, row], source, raw, files[pos][1])
+                    if s is not None:
+                        yield s
+            position[:] = [epoch + 1, 0, 0]
+
+    def _shuffled(self, samples: Iterator[Sample], buffer: list[Sample], rng: np.random.Generator
+                  ) -> Iterator[Sample]:
+        """A local shuffle buffer: each new sample replaces a random one of the buffer, which is emitted."""
+        size = self.cfg.local_shuffle_buffer_size
+        for s in samples:
+            if size == 0:
+                yield s
+                continue
+            if len(buffer) < size:
+                buffer.append(s)
+                continue
+            j = int(rng.integers(len(buffer)))
+            buffer[j], s = s, buffer[j]
+            yield s
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def _remember(self, position: list[int], shuffle: list[Sample], pack: list[Sample], rng) -> None:
+        self._live = {"epoch": position[0], "pos": position[1], "row": position[2], "rng": rng.bit_generator.state,
+                      "shuffle": [s.ref for s in shuffle], "pack": [s.ref for s in pack],
+                      "counts": {k: dict(v) for k, v in vars(self.counts).items()}}
+
+    def _take_pack(self, buffer: list[Sample]) -> dict:
+        """One pack: the oldest sample of the buffer (none waits for ever), then repeatedly the longest one
+        that still fits (best fit keeps the padding small with long-tailed lengths)."""
+        room = self.cfg.max_length
+        chosen = [buffer.pop(0)]
+        room -= len(chosen[0].input_ids)
+        while buffer:
+            fits = [i for i, s in enumerate(buffer) if len(s.input_ids) <= room]
+            if not fits:
+                break
+            i = max(fits, key=lambda k: len(buffer[k].input_ids))
+            room -= len(buffer[i].input_ids)
+            chosen.append(buffer.pop(i))
+        return pack_samples(chosen)
+
+
+def pack_samples(samples: list[Sample]) -> dict:
+    """Concatenate samples into one packed sequence: positions restart at every sample (so attention stays
+    inside each sample) and the first token of a sample is never a target (it would be predicted from the
+    sample before it)."""
+    out: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "sources": []}
+    for s in samples:
+        n = len(s.input_ids)
+        out["input_ids"] += s.input_ids
+        out["labels"] += [-100] + s.labels[1:]
+        out["position_ids"] += list(range(n))
+        out["sources"] += [s.source] * n
+    return out
+
+
+def collate_packs(packs: list[dict], pad_id: int, length: int) -> dict[str, torch.Tensor]:
+    """Packs → tensors of ``length`` columns; the padding is one more "sample" (positions from 0) that
+    nothing attends into and nothing learns from. No ``attention_mask``: transformers then derives the
+    block-diagonal causal mask from the restarting ``position_ids``."""
+    b = len(packs)
+    ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), -100, dtype=torch.long)
+    pos = torch.zeros((b, length), dtype=torch.long)
+    sources = torch.full((b, length), -1, dtype=torch.long)
+    for i, p in enumerate(packs):
+        n = len(p["input_ids"])
+        ids[i, :n], labels[i, :n] = torch.as_tensor(p["input_ids"]), torch.as_tensor(p["labels"])
+        pos[i, :n], sources[i, :n] = torch.as_tensor(p["position_ids"]), torch.as_tensor(p["sources"])
+        pos[i, n:] = torch.arange(length - n)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "sources": sources}
