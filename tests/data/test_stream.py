@@ -145,6 +145,7 @@ def test_packs_fill_max_length_and_labels_never_cross_samples(tmp_path):
     assert real > 0.95
     batch = collate_packs(packs[:2], pad_id=0, length=128)
     for p, ids, lab, pos in zip(packs, batch["input_ids"], batch["labels"], batch["position_ids"]):
+        assert ids[: len(p["input_ids"])].tolist() == p["input_ids"]
         starts = (pos == 0).nonzero().flatten().tolist()
         assert all(lab[s] == -100 for s in starts)  # a sample's first token is never a target
         n = len(p["input_ids"])
