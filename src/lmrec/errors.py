@@ -25,7 +25,7 @@ class DataError(LmrecError):
         row: int | None = None,
         column: str | None = None,
     ):
-        self.file, self.row, self.column = file, row, column
+        self.file, self.row, self.column, self.reason = file, row, column, message
         where = []
         if file is not None:
             where.append(str(file))

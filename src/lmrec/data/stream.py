@@ -120,7 +120,12 @@ class ChatStream(torch.utils.data.IterableDataset):
         counts = self.counts if count else Counts()
         name = self.names[source]
         try:
-            enc = self.encode(parse_row(raw, path, ref[2]))
+            try:
+                enc = self.encode(parse_row(raw, path, ref[2]))
+            except DataError as e:  # an encoder's error names no file: add where the row is
+                if e.file is None:
+                    raise DataError(e.reason, file=path, row=ref[2], column=e.column) from None
+                raise
         except DataError:
             if self.cfg.bad_rows == "error":
                 raise
@@ -242,8 +247,10 @@ def pack_samples(samples: list[Sample]) -> dict:
 
 def collate_packs(packs: list[dict], pad_id: int, length: int) -> dict[str, torch.Tensor]:
     """Packs → tensors of ``length`` columns; the padding is one more "sample" (positions from 0) that
-    nothing attends into and nothing learns from. No ``attention_mask``: transformers then derives the
-    block-diagonal causal mask from the restarting ``position_ids``."""
+    nothing attends into and nothing learns from. No ``attention_mask`` and ``use_cache=False``: transformers
+    then derives the block-diagonal causal mask from the restarting ``position_ids`` (with a cache, or a 2-D
+    mask, it would not, and samples would attend across their boundaries). ``sources`` (the source of every
+    token, -1 on padding) is for per-source metrics, not for the model."""
     b = len(packs)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     labels = torch.full((b, length), -100, dtype=torch.long)
@@ -254,4 +261,4 @@ def collate_packs(packs: list[dict], pad_id: int, length: int) -> dict[str, torc
         ids[i, :n], labels[i, :n] = torch.as_tensor(p["input_ids"]), torch.as_tensor(p["labels"])
         pos[i, :n], sources[i, :n] = torch.as_tensor(p["position_ids"]), torch.as_tensor(p["sources"])
         pos[i, n:] = torch.arange(length - n)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "sources": sources}
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "sources": sources, "use_cache": False}

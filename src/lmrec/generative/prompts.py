@@ -12,11 +12,12 @@ and the decoder generates the answer. How a model was prompted in training is sa
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmrec.config import GenDataConfig
-from lmrec.errors import LmrecError
+from lmrec.errors import DataError, LmrecError
 
 NEXT_ITEM = "Recent items, oldest first: {history}. Next item?"
 SID_TO_TITLE = "Title of {sid}?"
@@ -92,3 +93,55 @@ def encode_generation(tokenizer, messages: list[dict], sid_begin: int, *, seq2se
         return {"input_ids": tokenizer(messages[0]["content"])["input_ids"]}
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
     return {"input_ids": ids + [sid_begin]}
+
+
+# ------------------------------------------------------------------------------------------- chat parquet rows
+THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
+EMPTY_THINK = "<think>\n</think>\n"
+
+
+def apply_think_pattern(messages: list[dict]) -> list[dict]:
+    """OpenOneRec's ``add_think_pattern`` (SFT): a reply with a non-empty think block gets ``/think`` on the
+    user turn before it; a reply with an empty block, or none, gets ``/no_think`` — and an empty think
+    block is put in front of a reply that has none."""
+    out = [dict(m) for m in messages]
+    for i, m in enumerate(out):
+        if m["role"] != "assistant":
+            continue
+        found = THINK.match(m["content"])
+        if found is None:
+            m["content"] = EMPTY_THINK + m["content"]
+        flag = "/think" if found is not None and found.group(1).strip() else "/no_think"
+        user = next((u for u in reversed(out[:i]) if u["role"] == "user"), None)
+        if user is not None:
+            user["content"] = f"{user['content']} {flag}"
+    return out
+
+
+def encode_chat(tokenizer, row, *, think: bool = False) -> dict:
+    """A chat parquet row (:class:`lmrec.data.chat_format.ChatRow`) → ``input_ids`` and ``labels``.
+
+    Conversations go through the tokenizer's chat template; every assistant turn is supervised, from its
+    first token to its end-of-turn marker (the span between the generation prompt before the turn and the
+    conversation rendered up to it). Plain text (``segments``) is supervised on every token and ends with
+    the end-of-sequence token."""
+    if row.segments is not None and row.messages is None:
+        ids = tokenizer("".join(row.segments), add_special_tokens=False)["input_ids"]
+        ids = ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        return {"input_ids": ids, "labels": list(ids)}
+    msgs = apply_think_pattern(row.messages) if think else row.messages
+
+    def render(m: list[dict], gen: bool = False) -> list[int]:
+        return tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=gen, return_dict=False)
+
+    full = render(msgs)
+    labels = [-100] * len(full)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start, upto = render(msgs[:i], gen=True), render(msgs[: i + 1])
+        if full[: len(upto)] != upto or upto[: len(start)] != start:
+            raise DataError(f"turn {i}: the chat template does not render the conversation up to this reply as a "
+                            "prefix of the whole (cannot tell which tokens are the reply)", column="messages")
+        labels[len(start): len(upto)] = full[len(start): len(upto)]
+    return {"input_ids": full, "labels": labels}

@@ -1,0 +1,112 @@
+"""Packed training sequences on a tiny Qwen3: samples in a pack attend only to themselves (logits equal the
+per-sample forward), a sample's loss does not depend on its neighbours, the supervised tokens are exactly
+the assistant replies (first token and end-of-turn marker included) and plain text, and the think pattern."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmrec.data.chat_format import ChatRow
+from lmrec.data.stream import Sample, collate_packs, pack_samples
+from lmrec.errors import DataError
+from lmrec.generative.prompts import apply_think_pattern, encode_chat
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from lmrec.generative.default_model import build_default_lm
+    from lmrec.generative.vocab import load_lm
+
+    texts = ["hello there", "a red shoe", "the blue hat", "what next", "plain text about movies"] * 20
+    path = build_default_lm(texts, tmp_path_factory.mktemp("lm") / "lm", vocab_size=400, hidden_size=64,
+                            layers=2, heads=4, kv_heads=2, head_dim=16)
+    model, tok = load_lm(path)
+    return model.eval(), tok
+
+
+def samples(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(5, 300, (n,), generator=g).tolist()
+        out.append(Sample([0, 0, i], 0, ids, list(ids)))
+    return out
+
+
+@torch.no_grad()
+def test_packed_logits_equal_the_per_sample_forward(lm):
+    model, _ = lm
+    parts = samples([7, 12, 5])
+    batch = collate_packs([pack_samples(parts)], pad_id=0, length=30)
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   use_cache=batch["use_cache"]).logits[0]
+    start = 0
+    for s in parts:
+        alone = model(input_ids=torch.tensor([s.input_ids])).logits[0]
+        assert (packed[start: start + len(s.input_ids)] - alone).abs().max() < 1e-5
+        start += len(s.input_ids)
+    # without the restarting positions (one long sequence) the later samples would see the earlier ones
+    leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+    assert (leaky[7:19] - packed[7:19]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_a_samples_loss_does_not_depend_on_its_pack_neighbours(lm):
+    model, _ = lm
+    a, b, c, d = samples([9, 6, 11, 4], seed=1)
+
+    def loss_of_a(pack, offset):
+        batch = collate_packs([pack_samples(pack)], pad_id=0, length=40)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=batch["use_cache"]).logits[0]
+        n = len(a.input_ids)
+        return F.cross_entropy(logits[offset: offset + n - 1], batch["labels"][0, offset + 1: offset + n],
+                               reduction="sum")
+
+    first, middle = loss_of_a([a, b], 0), loss_of_a([c, a, d], len(c.input_ids))
+    assert abs(first - middle) < 1e-4 * abs(first)
+
+
+def test_supervised_tokens_are_the_assistant_replies_and_plain_text(lm):
+    _, tok = lm
+    row = ChatRow("u", "rec", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                               {"role": "assistant", "content": "a red shoe"}, {"role": "user", "content": "what next"},
+                               {"role": "assistant", "content": "the blue hat"}])
+    enc = encode_chat(tok, row)
+    assert enc["input_ids"] == tok.apply_chat_template(row.messages, tokenize=True, return_dict=False)
+    spans, cur = [], []
+    for t, lab in zip(enc["input_ids"], enc["labels"]):
+        if lab != -100:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans += [cur] if cur else []
+    assert [tok.decode(s) for s in spans] == ["a red shoe<|im_end|>\n", "the blue hat<|im_end|>\n"]
+    text = encode_chat(tok, ChatRow("t", "wiki", None, ["plain text ", "about movies"]))
+    assert text["labels"] == text["input_ids"] and tok.decode(text["input_ids"]) == "plain text about movies<|im_end|>"
+
+
+def test_think_pattern():
+    msgs = lambda reply: [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]  # noqa: E731
+    none, full, empty = (apply_think_pattern(msgs(r)) for r in ("x", "<think>why</think>x", "<think>\n</think>\nx"))
+    assert none == [{"role": "user", "content": "q /no_think"},
+                    {"role": "assistant", "content": "<think>\n</think>\nx"}]
+    assert full == [{"role": "user", "content": "q /think"}, {"role": "assistant", "content": "<think>why</think>x"}]
+    assert empty == [{"role": "user", "content": "q /no_think"},
+                     {"role": "assistant", "content": "<think>\n</think>\nx"}]
+    assert msgs("x")[0]["content"] == "q"  # the input is not changed
+
+
+def test_a_template_that_rewrites_earlier_turns_is_reported(lm):
+    _, tok = lm
+
+    class Rewriting:  # renders earlier replies differently once a later turn exists (like dropping thoughts)
+        def apply_chat_template(self, m, tokenize, add_generation_prompt, return_dict):
+            ids = [len(m) * 10 + i for i in range(len(m))]
+            return ids + ([1] if add_generation_prompt else [])
+
+    row = ChatRow("u", "rec", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    with pytest.raises(DataError, match="turn 1: the chat template does not render"):
+        encode_chat(Rewriting(), row)
