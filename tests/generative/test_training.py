@@ -109,16 +109,28 @@ def test_stage2_lora_and_merge_generate_the_same(gen):
 
 
 def test_chat_samples_parquet(gen):
-    import pyarrow.parquet as pq
 
     from lmrec.data.dataset import PreparedDataset
 
     res = run_cli("gen", "samples", "--data", gen / "data", "--sids", gen / "sids", "--out", gen / "samples",
                   "data.alignment=true", "data.with_titles=true", "data.max_history=4")
     assert res.returncode == 0, res.stderr
+    from lmrec.data.chat_format import iter_rows, parse_row
+
     ds = PreparedDataset(gen / "data")
-    train = pq.read_table(gen / "samples" / "train.parquet").to_pylist()
-    test = pq.read_table(gen / "samples" / "test.parquet").to_pylist()
+
+    def rows(split):  # OpenOneRec's unified format, read back through its parser
+        files = sorted((gen / "samples" / split).glob("part-*.parquet"))
+        assert json.loads((gen / "samples" / split / "file_list.json").read_text()) == [f.name for f in files]
+        out = []
+        for f in files:
+            for n, raw in iter_rows(f):
+                r = parse_row(raw, f, n)
+                assert r.source == f"lmrec_{r.metadata['task']}"
+                out.append({**r.metadata, "messages": r.messages})
+        return out
+
+    train, test = rows("train"), rows("test")
     assert {r["task"] for r in train} == {"next_item", "sid2title", "title2sid"}
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in train)
     assert [r["target"] for r in test] == [ds.item_ids[t] for t in ds.examples("test").targets]

@@ -426,14 +426,16 @@ def gen_expand_vocab(
 def gen_samples(
     data: Path = typer.Option(..., help="Prepared dataset."),
     sids: Path = typer.Option(..., help="Semantic-ID directory."),
-    out: Path = typer.Option(..., help="Output directory (train/valid/test .parquet)."),
+    out: Path = typer.Option(..., help="Output directory: train/, valid/, test/ of part-*.parquet + file_list.json."),
+    rows_per_file: int = typer.Option(1000, help="Rows per parquet file."),
     overrides: list[str] = typer.Argument(None, help="data.* overrides, e.g. data.with_titles=true"),
 ):
-    """Chat-format samples (messages with user/assistant turns) in parquet."""
+    """Chat samples in OpenOneRec's unified parquet format (uuid, source, metadata, messages), sharded."""
     from lmrec.generative.api import write_chat_samples
 
-    for split, n in write_chat_samples(data, sids, out, overrides or []).items():
-        typer.echo(f"{split}: {n} samples")
+    counts = write_chat_samples(data, sids, out, overrides or [], rows_per_file=_k(rows_per_file, "--rows-per-file"))
+    for split, n in counts.items():
+        typer.echo(f"{split}: {n} samples in {out / split}")
 
 
 @gen_app.command("train")

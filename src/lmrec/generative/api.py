@@ -60,19 +60,23 @@ def expand_model(model, sids_dir, out, *, data=None, init: str = "mean", pad_mul
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_chat_samples(data, sids_dir, out, overrides: list[str]) -> dict[str, int]:
+def write_chat_samples(data, sids_dir, out, overrides: list[str], rows_per_file: int = 1000) -> dict[str, int]:
+    """Chat samples of every split in OpenOneRec's unified parquet format: ``OUT/<split>/part-*.parquet`` +
+    ``file_list.json``; source ``lmrec_<task>``, the task / user / target in ``metadata``. Other
+    OpenOneRec-format data mixes with them through a data config (``gen train --data-config``)."""
     from lmrec.config import GenRunConfig, load_config
-    from lmrec.generative.samples import align_sids, build_samples, write_samples
+    from lmrec.data.chat_format import ChatRow, write_shards
+    from lmrec.generative.samples import align_sids, build_samples
 
     dc = load_config(None, overrides, schema=GenRunConfig).data
     ds = PreparedDataset(data)
     sids = align_sids(ds, SemanticIds.load(sids_dir))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split in ("train", "valid", "test"):
         rows = build_samples(ds, sids, dc, split=split)
-        write_samples(rows, out / f"{split}.parquet")
+        write_shards((ChatRow(f"{split}-{i:08d}", f"lmrec_{r['task']}", r["messages"], None,
+                              {"task": r["task"], "user": r["user"], "target": r["target"], "split": split})
+                      for i, r in enumerate(rows)), Path(out) / split, rows_per_file=rows_per_file)
         counts[split] = len(rows)
     return counts
 
