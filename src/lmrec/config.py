@@ -169,6 +169,10 @@ class GenTrainConfig(_TrainCommon):
     lora_alpha: Count = 16
     lora_dropout: Share = 0.05
     lora_target_modules: list[str] | str = "all-linear"
+    # streaming (gen train --data-config): steps are optimizer steps of train.batch_size packs per rank
+    num_training_steps: Count | None = None  # length of the learning-rate schedule (default: an estimate)
+    max_steps: Count | None = None  # stop here even if the stream goes on
+    log_every: Count = 10  # steps between per-source / itemic-vs-text losses, tokens/s, padding share
 
     @field_validator("stage", mode="before")
     @classmethod

@@ -442,25 +442,31 @@ def gen_samples(
 def gen_train(
     stage: str = typer.Option(..., help="1 (new token rows only) | 2 (all parameters) | sft (all, or --lora)."),
     model: Path = typer.Option(..., help="Expanded model directory (or the output of the previous stage)."),
-    data: Path = typer.Option(..., help="Prepared dataset."),
-    sids: Path = typer.Option(..., help="Semantic-ID directory."),
     output_dir: Path = typer.Option(..., help="Run directory (model/, metrics.json, logs/)."),
+    data: Path = typer.Option(None, help="Prepared dataset (its chat samples train; valid/test by beam search)."),
+    sids: Path = typer.Option(None, help="Semantic-ID directory (with --data)."),
+    data_config: Path = typer.Option(None, help="Stream packed chat parquet (OpenOneRec's format) as this JSON/YAML "
+                                                "data config says; with --data/--sids, they validate and test."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML generative run config."),
     lora: bool = typer.Option(False, help="Train a peft LoRA adapter (stage 2 / sft)."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 eval.beams=20."),
 ):
-    """Train one stage with validation by constrained beam search; evaluate on test next to popularity.
-    Checkpoints go to OUTPUT_DIR/checkpoints/ at each epoch end (and every train.save_steps steps)."""
+    """Train one stage: on a prepared dataset's chat samples (validation by constrained beam search, test
+    next to popularity), or on a packed stream of chat parquet (--data-config). Checkpoints go to
+    OUTPUT_DIR/checkpoints/ at each epoch end (and every train.save_steps steps)."""
     from lmrec.config import GenRunConfig, load_config
     from lmrec.generative.train import train_generative
 
     ov = [f"output_dir={output_dir}", f"train.stage={stage}"] + (["train.lora=true"] if lora else [])
     ov += list(overrides or []) + ([f"train.resume_from={resume_from}"] if resume_from else [])
     cfg = load_config(config, ov, schema=GenRunConfig)
-    r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, log=_log)
-    _report(r.metrics, f"{data}: test split, constrained beam search ({cfg.eval.beams} beams)", r.model_dir,
-            r.run_dir, model_name="generative")
+    r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, data_config=data_config, log=_log)
+    if "test" in r.metrics:
+        _report(r.metrics, f"{data}: test split, constrained beam search ({cfg.eval.beams} beams)", r.model_dir,
+                r.run_dir, model_name="generative")
+    elif _is_main_rank():
+        typer.echo(f"{r.metrics['steps']} steps; model in {r.model_dir}; metrics in {r.run_dir / 'metrics.json'}")
 
 
 @gen_app.command("merge")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lmrec.config import GenRunConfig
+from lmrec.data.data_config import load_data_config
 from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
 from lmrec.eval.baselines import baselines
@@ -22,6 +23,13 @@ from lmrec.generative.recommender import GenerativeRecommender, load_generative,
 from lmrec.generative.samples import align_sids, build_samples, pad_batch
 from lmrec.generative.sid import SemanticIds
 from lmrec.generative.stages import STAGES
+from lmrec.generative.streaming import (
+    check_itemic_range,
+    estimated_steps,
+    require_decoder_only,
+    stream_loader_factory,
+    token_metrics,
+)
 from lmrec.generative.vocab import read_meta
 from lmrec.training.loop import Stage, data_loader
 from lmrec.training.run import Run
@@ -48,24 +56,35 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _check_inputs(model_dir: Path, ds: PreparedDataset, sids_dir, stage: str) -> tuple[dict, SemanticIds]:
+def _check_inputs(model_dir: Path, ds: PreparedDataset | None, sids_dir, stage: str
+                  ) -> tuple[dict, SemanticIds | None]:
     meta = read_meta(model_dir)
+    if stage == "1" and (model_dir / "adapter_config.json").exists():
+        raise LmrecError("stage 1 needs a full model, not a LoRA adapter")
+    if ds is None:
+        return meta, None
     sids = align_sids(ds, SemanticIds.load(sids_dir))
     if [len(x) for x in meta["level_token_ids"]] != sids.config.level_sizes:
         raise LmrecError(f"{model_dir} was expanded for levels {[len(x) for x in meta['level_token_ids']]} "
                          f"but {sids_dir} has {sids.config.level_sizes}")
-    if stage == "1" and (model_dir / "adapter_config.json").exists():
-        raise LmrecError("stage 1 needs a full model, not a LoRA adapter")
     return meta, sids
 
 
-def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Path, sids_dir: str | Path,
+def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Path | None = None,
+                     sids_dir: str | Path | None = None, data_config: str | Path | None = None,
                      log=print) -> GenResult:
-    """Train stage ``cfg.train.stage`` from ``model_dir`` (an expanded model or a previous stage's)."""
-    stage, tr, ev = cfg.train.stage, cfg.train, cfg.eval
+    """Train stage ``cfg.train.stage`` from ``model_dir`` (an expanded model or a previous stage's) on the
+    chat samples of a prepared dataset (``data`` + ``sids_dir``), or on the packed stream a data config
+    describes (``data_config``; with ``data`` + ``sids_dir`` too, validation and test by beam search)."""
+    stage, tr = cfg.train.stage, cfg.train
     model_dir = Path(model_dir)
-    ds = PreparedDataset(data)  # inputs are checked before the run directory exists
+    mix = load_data_config(data_config) if data_config is not None else None
+    if (data is None) != (sids_dir is None) or (mix is None and data is None):
+        raise LmrecError("give --data and --sids (a prepared dataset and its semantic IDs), --data-config, or both")
+    ds = PreparedDataset(data) if data is not None else None  # inputs are checked before the run directory exists
     meta, sids = _check_inputs(model_dir, ds, sids_dir, stage)
+    if mix is not None:
+        check_itemic_range(mix, meta)
     fmt = PromptFormat.from_config(cfg.data)
     with Run(cfg, f"gen_stage{stage}", log) as run:
         model, tok = load_generative(model_dir)
@@ -75,29 +94,59 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         model = setup.model.to(run.acc.device)
         total = sum(p.numel() for p in model.parameters())
         log(f"stage {stage}: {setup.trainable:,} trainable parameters of {total:,}")
-        rec = GenerativeRecommender(model, tok, meta, sids, ds, fmt)
+        rec = GenerativeRecommender(model, tok, meta, sids, ds, fmt) if ds is not None else None
 
         def save(out: Path):
             save_generative(run.acc.unwrap_model(model), tok, model_dir, out, fmt=fmt,
                             base=run.dir / "base_model" if tr.lora else None)
 
-        def validate():
-            return evaluate(rec.rank_fn(ev.beams), ds.examples("valid"), ks=ev.ks, batch_size=ev.batch_size,
-                            accelerator=run.acc, desc="validate")
-
-        make_loader = _loader_factory(cfg, ds, sids, tok, model.config.is_encoder_decoder, log)
-        r = run.fit(model, make_loader, Stage(f"stage{stage}", tr.epochs, tr.lr, validate, ev.metric,
-                                              patience=tr.patience, on_best=run.keep_best(save),
-                                              after_step=setup.after_step))
+        if mix is None:
+            make_loader = _loader_factory(cfg, ds, sids, tok, model.config.is_encoder_decoder, log)
+            plan = Stage(f"stage{stage}", tr.epochs, tr.lr)
+        else:
+            make_loader, plan = _stream_plan(cfg, mix, tok, meta, model, run, log)
+        if rec is not None:
+            plan.validate = lambda: evaluate(rec.rank_fn(cfg.eval.beams), ds.examples("valid"), ks=cfg.eval.ks,
+                                             batch_size=cfg.eval.batch_size, accelerator=run.acc, desc="validate")
+            plan.metric, plan.patience, plan.on_best = cfg.eval.metric, tr.patience, run.keep_best(save)
+        plan.after_step = setup.after_step
+        r = run.fit(model, make_loader, plan)
         best = run.dir / "model"
-        model, tok = load_generative(best)
-        rec = GenerativeRecommender(model.to(run.acc.device), tok, meta, sids, ds, fmt)
-        kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=run.acc)
-        metrics = run.finish({
-            "test": evaluate(rec.rank_fn(ev.beams), ds.examples("test"), desc="test", **kw),
-            "valid": r.best_metrics, "baselines": baselines(ds, "test", **kw), "history": r.history,
-            "best_epoch": r.best_epoch, "stage": stage, "beams": ev.beams, "sid_report": sids.report})
+        if rec is None:  # nothing to validate against: the model at the end of the stream
+            run.on_main(lambda: save(best))
+        metrics = {"valid": r.best_metrics, "history": r.history, "best_epoch": r.best_epoch, "stage": stage,
+                   "steps": r.global_step}
+        if rec is not None:
+            metrics.update(_test_metrics(cfg, run, best, meta, sids, ds, fmt))
+        run.finish(metrics)
     return GenResult(run.dir, best, metrics)
+
+
+def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):
+    """The loader factory and the loop's stage for a stream: one epoch of ``num_training_steps`` (or an
+    estimate), ``max_steps``, and the token metrics."""
+    tr = cfg.train
+    require_decoder_only(model)
+    make_loader, names, files, _ = stream_loader_factory(mix, tok, run, tr.batch_size, log)
+    steps = tr.num_training_steps or estimated_steps(files, [s.weight for s in mix.sources], mix.num_epochs,
+                                                     tr.batch_size, tr.grad_accum, run.acc.num_processes)
+    if tr.num_training_steps is None:
+        log(f"learning-rate schedule over {steps} steps (an upper bound from the row counts; set "
+            "train.num_training_steps for the real number)")
+    itemic = sum(meta["level_token_ids"], [])
+    plan = Stage(f"stage{cfg.train.stage}", 1, tr.lr, steps_per_epoch=steps, max_steps=tr.max_steps,
+                 step_metrics=token_metrics(names, itemic, run.acc, tr.log_every * tr.grad_accum),
+                 log_every=tr.log_every)
+    return make_loader, plan
+
+
+def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) -> dict:
+    ev = cfg.eval
+    model, tok = load_generative(best)
+    rec = GenerativeRecommender(model.to(run.acc.device), tok, meta, sids, ds, fmt)
+    kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=run.acc)
+    return {"test": evaluate(rec.rank_fn(ev.beams), ds.examples("test"), desc="test", **kw),
+            "baselines": baselines(ds, "test", **kw), "beams": ev.beams, "sid_report": sids.report}
 
 
 def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, tok, seq2seq: bool, log):

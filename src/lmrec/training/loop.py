@@ -165,6 +165,11 @@ class Stage:
     before_epoch: Callable[[int], None] | None = None
     after_step: Callable[[], None] | None = None
     extra_state: Any = None
+    # streams (a StatefulDataLoader over an IterableDataset that shards itself across ranks and workers)
+    steps_per_epoch: int | None = None  # sizes the schedule when the loader has no length
+    max_steps: int | None = None  # stop after this many optimizer steps
+    step_metrics: Callable[[dict, Any], dict[str, float]] | None = None  # (batch, output) → logged scalars
+    log_every: int = 10  # optimizer steps between step_metrics
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -184,7 +189,10 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
     / gradient accumulation."""
     optim = optim or Optim()
     first = make_loader(0)
-    steps_per_epoch = math.ceil(len(first) / accelerator.gradient_accumulation_steps)
+    stream = hasattr(first, "load_state_dict")  # shards itself; resumes from its own state, not by skipping
+    if stream and (stage.epochs != 1 or not stage.steps_per_epoch):
+        raise ValueError("a stream is one epoch of the loop, with steps_per_epoch given")
+    steps_per_epoch = stage.steps_per_epoch or math.ceil(len(first) / accelerator.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(optimizer_groups(model, optim.weight_decay), lr=stage.lr)
     total = max(1, stage.epochs * steps_per_epoch)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(optim.warmup_ratio * total), total)
@@ -194,6 +202,8 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
     start = ck.resume.checkpoint_for(stage.tag) if ck is not None and ck.resume is not None else None
     if start is not None:
         state = _load_checkpoint(accelerator, start, stage)
+        if stream:
+            first.load_state_dict(_loader_state(start, accelerator.process_index))
         log(f"[{stage.tag}] resumed from {start} (epoch {state.epoch + 1}, batch {state.batches}, "
             f"step {state.result.global_step})")
         if state.finished:
@@ -206,7 +216,7 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
         if stage.before_epoch is not None and fresh:  # mid-epoch, the state it sets came from the checkpoint
             stage.before_epoch(epoch)
         loader = first if epoch == 0 else make_loader(epoch)
-        loss = steps.epoch(epoch, accelerator.prepare(loader))
+        loss = steps.stream(loader) if stream else steps.epoch(epoch, accelerator.prepare(loader))
         stop = _end_epoch(accelerator, stage, state, loss)
         steps.save(finished=stop or epoch + 1 == stage.epochs)
         if stop:
@@ -221,6 +231,39 @@ class _Steps:
     def __init__(self, accelerator, model, optimizer, scheduler, stage: Stage, grad_clip, ck, state: LoopState):
         self.acc, self.model, self.opt, self.sched = accelerator, model, optimizer, scheduler
         self.stage, self.grad_clip, self.ck, self.state = stage, grad_clip, ck, state
+        self.loader = None  # a stream's loader, whose state goes into every checkpoint
+
+    def stream(self, loader) -> float:
+        """Optimizer steps over a stream until it ends on any rank (or ``max_steps``). The loss of a step is
+        normalised by the supervised tokens of all its micro-batches on all ranks, so every token weighs the
+        same however the tokens fall into packs, micro-batches and ranks."""
+        st, acc, ga = self.state, self.acc, self.acc.gradient_accumulation_steps
+        self.loader, it = loader, iter(loader)
+        self.model.train()
+        bar = progress(None, f"{self.stage.tag}", acc.is_local_main_process, total=self.stage.steps_per_epoch,
+                       initial=st.result.global_step)
+        while self.stage.max_steps is None or st.result.global_step < self.stage.max_steps:
+            group = [b for _, b in zip(range(ga), it)]
+            if not _every_rank(acc, len(group) == ga):  # a partial last step is dropped
+                break
+            tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+            share = _sum_over_ranks(acc, tokens) / (ga * acc.num_processes)  # accelerate divides by ga, DDP by world
+            for b in group:
+                b = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in b.items()}
+                aux = {k: b.pop(k) for k in ("sources",) if k in b}
+                out, loss = self.step({**b, "num_items_in_batch": max(share, 1e-8)})
+                st.running += loss / ga
+            st.batches += ga  # the stream's own position is in the loader's state, saved with every checkpoint
+            st.result.global_step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{st.running * ga / st.batches:.4f}", refresh=False)
+            self.log(out, loss)
+            if self.stage.step_metrics is not None and st.result.global_step % self.stage.log_every == 0:
+                self.acc.log(self.stage.step_metrics({**b, **aux}, out), step=st.result.global_step)
+            if self.ck is not None and self.ck.save_steps and st.result.global_step % self.ck.save_steps == 0:
+                self.save()
+        bar.close()
+        return st.running * ga / max(1, st.batches)
 
     def epoch(self, epoch: int, loader) -> float:
         """Run the rest of epoch ``epoch`` (skipping the batches a resumed state consumed); mean loss."""
@@ -269,7 +312,7 @@ class _Steps:
     def save(self, finished: bool = False) -> None:
         if self.ck is not None:
             self.state.finished = finished
-            _save_checkpoint(self.acc, self.ck, self.stage, self.state)
+            _save_checkpoint(self.acc, self.ck, self.stage, self.state, self.loader)
 
 
 def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: float) -> bool:
@@ -316,7 +359,29 @@ class _TiedWeightsNotice(logging.Filter):
         return not names or not all(any(n == t or n.endswith("." + t) for t in self.tied) for n in names)
 
 
-def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, stage: Stage, state: LoopState) -> None:
+def _every_rank(accelerator: Accelerator, ok: bool) -> bool:
+    return _sum_over_ranks(accelerator, int(not ok)) == 0
+
+
+def _sum_over_ranks(accelerator: Accelerator, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="sum").item())
+
+
+LOADER_STATE = "loader_state_rank{}.json"
+
+
+def _loader_state(path: Path, rank: int) -> dict:
+    f = path / LOADER_STATE.format(rank)
+    if not f.exists():
+        raise LmrecError(f"cannot resume the data stream from {path}: no {f.name} (was it saved by another number "
+                         "of processes? a stream resumes exactly only on as many ranks as wrote it)")
+    return json.loads(f.read_text())
+
+
+def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, stage: Stage, state: LoopState,
+                     loader=None) -> None:
     """Every rank writes its part (RNG states) into a temporary directory; the main process adds the loop
     state and renames it into place, then drops the oldest checkpoints beyond ``ck.keep``."""
     stage_dir = ck.root / stage.tag
@@ -333,6 +398,8 @@ def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, stage: Stage, 
         accelerator.save_state(str(tmp))
     finally:
         acc_log.removeFilter(notice)
+    if loader is not None:  # every rank: where its stream is (its readers' positions and buffers)
+        (tmp / LOADER_STATE.format(accelerator.process_index)).write_text(json.dumps(loader.state_dict()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if stage.extra_state is not None:

@@ -1,0 +1,106 @@
+"""``gen train --data-config``: a generative stage on streamed, packed chat parquet (OpenOneRec's recipe).
+
+The data config names the sources (our ``gen samples`` output, a user's OpenOneRec files, general text),
+their weights, the pack length and the stream's workers; ``data.ChatStream`` reads them; the loop runs the
+stream as one epoch of token-normalised steps and checkpoints the stream's state with the model. What is
+logged every ``train.log_every`` steps: the loss on itemic tokens and on text tokens, the loss of every
+source, real (non-padding) tokens per second, and the share of padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmrec.data.data_config import DataMixConfig, source_files
+from lmrec.data.stream import ChatStream, collate_packs
+from lmrec.errors import ConfigError, LmrecError
+from lmrec.generative.prompts import encode_chat
+
+
+def check_itemic_range(mix: DataMixConfig, meta: dict) -> list[int]:
+    """[first, last] itemic token id, from the model's ``sid_vocab.json``; a typed ``itemic_id_range`` in
+    the data config must agree with it."""
+    ids = sum(meta["level_token_ids"], [])
+    derived = [min(ids), max(ids)]
+    if mix.itemic_id_range is not None and list(mix.itemic_id_range) != derived:
+        raise ConfigError(f"itemic_id_range {mix.itemic_id_range} in the data config does not match the model's "
+                          f"sid_vocab.json ({derived}); leave it out, it is derived from the model")
+    return derived
+
+
+def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=print):
+    """``make_loader`` for the loop (one StatefulDataLoader over this rank's stream), the source names, and
+    the rows of every file (for the schedule's estimate)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    files = [source_files(s) for s in mix.sources]
+    names = [s.name or Path(s.path.rstrip("/*")).stem or f"source{i}" for i, s in enumerate(mix.sources)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data config sources need distinct names (got {names}); add \"name\" to each")
+    stream = ChatStream(files, names, mix, functools.partial(encode_chat, tok, think=mix.add_think_pattern),
+                        rank=run.acc.process_index, world=run.acc.num_processes,
+                        weights=[s.weight for s in mix.sources])
+    collate = functools.partial(collate_packs, pad_id=tok.pad_token_id, length=mix.max_length)
+    log(f"streaming {sum(len(f) for f in files)} parquet files of {len(names)} source(s) "
+        f"({', '.join(names)}), packs of {mix.max_length} tokens, {mix.num_workers} worker(s) per rank")
+
+    def make_loader(epoch: int):
+        return StatefulDataLoader(stream, batch_size=batch_size, num_workers=mix.num_workers, collate_fn=collate)
+
+    return make_loader, names, files, stream
+
+
+def estimated_steps(files: list[list[Path]], weights: list[float], epochs: int, batch_size: int, ga: int,
+                    world: int) -> int:
+    """An upper bound on the optimizer steps of a stream (one sample per pack) from the parquet footers."""
+    import pyarrow.parquet as pq
+
+    rows = sum(w * sum(pq.ParquetFile(f).metadata.num_rows for f in fs) for fs, w in zip(files, weights))
+    return max(1, math.ceil(rows * epochs / (batch_size * ga * world)))
+
+
+def token_metrics(names: list[str], itemic: list[int], acc, steps_between: int):
+    """A ``step_metrics`` callback on the last micro-batch of every ``steps_between`` steps, summed over the
+    ranks: losses on itemic tokens / text tokens / per source, the padding share, and real tokens per second
+    (that micro-batch's real tokens × micro-batches since the last call / the time since)."""
+    itemic_ids = torch.as_tensor(sorted(set(itemic)))
+    last = {"time": time.time()}
+
+    @torch.no_grad()
+    def metrics(batch: dict, out) -> dict[str, float]:
+        labels, sources = batch["labels"][:, 1:], batch["sources"][:, 1:].to(batch["labels"].device)
+        nll = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none",
+                              ignore_index=-100).view_as(labels)
+        seen = labels != -100
+        is_item = torch.isin(labels, itemic_ids.to(labels.device)) & seen
+        parts = [nll[is_item].sum(), is_item.sum(), nll[seen & ~is_item].sum(), (seen & ~is_item).sum(),
+                 (batch["sources"] >= 0).sum(), torch.tensor(batch["sources"].numel())]
+        for s in range(len(names)):
+            m = seen & (sources == s)
+            parts += [nll[m].sum(), m.sum()]
+        v = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=labels.device) for x in parts])
+        v = acc.reduce(v, reduction="sum") if acc.num_processes > 1 else v
+        v = v.tolist()
+        now = time.time()
+        out_ = {"loss_itemic": v[0] / max(v[1], 1), "loss_text": v[2] / max(v[3], 1),
+                "padding_share": 1 - v[4] / max(v[5], 1),
+                "real_tokens_per_s": v[4] * steps_between / max(now - last["time"], 1e-9)}
+        last["time"] = now
+        for s, name in enumerate(names):
+            out_[f"loss_source/{name}"] = v[6 + 2 * s] / max(v[7 + 2 * s], 1)
+        return out_
+
+    return metrics
+
+
+def require_decoder_only(model) -> None:
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise LmrecError("packed streaming trains decoder-only models (Qwen3-style); an encoder-decoder model "
+                         "trains from a prepared dataset (--data, --sids)")
+

@@ -1,0 +1,99 @@
+"""`gen train --data-config`: a stage on a packed stream of OpenOneRec-format parquet (our samples mixed
+with general text), its metrics, exact resume after SIGKILL mid-stream, and 2 torchrun ranks reading
+disjoint data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
+from tests.training.test_distributed import synthetic_dataset
+
+STREAM = ["train.batch_size=2", "train.num_training_steps=12", "train.lr=3e-3", "train.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from lmrec.data.chat_format import ChatRow, write_shards
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.generative import sid as sid_mod
+    from lmrec.generative.api import expand_model, write_chat_samples
+
+    root = tmp_path_factory.mktemp("stream")
+    data = synthetic_dataset(root / "data", users=30, items=20)
+    ds = PreparedDataset(data)
+    vectors = np.random.default_rng(0).normal(size=(ds.num_items, 8)).astype(np.float32)
+    sids, books = sid_mod.build_sids(ds.item_ids, vectors, levels=2, codes=4, seed=0)
+    sids.save(root / "sids", books)
+    expand_model(None, root / "sids", root / "model", data=data, log=lambda m: None)
+    write_chat_samples(data, root / "sids", root / "samples", ["data.targets_per_user=4"], rows_per_file=25)
+    text = [ChatRow(f"wiki-{i}", "wiki", None, [f"thing {i % 7} is {'red' if i % 2 else 'blue'} and kind {i % 5}"])
+            for i in range(40)]
+    write_shards(text, root / "wiki", rows_per_file=10)
+    cfg = {"sources": [{"path": str(root / "samples" / "train"), "weight": 1.0, "name": "rec"},
+                       {"path": str(root / "wiki"), "weight": 0.5, "name": "wiki"}],
+           "max_length": 256, "num_epochs": 1, "num_workers": 1, "local_shuffle_buffer_size": 16,
+           "pack_buffer_size": 8}
+    (root / "data_config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def test_stream_stage_trains_validates_and_logs_its_metrics(corpus, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config",
+                  corpus / "data_config.json", "--data", corpus / "data", "--sids", corpus / "sids",
+                  "--output-dir", run, *STREAM, "eval.beams=5", "eval.ks=[5]", "eval.metric=ndcg@5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "streaming" in res.stderr and "generative" in res.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] > 3 and metrics["test"]["users"] == 30
+    events = b"".join(p.read_bytes() for p in (run / "logs").rglob("events.out.tfevents.*"))
+    for tag in (b"loss_itemic", b"loss_text", b"loss_source/rec", b"loss_source/wiki", b"padding_share",
+                b"real_tokens_per_s"):
+        assert tag in events, tag
+
+
+def test_itemic_range_is_derived_and_a_wrong_one_is_an_error(corpus, tmp_path):
+    cfg = json.loads((corpus / "data_config.json").read_text())
+    cfg["itemic_id_range"] = [1, 2]
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config", tmp_path / "c.json",
+                  "--output-dir", tmp_path / "run", *STREAM)
+    assert res.returncode == 2 and "does not match the model's sid_vocab.json" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigkill_mid_stream_then_resume_gives_identical_weights(corpus, tmp_path):
+    args = ["gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config", corpus / "data_config.json",
+            *STREAM, "train.save_steps=2"]
+    ref = run_cli(*args, "--output-dir", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "killed"
+    run_and_kill([*args, "--output-dir", run], lambda: len(checkpoints(run, "stage2")) >= 1, tmp_path / "k.log")
+    assert not (run / "model").exists()
+    saved = checkpoints(run, "stage2")[-1]
+    assert (saved / "loader_state_rank0.json").exists()
+    res = run_cli(*args, "--output-dir", run, "--resume-from", "auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr
+    assert_same_weights(tmp_path / "ref" / "model" / "model.safetensors", run / "model" / "model.safetensors")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ref", run))
+    assert a["steps"] == b["steps"] and a["history"] == b["history"]
+
+
+def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
+    worker = Path(__file__).with_name("stream_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", str(worker),
+           str(corpus / "data_config.json"), str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(json.loads((tmp_path / "all.json").read_text()))
