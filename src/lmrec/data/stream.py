@@ -262,3 +262,20 @@ def collate_packs(packs: list[dict], pad_id: int, length: int) -> dict[str, torc
         pos[i, :n], sources[i, :n] = torch.as_tensor(p["position_ids"]), torch.as_tensor(p["sources"])
         pos[i, n:] = torch.arange(length - n)
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "sources": sources, "use_cache": False}
+
+
+def loader_counts(state: dict) -> dict[str, dict[str, int]]:
+    """Per-source counts (samples, too_long, bad_rows) summed over the readers found in a (Stateful)
+    DataLoader state: the workers keep them, and the loader's state is how they reach the main process."""
+    total: dict[str, Counter] = defaultdict(Counter)
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("counts"), dict) and "rng" in node:
+                for kind, per_source in node["counts"].items():
+                    total[kind].update(per_source)
+            for v in node.values():
+                walk(v)
+
+    walk(state)
+    return {k: dict(v) for k, v in total.items()}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lmrec.data.data_config import DataMixConfig, source_files
-from lmrec.data.stream import ChatStream, collate_packs
+from lmrec.data.stream import ChatStream, collate_packs, loader_counts
 from lmrec.errors import ConfigError, LmrecError
 from lmrec.generative.prompts import encode_chat
 
@@ -104,3 +104,23 @@ def require_decoder_only(model) -> None:
         raise LmrecError("packed streaming trains decoder-only models (Qwen3-style); an encoder-decoder model "
                          "trains from a prepared dataset (--data, --sids)")
 
+
+
+def stream_report(run, loader_of, log=print) -> dict:
+    """What the stream read, per source and summed over ranks: samples, over-length samples (dropped or
+    truncated), bad rows skipped; printed by rank 0 and returned for metrics.json."""
+    from accelerate.utils import gather_object
+
+    counts = loader_counts(loader_of().state_dict())
+    parts = gather_object([counts]) if run.acc.num_processes > 1 else [counts]
+    total: dict[str, dict[str, int]] = {}
+    for c in parts:
+        for kind, per_source in c.items():
+            for src, n in per_source.items():
+                total.setdefault(kind, {}).setdefault(src, 0)
+                total[kind][src] += n
+    if run.is_main:
+        for src, n in sorted(total.get("samples", {}).items()):
+            log(f"source {src}: {n} samples, {total.get('too_long', {}).get(src, 0)} over-length (dropped or "
+                f"truncated: over_length), {total.get('bad_rows', {}).get(src, 0)} bad rows skipped")
+    return total

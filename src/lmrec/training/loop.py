@@ -259,7 +259,11 @@ class _Steps:
             bar.set_postfix(loss=f"{st.running * ga / st.batches:.4f}", refresh=False)
             self.log(out, loss)
             if self.stage.step_metrics is not None and st.result.global_step % self.stage.log_every == 0:
-                self.acc.log(self.stage.step_metrics({**b, **aux}, out), step=st.result.global_step)
+                scalars = self.stage.step_metrics({**b, **aux}, out)
+                self.acc.log({f"{self.stage.tag}/{k}": v for k, v in scalars.items()}, step=st.result.global_step)
+                if acc.is_local_main_process:
+                    tqdm.write(f"[{self.stage.tag}] step {st.result.global_step}: "
+                               + "  ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
             if self.ck is not None and self.ck.save_steps and st.result.global_step % self.ck.save_steps == 0:
                 self.save()
         bar.close()
