@@ -103,9 +103,8 @@ def test_a_template_that_rewrites_earlier_turns_is_reported(lm):
     _, tok = lm
 
     class Rewriting:  # renders earlier replies differently once a later turn exists (like dropping thoughts)
-        def apply_chat_template(self, m, tokenize, add_generation_prompt, return_dict):
-            ids = [len(m) * 10 + i for i in range(len(m))]
-            return ids + ([1] if add_generation_prompt else [])
+        def apply_chat_template(self, m, tokenize, add_generation_prompt):
+            return "".join(f"[{len(m)}:{x['content']}]" for x in m) + ("[go]" if add_generation_prompt else "")
 
     row = ChatRow("u", "rec", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
     with pytest.raises(DataError, match="turn 1: the chat template does not render"):

@@ -94,8 +94,12 @@ class ChatStream(torch.utils.data.IterableDataset):
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Where this reader is, as JSON values (called by StatefulDataLoader after each item)."""
-        return copy.deepcopy(self._live) if self._live is not None else (copy.deepcopy(self._state) or {})
+        """Where this reader is, as JSON values. StatefulDataLoader calls it in the worker right after an item
+        was handed over (every ``snapshot_every_n_steps`` items), while the reading generator is suspended at
+        that item: the live buffers are read as they are then, without copying them at every item."""
+        if callable(self._live):
+            return self._live()
+        return copy.deepcopy(self._live if self._live is not None else self._state) or {}
 
     def load_state_dict(self, state: dict) -> None:
         self._state = copy.deepcopy(state) if state else None
@@ -211,9 +215,12 @@ class ChatStream(torch.utils.data.IterableDataset):
             yield buffer.pop(int(rng.integers(len(buffer))))
 
     def _remember(self, position: list[int], shuffle: list[Sample], pack: list[Sample], rng) -> None:
-        self._live = {"epoch": position[0], "pos": position[1], "row": position[2], "rng": rng.bit_generator.state,
-                      "shuffle": [s.ref for s in shuffle], "pack": [s.ref for s in pack],
-                      "counts": {k: dict(v) for k, v in vars(self.counts).items()}}
+        def snapshot() -> dict:
+            return {"epoch": position[0], "pos": position[1], "row": position[2], "rng": rng.bit_generator.state,
+                    "shuffle": [list(s.ref) for s in shuffle], "pack": [list(s.ref) for s in pack],
+                    "counts": {k: dict(v) for k, v in vars(self.counts).items()}}
+
+        self._live = snapshot
 
     def _take_pack(self, buffer: list[Sample]) -> dict:
         """One pack: the oldest sample of the buffer (none waits for ever), then repeatedly the longest one

@@ -22,6 +22,8 @@ from lmrec.data.stream import ChatStream, collate_packs, loader_counts
 from lmrec.errors import ConfigError, LmrecError
 from lmrec.generative.prompts import encode_chat
 
+SNAPSHOT_EVERY = 16
+
 
 def check_itemic_range(mix: DataMixConfig, meta: dict) -> list[int]:
     """[first, last] itemic token id, from the model's ``sid_vocab.json``; a typed ``itemic_id_range`` in
@@ -51,7 +53,9 @@ def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=pri
         f"({', '.join(names)}), packs of {mix.max_length} tokens, {mix.num_workers} worker(s) per rank")
 
     def make_loader(epoch: int):
-        return StatefulDataLoader(stream, batch_size=batch_size, num_workers=mix.num_workers, collate_fn=collate)
+        # a worker's state is taken every SNAPSHOT_EVERY packs; a resume replays the few packs since (exact)
+        return StatefulDataLoader(stream, batch_size=batch_size, num_workers=mix.num_workers, collate_fn=collate,
+                                  snapshot_every_n_steps=SNAPSHOT_EVERY)
 
     return make_loader, names, files, stream
 
