@@ -142,8 +142,8 @@ def main() -> None:
         model, _ = load_lm(tmp / "lm")
         torch.manual_seed(0)
         pad = tok.pad_token_id
-        tp = tokens_per_s(model, padded, lambda x: padded_inputs(x, pad), args.steps)
-        tq = tokens_per_s(model, packed, lambda x: packed_inputs(x, pad, args.max_length), args.steps)
+        tp = tokens_per_s(model, padded, lambda x, pad=pad: padded_inputs(x, pad), args.steps)
+        tq = tokens_per_s(model, packed, lambda x, pad=pad: packed_inputs(x, pad, args.max_length), args.steps)
         print(f"  training real tokens/s (tiny Qwen3): padded {tp:,.0f}, packed {tq:,.0f}, ratio {tq / tp:.2f}x")
 
 
