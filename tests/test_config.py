@@ -90,3 +90,10 @@ def test_model_settings_beside_a_saved_recommender_init_are_errors(tmp_path):
     # a RecFormer checkpoint without a catalog (backbone init, pretraining) takes model.* settings
     (saved / "items.parquet").unlink()
     assert load_config("recformer", [f"model.init={saved}"]).model.pooler_type == "cls"
+
+
+def test_shipped_data_config_loads():
+    from lmrec.data.data_config import load_data_config
+
+    cfg = load_data_config(ROOT / "configs" / "data-mix.json")
+    assert [s.name for s in cfg.sources] == ["rec", "general_text"] and cfg.sources[1].weight == 0.3
