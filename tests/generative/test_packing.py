@@ -109,3 +109,44 @@ def test_a_template_that_rewrites_earlier_turns_is_reported(lm):
     row = ChatRow("u", "rec", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
     with pytest.raises(DataError, match="turn 1: the chat template does not render"):
         encode_chat(Rewriting(), row)
+
+
+def test_a_stream_step_normalises_by_the_supervised_tokens_of_all_its_micro_batches(lm, tmp_path):
+    """Gradient accumulation over 2 packs with 4 and 23 supervised tokens: the step's gradient is that of
+    (sum of the token losses) / 27 — not the mean of the two per-pack means."""
+    import copy
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from lmrec.training.loop import Optim, Stage, fit, make_accelerator
+
+    model, _ = lm
+    model = copy.deepcopy(model)
+    packs = [pack_samples(samples([4, 2], seed=3)), pack_samples(samples([9, 12, 5], seed=4))]
+    batches = [collate_packs([p], pad_id=0, length=32) for p in packs]
+    assert [int((b["labels"][:, 1:] != -100).sum()) for b in batches] == [4, 23]  # first tokens: no target
+
+    class Two(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(packs)
+
+    def reference_grad():
+        model.zero_grad()
+        total = sum(F.cross_entropy(model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+                                    .logits[0, :-1], b["labels"][0, 1:], reduction="sum") for b in batches)
+        (total / 27).backward()
+        return model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    expected = reference_grad()
+    model.zero_grad()
+    seen = {}
+
+    def capture():
+        seen["grad"] = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+
+    acc = make_accelerator("no", grad_accum=2, seed=0)
+    loader = lambda epoch: StatefulDataLoader(Two(), batch_size=1, collate_fn=lambda b: collate_packs(b, 0, 32))  # noqa: E731
+    fit(acc, model, loader, Stage("s", 1, 1e-9, steps_per_epoch=1, after_step=capture), optim=Optim(grad_clip=None),
+        log=lambda m: None)
+    assert (seen["grad"] - expected).abs().max() < 1e-6 * expected.abs().max().clamp(min=1)
+    assert expected.abs().max() > 0
