@@ -114,7 +114,7 @@ def packed_inputs(batch, pad: int, length: int):
     from lmrec.data.stream import collate_packs
 
     x = collate_packs(batch, pad, length)
-    return {k: v for k, v in x.items() if k != "sources"}, int((x["sources"] >= 0).sum())
+    return {k: v for k, v in x.items() if k not in ("sources", "skipped")}, int((x["sources"] >= 0).sum())
 
 
 def main() -> None:

@@ -89,7 +89,7 @@ def test_sigkill_mid_stream_then_resume_gives_identical_weights(corpus, tmp_path
     assert "resumed from" in res.stderr
     assert_same_weights(tmp_path / "ref" / "model" / "model.safetensors", run / "model" / "model.safetensors")
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ref", run))
-    assert a["steps"] == b["steps"] and a["history"] == b["history"]
+    assert a["steps"] == b["steps"] and a["history"] == b["history"] and a["stream"] == b["stream"]
 
 
 def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):

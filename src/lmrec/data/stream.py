@@ -85,6 +85,7 @@ class ChatStream(torch.utils.data.IterableDataset):
         self._state: dict | None = None  # set by load_state_dict, consumed by the next __iter__
         self._live: dict | None = None  # the state after the last item handed out
         self._epoch_files: tuple[int, list] = (-1, [])
+        self._skipped: Counter = Counter()  # "too_long/<source>", "bad_rows/<source>" since the last pack
 
     # ----------------------------------------------------------------------------------------- readers
     def _reader(self) -> tuple[int, int]:
@@ -129,6 +130,7 @@ class ChatStream(torch.utils.data.IterableDataset):
         """Parse + encode one row; None when the row is skipped (bad, or over-length and dropped). ``count``
         is off when a resumed reader re-reads its buffers (those rows were counted before)."""
         counts = self.counts if count else Counts()
+        skipped = self._skipped if count else Counter()
         name = self.names[source]
         try:
             try:
@@ -141,10 +143,12 @@ class ChatStream(torch.utils.data.IterableDataset):
             if self.cfg.bad_rows == "error":
                 raise
             counts.bad_rows[name] += 1
+            skipped[f"bad_rows/{name}"] += 1
             return None
         ids, labels = enc["input_ids"], enc["labels"]
         if len(ids) > self.cfg.sample_limit:
             counts.too_long[name] += 1
+            skipped[f"too_long/{name}"] += 1
             if self.cfg.over_length == "drop":
                 return None
             ids, labels = ids[: self.cfg.sample_limit], labels[: self.cfg.sample_limit]
@@ -242,7 +246,11 @@ class ChatStream(torch.utils.data.IterableDataset):
             i = max(fits, key=lambda k: len(buffer[k].input_ids))
             room -= len(buffer[i].input_ids)
             chosen.append(buffer.pop(i))
-        return pack_samples(chosen)
+        out = pack_samples(chosen)
+        # rows skipped since the last pack travel with this one, so whoever trains on the packs can count them
+        # exactly (a worker's own counters reach the main process only with its state snapshots)
+        out["skipped"], self._skipped = dict(self._skipped), Counter()
+        return out
 
 
 def pack_samples(samples: list[Sample]) -> dict:
@@ -264,7 +272,8 @@ def collate_packs(packs: list[dict], pad_id: int, length: int) -> dict[str, torc
     nothing attends into and nothing learns from. No ``attention_mask`` and ``use_cache=False``: transformers
     then derives the block-diagonal causal mask from the restarting ``position_ids`` (with a cache, or a 2-D
     mask, it would not, and samples would attend across their boundaries). ``sources`` (the source of every
-    token, -1 on padding) is for per-source metrics, not for the model."""
+    token, -1 on padding) and ``skipped`` (rows skipped while these packs were filled) are for the run's
+    counts and metrics, not for the model."""
     b = len(packs)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     labels = torch.full((b, length), -100, dtype=torch.long)
@@ -275,21 +284,9 @@ def collate_packs(packs: list[dict], pad_id: int, length: int) -> dict[str, torc
         ids[i, :n], labels[i, :n] = torch.as_tensor(p["input_ids"]), torch.as_tensor(p["labels"])
         pos[i, :n], sources[i, :n] = torch.as_tensor(p["position_ids"]), torch.as_tensor(p["sources"])
         pos[i, n:] = torch.arange(length - n)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "sources": sources, "use_cache": False}
+    skipped: Counter = Counter()
+    for p in packs:
+        skipped.update(p.get("skipped", {}))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "sources": sources, "skipped": dict(skipped),
+            "use_cache": False}
 
-
-def loader_counts(state: dict) -> dict[str, dict[str, int]]:
-    """Per-source counts (samples, too_long, bad_rows) summed over the readers found in a (Stateful)
-    DataLoader state: the workers keep them, and the loader's state is how they reach the main process."""
-    total: dict[str, Counter] = defaultdict(Counter)
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("counts"), dict) and "rng" in node:
-                for kind, per_source in node["counts"].items():
-                    total[kind].update(per_source)
-            for v in node.values():
-                walk(v)
-
-    walk(state)
-    return {k: dict(v) for k, v in total.items()}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lmrec.data.data_config import DataMixConfig, source_files
-from lmrec.data.stream import ChatStream, collate_packs, loader_counts
+from lmrec.data.stream import ChatStream, collate_packs
 from lmrec.errors import ConfigError, LmrecError
 from lmrec.generative.prompts import encode_chat
 
@@ -110,21 +110,46 @@ def require_decoder_only(model) -> None:
 
 
 
-def stream_report(run, loader_of, log=print) -> dict:
-    """What the stream read, per source and summed over ranks: samples, over-length samples (dropped or
-    truncated), bad rows skipped; printed by rank 0 and returned for metrics.json."""
-    from accelerate.utils import gather_object
+class StreamTally:
+    """Per source: samples trained on, over-length samples and bad rows skipped — counted on every
+    micro-batch (``on_batch``), saved with every checkpoint (``extra_state``)."""
 
-    counts = loader_counts(loader_of().state_dict())
-    parts = gather_object([counts]) if run.acc.num_processes > 1 else [counts]
-    total: dict[str, dict[str, int]] = {}
-    for c in parts:
-        for kind, per_source in c.items():
-            for src, n in per_source.items():
-                total.setdefault(kind, {}).setdefault(src, 0)
-                total[kind][src] += n
-    if run.is_main:
-        for src, n in sorted(total.get("samples", {}).items()):
-            log(f"source {src}: {n} samples, {total.get('too_long', {}).get(src, 0)} over-length (dropped or "
-                f"truncated: over_length), {total.get('bad_rows', {}).get(src, 0)} bad rows skipped")
-    return total
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.counts: dict[str, dict[str, int]] = {"samples": {}, "too_long": {}, "bad_rows": {}}
+
+    def on_batch(self, batch: dict) -> None:
+        starts = (batch["position_ids"] == 0) & (batch["sources"].to(batch["position_ids"].device) >= 0)
+        per = torch.bincount(batch["sources"].to(starts.device)[starts], minlength=len(self.names)).tolist()
+        for name, n in zip(self.names, per):
+            self._add("samples", name, n)
+        for key, n in batch.get("skipped", {}).items():
+            kind, _, name = key.partition("/")
+            self._add(kind, name, n)
+
+    def _add(self, kind: str, name: str, n: int) -> None:
+        if n:
+            self.counts[kind][name] = self.counts[kind].get(name, 0) + int(n)
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = state["counts"]
+
+    def report(self, run, log=print) -> dict:
+        """Summed over the ranks; printed by rank 0 and returned for metrics.json."""
+        from accelerate.utils import gather_object
+
+        parts = gather_object([self.counts]) if run.acc.num_processes > 1 else [self.counts]
+        total: dict[str, dict[str, int]] = {k: {} for k in self.counts}
+        for c in parts:
+            for kind, per_source in c.items():
+                for src, n in per_source.items():
+                    total[kind][src] = total[kind].get(src, 0) + n
+        if run.is_main:
+            for src in self.names:
+                log(f"source {src}: {total['samples'].get(src, 0)} samples trained on, "
+                    f"{total['too_long'].get(src, 0)} over-length (over_length: dropped or truncated), "
+                    f"{total['bad_rows'].get(src, 0)} bad rows skipped")
+        return total

@@ -24,11 +24,11 @@ from lmrec.generative.samples import align_sids, build_samples, pad_batch
 from lmrec.generative.sid import SemanticIds
 from lmrec.generative.stages import STAGES
 from lmrec.generative.streaming import (
+    StreamTally,
     check_itemic_range,
     estimated_steps,
     require_decoder_only,
     stream_loader_factory,
-    stream_report,
     token_metrics,
 )
 from lmrec.generative.vocab import read_meta
@@ -105,7 +105,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
             make_loader = _loader_factory(cfg, ds, sids, tok, model.config.is_encoder_decoder, log)
             plan = Stage(f"stage{stage}", tr.epochs, tr.lr)
         else:
-            make_loader, plan, last_loader = _stream_plan(cfg, mix, tok, meta, model, run, log)
+            make_loader, plan, tally = _stream_plan(cfg, mix, tok, meta, model, run, log)
         if rec is not None:
             plan.validate = lambda: evaluate(rec.rank_fn(cfg.eval.beams), ds.examples("valid"), ks=cfg.eval.ks,
                                              batch_size=cfg.eval.batch_size, accelerator=run.acc, desc="validate")
@@ -118,7 +118,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         metrics = {"valid": r.best_metrics, "history": r.history, "best_epoch": r.best_epoch, "stage": stage,
                    "steps": r.global_step}
         if mix is not None:
-            metrics["stream"] = stream_report(run, last_loader, log)
+            metrics["stream"] = tally.report(run, log)
         if rec is not None:
             metrics.update(_test_metrics(cfg, run, best, meta, sids, ds, fmt))
         run.finish(metrics)
@@ -137,16 +137,11 @@ def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):
         log(f"learning-rate schedule over {steps} steps (an upper bound from the row counts; set "
             "train.num_training_steps for the real number)")
     itemic = sum(meta["level_token_ids"], [])
-    loaders = []
-
-    def remembered(epoch: int):
-        loaders.append(make_loader(epoch))
-        return loaders[-1]
-
+    tally = StreamTally(names)
     plan = Stage(f"stage{cfg.train.stage}", 1, tr.lr, steps_per_epoch=steps, max_steps=tr.max_steps,
                  step_metrics=token_metrics(names, itemic, run.acc, tr.log_every * tr.grad_accum),
-                 log_every=tr.log_every)
-    return remembered, plan, lambda: loaders[-1]
+                 log_every=tr.log_every, on_batch=tally.on_batch, extra_state=tally)
+    return make_loader, plan, tally
 
 
 def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) -> dict:

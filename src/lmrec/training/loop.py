@@ -170,6 +170,8 @@ class Stage:
     max_steps: int | None = None  # stop after this many optimizer steps
     step_metrics: Callable[[dict, Any], dict[str, float]] | None = None  # (batch, output) → logged scalars
     log_every: int = 10  # optimizer steps between step_metrics
+    on_batch: Callable[[dict], None] | None = None  # every micro-batch trained on, with its side keys
+    side_keys: tuple[str, ...] = ("sources", "skipped")  # batch keys that are not model inputs
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -250,8 +252,10 @@ class _Steps:
             share = _sum_over_ranks(acc, tokens) / (ga * acc.num_processes)  # accelerate divides by ga, DDP by world
             for b in group:
                 b = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in b.items()}
-                aux = {k: b.pop(k) for k in ("sources",) if k in b}
+                aux = {k: b.pop(k) for k in self.stage.side_keys if k in b}
                 out, loss = self.step({**b, "num_items_in_batch": max(share, 1e-8)})
+                if self.stage.on_batch is not None:
+                    self.stage.on_batch({**b, **aux})
                 st.running += loss / ga
             st.batches += ga  # the stream's own position is in the loader's state, saved with every checkpoint
             st.result.global_step += 1
