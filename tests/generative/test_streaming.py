@@ -102,3 +102,18 @@ def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(json.loads((tmp_path / "all.json").read_text()))
+
+
+def test_a_stream_stage_under_torchrun_on_two_processes(corpus, tmp_path):
+    """Both ranks step together until the first one's stream ends (the rest is dropped, never a hang), the
+    step's token count is summed over the ranks, and rank 0 writes the model and the counts."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542", "-m",
+           "lmrec.cli.main", "gen", "train", "--stage", "2", "--model", str(corpus / "model"), "--data-config",
+           str(corpus / "data_config.json"), "--output-dir", str(run), *STREAM, "train.save_steps=3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] >= 3 and (run / "model" / "model.safetensors").exists()
+    assert 0 < metrics["stream"]["samples"]["rec"] and res.stdout.count("steps; model in") == 1
