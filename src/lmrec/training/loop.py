@@ -13,6 +13,11 @@ name and renamed, so a run killed while saving leaves the previous checkpoint in
 checkpoint on CPU with a fixed seed ends with the same weights as an uninterrupted one: batches come from
 ``make_loader(epoch)`` (deterministic per epoch; build it with ``data_loader``) and the consumed ones are
 skipped.
+
+A stream (a ``StatefulDataLoader`` over an iterable dataset that shards itself across ranks and workers,
+such as ``lmrec.data.stream.ChatStream``) runs as one epoch: steps stay in lockstep across ranks until the
+first rank's stream ends, each step's loss is normalised by the supervised tokens of all its micro-batches
+on all ranks, and the loader's own state goes into every checkpoint instead of a count of batches to skip.
 """
 
 from __future__ import annotations
