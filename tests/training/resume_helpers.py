@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from lmrec.training.loop import checkpoint_dirs
+from lmrec.training.checkpoints import checkpoint_dirs
 
 HANG = Path(__file__).with_name("hang_in_save.py")
 

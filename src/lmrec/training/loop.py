@@ -6,11 +6,10 @@ present, a progress bar, TensorBoard logging, periodic validation, early stoppin
 back when a new best is reached so the caller can keep the best state. Family-specific work (re-encoding
 RecFormer's item table before an epoch, for instance) comes in through ``before_epoch``.
 
-Checkpoints (``Checkpointing``) hold everything needed to continue exactly: model, optimizer, scheduler and
-RNG states (``Accelerator.save_state``), the loop's position (epoch, batches done, running loss, best
-metrics, early-stopping counter) and the caller's ``extra_state``. They are written under a temporary
-name and renamed, so a run killed while saving leaves the previous checkpoint intact. A run resumed from a
-checkpoint on CPU with a fixed seed ends with the same weights as an uninterrupted one: batches come from
+Checkpoints (``lmrec.training.checkpoints``) hold the model, optimizer, scheduler and RNG states, the
+loop's position (``LoopState``: epoch, batches done, running loss, best metrics, early-stopping counter)
+and the caller's ``extra_state``. A run resumed from a checkpoint on CPU with a fixed seed ends with the
+same weights as an uninterrupted one: batches come from
 ``make_loader(epoch)`` (deterministic per epoch; build it with ``data_loader``) and the consumed ones are
 skipped.
 
@@ -22,22 +21,18 @@ on all ranks, and the loader's own state goes into every checkpoint instead of a
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from transformers import get_linear_schedule_with_warmup
 
-from lmrec.errors import LmrecError
 from lmrec.progress import progress, tqdm
+from lmrec.training.checkpoints import Checkpointing, load_checkpoint, loader_state, save_checkpoint
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir: str | None = None,
@@ -66,52 +61,6 @@ def data_loader(data, *, seed: int, collate_fn=None, batch_size: int | None = No
         batch_size, collate_fn = 1, (lambda one: inner(one[0]))
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                                        generator=torch.Generator().manual_seed(seed))
-
-
-STATE_FILE = "trainer_state.json"
-
-
-def checkpoint_dirs(d: Path) -> list[Path]:
-    """The complete checkpoints (``step-N`` with a loop state) of one stage directory, oldest first."""
-    return sorted(p for p in d.glob("step-*") if (p / STATE_FILE).exists()) if d.is_dir() else []
-
-
-class Resume:
-    """Which checkpoint each ``fit`` of a command resumes from. ``spec``: None (start afresh), "auto" (the
-    latest checkpoint of each stage under ``root``, if any), a run directory, or one checkpoint directory
-    (``.../checkpoints/<tag>/step-N``: earlier stages use their latest checkpoint, that stage resumes from
-    exactly this one, later stages start afresh)."""
-
-    def __init__(self, root: str | Path, spec: str | Path | None):
-        self.root, self.exact, self.passed = Path(root), None, False
-        self.enabled = spec is not None
-        if spec is None or str(spec) == "auto":
-            return
-        p = Path(spec)
-        if (p / STATE_FILE).exists():
-            self.exact, self.root = p, p.parent.parent
-        elif (p / "checkpoints").is_dir():
-            self.root = p / "checkpoints"
-        else:
-            raise LmrecError(f"--resume-from {spec}: neither a checkpoint (no {STATE_FILE}) nor a run directory "
-                             "with checkpoints/; use 'auto' to resume the latest checkpoint of the output directory")
-
-    def checkpoint_for(self, tag: str) -> Path | None:
-        if not self.enabled or self.passed:
-            return None
-        if self.exact is not None and self.exact.parent.name == tag:
-            self.passed = True
-            return self.exact
-        found = checkpoint_dirs(self.root / tag)
-        return found[-1] if found else None
-
-
-@dataclass
-class Checkpointing:
-    root: Path  # <run>/checkpoints; each fit writes <root>/<tag>/step-<global step>
-    save_steps: int = 0  # also save every N optimizer steps (0: only at the end of each epoch)
-    keep: int = 2  # checkpoints kept per stage
-    resume: Resume | None = None
 
 
 @dataclass
@@ -208,9 +157,10 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
     ck = checkpointing
     start = ck.resume.checkpoint_for(stage.tag) if ck is not None and ck.resume is not None else None
     if start is not None:
-        state = _load_checkpoint(accelerator, start, stage)
+        saved = load_checkpoint(accelerator, start, stage.tag, stage.extra_state)
+        state = LoopState(**{**saved, "result": FitResult(**saved["result"])})
         if stream:
-            first.load_state_dict(_loader_state(start, accelerator.process_index))
+            first.load_state_dict(loader_state(start, accelerator.process_index))
         log(f"[{stage.tag}] resumed from {start} (epoch {state.epoch + 1}, batch {state.batches}, "
             f"step {state.result.global_step})")
         if state.finished:
@@ -325,7 +275,8 @@ class _Steps:
     def save(self, finished: bool = False) -> None:
         if self.ck is not None:
             self.state.finished = finished
-            _save_checkpoint(self.acc, self.ck, self.stage, self.state, self.loader)
+            save_checkpoint(self.acc, self.ck, self.stage.tag, asdict(self.state), self.stage.extra_state,
+                            self.loader)
 
 
 def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: float) -> bool:
@@ -355,23 +306,6 @@ def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: f
     return stop
 
 
-class _TiedWeightsNotice(logging.Filter):
-    """Accelerate drops tensors that share storage with another before writing safetensors and warns about
-    it. For weights the model declares tied (``all_tied_weights_keys``, re-tied when loading) that is the
-    expected behaviour, so that notice is dropped; any other shared tensor still warns."""
-
-    def __init__(self, models):
-        super().__init__()
-        self.tied = {k for m in models for k in (getattr(m, "all_tied_weights_keys", None) or {})}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if "Removed shared tensor" not in msg:
-            return True
-        names = re.findall(r"'([^']+)'", msg.split(" while saving")[0])
-        return not names or not all(any(n == t or n.endswith("." + t) for t in self.tied) for n in names)
-
-
 def _every_rank(accelerator: Accelerator, ok: bool) -> bool:
     return _sum_over_ranks(accelerator, int(not ok)) == 0
 
@@ -382,78 +316,3 @@ def _sum_over_ranks(accelerator: Accelerator, value: int) -> int:
     return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="sum").item())
 
 
-LOADER_STATE = "loader_state_rank{}.json"
-
-
-def _loader_state(path: Path, rank: int) -> dict:
-    f = path / LOADER_STATE.format(rank)
-    if not f.exists():
-        raise LmrecError(f"cannot resume the data stream from {path}: no {f.name} (was it saved by another number "
-                         "of processes? a stream resumes exactly only on as many ranks as wrote it)")
-    return json.loads(f.read_text())
-
-
-def _save_checkpoint(accelerator: Accelerator, ck: Checkpointing, stage: Stage, state: LoopState,
-                     loader=None) -> None:
-    """Every rank writes its part (RNG states) into a temporary directory; the main process adds the loop
-    state and renames it into place, then drops the oldest checkpoints beyond ``ck.keep``."""
-    stage_dir = ck.root / stage.tag
-    final = stage_dir / f"step-{state.result.global_step:08d}"
-    tmp = stage_dir / f".{final.name}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    notice = _TiedWeightsNotice(accelerator.unwrap_model(m) for m in accelerator._models)
-    acc_log = logging.getLogger("accelerate.utils.other")
-    acc_log.addFilter(notice)
-    try:
-        accelerator.save_state(str(tmp))
-    finally:
-        acc_log.removeFilter(notice)
-    if loader is not None:  # every rank: where its stream is (its readers' positions and buffers)
-        (tmp / LOADER_STATE.format(accelerator.process_index)).write_text(json.dumps(loader.state_dict()))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if stage.extra_state is not None:
-            save_extra_state(stage.extra_state.state_dict(), tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"tag": stage.tag, **asdict(state)}, indent=1) + "\n")
-        if final.exists():  # same step saved again (an epoch end right after a periodic save)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in checkpoint_dirs(stage_dir)[: -ck.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-EXTRA_TENSORS, EXTRA_VALUES = "extra_state.safetensors", "extra_state.json"
-
-
-def save_extra_state(state: dict[str, Any], directory: Path) -> None:
-    """A caller's extra state without pickle: tensors to safetensors, everything else to JSON."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
-    values = {k: v for k, v in state.items() if not torch.is_tensor(v)}
-    save_file(tensors, str(directory / EXTRA_TENSORS))
-    (directory / EXTRA_VALUES).write_text(json.dumps(values) + "\n")
-
-
-def load_extra_state(directory: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return {**json.loads((directory / EXTRA_VALUES).read_text()), **load_file(str(directory / EXTRA_TENSORS))}
-
-
-def _load_checkpoint(accelerator: Accelerator, path: Path, stage: Stage) -> LoopState:
-    try:
-        saved = json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmrecError(f"cannot resume from {path}: {STATE_FILE} unreadable ({e})") from None
-    if saved.get("tag") != stage.tag:
-        raise LmrecError(f"cannot resume stage {stage.tag!r} from {path}: it is a checkpoint of {saved.get('tag')!r}")
-    accelerator.load_state(str(path))
-    if stage.extra_state is not None:
-        stage.extra_state.load_state_dict(load_extra_state(path))
-    saved.pop("tag")
-    return LoopState(**{**saved, "result": FitResult(**saved["result"])})

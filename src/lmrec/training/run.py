@@ -22,7 +22,8 @@ from pathlib import Path
 from lmrec.config import save_config
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_file
-from lmrec.training.loop import Checkpointing, FitResult, Optim, Resume, Stage, fit, make_accelerator
+from lmrec.training.checkpoints import Checkpointing, Resume
+from lmrec.training.loop import FitResult, Optim, Stage, fit, make_accelerator
 
 
 class Run:

@@ -1,0 +1,163 @@
+"""Checkpoints of the training loop, and resume.
+
+A checkpoint (``<run>/checkpoints/<stage>/step-N``) holds everything needed to continue exactly: model,
+optimizer, scheduler and RNG states (``Accelerator.save_state``), the loop's position
+(``trainer_state.json``), the caller's extra state (``extra_state.safetensors`` + ``extra_state.json``: no
+pickle) and, for a stream, every rank's loader state. It is written under a temporary name and renamed,
+so a run killed while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from lmrec.errors import LmrecError
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dirs(d: Path) -> list[Path]:
+    """The complete checkpoints (``step-N`` with a loop state) of one stage directory, oldest first."""
+    return sorted(p for p in d.glob("step-*") if (p / STATE_FILE).exists()) if d.is_dir() else []
+
+
+class Resume:
+    """Which checkpoint each ``fit`` of a command resumes from. ``spec``: None (start afresh), "auto" (the
+    latest checkpoint of each stage under ``root``, if any), a run directory, or one checkpoint directory
+    (``.../checkpoints/<tag>/step-N``: earlier stages use their latest checkpoint, that stage resumes from
+    exactly this one, later stages start afresh)."""
+
+    def __init__(self, root: str | Path, spec: str | Path | None):
+        self.root, self.exact, self.passed = Path(root), None, False
+        self.enabled = spec is not None
+        if spec is None or str(spec) == "auto":
+            return
+        p = Path(spec)
+        if (p / STATE_FILE).exists():
+            self.exact, self.root = p, p.parent.parent
+        elif (p / "checkpoints").is_dir():
+            self.root = p / "checkpoints"
+        else:
+            raise LmrecError(f"--resume-from {spec}: neither a checkpoint (no {STATE_FILE}) nor a run directory "
+                             "with checkpoints/; use 'auto' to resume the latest checkpoint of the output directory")
+
+    def checkpoint_for(self, tag: str) -> Path | None:
+        if not self.enabled or self.passed:
+            return None
+        if self.exact is not None and self.exact.parent.name == tag:
+            self.passed = True
+            return self.exact
+        found = checkpoint_dirs(self.root / tag)
+        return found[-1] if found else None
+
+
+@dataclass
+class Checkpointing:
+    root: Path  # <run>/checkpoints; each fit writes <root>/<tag>/step-<global step>
+    save_steps: int = 0  # also save every N optimizer steps (0: only at the end of each epoch)
+    keep: int = 2  # checkpoints kept per stage
+    resume: Resume | None = None
+
+
+class _TiedWeightsNotice(logging.Filter):
+    """Accelerate drops tensors that share storage with another before writing safetensors and warns about
+    it. For weights the model declares tied (``all_tied_weights_keys``, re-tied when loading) that is the
+    expected behaviour, so that notice is dropped; any other shared tensor still warns."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.tied = {k for m in models for k in (getattr(m, "all_tied_weights_keys", None) or {})}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "Removed shared tensor" not in msg:
+            return True
+        names = re.findall(r"'([^']+)'", msg.split(" while saving")[0])
+        return not names or not all(any(n == t or n.endswith("." + t) for t in self.tied) for n in names)
+
+
+LOADER_STATE = "loader_state_rank{}.json"
+
+
+def loader_state(path: Path, rank: int) -> dict:
+    f = path / LOADER_STATE.format(rank)
+    if not f.exists():
+        raise LmrecError(f"cannot resume the data stream from {path}: no {f.name} (was it saved by another number "
+                         "of processes? a stream resumes exactly only on as many ranks as wrote it)")
+    return json.loads(f.read_text())
+
+
+def save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, state: dict, extra_state: Any = None,
+                    loader=None) -> None:
+    """Every rank writes its part (RNG states) into a temporary directory; the main process adds the loop
+    state and renames it into place, then drops the oldest checkpoints beyond ``ck.keep``."""
+    stage_dir = ck.root / tag
+    final = stage_dir / f"step-{state['result']['global_step']:08d}"
+    tmp = stage_dir / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    notice = _TiedWeightsNotice(accelerator.unwrap_model(m) for m in accelerator._models)
+    acc_log = logging.getLogger("accelerate.utils.other")
+    acc_log.addFilter(notice)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        acc_log.removeFilter(notice)
+    if loader is not None:  # every rank: where its stream is (its readers' positions and buffers)
+        (tmp / LOADER_STATE.format(accelerator.process_index)).write_text(json.dumps(loader.state_dict()))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if extra_state is not None:
+            save_extra_state(extra_state.state_dict(), tmp)
+        (tmp / STATE_FILE).write_text(json.dumps({"tag": tag, **state}, indent=1) + "\n")
+        if final.exists():  # same step saved again (an epoch end right after a periodic save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoint_dirs(stage_dir)[: -ck.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+EXTRA_TENSORS, EXTRA_VALUES = "extra_state.safetensors", "extra_state.json"
+
+
+def save_extra_state(state: dict[str, Any], directory: Path) -> None:
+    """A caller's extra state without pickle: tensors to safetensors, everything else to JSON."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    values = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    save_file(tensors, str(directory / EXTRA_TENSORS))
+    (directory / EXTRA_VALUES).write_text(json.dumps(values) + "\n")
+
+
+def load_extra_state(directory: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return {**json.loads((directory / EXTRA_VALUES).read_text()), **load_file(str(directory / EXTRA_TENSORS))}
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state: Any = None) -> dict:
+    """Restore the accelerator's states and ``extra_state`` from a checkpoint; returns the loop's state."""
+    try:
+        saved = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmrecError(f"cannot resume from {path}: {STATE_FILE} unreadable ({e})") from None
+    if saved.get("tag") != tag:
+        raise LmrecError(f"cannot resume stage {tag!r} from {path}: it is a checkpoint of {saved.get('tag')!r}")
+    accelerator.load_state(str(path))
+    if extra_state is not None:
+        extra_state.load_state_dict(load_extra_state(path))
+    saved.pop("tag")
+    return saved
