@@ -2,6 +2,8 @@
 per-sample forward), a sample's loss does not depend on its neighbours, the supervised tokens are exactly
 the assistant replies (first token and end-of-turn marker included) and plain text, and the think pattern."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,10 +101,39 @@ def test_think_pattern():
     assert msgs("x")[0]["content"] == "q"  # the input is not changed
 
 
-def test_a_template_that_rewrites_earlier_turns_is_reported(lm):
+def test_replies_are_found_when_the_template_rewrites_earlier_turns(lm):
+    """Qwen3's template drops the think block of replies before the last user turn, so the conversation
+    rendered up to a reply is not a prefix of the whole: the replies are found by their markers."""
+    _, tok = lm
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}"
+        "<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.index0 < ns.last %}"
+        "{{ m['content'].split('</think>')[-1].lstrip() }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    row = ChatRow("u", "rec", [{"role": "user", "content": "hello"},
+                               {"role": "assistant", "content": "<think>why</think> a red shoe"},
+                               {"role": "user", "content": "what next"},
+                               {"role": "assistant", "content": "<think>because</think> the blue hat"}])
+    enc = encode_chat(tok, row)
+    assert tok.decode(enc["input_ids"]).count("<think>") == 1  # the first reply's thoughts were dropped
+    spans, cur = [], []
+    for t, lab in zip(enc["input_ids"], enc["labels"]):
+        if lab != -100:
+            cur.append(t)
+        elif cur:
+            spans, cur = spans + [cur], []
+    assert [tok.decode(s) for s in spans + ([cur] if cur else [])] == [
+        "a red shoe<|im_end|>", "<think>because</think> the blue hat<|im_end|>"]
+
+
+def test_a_template_whose_replies_cannot_be_found_is_reported(lm):
     _, tok = lm
 
-    class Rewriting:  # renders earlier replies differently once a later turn exists (like dropping thoughts)
+    class Rewriting:  # renders earlier replies differently once a later turn exists, and has no markers
+        eos_token = None
+
         def apply_chat_template(self, m, tokenize, add_generation_prompt):
             return "".join(f"[{len(m)}:{x['content']}]" for x in m) + ("[go]" if add_generation_prompt else "")
 
@@ -114,7 +145,6 @@ def test_a_template_that_rewrites_earlier_turns_is_reported(lm):
 def test_a_stream_step_normalises_by_the_supervised_tokens_of_all_its_micro_batches(lm, tmp_path):
     """Gradient accumulation over 2 packs with 4 and 23 supervised tokens: the step's gradient is that of
     (sum of the token losses) / 27 — not the mean of the two per-pack means."""
-    import copy
 
     from torchdata.stateful_dataloader import StatefulDataLoader
 

@@ -143,10 +143,35 @@ def encode_chat(tokenizer, row, *, think: bool = False) -> dict:
             continue
         start, upto = render(msgs[:i], gen=True), render(msgs[: i + 1])
         if not (full.startswith(upto) and upto.startswith(start)):
-            raise DataError(f"turn {i}: the chat template does not render the conversation up to this reply as a "
-                            "prefix of the whole (cannot tell which tokens are the reply)", column="messages")
+            # a template that renders earlier replies differently once the conversation goes on (Qwen3's drops
+            # their think blocks): find the replies in the whole conversation by their markers instead
+            spans = _marked_spans(full, msgs, render, tokenizer.eos_token, i)
+            break
         spans.append((len(start), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [t if any(a <= off[0] < b for a, b in spans) else -100 for t, off in zip(ids, enc["offset_mapping"])]
     return {"input_ids": ids, "labels": labels}
+
+
+def _marked_spans(full: str, msgs: list[dict], render, eos: str | None, turn: int) -> list[tuple[int, int]]:
+    """Character spans of the assistant replies in ``full``: each from the end of the generation prompt
+    (what ``add_generation_prompt`` adds, e.g. ``<|im_start|>assistant\\n``) to the end of the next
+    end-of-turn token."""
+    before = render(msgs[:turn])
+    header = render(msgs[:turn], gen=True)[len(before):] if render(msgs[:turn], gen=True).startswith(before) else ""
+    if not header or not eos:
+        raise DataError(f"turn {turn}: the chat template does not render the conversation up to this reply as a "
+                        "prefix of the whole, and its replies cannot be found by their markers", column="messages")
+    spans, cursor = [], 0
+    for m in msgs:
+        if m["role"] != "assistant":
+            continue
+        a = full.find(header, cursor)
+        b = full.find(eos, a + len(header)) if a >= 0 else -1
+        if b < 0:
+            raise DataError(f"turn {turn}: a reply's markers ({header!r} … {eos!r}) were not found in the rendered "
+                            "conversation", column="messages")
+        spans.append((a + len(header), b + len(eos)))
+        cursor = b + len(eos)
+    return spans
