@@ -145,7 +145,6 @@ def test_a_template_whose_replies_cannot_be_found_is_reported(lm):
 def test_a_stream_step_normalises_by_the_supervised_tokens_of_all_its_micro_batches(lm, tmp_path):
     """Gradient accumulation over 2 packs with 4 and 23 supervised tokens: the step's gradient is that of
     (sum of the token losses) / 27 — not the mean of the two per-pack means."""
-
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from lmrec.training.loop import Optim, Stage, fit, make_accelerator
