@@ -173,6 +173,7 @@ class GenTrainConfig(_TrainCommon):
     num_training_steps: Count | None = None  # length of the learning-rate schedule (default: an estimate)
     max_steps: Count | None = None  # stop here even if the stream goes on
     log_every: Count = 10  # steps between per-source / itemic-vs-text losses, tokens/s, padding share
+    loss_chunk_tokens: Count | None = None  # LM-head cross-entropy in chunks of this many positions (no full logits)
 
     @field_validator("stage", mode="before")
     @classmethod

@@ -179,3 +179,28 @@ def test_a_stream_step_normalises_by_the_supervised_tokens_of_all_its_micro_batc
         log=lambda m: None)
     assert (seen["grad"] - expected).abs().max() < 1e-6 * expected.abs().max().clamp(min=1)
     assert expected.abs().max() > 0
+
+
+def test_the_chunked_loss_model_equals_the_models_own_loss_on_a_packed_batch(lm):
+    from lmrec.generative.stages import ChunkedLossLM, stage1_new_embeddings
+
+    model, _ = lm
+    a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    batch = collate_packs([pack_samples(samples([9, 14, 6], seed=5)), pack_samples(samples([20, 3], seed=6))], 0, 32)
+    x = {k: v for k, v in batch.items() if k not in ("sources", "skipped")}
+    torch.manual_seed(0)
+    own = a(**x, num_items_in_batch=17.0)
+    torch.manual_seed(0)
+    chunked = ChunkedLossLM(b, chunk_tokens=5)(**x, num_items_in_batch=17.0)
+    assert abs(own.loss.item() - chunked.loss.item()) <= 1e-5 * own.loss.item()
+    own.loss.backward()
+    chunked.loss.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * p.grad.abs().max().clamp(min=1e-8), name
+    # stage 1 (only the new rows train) on the chunked model: the gradient reaches the embedding rows
+    c = copy.deepcopy(model)
+    meta = {"level_token_ids": [[250, 251]], "sid_begin": 252, "sid_end": 253}
+    setup = stage1_new_embeddings(c, meta)
+    ChunkedLossLM(setup.model, 7)(**x).loss.backward()
+    assert c.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert sum(p.grad is not None for p in c.parameters()) == 1  # tied: the one embedding matrix

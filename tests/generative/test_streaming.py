@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import run_cli
 from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
@@ -117,3 +118,23 @@ def test_a_stream_stage_under_torchrun_on_two_processes(corpus, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] >= 3 and (run / "model" / "model.safetensors").exists()
     assert 0 < metrics["stream"]["samples"]["rec"] and res.stdout.count("steps; model in") == 1
+
+
+def test_stage1_on_a_stream_with_the_chunked_loss_keeps_every_old_row(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmrec.generative.vocab import read_meta
+
+    run = tmp_path / "run"
+    res = run_cli("gen", "train", "--stage", "1", "--model", corpus / "model", "--data-config",
+                  corpus / "data_config.json", "--output-dir", run, *STREAM, "train.max_steps=4",
+                  "train.loss_chunk_tokens=32", "train.weight_decay=0.1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 4
+    meta = read_meta(corpus / "model")
+    new = sorted(sum(meta["level_token_ids"], []) + [meta["sid_begin"], meta["sid_end"]])
+    before = load_file(str(corpus / "model" / "model.safetensors"))["model.embed_tokens.weight"]
+    after = load_file(str(run / "model" / "model.safetensors"))["model.embed_tokens.weight"]
+    old = torch.ones(len(before), dtype=torch.bool)
+    old[new] = False
+    assert torch.equal(before[old], after[old]) and not torch.equal(before[~old], after[~old])

@@ -92,3 +92,36 @@ def _all_or_lora(model: torch.nn.Module, meta: dict, lora) -> StageSetup:
 
 
 STAGES: dict[str, Callable[..., StageSetup]] = {"1": stage1_new_embeddings, "2": stage2_full, "sft": sft}
+
+
+@dataclass
+class ChunkedOutput:
+    loss: torch.Tensor
+    token_nll: torch.Tensor  # (B, L - 1) per-token losses, detached (for metrics)
+
+    def items(self):
+        return [("loss", self.loss)]
+
+
+class ChunkedLossLM(torch.nn.Module):
+    """A causal LM whose ``forward(**batch).loss`` is the LM-head cross-entropy computed in chunks of
+    ``chunk_tokens`` positions (``lmrec.training.losses.chunked_lm_loss``: the whole pack's logits are never
+    materialised), equal to the model's own loss. ``train.loss_chunk_tokens``; wraps any decoder-only HF
+    model (the stage's freezing and LoRA are applied to ``lm`` before)."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int):
+        super().__init__()
+        if getattr(lm.config, "is_encoder_decoder", False):
+            raise LmrecError("train.loss_chunk_tokens applies to decoder-only models")
+        self.lm, self.chunk_tokens = lm, chunk_tokens
+        self.config = lm.config
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
+                use_cache=False, **kwargs):
+        from lmrec.training.losses import chunked_lm_loss
+
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False, **kwargs).last_hidden_state
+        loss, nll = chunked_lm_loss(hidden, self.lm.get_output_embeddings().weight, labels,
+                                    chunk_tokens=self.chunk_tokens, num_items=num_items_in_batch)
+        return ChunkedOutput(loss, nll)

@@ -79,8 +79,10 @@ def token_metrics(names: list[str], itemic: list[int], acc, steps_between: int):
     @torch.no_grad()
     def metrics(batch: dict, out) -> dict[str, float]:
         labels, sources = batch["labels"][:, 1:], batch["sources"][:, 1:].to(batch["labels"].device)
-        nll = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none",
-                              ignore_index=-100).view_as(labels)
+        nll = getattr(out, "token_nll", None)  # the chunked loss has no logits, but every token's loss
+        if nll is None:
+            nll = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none",
+                                  ignore_index=-100).view_as(labels)
         seen = labels != -100
         is_item = torch.isin(labels, itemic_ids.to(labels.device)) & seen
         parts = [nll[is_item].sum(), is_item.sum(), nll[seen & ~is_item].sum(), (seen & ~is_item).sum(),

@@ -22,7 +22,7 @@ from lmrec.generative.prompts import PromptFormat, encode_training
 from lmrec.generative.recommender import GenerativeRecommender, load_generative, save_generative
 from lmrec.generative.samples import align_sids, build_samples, pad_batch
 from lmrec.generative.sid import SemanticIds
-from lmrec.generative.stages import STAGES
+from lmrec.generative.stages import STAGES, ChunkedLossLM
 from lmrec.generative.streaming import (
     StreamTally,
     check_itemic_range,
@@ -92,14 +92,13 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         if tr.lora and stage != "1":  # the frozen base the adapter applies to
             run.on_main(lambda: save_generative(model, tok, model_dir, run.dir / "base_model"))
         setup = STAGES[stage](model, meta, tr if tr.lora else None)
-        model = setup.model.to(run.acc.device)
-        total = sum(p.numel() for p in model.parameters())
-        log(f"stage {stage}: {setup.trainable:,} trainable parameters of {total:,}")
-        rec = GenerativeRecommender(model, tok, meta, sids, ds, fmt) if ds is not None else None
+        lm = setup.model.to(run.acc.device)
+        model = ChunkedLossLM(lm, tr.loss_chunk_tokens) if tr.loss_chunk_tokens else lm
+        log(f"stage {stage}: {setup.trainable:,} trainable parameters of {sum(p.numel() for p in lm.parameters()):,}")
+        rec = GenerativeRecommender(lm, tok, meta, sids, ds, fmt) if ds is not None else None
 
         def save(out: Path):
-            save_generative(run.acc.unwrap_model(model), tok, model_dir, out, fmt=fmt,
-                            base=run.dir / "base_model" if tr.lora else None)
+            save_generative(lm, tok, model_dir, out, fmt=fmt, base=run.dir / "base_model" if tr.lora else None)
 
         if mix is None:
             make_loader = _loader_factory(cfg, ds, sids, tok, model.config.is_encoder_decoder, log)
