@@ -33,17 +33,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not valid.any():
                 continue
             logits = (h @ weight.T).to(acc)  # (C, V): the only vocabulary-sized tensor, one chunk at a time
-            lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
-            nll[s: s + chunk] = torch.where(valid, lse - target, 0.0)
+            top = logits.max(dim=-1, keepdim=True).values
+            logits.sub_(top).exp_()  # in place: a second (C, V) tensor would double the peak
+            z = logits.sum(dim=-1, keepdim=True)
+            nll[s: s + chunk] = torch.where(valid, (top + z.log())[:, 0] - target, 0.0)
             if need_h or need_w:
-                dlogits = torch.softmax(logits, dim=-1)  # d(lse - target)/d logits = softmax - one-hot
-                dlogits[torch.arange(len(y), device=y.device)[valid], y[valid]] -= 1.0
-                dlogits[~valid] = 0.0
+                logits.div_(z)  # now the softmax; d(lse - target)/d logits = softmax - one-hot
+                logits[torch.arange(len(y), device=y.device)[valid], y[valid]] -= 1.0
+                logits[~valid] = 0.0
                 if need_h:
-                    grad_h[s: s + chunk] = (dlogits.to(weight.dtype) @ weight).to(hidden.dtype)
+                    grad_h[s: s + chunk] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
-                    grad_w += dlogits.T @ h.to(acc)
+                    grad_w += logits.T @ h.to(acc)
+            del logits  # before the next chunk's logits exist: one chunk alive at a time
         ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
         ctx.mark_non_differentiable(nll)
         return nll.sum(), nll
