@@ -104,6 +104,19 @@ class _TrainCommon(_Strict):
     save_steps: NonNegInt = 0  # also checkpoint every N optimizer steps (always at the end of each epoch)
     save_total_limit: Count = 2  # checkpoints kept per stage under <output_dir>/checkpoints/
     resume_from: str | None = None  # "auto" (latest checkpoint of output_dir), a run dir or a checkpoint dir
+    lr_schedule: Literal["linear", "cosine"] = "linear"  # after the warmup: to 0 (linear) or to min_lr (cosine)
+    min_lr: Annotated[float, Field(ge=0)] = 0.0  # the cosine schedule's floor
+    adam_betas: tuple[Probability, Probability] = (0.9, 0.999)
+    no_decay_embeddings: bool = False  # embeddings (and a head tied to them) without weight decay
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.min_lr > 0 and self.lr_schedule != "cosine":
+            raise ValueError("min_lr needs lr_schedule: cosine")
+        lr = getattr(self, "lr", None)
+        if lr is not None and self.min_lr >= lr:
+            raise ValueError(f"min_lr {self.min_lr} must be below lr {lr}")
+        return self
 
 
 class TrainConfig(_TrainCommon):

@@ -86,15 +86,31 @@ class LoopState:
 
 @dataclass
 class Optim:
-    """AdamW + warmup/linear decay + clipping, from a ``train`` config."""
+    """AdamW + warmup then linear decay to 0 or cosine decay to ``min_lr`` + clipping, from a ``train``
+    config. No weight decay on biases and normalisation weights (chosen by module type, whatever the
+    architecture names them), nor on embeddings when ``no_decay_embeddings``."""
 
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float | None = 1.0
+    schedule: str = "linear"
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    no_decay_embeddings: bool = False
 
     @classmethod
     def from_train(cls, tr) -> Optim:
-        return cls(tr.weight_decay, tr.warmup_ratio, tr.grad_clip)
+        return cls(tr.weight_decay, tr.warmup_ratio, tr.grad_clip, tr.lr_schedule, tr.min_lr, tuple(tr.adam_betas),
+                   tr.no_decay_embeddings)
+
+    def build(self, model: torch.nn.Module, lr: float, total_steps: int):
+        """(optimizer, scheduler) for ``total_steps`` optimizer steps."""
+        opt = torch.optim.AdamW(optimizer_groups(model, self.weight_decay, self.no_decay_embeddings), lr=lr,
+                                betas=self.betas)
+        warmup = math.ceil(self.warmup_ratio * total_steps)
+        if self.schedule == "cosine":
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, _cosine_to_floor(warmup, total_steps, self.min_lr / lr))
+        return opt, get_linear_schedule_with_warmup(opt, warmup, total_steps)
 
 
 @dataclass
@@ -128,13 +144,35 @@ class Stage:
     side_keys: tuple[str, ...] = ("sources", "skipped")  # batch keys that are not model inputs
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
+def _cosine_to_floor(warmup: int, total: int, floor: float):
+    """Linear warmup, cosine decay to ``floor`` × lr at ``total`` steps, then the floor for as long as the
+    data lasts (transformers' cosine-with-min-lr schedule rises again past its end: a stream may run longer
+    than ``num_training_steps``)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool = False
+                     ) -> list[dict]:
+    """Two AdamW groups: with weight decay, and without it for biases, the weights of normalisation modules
+    (LayerNorm, RMSNorm, …: any module class named *Norm*) and, optionally, embeddings."""
+    exempt: set[int] = set()
+    for module in model.modules():
+        norm = "norm" in type(module).__name__.lower()
+        emb = no_decay_embeddings and isinstance(module, torch.nn.Embedding)
+        for name, p in module.named_parameters(recurse=False):
+            if norm or emb or name == "bias" or name.endswith("_bias"):
+                exempt.add(id(p))
+    params = [p for p in model.parameters() if p.requires_grad]  # each shared (tied) tensor once
+    if not params:
         raise ValueError("no trainable parameters")
-    return [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
+    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
 
 
 def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[[int], torch.utils.data.DataLoader],
@@ -149,9 +187,7 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
     if stream and (stage.epochs != 1 or not stage.steps_per_epoch):
         raise ValueError("a stream is one epoch of the loop, with steps_per_epoch given")
     steps_per_epoch = stage.steps_per_epoch or math.ceil(len(first) / accelerator.gradient_accumulation_steps)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, optim.weight_decay), lr=stage.lr)
-    total = max(1, stage.epochs * steps_per_epoch)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(optim.warmup_ratio * total), total)
+    optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = LoopState(result=FitResult(global_step=global_step))
     ck = checkpointing
@@ -189,6 +225,7 @@ class _Steps:
         self.acc, self.model, self.opt, self.sched = accelerator, model, optimizer, scheduler
         self.stage, self.grad_clip, self.ck, self.state = stage, grad_clip, ck, state
         self.loader = None  # a stream's loader, whose state goes into every checkpoint
+        self.grad_norm = None  # of the last optimizer step, before clipping
 
     def stream(self, loader) -> float:
         """Optimizer steps over a stream until it ends on any rank (or ``max_steps``). The loss of a step is
@@ -256,8 +293,8 @@ class _Steps:
         with acc.accumulate(self.model):
             out = self.model(**batch)
             acc.backward(out.loss)
-            if acc.sync_gradients and self.grad_clip:
-                acc.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            if acc.sync_gradients:  # the norm is logged before clipping (inf: measured, not clipped)
+                self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
             self.opt.step()
             if self.stage.after_step is not None and acc.sync_gradients:
                 self.stage.after_step()
@@ -269,6 +306,8 @@ class _Steps:
         tag = self.stage.tag
         scalars = {f"{tag}/{k}": v.item() for k, v in out.items()  # mlm_loss, contrastive_accuracy ...
                    if k != "loss" and torch.is_tensor(v) and v.dim() == 0}
+        if self.grad_norm is not None:
+            scalars[f"{tag}/grad_norm"] = float(self.grad_norm)
         self.acc.log({f"{tag}/loss": loss, f"{tag}/lr": self.sched.get_last_lr()[0], **scalars},
                      step=self.state.result.global_step)
 
