@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import run_cli
 from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
@@ -121,8 +122,6 @@ def test_a_stream_stage_under_torchrun_on_two_processes(corpus, tmp_path):
 
 
 def test_stage1_on_a_stream_with_the_chunked_loss_keeps_every_old_row(corpus, tmp_path):
-    from safetensors.torch import load_file
-
     from lmrec.generative.vocab import read_meta
 
     run = tmp_path / "run"
@@ -138,3 +137,31 @@ def test_stage1_on_a_stream_with_the_chunked_loss_keeps_every_old_row(corpus, tm
     old = torch.ones(len(before), dtype=torch.bool)
     old[new] = False
     assert torch.equal(before[old], after[old]) and not torch.equal(before[~old], after[~old])
+
+
+def test_export_a_checkpoint_and_check_it(corpus, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config",
+                  corpus / "data_config.json", "--output-dir", run, *STREAM, "train.max_steps=3", "train.save_steps=3",
+                  "train.loss_chunk_tokens=64")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = checkpoints(run, "stage2")[-1]
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"export-{dtype}"
+        res = run_cli("gen", "export", ckpt, out, "--dtype", dtype, "--max-shard-size", "500KB")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (out / "model.safetensors.index.json").exists() and (out / "sid_vocab.json").exists()
+        res = run_cli("gen", "check-model", out, "--source", ckpt, "--data", corpus / "data", "--sids",
+                      corpus / "sids", "--beams", "5")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+        assert res.stdout.count("PASS") == 3 and "FAIL" not in res.stdout and "export" in res.stdout
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export-fp32")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert torch.equal(exported.model.layers[0].mlp.up_proj.weight, weights["lm.model.layers.0.mlp.up_proj.weight"])
+    # a broken export (a shard missing) fails with a message, exit 1
+    shard = sorted((tmp_path / "export-fp32").glob("model-*.safetensors"))[0]
+    shard.unlink()
+    res = run_cli("gen", "check-model", tmp_path / "export-fp32", "--source", ckpt)
+    assert res.returncode == 1 and "FAIL" in res.stdout and "Traceback" not in res.stderr

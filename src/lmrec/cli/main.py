@@ -469,6 +469,48 @@ def gen_train(
         typer.echo(f"{r.metrics['steps']} steps; model in {r.model_dir}; metrics in {r.run_dir / 'metrics.json'}")
 
 
+@gen_app.command("export")
+def gen_export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (.../checkpoints/<stage>/step-N) or a trained model "
+                                                "directory (a stage's model/, a LoRA adapter: merged)."),
+    out: Path = typer.Argument(..., help="Output Hugging Face directory."),
+    base: Path = typer.Option(None, help="The model the run started from (default: recorded in the run)."),
+    dtype: str = typer.Option("bf16", help="bf16 | fp32"),
+    max_shard_size: str = typer.Option("2GB", help="Largest safetensors shard."),
+):
+    """Export to a Hugging Face directory (safetensors shards + index, config, tokenizer with the chat
+    template, sid_vocab.json, prompt format), loadable by AutoModelForCausalLM and any engine that reads it."""
+    from lmrec.generative.export import export_model
+
+    typer.echo(f"wrote {export_model(checkpoint, out, base=base, dtype=dtype, max_shard_size=max_shard_size)}")
+
+
+@gen_app.command("check-model")
+def gen_check_model(
+    export: Path = typer.Argument(..., help="An exported model directory."),
+    source: Path = typer.Option(None, help="The checkpoint or model it was exported from: logits must agree."),
+    base: Path = typer.Option(None, help="With a checkpoint as --source: the model its run started from."),
+    data: Path = typer.Option(None, help="Prepared dataset: constrained beam search and metrics (with --sids)."),
+    sids: Path = typer.Option(None, help="Semantic-ID directory."),
+    beams: int = typer.Option(10, help="Beam width."),
+):
+    """Check an export: loads with AutoModelForCausalLM, logits equal the source's on a fixed batch,
+    constrained beam search returns only real items, and (with --data/--sids) the metrics. Exit 1 when a
+    check fails."""
+    from lmrec.cli.report import print_checks
+    from lmrec.generative.export import check_model
+
+    checks = check_model(export, source=source, base=base, data=data, sids=sids, beams=_k(beams, "--beams"))
+    print_checks(checks, title=f"lmrec gen check-model {export}")
+    if data is not None and sids is not None and all(c.ok for c in checks):
+        from lmrec.generative.api import evaluate_generative
+
+        r = evaluate_generative(export, data, sids, beams=_k(beams, "--beams"))
+        print_metrics(r, title=f"{data} (test), constrained beam search ({beams} beams)", model_name="export")
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
 @gen_app.command("merge")
 def gen_merge(
     adapter: Path = typer.Argument(..., help="A LoRA run's model directory (adapter + base_model/)."),

@@ -52,9 +52,9 @@ def print_init_report(report, console: Console | None = None, verbose: bool = Fa
     console.print("  ".join(f"{k}: {v}" for k, v in report.counts().items()))
 
 
-def print_checks(checks, console: Console | None = None) -> None:
+def print_checks(checks, console: Console | None = None, title: str = "lmrec doctor") -> None:
     console = console or Console()
-    table = Table(title="lmrec doctor")
+    table = Table(title=title)
     table.add_column("check")
     table.add_column("result", no_wrap=True)
     table.add_column("detail", overflow="fold")

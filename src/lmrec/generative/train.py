@@ -7,6 +7,7 @@ evaluation next to popularity.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
 from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import evaluate
+from lmrec.generative.export import SOURCE
 from lmrec.generative.prompts import PromptFormat, encode_training
 from lmrec.generative.recommender import GenerativeRecommender, load_generative, save_generative
 from lmrec.generative.samples import align_sids, build_samples, pad_batch
@@ -88,6 +90,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         check_itemic_range(mix, meta)
     fmt = PromptFormat.from_config(cfg.data)
     with Run(cfg, f"gen_stage{stage}", log) as run:
+        run.on_main(lambda: (run.dir / SOURCE).write_text(json.dumps({"model": str(model_dir.resolve())}) + "\n"))
         model, tok = load_generative(model_dir)
         if tr.lora and stage != "1":  # the frozen base the adapter applies to
             run.on_main(lambda: save_generative(model, tok, model_dir, run.dir / "base_model"))
