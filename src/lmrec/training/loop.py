@@ -39,6 +39,10 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir
                      seed: int = 42) -> Accelerator:
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+    from lmrec.training.distributed import adopt_mpi_environment
+
+    adopt_mpi_environment()  # mpirun scripts keep working: OMPI_COMM_WORLD_* → RANK / WORLD_SIZE / LOCAL_RANK
+
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # Frozen buffers (RecFormer's item table) are set identically on every rank: no broadcast needed.

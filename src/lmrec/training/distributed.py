@@ -1,0 +1,34 @@
+"""Process-group set-up from the launcher's environment.
+
+``torchrun`` (one node or many: ``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``) sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``, which Accelerate reads. Under ``mpirun``
+(OpenMPI) a user's existing scripts only have ``OMPI_COMM_WORLD_RANK`` / ``_SIZE`` / ``_LOCAL_RANK``:
+they are mapped to the torchrun names here, so the same command trains under either launcher — without
+an MPI dependency (the process group is still gloo / NCCL, rendezvous through ``MASTER_ADDR``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+from lmrec.errors import LmrecError
+
+OMPI = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+        "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_WORLD_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE"}
+
+
+def adopt_mpi_environment(env: MutableMapping[str, str] | None = None) -> bool:
+    """Under mpirun without torchrun's variables, set them from OpenMPI's; True when it did."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "OMPI_COMM_WORLD_RANK" not in env:
+        return False
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+        raise LmrecError("launched by mpirun on several processes: set MASTER_ADDR (the first node's address) and "
+                         "MASTER_PORT (a free port), e.g. mpirun -x MASTER_ADDR=node0 -x MASTER_PORT=29500 ...")
+    for ours, theirs in OMPI.items():
+        if theirs in env:
+            env[ours] = env[theirs]
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    return True

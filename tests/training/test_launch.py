@@ -1,0 +1,53 @@
+"""Launchers: processes started the way mpirun starts them (OpenMPI's variables only) and torchrun with two
+"nodes" on one machine both form one process group."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmrec.errors import LmrecError
+from lmrec.training.distributed import adopt_mpi_environment
+
+HERE = Path(__file__).parent
+
+
+def test_openmpi_variables_are_mapped():
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    assert adopt_mpi_environment(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "8", "1")
+    assert not adopt_mpi_environment({"RANK": "0", "OMPI_COMM_WORLD_RANK": "5"})  # torchrun's win
+    with pytest.raises(LmrecError, match="set MASTER_ADDR"):
+        adopt_mpi_environment({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+
+
+def _spawn(env_for_rank, n, out):
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "mpi_worker.py"), str(out)],
+                              env={**base, "OMP_NUM_THREADS": "1", **env_for_rank(r)}, stderr=subprocess.PIPE,
+                              text=True) for r in range(n)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+
+
+def test_processes_started_as_mpirun_starts_them_form_one_group(tmp_path):
+    _spawn(lambda r: {"OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_SIZE": "2",
+                      "OMPI_COMM_WORLD_LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29573"},
+           2, tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"rank0-of-2.txt": "3.0", "rank1-of-2.txt": "3.0"}
+
+
+def test_torchrun_with_two_nodes_on_one_machine(tmp_path):
+    """Two torchrun launches, one per "node" (--nnodes 2, --node-rank 0/1, a c10d rendezvous endpoint)."""
+    cmd = lambda node: [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",  # noqa: E731
+                        "--nproc_per_node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29574",
+                        "--rdzv-id=lmrec-test", str(HERE / "mpi_worker.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd(n), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"rank0-of-2.txt": "3.0", "rank1-of-2.txt": "3.0"}
