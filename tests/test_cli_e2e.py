@@ -34,6 +34,8 @@ def test_finetune_writes_model_metrics_and_logs(trained):
     assert "test_new_items" not in metrics  # a leave-one-out split: no new-item protocol
     assert (run / "model" / "item_table.safetensors").exists() and (run / "run_config.yaml").exists()
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+    console = (run / "train.log").read_text()  # the console output, kept in the run directory
+    assert "stage 1: up to" in console and "valid ndcg@10" in console and "\r" not in console
 
 
 def test_evaluate_reloaded_model_gives_identical_metrics(trained):

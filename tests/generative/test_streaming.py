@@ -60,6 +60,7 @@ def test_stream_stage_trains_validates_and_logs_its_metrics(corpus, tmp_path):
     rec_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (corpus / "samples" / "train").glob("*.parquet"))
     assert metrics["stream"]["samples"] == {"rec": rec_rows, "wiki": 20}  # every row once; weight 0.5: half
     assert "source wiki: 20 samples" in res.stderr and "loss_itemic" in res.stdout + res.stderr  # the console
+    assert "loss_itemic" in (run / "train.log").read_text()
     events = b"".join(p.read_bytes() for p in (run / "logs").rglob("events.out.tfevents.*"))
     for tag in (b"loss_itemic", b"loss_text", b"loss_source/rec", b"loss_source/wiki", b"padding_share",
                 b"real_tokens_per_s"):

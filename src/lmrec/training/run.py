@@ -33,9 +33,11 @@ class Run:
         tr = cfg.train
         self.acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(self.dir / "logs"), tr.seed)
         self._created = not self.dir.exists()
+        self._console = None
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.dir / "run_config.yaml")
+            self._console = _ConsoleLog(self.dir / "train.log")
         self.acc.wait_for_everyone()
         self.acc.init_trackers(tracker)
         root = self.dir / "checkpoints"
@@ -50,6 +52,8 @@ class Run:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
+        if self._console is not None:
+            self._console.close()
         if exc is None:
             return
         self.acc.end_training()
@@ -78,3 +82,39 @@ class Run:
             atomic_file(self.dir / name, lambda tmp: tmp.write_text(text))
         self.acc.end_training()
         return metrics
+
+
+class _ConsoleLog:
+    """The run's console output (stdout and stderr, as printed) also goes to ``train.log`` in the run
+    directory while the run is open — what users of ``stdout.log`` / ``stderr.log`` expect. Progress-bar
+    redraws (carriage returns) stay on the console only."""
+
+    def __init__(self, path: Path):
+        import sys
+
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close())
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+
+    def close(self) -> None:
+        import sys
+
+        sys.stdout, sys.stderr = self.saved
+        self.file.close()
+
+
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        if "\r" not in text and not self.file.closed:
+            self.file.write(text)
+            self.file.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ... of the real stream
+        return getattr(self.stream, name)
