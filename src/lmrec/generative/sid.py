@@ -51,7 +51,10 @@ def embed_texts(texts: list[str], model_path: str | Path, batch_size: int = 64, 
     """Mean-pooled, L2-normalised embeddings from any local HF encoder. (N, D) float32"""
     from transformers import AutoModel, AutoTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        from lmrec.training.distributed import accelerator_kind
+
+        device = accelerator_kind()
     tok = AutoTokenizer.from_pretrained(str(model_path))
     model = AutoModel.from_pretrained(str(model_path)).to(device).eval()
     out = []

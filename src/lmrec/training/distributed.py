@@ -32,3 +32,25 @@ def adopt_mpi_environment(env: MutableMapping[str, str] | None = None) -> bool:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     return True
+
+
+def accelerator_kind() -> str:
+    """The accelerator this process trains on, as Accelerate sees it: "cuda", "npu" (Ascend, torch_npu),
+    "xpu", "mlu", "musa", "hpu", "mps" or "cpu". The one place that asks — the rest of lmrec follows the
+    accelerator's ``device``, so the same command runs on any of them."""
+    from accelerate import utils
+
+    for kind in ("cuda", "npu", "xpu", "mlu", "musa", "hpu", "mps"):
+        check = getattr(utils, f"is_{kind}_available", None)
+        if check is not None and check():
+            return kind
+    return "cpu"
+
+
+def auto_mixed_precision(kind: str) -> str:
+    """bf16 where the device supports it (CUDA: Ampere and newer; Ascend NPUs), else full precision."""
+    import torch
+
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if kind in ("npu", "xpu", "hpu") else "no"

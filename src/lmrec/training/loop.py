@@ -39,17 +39,16 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir
                      seed: int = 42) -> Accelerator:
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from lmrec.training.distributed import adopt_mpi_environment
+    from lmrec.training.distributed import accelerator_kind, adopt_mpi_environment, auto_mixed_precision
 
     adopt_mpi_environment()  # mpirun scripts keep working: OMPI_COMM_WORLD_* → RANK / WORLD_SIZE / LOCAL_RANK
-
+    kind = accelerator_kind()
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        mixed_precision = auto_mixed_precision(kind)
     # Frozen buffers (RecFormer's item table) are set identically on every rank: no broadcast needed.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    # Without a GPU, accelerate only sets up multi-process (gloo) training under torchrun when told cpu=True.
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
-                      gradient_accumulation_steps=grad_accum,
+    # Without an accelerator, accelerate only sets up multi-process (gloo) training under torchrun when told cpu=True.
+    acc = Accelerator(cpu=kind == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
                       log_with="tensorboard" if log_dir else None, project_dir=log_dir, kwargs_handlers=[ddp])
     set_seed(seed)
     return acc
