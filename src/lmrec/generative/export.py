@@ -109,6 +109,9 @@ def check_model(export_dir: str | Path, *, source: str | Path | None = None, bas
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     export_dir = Path(export_dir)
+    if not (export_dir / "config.json").is_file():  # never read as a hub id: nothing is downloaded
+        raise LmrecError(f"{export_dir}: " + ("no such directory" if not export_dir.exists() else
+                                              "not a model directory (no config.json)"))
     checks: list[Check] = []
     try:
         model = AutoModelForCausalLM.from_pretrained(str(export_dir)).eval()
