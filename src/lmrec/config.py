@@ -187,6 +187,7 @@ class GenTrainConfig(_TrainCommon):
     max_steps: Count | None = None  # stop here even if the stream goes on
     log_every: Count = 10  # steps between per-source / itemic-vs-text losses, tokens/s, padding share
     loss_chunk_tokens: Count | None = None  # LM-head cross-entropy in chunks of this many positions (no full logits)
+    peak_tflops: Rate | None = None  # the accelerator's peak (e.g. 989 for H100 bf16 dense): logs MFU
 
     @field_validator("stage", mode="before")
     @classmethod

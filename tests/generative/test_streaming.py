@@ -50,7 +50,8 @@ def test_stream_stage_trains_validates_and_logs_its_metrics(corpus, tmp_path):
     run = tmp_path / "run"
     res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config",
                   corpus / "data_config.json", "--data", corpus / "data", "--sids", corpus / "sids",
-                  "--output-dir", run, *STREAM, "eval.beams=5", "eval.ks=[5]", "eval.metric=ndcg@5")
+                  "--output-dir", run, *STREAM, "eval.beams=5", "eval.ks=[5]", "eval.metric=ndcg@5",
+                  "train.peak_tflops=1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "streaming" in res.stderr and "generative" in res.stdout
     metrics = json.loads((run / "metrics.json").read_text())
@@ -63,7 +64,7 @@ def test_stream_stage_trains_validates_and_logs_its_metrics(corpus, tmp_path):
     assert "loss_itemic" in (run / "train.log").read_text()
     events = b"".join(p.read_bytes() for p in (run / "logs").rglob("events.out.tfevents.*"))
     for tag in (b"loss_itemic", b"loss_text", b"loss_source/rec", b"loss_source/wiki", b"padding_share",
-                b"real_tokens_per_s"):
+                b"real_tokens_per_s", b"peak_memory_mib", b"stage2/mfu", b"grad_norm"):
         assert tag in events, tag
 
 

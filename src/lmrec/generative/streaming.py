@@ -69,10 +69,13 @@ def estimated_steps(files: list[list[Path]], weights: list[float], epochs: int, 
     return max(1, math.ceil(rows * epochs / (batch_size * ga * world)))
 
 
-def token_metrics(names: list[str], itemic: list[int], acc, steps_between: int):
+def token_metrics(names: list[str], itemic: list[int], acc, steps_between: int, params: int = 0,
+                  peak_tflops: float | None = None):
     """A ``step_metrics`` callback on the last micro-batch of every ``steps_between`` steps, summed over the
     ranks: losses on itemic tokens / text tokens / per source, the padding share, and real tokens per second
-    (that micro-batch's real tokens × micro-batches since the last call / the time since)."""
+    (that micro-batch's real tokens × micro-batches since the last call / the time since), peak memory of
+    this process, and — given the accelerator's peak TFLOP/s — the model FLOPs utilisation estimate
+    6 · parameters · tokens/s / peak (the usual 6N rule: forward + backward, attention not counted)."""
     itemic_ids = torch.as_tensor(sorted(set(itemic)))
     last = {"time": time.time()}
 
@@ -100,6 +103,9 @@ def token_metrics(names: list[str], itemic: list[int], acc, steps_between: int):
         last["time"] = now
         for s, name in enumerate(names):
             out_[f"loss_source/{name}"] = v[6 + 2 * s] / max(v[7 + 2 * s], 1)
+        out_["peak_memory_mib"] = peak_memory_mib(labels.device)
+        if peak_tflops:
+            out_["mfu"] = 6 * params * out_["real_tokens_per_s"] / (peak_tflops * 1e12 * acc.num_processes)
         return out_
 
     return metrics
@@ -155,3 +161,12 @@ class StreamTally:
                     f"{total['too_long'].get(src, 0)} over-length (over_length: dropped or truncated), "
                     f"{total['bad_rows'].get(src, 0)} bad rows skipped")
         return total
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The accelerator's peak allocated memory (CUDA), else this process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

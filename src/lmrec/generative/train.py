@@ -141,7 +141,8 @@ def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):
     itemic = sum(meta["level_token_ids"], [])
     tally = StreamTally(names)
     plan = Stage(f"stage{cfg.train.stage}", 1, tr.lr, steps_per_epoch=steps, max_steps=tr.max_steps,
-                 step_metrics=token_metrics(names, itemic, run.acc, tr.log_every * tr.grad_accum),
+                 step_metrics=token_metrics(names, itemic, run.acc, tr.log_every * tr.grad_accum,
+                                            sum(p.numel() for p in model.parameters()), tr.peak_tflops),
                  log_every=tr.log_every, on_batch=tally.on_batch, extra_state=tally)
     return make_loader, plan, tally
 
