@@ -158,8 +158,8 @@ def _marked_spans(full: str, msgs: list[dict], render, eos: str | None, turn: in
     """Character spans of the assistant replies in ``full``: each from the end of the generation prompt
     (what ``add_generation_prompt`` adds, e.g. ``<|im_start|>assistant\\n``) to the end of the next
     end-of-turn token."""
-    before = render(msgs[:turn])
-    header = render(msgs[:turn], gen=True)[len(before):] if render(msgs[:turn], gen=True).startswith(before) else ""
+    before, prompted = render(msgs[:turn]), render(msgs[:turn], gen=True)
+    header = prompted[len(before):] if prompted.startswith(before) else ""
     if not header or not eos:
         raise DataError(f"turn {turn}: the chat template does not render the conversation up to this reply as a "
                         "prefix of the whole, and its replies cannot be found by their markers", column="messages")

@@ -38,7 +38,7 @@ def check_itemic_range(mix: DataMixConfig, meta: dict) -> list[int]:
 
 def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=print):
     """``make_loader`` for the loop (one StatefulDataLoader over this rank's stream), the source names, and
-    the rows of every file (for the schedule's estimate)."""
+    every source's files (for the schedule's estimate)."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     files = [source_files(s) for s in mix.sources]
@@ -57,7 +57,7 @@ def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=pri
         return StatefulDataLoader(stream, batch_size=batch_size, num_workers=mix.num_workers, collate_fn=collate,
                                   snapshot_every_n_steps=SNAPSHOT_EVERY)
 
-    return make_loader, names, files, stream
+    return make_loader, names, files
 
 
 def estimated_steps(files: list[list[Path]], weights: list[float], epochs: int, batch_size: int, ga: int,

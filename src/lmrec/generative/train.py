@@ -132,7 +132,7 @@ def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):
     estimate), ``max_steps``, and the token metrics."""
     tr = cfg.train
     require_decoder_only(model)
-    make_loader, names, files, _ = stream_loader_factory(mix, tok, run, tr.batch_size, log)
+    make_loader, names, files = stream_loader_factory(mix, tok, run, tr.batch_size, log)
     steps = tr.num_training_steps or estimated_steps(files, [s.weight for s in mix.sources], mix.num_epochs,
                                                      tr.batch_size, tr.grad_accum, run.acc.num_processes)
     if tr.num_training_steps is None:
