@@ -21,6 +21,7 @@ on all ranks, and the loader's own state goes into every checkpoint instead of a
 
 from __future__ import annotations
 
+import atexit
 import math
 import shutil
 from collections.abc import Callable
@@ -51,6 +52,9 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir
     acc = Accelerator(cpu=kind == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
                       log_with="tensorboard" if log_dir else None, project_dir=log_dir, kwargs_handlers=[ddp])
     set_seed(seed)
+    # A process that leaves with its gloo/NCCL group still open can abort in the C++ teardown ("terminate called
+    # without an active exception") while its peer is still closing: close the group on every exit path.
+    atexit.register(acc.state.destroy_process_group)
     return acc
 
 
