@@ -188,6 +188,10 @@ class GenTrainConfig(_TrainCommon):
     log_every: Count = 10  # steps between per-source / itemic-vs-text losses, tokens/s, padding share
     loss_chunk_tokens: Count | None = None  # LM-head cross-entropy in chunks of this many positions (no full logits)
     peak_tflops: Rate | None = None  # the accelerator's peak (e.g. 989 for H100 bf16 dense): logs MFU
+    # FSDP2 (lmrec.training.fsdp) instead of DDP, for decoder-only models too large to copy on every GPU
+    fsdp: bool = False
+    fsdp_reduce_fp32: bool = True  # reduce gradients in fp32 (False: in the compute dtype, half the traffic)
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
 
     @field_validator("stage", mode="before")
     @classmethod
@@ -198,6 +202,11 @@ class GenTrainConfig(_TrainCommon):
     def _lora_stage(self):
         if self.lora and self.stage == "1":
             raise ValueError("train.lora applies to stage 2 / sft (stage 1 trains only the new token rows)")
+        if self.fsdp and self.lora:
+            raise ValueError("train.fsdp with train.lora is not supported (LoRA adapters are small: use DDP)")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ValueError("train.fsdp keeps fp32 master weights and computes in bf16: use mixed_precision "
+                             "bf16 (or auto / no), not fp16")
         return self
 
 

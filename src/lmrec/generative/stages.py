@@ -21,11 +21,46 @@ from lmrec.errors import LmrecError
 @dataclass
 class StageSetup:
     model: torch.nn.Module  # the model to train (a peft model for LoRA)
-    after_step: Callable[[], None] | None = None  # called by the loop after every optimizer step
+    keep_rows: torch.Tensor | None = None  # stage 1: embedding rows (bool, all rows) that must not change
 
     @property
     def trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def after_step(self) -> Callable[[], None] | None:
+        """The hook the loop calls after every optimizer step, bound to the parameters as they are now: call
+        it once the model is where it trains (on its device, sharded). Stage 1: restore the kept rows."""
+        if self.keep_rows is None:
+            return None
+        saved = []
+        for w in _embedding_matrices(self.model):
+            local, rows = _local_rows(w)
+            keep = self.keep_rows[rows].to(local.device)
+            saved.append((local, keep, local.detach()[keep].clone()))
+
+        @torch.no_grad()
+        def restore_kept_rows():
+            for local, keep, rows in saved:
+                local[keep] = rows
+
+        return restore_kept_rows
+
+
+def _embedding_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    return [emb] if out is None or out.weight is emb else [emb, out.weight]
+
+
+def _local_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's rows of a (possibly FSDP-sharded) matrix, writable in place, and their global indices."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(w, DTensor):
+        return w.data, torch.arange(w.shape[0])
+    index = torch.arange(w.shape[0], device=w.device_mesh.device_type)
+    rows = distribute_tensor(index, w.device_mesh, w.placements, src_data_rank=None).to_local()
+    return w.to_local(), rows.cpu()
 
 
 def new_token_ids(meta: dict) -> list[int]:
@@ -39,30 +74,17 @@ def stage1_new_embeddings(model: torch.nn.Module, meta: dict, lora=None) -> Stag
     Trains only the embedding rows of the new tokens (input embeddings, and the LM head's rows when it is
     not tied to them); every other parameter is frozen. The optimizer still holds the whole embedding
     matrix, and a gradient mask alone would let decoupled weight decay shrink the old rows, so the old rows
-    are restored after every step (``after_step``): they stay bit-for-bit unchanged."""
+    are restored after every step (``StageSetup.after_step``): they stay bit-for-bit unchanged, on one
+    process or sharded over many."""
     if lora is not None:
         raise LmrecError("train.lora applies to stage 2 / sft (stage 1 trains only the new token rows)")
     for p in model.parameters():
         p.requires_grad_(False)
-    emb = model.get_input_embeddings().weight
-    mats = [emb]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight.data_ptr() != emb.data_ptr():
-        mats.append(out.weight)
-    new = torch.zeros(emb.shape[0], dtype=torch.bool)
-    new[torch.as_tensor(new_token_ids(meta))] = True
-    saved = []
-    for w in mats:
+    for w in _embedding_matrices(model):
         w.requires_grad_(True)
-        old = (~new).to(w.device)
-        saved.append((w, old, w.detach()[old].clone()))
-
-    def restore_old_rows():
-        with torch.no_grad():
-            for w, old, rows in saved:
-                w[old] = rows
-
-    return StageSetup(model, restore_old_rows)
+    keep = torch.ones(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+    keep[torch.as_tensor(new_token_ids(meta))] = False
+    return StageSetup(model, keep)
 
 
 def stage2_full(model: torch.nn.Module, meta: dict, lora=None) -> StageSetup:

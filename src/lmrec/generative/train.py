@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lmrec.config import GenRunConfig
 from lmrec.data.data_config import load_data_config
@@ -34,6 +35,7 @@ from lmrec.generative.streaming import (
     token_metrics,
 )
 from lmrec.generative.vocab import read_meta
+from lmrec.training.fsdp import build_on_meta, full_state_dict, materialize_and_load, shard, unsharded
 from lmrec.training.loop import Stage, data_loader
 from lmrec.training.run import Run
 
@@ -91,17 +93,17 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
     fmt = PromptFormat.from_config(cfg.data)
     with Run(cfg, f"gen_stage{stage}", log) as run:
         run.on_main(lambda: (run.dir / SOURCE).write_text(json.dumps({"model": str(model_dir.resolve())}) + "\n"))
-        model, tok = load_generative(model_dir)
-        if tr.lora and stage != "1":  # the frozen base the adapter applies to
-            run.on_main(lambda: save_generative(model, tok, model_dir, run.dir / "base_model"))
-        setup = STAGES[stage](model, meta, tr if tr.lora else None)
-        lm = setup.model.to(run.acc.device)
-        model = ChunkedLossLM(lm, tr.loss_chunk_tokens) if tr.loss_chunk_tokens else lm
-        log(f"stage {stage}: {setup.trainable:,} trainable parameters of {sum(p.numel() for p in lm.parameters()):,}")
-        rec = GenerativeRecommender(lm, tok, meta, sids, ds, fmt) if ds is not None else None
+        built = _build_model(cfg, model_dir, meta, run, log)
+        model, lm, tok = built.model, built.lm, built.tok
+        rec = GenerativeRecommender(lm, tok, meta, sids, ds, fmt) if ds is not None and not tr.fsdp else None
+        if ds is not None and tr.fsdp:
+            log("train.fsdp: no beam-search validation during training (it would run sharded generation); the "
+                "model at the end is saved and tested")
 
-        def save(out: Path):
-            save_generative(lm, tok, model_dir, out, fmt=fmt, base=run.dir / "base_model" if tr.lora else None)
+        def save(out: Path):  # every rank calls it: a sharded model is gathered first
+            state = full_state_dict(model, "lm." if model is not lm else "") if tr.fsdp else None
+            run.on_main(lambda: save_generative(unsharded(lm.config, state) if tr.fsdp else lm, tok, model_dir, out,
+                                                fmt=fmt, base=run.dir / "base_model" if tr.lora else None))
 
         if mix is None:
             make_loader = _loader_factory(cfg, ds, sids, tok, model.config.is_encoder_decoder, log)
@@ -111,20 +113,63 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         if rec is not None:
             plan.validate = lambda: evaluate(rec.rank_fn(cfg.eval.beams), ds.examples("valid"), ks=cfg.eval.ks,
                                              batch_size=cfg.eval.batch_size, accelerator=run.acc, desc="validate")
-            plan.metric, plan.patience, plan.on_best = cfg.eval.metric, tr.patience, run.keep_best(save)
-        plan.after_step = setup.after_step
+            plan.metric, plan.patience = cfg.eval.metric, tr.patience
+            plan.on_best = lambda metrics, epoch: save(run.dir / "model")
+        plan.after_step = built.after_step
         r = run.fit(model, make_loader, plan)
         best = run.dir / "model"
-        if rec is None:  # nothing to validate against: the model at the end of the stream
-            run.on_main(lambda: save(best))
+        if rec is None:  # nothing validated: the model at the end of the stream / of the epochs
+            save(best)
         metrics = {"valid": r.best_metrics, "history": r.history, "best_epoch": r.best_epoch, "stage": stage,
                    "steps": r.global_step}
         if mix is not None:
             metrics["stream"] = tally.report(run, log)
-        if rec is not None:
+        if ds is not None:
             metrics.update(_test_metrics(cfg, run, best, meta, sids, ds, fmt))
         run.finish(metrics)
     return GenResult(run.dir, best, metrics)
+
+
+@dataclass
+class _Built:
+    model: torch.nn.Module  # what the loop trains (the chunked-loss wrapper, sharded, ...)
+    lm: torch.nn.Module  # the transformers (or peft) model inside it
+    tok: object
+    after_step: object  # the stage's hook, bound to the parameters where they train
+
+
+def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, log) -> _Built:
+    """Load the model (with ``train.fsdp``: built on the meta device, sharded, then filled from rank 0's
+    read), set up the stage, wrap it for the chunked loss, and place it."""
+    tr, stage, device = cfg.train, cfg.train.stage, run.acc.device
+    if tr.fsdp:
+        if (model_dir / "adapter_config.json").exists():
+            raise LmrecError(f"train.fsdp needs a full model; {model_dir} is a LoRA adapter (merge it with "
+                             "`lmrec gen export`)")
+        from transformers import AutoTokenizer
+
+        lm, tok = build_on_meta(model_dir), AutoTokenizer.from_pretrained(str(model_dir))
+    else:
+        lm, tok = load_generative(model_dir)
+    if tr.lora and stage != "1":  # the frozen base the adapter applies to
+        run.on_main(lambda: save_generative(lm, tok, model_dir, run.dir / "base_model"))
+    setup = STAGES[stage](lm, meta, tr if tr.lora else None)
+    lm = setup.model
+    model = ChunkedLossLM(lm, tr.loss_chunk_tokens) if tr.loss_chunk_tokens else lm
+    if tr.fsdp:
+        dtype = torch.bfloat16 if run.acc.mixed_precision == "bf16" else None
+        shard(model, lm, device, param_dtype=dtype, reduce_fp32=tr.fsdp_reduce_fp32,
+              activation_checkpointing=tr.activation_checkpointing)
+        materialize_and_load(model, model_dir, device, prefix="lm." if model is not lm else "")
+        log(f"train.fsdp: sharded over {run.acc.num_processes} processes per decoder layer, compute in "
+            f"{dtype or torch.float32}, fp32 master weights, gradients reduced in "
+            f"{'fp32' if tr.fsdp_reduce_fp32 or dtype is None else dtype}")
+    else:
+        if tr.activation_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = model.to(device)
+    log(f"stage {stage}: {setup.trainable:,} trainable parameters of {sum(p.numel() for p in lm.parameters()):,}")
+    return _Built(model, lm, tok, setup.after_step())
 
 
 def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):

@@ -5,6 +5,10 @@ optimizer, scheduler and RNG states (``Accelerator.save_state``), the loop's pos
 (``trainer_state.json``), the caller's extra state (``extra_state.safetensors`` + ``extra_state.json``: no
 pickle) and, for a stream, every rank's loader state. It is written under a temporary name and renamed,
 so a run killed while saving leaves the previous checkpoint intact.
+
+A sharded (FSDP) run writes model and optimizer with torch distributed checkpointing instead
+(``sharded/``: each process writes its shards, any number of processes reads them back — a run saved on
+2 processes resumes on 1 or on 8), the scheduler as JSON and each rank's RNG states as safetensors.
 """
 
 from __future__ import annotations
@@ -96,8 +100,81 @@ def loader_state(path: Path, rank: int) -> dict:
     return json.loads(f.read_text())
 
 
+@dataclass
+class Sharded:
+    """What a sharded run checkpoints itself (Accelerate's ``save_state`` pickles whole tensors)."""
+
+    model: torch.nn.Module
+    optimizer: Any  # Accelerate's wrapper or a torch optimizer
+    scheduler: Any
+
+    def _optim(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def save(self, directory: Path, rank: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self._optim())
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / SHARDED))
+        save_file(_rng_states(), str(directory / RNG_FILE.format(rank)))
+        if rank == 0:
+            (directory / SCHED_FILE).write_text(json.dumps(self.scheduler.state_dict()) + "\n")
+
+    def load(self, directory: Path, rank: int, log=print) -> None:
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not (directory / SHARDED).is_dir():
+            raise LmrecError(f"cannot resume a sharded (train.fsdp) run from {directory}: no {SHARDED}/ (it was "
+                             "saved without train.fsdp)")
+        model_sd, optim_sd = get_state_dict(self.model, self._optim())
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory / SHARDED))  # reshards to this run's processes
+        set_state_dict(self.model, self._optim(), model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(json.loads((directory / SCHED_FILE).read_text()))
+        rng = directory / RNG_FILE.format(rank)
+        if rng.exists():
+            _set_rng_states(load_file(str(rng)))
+        else:
+            log(f"{directory} was saved by fewer processes: rank {rank} keeps its seeded random state")
+
+
+SHARDED, SCHED_FILE, RNG_FILE = "sharded", "scheduler.json", "rng_rank{}.safetensors"
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    import random
+
+    import numpy as np
+
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "python": torch.tensor(random.getstate()[1], dtype=torch.int64),  # 624 words + position
+              "numpy": torch.tensor([*keys.tolist(), pos], dtype=torch.int64),
+              "numpy_gauss": torch.tensor([has_gauss, gauss], dtype=torch.float64)}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    random.setstate((3, tuple(int(x) for x in states["python"]), None))
+    words, (has_gauss, gauss) = states["numpy"].tolist(), states["numpy_gauss"].tolist()
+    np.random.set_state(("MT19937", np.array(words[:-1], dtype=np.uint32), words[-1], int(has_gauss), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, state: dict, extra_state: Any = None,
-                    loader=None) -> None:
+                    loader=None, sharded: Sharded | None = None) -> None:
     """Every rank writes its part (RNG states) into a temporary directory; the main process adds the loop
     state and renames it into place, then drops the oldest checkpoints beyond ``ck.keep``."""
     stage_dir = ck.root / tag
@@ -107,26 +184,34 @@ def save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    notice = _TiedWeightsNotice(accelerator.unwrap_model(m) for m in accelerator._models)
-    acc_log = logging.getLogger("accelerate.utils.other")
-    acc_log.addFilter(notice)
-    try:
-        accelerator.save_state(str(tmp))
-    finally:
-        acc_log.removeFilter(notice)
+    if sharded is not None:
+        sharded.save(tmp, accelerator.process_index)
+    else:
+        _save_state(accelerator, tmp)
     if loader is not None:  # every rank: where its stream is (its readers' positions and buffers)
         (tmp / LOADER_STATE.format(accelerator.process_index)).write_text(json.dumps(loader.state_dict()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extra_state is not None:
             save_extra_state(extra_state.state_dict(), tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"tag": tag, **state}, indent=1) + "\n")
+        meta = {"tag": tag, "processes": accelerator.num_processes, **state}
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if final.exists():  # same step saved again (an epoch end right after a periodic save)
             shutil.rmtree(final)
         tmp.rename(final)
         for old in checkpoint_dirs(stage_dir)[: -ck.keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _save_state(accelerator: Accelerator, directory: Path) -> None:
+    notice = _TiedWeightsNotice(accelerator.unwrap_model(m) for m in accelerator._models)
+    acc_log = logging.getLogger("accelerate.utils.other")
+    acc_log.addFilter(notice)
+    try:
+        accelerator.save_state(str(directory))
+    finally:
+        acc_log.removeFilter(notice)
 
 
 EXTRA_TENSORS, EXTRA_VALUES = "extra_state.safetensors", "extra_state.json"
@@ -148,16 +233,24 @@ def load_extra_state(directory: Path) -> dict[str, Any]:
     return {**json.loads((directory / EXTRA_VALUES).read_text()), **load_file(str(directory / EXTRA_TENSORS))}
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state: Any = None) -> dict:
-    """Restore the accelerator's states and ``extra_state`` from a checkpoint; returns the loop's state."""
+def load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state: Any = None,
+                    sharded: Sharded | None = None, log=print) -> dict:
+    """Restore the accelerator's states (or a sharded run's) and ``extra_state`` from a checkpoint; returns
+    the loop's state (with ``processes``, the number of processes that saved it)."""
     try:
         saved = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LmrecError(f"cannot resume from {path}: {STATE_FILE} unreadable ({e})") from None
     if saved.get("tag") != tag:
         raise LmrecError(f"cannot resume stage {tag!r} from {path}: it is a checkpoint of {saved.get('tag')!r}")
-    accelerator.load_state(str(path))
+    if sharded is not None:
+        sharded.load(path, accelerator.process_index, log)
+    elif (path / SHARDED).is_dir():
+        raise LmrecError(f"{path} is a sharded (train.fsdp) checkpoint: resume it with train.fsdp: true")
+    else:
+        accelerator.load_state(str(path))
     if extra_state is not None:
         extra_state.load_state_dict(load_extra_state(path))
     saved.pop("tag")
+    saved.setdefault("processes", accelerator.num_processes)
     return saved

@@ -33,7 +33,8 @@ from accelerate import Accelerator
 from transformers import get_linear_schedule_with_warmup
 
 from lmrec.progress import progress, tqdm
-from lmrec.training.checkpoints import Checkpointing, load_checkpoint, loader_state, save_checkpoint
+from lmrec.training.checkpoints import Checkpointing, Sharded, load_checkpoint, loader_state, save_checkpoint
+from lmrec.training.fsdp import is_sharded
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir: str | None = None,
@@ -89,6 +90,7 @@ class LoopState:
     bad_epochs: int = 0  # validations since the last new best (early stopping)
     finished: bool = False  # the stage ran to its end (a resumed run skips it)
     result: FitResult = field(default_factory=FitResult)
+    processes: int = 1  # how many processes ran it (a sharded checkpoint resumes on another number)
 
 
 @dataclass
@@ -193,15 +195,32 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
     stream = hasattr(first, "load_state_dict")  # shards itself; resumes from its own state, not by skipping
     if stream and (stage.epochs != 1 or not stage.steps_per_epoch):
         raise ValueError("a stream is one epoch of the loop, with steps_per_epoch given")
-    steps_per_epoch = stage.steps_per_epoch or math.ceil(len(first) / accelerator.gradient_accumulation_steps)
-    optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ga, n = accelerator.gradient_accumulation_steps, accelerator.num_processes
+    sharded = None
+    if is_sharded(model):  # FSDP: already distributed; checkpointed shard by shard (training.fsdp)
+        # the loop steps this scheduler once per optimizer step: its steps are the same on any process count
+        steps_per_epoch = stage.steps_per_epoch or math.ceil(math.ceil(len(first) / n) / ga)
+        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch))
+        optimizer = accelerator.prepare(optimizer)
+        sharded = Sharded(model, optimizer, scheduler)
+    else:
+        # Accelerate steps a prepared scheduler once per process at every optimizer step (it assumes steps
+        # counted on the global data, as ``len(first)`` is); a stream's steps are each process's own.
+        steps_per_epoch = stage.steps_per_epoch or math.ceil(len(first) / ga)
+        units = n if stream else 1
+        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch * units))
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = LoopState(result=FitResult(global_step=global_step))
     ck = checkpointing
     start = ck.resume.checkpoint_for(stage.tag) if ck is not None and ck.resume is not None else None
     if start is not None:
-        saved = load_checkpoint(accelerator, start, stage.tag, stage.extra_state)
+        saved = load_checkpoint(accelerator, start, stage.tag, stage.extra_state, sharded, log)
         state = LoopState(**{**saved, "result": FitResult(**saved["result"])})
+        if saved["processes"] != accelerator.num_processes and state.batches and not stream:
+            # each process had consumed ``batches`` of its 1/N of the epoch: the same share of the data now
+            state.batches = math.ceil(state.batches * saved["processes"] / accelerator.num_processes)
+            log(f"[{stage.tag}] saved by {saved['processes']} processes, resumed on {accelerator.num_processes}: "
+                f"continuing at batch {state.batches} of each process's part of the epoch")
         if stream:
             first.load_state_dict(loader_state(start, accelerator.process_index))
         log(f"[{stage.tag}] resumed from {start} (epoch {state.epoch + 1}, batch {state.batches}, "
@@ -210,13 +229,15 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
             return state.result
     elif ck is not None and accelerator.is_main_process:  # a fresh start replaces this stage's checkpoints
         shutil.rmtree(ck.root / stage.tag, ignore_errors=True)
-    steps = _Steps(accelerator, model, optimizer, scheduler, stage, optim.grad_clip, ck, state)
+    state.processes = accelerator.num_processes
+    steps = _Steps(accelerator, model, optimizer, scheduler, stage, optim.grad_clip, ck, state, sharded)
     for epoch in range(state.epoch, stage.epochs):
         fresh = state.batches == 0
         if stage.before_epoch is not None and fresh:  # mid-epoch, the state it sets came from the checkpoint
             stage.before_epoch(epoch)
         loader = first if epoch == 0 else make_loader(epoch)
         loss = steps.stream(loader) if stream else steps.epoch(epoch, accelerator.prepare(loader))
+        loss = _mean_over_ranks(accelerator, loss)  # the epoch's loss on all the data, not rank 0's share
         stop = _end_epoch(accelerator, stage, state, loss)
         steps.save(finished=stop or epoch + 1 == stage.epochs)
         if stop:
@@ -228,8 +249,9 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
 class _Steps:
     """The optimizer steps of one :func:`fit`: forward, backward, clipping, logging, periodic checkpoints."""
 
-    def __init__(self, accelerator, model, optimizer, scheduler, stage: Stage, grad_clip, ck, state: LoopState):
-        self.acc, self.model, self.opt, self.sched = accelerator, model, optimizer, scheduler
+    def __init__(self, accelerator, model, optimizer, scheduler, stage: Stage, grad_clip, ck, state: LoopState,
+                 sharded: Sharded | None = None):
+        self.acc, self.model, self.opt, self.sched, self.sharded = accelerator, model, optimizer, scheduler, sharded
         self.stage, self.grad_clip, self.ck, self.state = stage, grad_clip, ck, state
         self.loader = None  # a stream's loader, whose state goes into every checkpoint
         self.grad_norm = None  # of the last optimizer step, before clipping
@@ -298,6 +320,8 @@ class _Steps:
     def step(self, batch) -> tuple[Any, float]:
         acc = self.acc
         with acc.accumulate(self.model):
+            if self.sharded is not None:  # FSDP reduce-scatters only on the step's last micro-batch
+                self.model.set_requires_gradient_sync(acc.sync_gradients)
             out = self.model(**batch)
             acc.backward(out.loss)
             if acc.sync_gradients:  # the norm is logged before clipping (inf: measured, not clipped)
@@ -305,7 +329,8 @@ class _Steps:
             self.opt.step()
             if self.stage.after_step is not None and acc.sync_gradients:
                 self.stage.after_step()
-            self.sched.step()
+            if self.sharded is None or acc.sync_gradients:  # a prepared scheduler skips accumulation steps itself
+                self.sched.step()
             self.opt.zero_grad()
         return out, out.loss.item()
 
@@ -322,7 +347,7 @@ class _Steps:
         if self.ck is not None:
             self.state.finished = finished
             save_checkpoint(self.acc, self.ck, self.stage.tag, asdict(self.state), self.stage.extra_state,
-                            self.loader)
+                            self.loader, self.sharded)
 
 
 def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: float) -> bool:
@@ -362,3 +387,9 @@ def _sum_over_ranks(accelerator: Accelerator, value: int) -> int:
     return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="sum").item())
 
 
+
+
+def _mean_over_ranks(accelerator: Accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item()

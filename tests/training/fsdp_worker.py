@@ -1,0 +1,50 @@
+"""Trains a tiny Qwen3 sharded with ``train.fsdp``'s path (meta build, per-layer + root ``fully_shard``,
+rank-0 load) through the loop on fixed batches — under torchrun or as one plain process — and writes the
+final full weights and the loss history.
+
+    fsdp_worker.py MODEL_DIR OUT GRAD_ACCUM [RESUME_CHECKPOINT]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lmrec.generative.stages import ChunkedLossLM, stage2_full
+from lmrec.training.checkpoints import Checkpointing, Resume
+from lmrec.training.fsdp import build_on_meta, full_state_dict, materialize_and_load, shard
+from lmrec.training.loop import Optim, Stage, data_loader, fit, make_accelerator
+
+EPOCHS, BATCHES, VOCAB = 2, 4, 64
+
+
+def batches(epoch: int) -> list[dict]:
+    g = torch.Generator().manual_seed(100 + epoch)
+    out = []
+    for _ in range(BATCHES):
+        ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def main(model_dir: str, out: str, grad_accum: str, resume: str | None = None) -> None:
+    acc = make_accelerator("no", int(grad_accum), None, seed=0)
+    lm = stage2_full(build_on_meta(model_dir), {}).model
+    model = ChunkedLossLM(lm, chunk_tokens=7)
+    shard(model, lm, acc.device, param_dtype=None)
+    materialize_and_load(model, model_dir, acc.device, prefix="lm.")
+    root = Path(out) / "checkpoints"
+    ck = Checkpointing(root, 0, 3, Resume(root, resume) if resume else None)
+    res = fit(acc, model, lambda e: data_loader(batches(e), seed=e), Stage("s", EPOCHS, 1e-2), checkpointing=ck,
+              optim=Optim(weight_decay=0.1, warmup_ratio=0.0, grad_clip=0.5))
+    state = full_state_dict(model, "lm.")
+    if acc.is_main_process:
+        save_file({k: v.clone() for k, v in state.items()}, str(Path(out) / "weights.safetensors"))
+        Path(out, "history.json").write_text(json.dumps(res.history))
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,69 @@
+"""train.fsdp: FSDP2 (per decoder layer + root ``fully_shard``, meta-device build, rank-0 load) on 2 gloo
+processes trains exactly as one process on the same global batch, and its sharded checkpoints (torch
+distributed checkpointing) resume on another number of processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.training.test_launch import _free_port
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def _run(model: Path, out: Path, processes: int, resume: Path | None = None) -> dict:
+    """Weights and history after 2 epochs of 4 micro-batches: 2 processes × 1, or 1 process × 2 accumulated."""
+    launch = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    args = [str(model), str(out), str(3 - processes)] + ([str(resume)] if resume else [])
+    res = subprocess.run([*launch, str(WORKER), *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {"weights": load_file(str(out / "weights.safetensors")),
+            "history": json.loads((out / "history.json").read_text()), "log": res.stdout + res.stderr}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root = tmp_path_factory.mktemp("fsdp")
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                 tie_word_embeddings=True)).save_pretrained(root / "model")
+    return root, _run(root / "model", root / "one", 1), _run(root / "model", root / "two", 2)
+
+
+def _close(a: dict, b: dict, tol: float = 1e-5) -> float:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)) for k in a)
+    assert worst <= tol, worst
+    return worst
+
+
+def test_two_sharded_processes_train_as_one(runs):
+    root, one, two = runs
+    _close(one["weights"], two["weights"])
+    for a, b in zip(one["history"], two["history"]):  # the epoch loss is over all the data, not rank 0's share
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"]
+    start = load_file(str(root / "model" / "model.safetensors"))
+    assert all((one["weights"][k] - start[k]).abs().max() > 1e-3 for k in start)  # every weight trained
+    shards = sorted(p.name for p in (root / "two" / "checkpoints" / "s" / "step-00000002" / "sharded").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each process wrote its own shards
+
+
+def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(runs, tmp_path):
+    root, one, two = runs
+    from_two = _run(root / "model", tmp_path / "a", 1, root / "two" / "checkpoints" / "s" / "step-00000002")
+    assert "resumed from" in from_two["log"]
+    _close(one["weights"], from_two["weights"])
+    from_one = _run(root / "model", tmp_path / "b", 2, root / "one" / "checkpoints" / "s" / "step-00000002")
+    _close(one["weights"], from_one["weights"])
+    assert from_one["history"][-1]["loss"] == pytest.approx(one["history"][-1]["loss"], rel=1e-5)
