@@ -167,3 +167,50 @@ def test_export_a_checkpoint_and_check_it(corpus, tmp_path):
     shard.unlink()
     res = run_cli("gen", "check-model", tmp_path / "export-fp32", "--source", ckpt)
     assert res.returncode == 1 and "FAIL" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_stage1_sharded_under_torchrun_in_bf16_keeps_every_old_row(corpus, tmp_path):
+    """train.fsdp through the command: built on the meta device, filled from rank 0, stage 1's hook on each
+    process's shard of the embedding rows, bf16 compute over fp32 masters, activation checkpointing, the
+    chunked loss; the gathered model is saved as a plain transformers directory."""
+    from transformers import AutoConfig
+
+    from lmrec.generative.vocab import read_meta
+    from tests.training.test_launch import _free_port
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m",
+           "lmrec.cli.main", "gen", "train", "--stage", "1", "--model", str(corpus / "model"), "--data-config",
+           str(corpus / "data_config.json"), "--output-dir", str(run), *STREAM, "train.max_steps=3",
+           "train.fsdp=true", "train.mixed_precision=bf16", "train.activation_checkpointing=true",
+           "train.loss_chunk_tokens=32", "train.weight_decay=0.1", "train.save_steps=2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "sharded over 2 processes" in out and "compute in torch.bfloat16" in out, out[-2000:]
+    assert (run / "checkpoints" / "stage1" / "step-00000002" / "sharded").is_dir()
+    assert AutoConfig.from_pretrained(run / "model").architectures == ["Qwen3ForCausalLM"]
+    meta = read_meta(corpus / "model")
+    new = sorted(sum(meta["level_token_ids"], []) + [meta["sid_begin"], meta["sid_end"]])
+    before = load_file(str(corpus / "model" / "model.safetensors"))
+    after = load_file(str(run / "model" / "model.safetensors"))
+    old = torch.ones(len(before["model.embed_tokens.weight"]), dtype=torch.bool)
+    old[new] = False
+    emb_before, emb_after = before["model.embed_tokens.weight"], after["model.embed_tokens.weight"]
+    assert torch.equal(emb_before[old], emb_after[old]) and not torch.equal(emb_before[~old], emb_after[~old])
+    assert all(torch.equal(before[k], after[k]) for k in before if "embed_tokens" not in k and "lm_head" not in k)
+
+
+def test_sharded_on_one_process_with_a_prepared_dataset_is_tested_at_the_end(corpus, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data", corpus / "data", "--sids",
+                  corpus / "sids", "--output-dir", run, "train.fsdp=true", "train.epochs=1", "train.batch_size=16",
+                  "eval.beams=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "no beam-search validation during training" in res.stdout + res.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["users"] == 30 and "ndcg@10" in metrics["test"]
+    for bad, why in [("train.lora=true", "not supported"), ("train.mixed_precision=fp16", "use mixed_precision bf16")]:
+        res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data", corpus / "data", "--sids",
+                      corpus / "sids", "--output-dir", tmp_path / "bad", "train.fsdp=true", bad)
+        assert res.returncode == 2 and why in res.stderr and not (tmp_path / "bad").exists()

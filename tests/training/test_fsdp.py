@@ -67,3 +67,20 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(runs, tmp_p
     from_one = _run(root / "model", tmp_path / "b", 2, root / "one" / "checkpoints" / "s" / "step-00000002")
     _close(one["weights"], from_one["weights"])
     assert from_one["history"][-1]["loss"] == pytest.approx(one["history"][-1]["loss"], rel=1e-5)
+
+
+def test_a_checkpoint_resumes_only_in_its_own_kind(tmp_path):
+    from lmrec.errors import LmrecError
+    from lmrec.training.checkpoints import Sharded, load_checkpoint
+    from lmrec.training.loop import make_accelerator
+
+    acc = make_accelerator("no", seed=0)
+    sharded, plain = tmp_path / "step-1", tmp_path / "step-2"
+    (sharded / "sharded").mkdir(parents=True)
+    plain.mkdir()
+    for d in (sharded, plain):
+        (d / "trainer_state.json").write_text(json.dumps({"tag": "s"}))
+    with pytest.raises(LmrecError, match="resume it with train.fsdp: true"):
+        load_checkpoint(acc, sharded, "s")
+    with pytest.raises(LmrecError, match="saved without train.fsdp"):
+        load_checkpoint(acc, plain, "s", sharded=Sharded(None, None, None))
