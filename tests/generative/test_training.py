@@ -49,8 +49,10 @@ def gen(tmp_path_factory):
 
 def test_stage1_keeps_old_rows_bit_for_bit(gen):
     res = run_cli("gen", "train", "--stage", "1", "--model", gen / "lm", "--data", gen / "data", "--sids",
-                  gen / "sids", "--output-dir", gen / "s1", *FAST)
+                  gen / "sids", "--output-dir", gen / "s1", *FAST, "train.log_every=1", "train.peak_tflops=0.5")
     assert res.returncode == 0, res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("[stage1] step 1:"))  # the padded path's metrics
+    assert all(k in line for k in ("loss_itemic", "real_tokens_per_s", "padding_share", "peak_memory_mib", "mfu"))
     meta = read_meta(gen / "lm")
     before = load_file(str(gen / "lm" / "model.safetensors"))
     after = load_file(str(gen / "s1" / "model" / "model.safetensors"))
@@ -164,8 +166,9 @@ def test_t5_trains_and_ranks(gen, tmp_path):
     tok.save_pretrained(tmp_path / "t5")
     expand_vocab(tmp_path / "t5", SemanticIds.load(gen / "sids"), tmp_path / "t5x", log=lambda m: None)
     res = run_cli("gen", "train", "--stage", "2", "--model", tmp_path / "t5x", "--data", gen / "data", "--sids",
-                  gen / "sids", "--output-dir", tmp_path / "run", *FAST)
+                  gen / "sids", "--output-dir", tmp_path / "run", *FAST, "train.log_every=1")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "real_tokens_per_s" in res.stdout and "loss_itemic" in res.stdout
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["test"]["users"] == 60 and 0.0 <= m["test"]["ndcg@10"] <= 1.0
 

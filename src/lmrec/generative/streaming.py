@@ -70,21 +70,28 @@ def estimated_steps(files: list[list[Path]], weights: list[float], epochs: int, 
 
 
 def token_metrics(names: list[str], itemic: list[int], acc, steps_between: int, params: int = 0,
-                  peak_tflops: float | None = None):
+                  peak_tflops: float | None = None, shift: int = 1):
     """A ``step_metrics`` callback on the last micro-batch of every ``steps_between`` steps, summed over the
     ranks: losses on itemic tokens / text tokens / per source, the padding share, and real tokens per second
     (that micro-batch's real tokens × micro-batches since the last call / the time since), peak memory of
     this process, and — given the accelerator's peak TFLOP/s — the model FLOPs utilisation estimate
-    6 · parameters · tokens/s / peak (the usual 6N rule: forward + backward, attention not counted)."""
+    6 · parameters · tokens/s / peak (the usual 6N rule: forward + backward, attention not counted).
+
+    A packed batch says each token's source (``sources``, -1 for padding); a padded batch from a prepared
+    dataset has none (``names`` empty: its real tokens are its attention mask). ``shift``: 1 for a causal
+    LM (position t predicts label t + 1), 0 for an encoder-decoder's decoder labels."""
     itemic_ids = torch.as_tensor(sorted(set(itemic)))
     last = {"time": time.time()}
 
     @torch.no_grad()
     def metrics(batch: dict, out) -> dict[str, float]:
-        labels, sources = batch["labels"][:, 1:], batch["sources"][:, 1:].to(batch["labels"].device)
+        if "sources" not in batch:
+            batch = {**batch, "sources": torch.where(batch["attention_mask"].bool(), 0, -1)}
+        labels, sources = batch["labels"][:, shift:], batch["sources"][:, shift:].to(batch["labels"].device)
         nll = getattr(out, "token_nll", None)  # the chunked loss has no logits, but every token's loss
         if nll is None:
-            nll = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none",
+            logits = out.logits[:, : out.logits.shape[1] - shift]
+            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none",
                                   ignore_index=-100).view_as(labels)
         seen = labels != -100
         is_item = torch.isin(labels, itemic_ids.to(labels.device)) & seen

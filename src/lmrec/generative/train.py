@@ -106,8 +106,12 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
                                                 fmt=fmt, base=run.dir / "base_model" if tr.lora else None))
 
         if mix is None:
-            make_loader = _loader_factory(cfg, ds, sids, tok, model.config.is_encoder_decoder, log)
-            plan = Stage(f"stage{stage}", tr.epochs, tr.lr)
+            seq2seq = model.config.is_encoder_decoder
+            make_loader = _loader_factory(cfg, ds, sids, tok, seq2seq, log)
+            plan = Stage(f"stage{stage}", tr.epochs, tr.lr, log_every=tr.log_every,
+                         step_metrics=token_metrics([], sum(meta["level_token_ids"], []), run.acc,
+                                                    tr.log_every * tr.grad_accum, _parameters(lm), tr.peak_tflops,
+                                                    shift=0 if seq2seq else 1))
         else:
             make_loader, plan, tally = _stream_plan(cfg, mix, tok, meta, model, run, log)
         if rec is not None:
@@ -168,8 +172,12 @@ def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, log) 
         if tr.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = model.to(device)
-    log(f"stage {stage}: {setup.trainable:,} trainable parameters of {sum(p.numel() for p in lm.parameters()):,}")
+    log(f"stage {stage}: {setup.trainable:,} trainable parameters of {_parameters(lm):,}")
     return _Built(model, lm, tok, setup.after_step())
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # a sharded parameter counts whole
 
 
 def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):
@@ -187,7 +195,7 @@ def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):
     tally = StreamTally(names)
     plan = Stage(f"stage{cfg.train.stage}", 1, tr.lr, steps_per_epoch=steps, max_steps=tr.max_steps,
                  step_metrics=token_metrics(names, itemic, run.acc, tr.log_every * tr.grad_accum,
-                                            sum(p.numel() for p in model.parameters()), tr.peak_tflops),
+                                            _parameters(model), tr.peak_tflops),
                  log_every=tr.log_every, on_batch=tally.on_batch, extra_state=tally)
     return make_loader, plan, tally
 

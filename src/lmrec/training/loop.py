@@ -148,7 +148,7 @@ class Stage:
     steps_per_epoch: int | None = None  # sizes the schedule when the loader has no length
     max_steps: int | None = None  # stop after this many optimizer steps
     step_metrics: Callable[[dict, Any], dict[str, float]] | None = None  # (batch, output) → logged scalars
-    log_every: int = 10  # optimizer steps between step_metrics
+    log_every: int = 10  # optimizer steps between step_metrics (a stream's or an epoch's)
     on_batch: Callable[[dict], None] | None = None  # every micro-batch trained on, with its side keys
     side_keys: tuple[str, ...] = ("sources", "skipped")  # batch keys that are not model inputs
 
@@ -283,12 +283,7 @@ class _Steps:
             bar.update(1)
             bar.set_postfix(loss=f"{st.running * ga / st.batches:.4f}", refresh=False)
             self.log(out, loss)
-            if self.stage.step_metrics is not None and st.result.global_step % self.stage.log_every == 0:
-                scalars = self.stage.step_metrics({**b, **aux}, out)
-                self.acc.log({f"{self.stage.tag}/{k}": v for k, v in scalars.items()}, step=st.result.global_step)
-                if acc.is_local_main_process:
-                    tqdm.write(f"[{self.stage.tag}] step {st.result.global_step}: "
-                               + "  ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+            self.metrics({**b, **aux}, out)
             if self.ck is not None and self.ck.save_steps and st.result.global_step % self.ck.save_steps == 0:
                 self.save()
         bar.close()
@@ -311,6 +306,7 @@ class _Steps:
             if acc.sync_gradients:
                 st.result.global_step += 1
                 self.log(out, loss)
+                self.metrics(batch, out)
                 if self.ck is not None and self.ck.save_steps and st.result.global_step % self.ck.save_steps == 0 \
                         and i + 1 < n_batches:
                     st.batches = i + 1
@@ -333,6 +329,16 @@ class _Steps:
                 self.sched.step()
             self.opt.zero_grad()
         return out, out.loss.item()
+
+    def metrics(self, batch: dict, out) -> None:
+        """The stage's ``step_metrics`` every ``log_every`` optimizer steps: to the trackers and the console."""
+        step = self.state.result.global_step
+        if self.stage.step_metrics is None or step % self.stage.log_every:
+            return
+        scalars = self.stage.step_metrics(batch, out)
+        self.acc.log({f"{self.stage.tag}/{k}": v for k, v in scalars.items()}, step=step)
+        if self.acc.is_local_main_process:
+            tqdm.write(f"[{self.stage.tag}] step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
 
     def log(self, out, loss: float) -> None:
         tag = self.stage.tag
