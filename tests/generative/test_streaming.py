@@ -199,6 +199,13 @@ def test_stage1_sharded_under_torchrun_in_bf16_keeps_every_old_row(corpus, tmp_p
     emb_before, emb_after = before["model.embed_tokens.weight"], after["model.embed_tokens.weight"]
     assert torch.equal(emb_before[old], emb_after[old]) and not torch.equal(emb_before[~old], emb_after[~old])
     assert all(torch.equal(before[k], after[k]) for k in before if "embed_tokens" not in k and "lm_head" not in k)
+    # the sharded checkpoint → one process's HF export, checked against the checkpoint
+    ckpt = run / "checkpoints" / "stage1" / "step-00000002"
+    assert run_cli("gen", "export", ckpt, tmp_path / "hf", "--dtype", "fp32").returncode == 0
+    res = run_cli("gen", "check-model", tmp_path / "hf", "--source", ckpt)
+    assert res.returncode == 0 and "logits equal the source's" in res.stdout, res.stdout + res.stderr
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(exported[old], emb_before[old]) and not torch.equal(exported[~old], emb_before[~old])
 
 
 def test_sharded_on_one_process_with_a_prepared_dataset_is_tested_at_the_end(corpus, tmp_path):

@@ -3,7 +3,8 @@
 
 The export is ``save_pretrained`` of the model in bf16 or fp32 (safetensors shards + index), its config,
 the tokenizer with the chat template, ``sid_vocab.json`` and ``prompt_config.json``, written atomically.
-A checkpoint (``.../checkpoints/<stage>/step-N``) holds only weights: the architecture, tokenizer and token
+A checkpoint (``.../checkpoints/<stage>/step-N``, of a DDP run or a sharded ``train.fsdp`` one, read here
+in one process whatever the number that wrote it) holds only weights: the architecture, tokenizer and token
 layout come from the model the run started from (recorded in the run directory, or ``--base``).
 
 ``check-model`` is what a conversion test should be: it loads the export with ``AutoModelForCausalLM``,
@@ -25,6 +26,8 @@ from lmrec.errors import LmrecError
 from lmrec.generative.prompts import PROMPT_CONFIG
 from lmrec.generative.vocab import META, load_lm, read_meta
 from lmrec.io import atomic_dir
+from lmrec.training.checkpoints import SHARDED
+from lmrec.training.fsdp import load_sharded_weights
 
 SOURCE = "source_model.json"  # written by gen train into its run directory: where the run started from
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -60,8 +63,14 @@ def load_source(ckpt: str | Path, base: str | Path | None = None):
         model, tok = load_lm(ckpt)
         return model, tok, ckpt
     weights = ckpt / "model.safetensors"
+    if (ckpt / SHARDED).is_dir():  # a train.fsdp checkpoint: read its shards in this one process
+        src = _source_of(ckpt, Path(base) if base else None)
+        model, tok = load_lm(src)
+        load_sharded_weights(ckpt / SHARDED, model)
+        return model, tok, src
     if not weights.exists():
-        raise LmrecError(f"{ckpt}: neither a model directory (config.json) nor a checkpoint (model.safetensors)")
+        raise LmrecError(f"{ckpt}: neither a model directory (config.json) nor a checkpoint (model.safetensors, "
+                         f"or {SHARDED}/ of a sharded run)")
     src = _source_of(ckpt, Path(base) if base else None)
     model, tok = load_lm(src)
     state = {k.removeprefix("lm."): v for k, v in load_file(str(weights)).items()}  # ChunkedLossLM wraps as lm.

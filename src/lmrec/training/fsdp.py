@@ -145,3 +145,20 @@ def unsharded(config, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     model.load_state_dict(state_dict, strict=False, assign=True)
     model.tie_weights()
     return model
+
+
+def load_sharded_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Fill a plain (unsharded) model in this one process from a sharded checkpoint's model state
+    (``step-N/sharded``, written by any number of processes; the loop's wrapper prefix "lm." is found)."""
+    import torch.distributed.checkpoint as dcp
+
+    names = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(directory)).read_metadata()
+             .state_dict_metadata if k.startswith("model.")}
+    prefix = "lm." if any(n.startswith("lm.") for n in names) else ""
+    own = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [k for k in own if prefix + k not in names and k not in tied]
+    if missing:
+        raise LmrecError(f"{directory} does not hold this model's weights: missing {missing[:3]}")
+    dcp.load({f"model.{prefix}{k}": v for k, v in own.items() if prefix + k in names},
+             checkpoint_id=str(directory), no_dist=True)
