@@ -104,7 +104,7 @@ class _TrainCommon(_Strict):
     save_steps: NonNegInt = 0  # also checkpoint every N optimizer steps (always at the end of each epoch)
     save_total_limit: Count = 2  # checkpoints kept per stage under <output_dir>/checkpoints/
     resume_from: str | None = None  # "auto" (latest checkpoint of output_dir), a run dir or a checkpoint dir
-    lr_schedule: Literal["linear", "cosine"] = "linear"  # after the warmup: to 0 (linear) or to min_lr (cosine)
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # after the warmup: to 0, to min_lr, or flat
     min_lr: Annotated[float, Field(ge=0)] = 0.0  # the cosine schedule's floor
     adam_betas: tuple[Probability, Probability] = (0.9, 0.999)
     no_decay_embeddings: bool = False  # embeddings (and a head tied to them) without weight decay
@@ -220,6 +220,55 @@ class GenRunConfig(_Strict):
     data: GenDataConfig = GenDataConfig()
     train: GenTrainConfig = GenTrainConfig()
     eval: GenEvalConfig = GenEvalConfig()
+
+
+class IdModelConfig(_Strict):
+    """An ID-based sequential baseline (``lmrec baseline``). Unset sizes take RecBole 1.2.1's defaults for
+    the architecture: SASRec hidden 64, 2 layers, 2 heads, inner 256, dropout 0.5; GRU4Rec embedding 64,
+    GRU hidden 128, 1 layer, dropout 0.3."""
+
+    arch: Literal["sasrec", "gru4rec"] = "sasrec"
+    hidden_size: Count = 64  # item embedding size (and SASRec's model width)
+    layers: Count | None = None
+    heads: Count = 2  # SASRec
+    inner_size: Count = 256  # SASRec's feed-forward width
+    gru_hidden_size: Count = 128  # GRU4Rec
+    dropout: Share | None = None
+    max_len: Count = 50  # most recent items of a history
+
+    def resolved(self) -> IdModelConfig:
+        sas = self.arch == "sasrec"
+        layers = self.layers if self.layers is not None else (2 if sas else 1)
+        dropout = self.dropout if self.dropout is not None else (0.5 if sas else 0.3)
+        return self.model_copy(update={"layers": layers, "dropout": dropout})
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.arch == "sasrec" and self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads {self.heads}")
+        return self
+
+
+class IdTrainConfig(_TrainCommon):
+    """RecBole's training of these models: Adam at a constant lr 1e-3, no weight decay, no clipping, up to
+    300 epochs with early stopping after 10 without a better validation NDCG@10. A batch is
+    ``batch_size`` training windows, each trained on every position at once."""
+
+    epochs: NonNegInt = 300
+    batch_size: Count = 64
+    lr: Rate = 1e-3
+    patience: Count = 10
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_ratio: Share = 0.0
+    grad_clip: Annotated[float, Field(ge=0)] = 0.0
+    lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
+
+
+class IdRunConfig(_Strict):
+    output_dir: str = "runs/baseline"
+    model: IdModelConfig = IdModelConfig()
+    train: IdTrainConfig = IdTrainConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 class PretrainDataConfig(_Strict):

@@ -177,6 +177,29 @@ def finetune(
 
 
 @app.command()
+def baseline(
+    arch: str = typer.Argument(..., help="sasrec | gru4rec"),
+    data: Path = typer.Option(..., help="Prepared dataset directory."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (model / train / eval sections)."),
+    output_dir: Path = typer.Option(None, help="Run directory (default: runs/baseline-<arch>)."),
+    overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 model.layers=2."),
+):
+    """An ID-based sequential baseline (SASRec or GRU4Rec, RecBole's defaults) trained on every position of
+    every training sequence, early-stopped on validation, tested on the same split and evaluator as the
+    language-model families, next to popularity."""
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.idrec.train import NAMES, train_baseline
+
+    if arch not in NAMES:
+        raise LmrecError(f"unknown baseline {arch!r}: expected one of {', '.join(NAMES)}")
+    extra = [f"model.arch={arch}", f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}"]
+    cfg = load_config(config, extra + list(overrides or []), schema=IdRunConfig)
+    result = train_baseline(cfg, data, log=_log)
+    _report(result.metrics, f"{data}: test split, full ranking", result.model_dir, result.run_dir,
+            model_name=NAMES[arch])
+
+
+@app.command()
 def pretrain(
     data: list[Path] = typer.Option(..., help="Prepared dataset of the corpus (repeat for several domains)."),
     valid: Path = typer.Option(None, help="Prepared dataset for zero-shot validation (default: the first --data)."),

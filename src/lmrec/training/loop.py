@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from lmrec.progress import progress, tqdm
 from lmrec.training.checkpoints import Checkpointing, Sharded, load_checkpoint, loader_state, save_checkpoint
@@ -95,7 +95,7 @@ class LoopState:
 
 @dataclass
 class Optim:
-    """AdamW + warmup then linear decay to 0 or cosine decay to ``min_lr`` + clipping, from a ``train``
+    """AdamW + warmup then linear decay to 0, cosine decay to ``min_lr`` or a constant lr + clipping, from a ``train``
     config. No weight decay on biases and normalisation weights (chosen by module type, whatever the
     architecture names them), nor on embeddings when ``no_decay_embeddings``."""
 
@@ -119,6 +119,8 @@ class Optim:
         warmup = math.ceil(self.warmup_ratio * total_steps)
         if self.schedule == "cosine":
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, _cosine_to_floor(warmup, total_steps, self.min_lr / lr))
+        if self.schedule == "constant":
+            return opt, get_constant_schedule_with_warmup(opt, warmup)
         return opt, get_linear_schedule_with_warmup(opt, warmup, total_steps)
 
 

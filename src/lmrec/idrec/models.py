@@ -1,0 +1,113 @@
+"""ID-based sequential recommenders, the baselines a recommendation table is read against: SASRec (Kang &
+McAuley 2018) and GRU4Rec (Hidasi et al. 2016), in RecBole 1.2.1's configuration.
+
+An item is a learned vector (row ``i + 1`` of ``item_embeddings``; row 0 is padding). A history, oldest
+first and left-aligned (padding after it), goes through causal self-attention blocks with learned positions
+(SASRec) or a GRU (GRU4Rec); the hidden state at every position scores all items by a dot product with
+their vectors, and the loss is the cross-entropy of the next item at every position (``labels``, -100
+where there is no target). A user is the hidden state at the last item of the history.
+
+The transformer blocks are torch's ``TransformerEncoderLayer`` (post-norm, GELU, as RecBole's SASRec
+blocks), the recurrence torch's ``GRU``; what is written here is only the wiring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class IdRecConfig(PretrainedConfig):
+    model_type = "lmrec-idrec"
+
+    def __init__(self, arch: str = "sasrec", num_items: int = 1, hidden_size: int = 64, layers: int = 2,
+                 heads: int = 2, inner_size: int = 256, gru_hidden_size: int = 128, dropout: float = 0.5,
+                 max_len: int = 50, initializer_range: float = 0.02, layer_norm_eps: float = 1e-12, **kwargs):
+        super().__init__(**kwargs)
+        self.arch, self.num_items, self.hidden_size, self.layers = arch, num_items, hidden_size, layers
+        self.heads, self.inner_size, self.gru_hidden_size, self.dropout = heads, inner_size, gru_hidden_size, dropout
+        self.max_len, self.initializer_range, self.layer_norm_eps = max_len, initializer_range, layer_norm_eps
+
+
+@dataclass
+class IdRecOutput:
+    loss: torch.Tensor | None
+    hidden: torch.Tensor  # (B, L, hidden) states at every position
+
+    def items(self):
+        return [("loss", self.loss)] if self.loss is not None else []
+
+
+class IdSeqRec(PreTrainedModel):
+    config_class = IdRecConfig
+    base_model_prefix = "idrec"
+
+    def __init__(self, config: IdRecConfig):
+        super().__init__(config)
+        h = config.hidden_size
+        self.item_embeddings = nn.Embedding(config.num_items + 1, h, padding_idx=0)
+        self.dropout = nn.Dropout(config.dropout)
+        if config.arch == "sasrec":
+            self.positions = nn.Embedding(config.max_len, h)
+            self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+            block = nn.TransformerEncoderLayer(h, config.heads, config.inner_size, config.dropout, activation="gelu",
+                                               layer_norm_eps=config.layer_norm_eps, batch_first=True)
+            self.blocks = nn.TransformerEncoder(block, config.layers, enable_nested_tensor=False)
+        elif config.arch == "gru4rec":
+            self.gru = nn.GRU(h, config.gru_hidden_size, config.layers, bias=False, batch_first=True)
+            self.dense = nn.Linear(config.gru_hidden_size, h)
+        else:
+            raise ValueError(f"unknown arch {config.arch!r} (sasrec or gru4rec)")
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # RecBole's initialisation: SASRec normal(0, 0.02); GRU4Rec Xavier for the embeddings and the GRU
+        std = self.config.initializer_range
+        if isinstance(module, nn.Embedding):
+            if self.config.arch == "sasrec":
+                nn.init.normal_(module.weight, 0.0, std)
+            else:
+                nn.init.xavier_normal_(module.weight)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GRU):
+            for p in module.parameters():
+                nn.init.xavier_uniform_(p)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(num_items, hidden): the vector of item ``i`` (index ``i`` of the prepared dataset)."""
+        return self.item_embeddings.weight[1:]
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) item ids + 1, left-aligned, 0 = padding → (B, L, hidden) causal states."""
+        x = self.item_embeddings(input_ids)
+        if self.config.arch == "sasrec":
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = self.dropout(self.norm(x + self.positions(pos)[None]))
+            causal = nn.Transformer.generate_square_subsequent_mask(input_ids.shape[1], device=x.device, dtype=x.dtype)
+            return self.blocks(x, mask=causal, is_causal=True)
+        out, _ = self.gru(self.dropout(x))
+        return self.dense(out)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> IdRecOutput:
+        hidden = self.encode(input_ids)
+        loss = None
+        if labels is not None:
+            seen = labels != -100
+            logits = hidden[seen] @ self.item_vectors().T
+            loss = F.cross_entropy(logits, labels[seen])
+        return IdRecOutput(loss, hidden)
+
+    def user_vectors(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, hidden): the state at each history's last item."""
+        hidden = self.encode(input_ids)
+        return hidden[torch.arange(len(lengths), device=hidden.device), lengths - 1]

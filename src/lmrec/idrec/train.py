@@ -1,0 +1,119 @@
+"""``lmrec baseline sasrec|gru4rec``: an ID-based sequential model trained on every position of every
+training sequence, validated and tested by the shared evaluator on the same split as both language-model
+families, next to popularity and the random expectation.
+
+Training data: each user's training sequence ``s`` gives inputs ``s[:-1]`` and next-item targets ``s[1:]``.
+A sequence longer than ``max_len`` is cut into windows of ``max_len`` positions, ``max_len / 2`` apart,
+each target trained once per epoch and with at least ``max_len / 2`` items of context after the first
+window (RecBole trains one sample per prefix, each with its last ``max_len`` items: the same targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmrec.config import IdRunConfig
+from lmrec.data.dataset import PreparedDataset
+from lmrec.eval.baselines import baselines
+from lmrec.eval.evaluator import RankFn, dot_rank_fn, evaluate
+from lmrec.idrec.models import IdRecConfig, IdSeqRec
+from lmrec.io import atomic_dir
+from lmrec.training.loop import Stage, data_loader
+from lmrec.training.run import Run
+
+NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec"}
+
+
+@dataclass
+class BaselineResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: dict
+
+
+def training_windows(sequences: list[np.ndarray], max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs as item index + 1, labels with -100 where a target was trained by an earlier window)."""
+    stride = max(1, max_len // 2)
+    out = []
+    for s in sequences:
+        x, y = s[:-1] + 1, s[1:]
+        m = len(x)
+        if m == 0:
+            continue
+        ends = [min(m, max_len)]
+        while ends[-1] < m:
+            ends.append(min(m, ends[-1] + stride))
+        done = 0
+        for e in ends:
+            lo = max(0, e - max_len)
+            labels = y[lo:e].copy()
+            labels[: done - lo] = -100
+            out.append((x[lo:e], labels))
+            done = e
+    return out
+
+
+def _batch(windows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    width = max(len(x) for x, _ in windows)
+    ids = torch.zeros(len(windows), width, dtype=torch.long)
+    labels = torch.full((len(windows), width), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(windows):
+        ids[i, : len(x)] = torch.as_tensor(x)
+        labels[i, : len(y)] = torch.as_tensor(y)
+    return {"input_ids": ids, "labels": labels}
+
+
+def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int = 65536) -> RankFn:
+    """Full ranking of every item for each history (its last ``max_len`` items)."""
+    m = model.config.max_len
+
+    @torch.no_grad()
+    def queries(histories: list[np.ndarray]) -> torch.Tensor:
+        model.eval()
+        hist = [h[-m:] for h in histories]
+        ids = torch.zeros(len(hist), max(1, max(len(h) for h in hist)), dtype=torch.long)
+        for i, h in enumerate(hist):
+            ids[i, : len(h)] = torch.as_tensor(h + 1)
+        lengths = torch.as_tensor([max(1, len(h)) for h in hist])
+        dev = model.device
+        return model.user_vectors(ids.to(dev), lengths.to(dev)).float()
+
+    return dot_rank_fn(queries, model.item_vectors().detach().float(), exclude_history=exclude_history,
+                       chunk_size=chunk_size)
+
+
+def train_baseline(cfg: IdRunConfig, data: str | Path, log=print) -> BaselineResult:
+    """Train ``cfg.model.arch`` on ``data`` with early stopping on validation; test the best state."""
+    ds = PreparedDataset(data)
+    mc, tr, ev = cfg.model.resolved(), cfg.train, cfg.eval
+    windows = training_windows(ds.train, mc.max_len)
+    log(f"{NAMES[mc.arch]}: {len(windows)} training windows, {sum(int((y >= 0).sum()) for _, y in windows)} "
+        f"targets per epoch")
+    with Run(cfg, f"baseline_{mc.arch}", log) as run:
+        torch.manual_seed(tr.seed)
+        model = IdSeqRec(IdRecConfig(num_items=ds.num_items, **mc.model_dump())).to(run.acc.device)
+        kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=run.acc)
+        best = run.dir / "model"
+
+        def make_loader(epoch: int):
+            order = np.random.default_rng(tr.seed * 1000 + epoch).permutation(len(windows))
+            batches = [[windows[i] for i in order[s : s + tr.batch_size]] for s in range(0, len(order), tr.batch_size)]
+            return data_loader(batches, collate_fn=_batch, seed=tr.seed + epoch)
+
+        plan = Stage(mc.arch, tr.epochs, tr.lr, metric=ev.metric, patience=tr.patience,
+                     validate=lambda: evaluate(rank_fn(model, exclude_history=ev.exclude_history),
+                                               ds.examples("valid"), desc="validate", **kw),
+                     on_best=run.keep_best(lambda out: atomic_dir(out, lambda tmp: model.save_pretrained(tmp))))
+        r = run.fit(model, make_loader, plan)
+        trained = IdSeqRec.from_pretrained(best).to(run.acc.device)
+        metrics = {"model": NAMES[mc.arch], "valid": r.best_metrics, "best_epoch": r.best_epoch,
+                   "epochs_run": r.epochs_run, "history": r.history,
+                   "test": evaluate(rank_fn(trained, exclude_history=ev.exclude_history), ds.examples("test"),
+                                    desc="test", **kw),
+                   "baselines": baselines(ds, "test", exclude_history=ev.exclude_history, **kw)}
+        run.finish(metrics)
+    return BaselineResult(run.dir, best, metrics)

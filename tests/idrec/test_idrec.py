@@ -1,0 +1,74 @@
+"""ID-based baselines: the training windows, causality, learning on sequential data, the command."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.training.test_distributed import synthetic_dataset
+
+
+def test_every_target_is_trained_once_per_epoch_with_context():
+    from lmrec.idrec.train import training_windows
+
+    seqs = [np.arange(n) * 7 % 101 for n in (1, 2, 5, 50, 51, 52, 130)]
+    for s in seqs:
+        windows = training_windows([s], max_len=50)
+        trained = [(int(x[i]) - 1, int(y[i])) for x, y in windows for i in range(len(y)) if y[i] >= 0]
+        assert [t for _, t in trained] == s[1:].tolist()  # each next item once, in order
+        pairs = {(int(a), int(b)) for a, b in zip(s[:-1], s[1:])}
+        assert set(trained) == pairs  # the input at a labelled position is the item just before its target
+        for x, y in windows[1:]:  # later windows: full length, at least 25 items of context for each target
+            assert len(x) == 50 and (y[:25] < 0).all()
+
+
+@pytest.mark.parametrize("arch", ["sasrec", "gru4rec"])
+def test_a_position_never_sees_later_items(arch):
+    from lmrec.idrec.models import IdRecConfig, IdSeqRec
+
+    torch.manual_seed(0)
+    model = IdSeqRec(IdRecConfig(arch=arch, num_items=20, hidden_size=16, heads=2, inner_size=32)).eval()
+    a = torch.tensor([[3, 5, 7, 9, 11, 0]])
+    b = a.clone()
+    b[0, 3:] = torch.tensor([2, 4, 6])
+    with torch.no_grad():
+        ha, hb = model.encode(a), model.encode(b)
+        user = model.user_vectors(a, torch.tensor([5]))
+    assert torch.allclose(ha[:, :3], hb[:, :3], atol=1e-6) and not torch.allclose(ha[:, 3], hb[:, 3])
+    assert torch.allclose(user, ha[:, 4], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["sasrec", "gru4rec"])
+def test_baseline_learns_the_sequences_and_its_saved_model_ranks_the_same(arch, tmp_path):
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.evaluator import evaluate
+    from lmrec.idrec.models import IdSeqRec
+    from lmrec.idrec.train import rank_fn
+
+    data = synthetic_dataset(tmp_path / "data", users=120, items=30)
+    out = tmp_path / "run"
+    res = run_cli("baseline", arch, "--data", data, "--output-dir", out, "train.epochs=12", "train.batch_size=16",
+                  "model.hidden_size=32", "model.dropout=0.1", "train.lr=3e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["users"] == 120 and m["test"]["ndcg@10"] > 3 * m["baselines"]["popularity"]["ndcg@10"]
+    assert ("SASRec" if arch == "sasrec" else "GRU4Rec") in res.stdout
+    again = evaluate(rank_fn(IdSeqRec.from_pretrained(out / "model")), PreparedDataset(data).examples("test"))
+    assert again["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-9)
+
+
+def test_baseline_rejects_what_it_cannot_run(tmp_path):
+    data = synthetic_dataset(tmp_path / "data", users=10, items=12)
+    res = run_cli("baseline", "bert4rec", "--data", data, "--output-dir", tmp_path / "a")
+    assert res.returncode == 2 and "sasrec, gru4rec" in res.stderr and not (tmp_path / "a").exists()
+    res = run_cli("baseline", "sasrec", "--data", data, "--output-dir", tmp_path / "b", "model.heads=3")
+    assert res.returncode == 2 and "multiple of heads" in res.stderr and not (tmp_path / "b").exists()
+    from lmrec.config import IdRunConfig
+    from lmrec.errors import LmrecError
+    from lmrec.idrec.train import train_baseline
+
+    with pytest.raises(LmrecError, match="not a prepared dataset"):
+        train_baseline(IdRunConfig(output_dir=str(tmp_path / "c")), tmp_path / "nope")
+    assert not (tmp_path / "c").exists()
