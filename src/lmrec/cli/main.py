@@ -121,9 +121,10 @@ def quickstart(
     generative: bool = typer.Option(True, help="Also train the generative model (semantic IDs from the trained "
                                                "RecFormer's item table, embedded tiny Qwen3, stage 2)."),
     gen_override: list[str] = typer.Option(None, "--gen-set", help="Generative config override (repeatable)."),
+    sasrec: bool = typer.Option(True, help="Also train the ID-based SASRec baseline (RecBole's defaults)."),
 ):
-    """Prepare MovieLens-100k, finetune RecFormer (and the generative model), evaluate on test, and compare
-    with popularity."""
+    """Prepare MovieLens-100k, finetune RecFormer (and SASRec and the generative model), evaluate on test,
+    and compare with popularity."""
     import json
 
     from lmrec.api import finetune, prepare
@@ -134,7 +135,15 @@ def quickstart(
     _log(f"dataset: {data}")
     ov = [f"model.backbone={backbone}"] if backbone else []
     result = finetune(data, output_dir=output_dir, overrides=ov + list(override or []), log=_log)
-    extra, wall = {}, f"RecFormer {result.metrics['wall_time_s']:.0f} s"
+    extra, wall, added = {}, f"RecFormer {result.metrics['wall_time_s']:.0f} s", {}
+    if sasrec:
+        from lmrec.config import IdRunConfig
+        from lmrec.idrec.train import train_baseline
+
+        base = train_baseline(IdRunConfig(output_dir=str(output_dir / "sasrec")), data, log=_log)
+        extra["SASRec (item IDs)"] = base.metrics["test"]
+        wall += f", SASRec {base.metrics['wall_time_s']:.0f} s"
+        added["sasrec"] = {k: base.metrics[k] for k in ("test", "valid", "best_epoch", "wall_time_s")}
     if generative:
         from lmrec.pipeline import generative_pipeline
 
@@ -143,9 +152,12 @@ def quickstart(
                                   overrides=GEN_QUICKSTART + list(gen_override or []), log=_log)
         extra[f"generative (SID, {gen['beams']} beams)"] = gen["test"]
         wall += f", generative {gen['wall_time_s']:.0f} s"
-        metrics = json.loads((result.run_dir / "metrics.json").read_text())
-        metrics["generative"] = {k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")}
-        (result.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        added["generative"] = {k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")}
+    if added:  # the quickstart's other models join RecFormer's metrics.json
+        from lmrec.io import atomic_file
+
+        metrics = {**json.loads((result.run_dir / "metrics.json").read_text()), **added}
+        atomic_file(result.run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     print_metrics(result.metrics, title=f"MovieLens-100k ({split}), test split", extra=extra)
     _print_new_items(result.metrics)
     typer.echo(f"wall time {wall}; metrics in {result.run_dir / 'metrics.json'}; model in {result.model_dir}")
