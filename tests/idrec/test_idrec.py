@@ -72,3 +72,22 @@ def test_baseline_rejects_what_it_cannot_run(tmp_path):
     with pytest.raises(LmrecError, match="not a prepared dataset"):
         train_baseline(IdRunConfig(output_dir=str(tmp_path / "c")), tmp_path / "nope")
     assert not (tmp_path / "c").exists()
+
+
+def test_compare_reports_mean_and_std_over_seeds(tmp_path):
+    data = synthetic_dataset(tmp_path / "data", users=60, items=20)
+    out = tmp_path / "cmp"
+    res = run_cli("compare", "--data", data, "--models", "sasrec,gru4rec", "--seeds", "0,1", "--output-dir", out,
+                  "--set", "sasrec:train.epochs=2", "--set", "gru4rec:train.epochs=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "compare.json").read_text())
+    for name in ("sasrec", "gru4rec"):
+        r = summary["models"][name]
+        values = [m["ndcg@10"] for m in r["per_seed"]]
+        assert len(values) == 2 and (out / name / "seed-1" / "metrics.json").exists()
+        assert r["mean"]["ndcg@10"] == pytest.approx(np.mean(values))
+        assert r["std"]["ndcg@10"] == pytest.approx(np.std(values, ddof=1))
+        assert f"{r['mean']['ndcg@10']:.4f} ± {r['std']['ndcg@10']:.4f}" in res.stdout
+    assert "popularity" in summary["baselines"] and "random (expected)" in res.stdout
+    bad = run_cli("compare", "--data", data, "--models", "sasrec,bert4rec", "--output-dir", tmp_path / "bad")
+    assert bad.returncode == 2 and "bert4rec" in bad.stderr and not (tmp_path / "bad").exists()

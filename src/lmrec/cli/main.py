@@ -212,6 +212,42 @@ def baseline(
 
 
 @app.command()
+def compare(
+    data: Path = typer.Option(..., help="Prepared dataset directory."),
+    models: str = typer.Option("sasrec,gru4rec,recformer", help="Comma-separated: recformer, generative (its "
+                                                                "semantic IDs from the same seed's RecFormer), "
+                                                                "sasrec, gru4rec."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (train.seed of every run)."),
+    output_dir: Path = typer.Option(Path("runs/compare"), help="Runs go to OUT/<model>/seed-<s>; the summary "
+                                                               "to OUT/compare.json."),
+    override: list[str] = typer.Option(None, "--set", help="MODEL:key=value, an override for one model's runs "
+                                                          "(repeatable), e.g. sasrec:train.patience=5."),
+):
+    """Several models × several seeds: mean ± standard deviation of the test metrics next to popularity and
+    the random expectation, as a table and OUT/compare.json."""
+    from lmrec.cli.report import print_comparison
+    from lmrec.compare import compare as run
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise LmrecError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    per_model: dict[str, list[str]] = {}
+    for ov in override or []:
+        name, sep, kv = ov.partition(":")
+        if not sep or "=" not in kv:
+            raise LmrecError(f"--set {ov!r}: expected MODEL:key=value, e.g. sasrec:train.patience=5")
+        per_model.setdefault(name, []).append(kv)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if set(per_model) - set(names):
+        raise LmrecError(f"--set names models not compared: {sorted(set(per_model) - set(names))}")
+    result = run(data, output_dir, models=names, seeds=seed_list, overrides=per_model, log=_log)
+    if _is_main_rank():
+        print_comparison(result)
+        typer.echo(f"summary in {output_dir / 'compare.json'}")
+
+
+@app.command()
 def pretrain(
     data: list[Path] = typer.Option(..., help="Prepared dataset of the corpus (repeat for several domains)."),
     valid: Path = typer.Option(None, help="Prepared dataset for zero-shot validation (default: the first --data)."),

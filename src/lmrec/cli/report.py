@@ -62,3 +62,18 @@ def print_checks(checks, console: Console | None = None, title: str = "lmrec doc
         result = "[green]PASS[/]" if c.ok else ("[dim]skip[/]" if c.ok is None else "[red]FAIL[/]")
         table.add_row(c.name, result, c.detail)
     console.print(table)
+
+
+def print_comparison(result: dict, console: Console | None = None, metrics=("ndcg@10", "recall@10", "mrr")) -> None:
+    """``lmrec compare``: mean ± standard deviation over the seeds per model, then the non-learned baselines."""
+    console = console or Console()
+    n = len(result["seeds"])
+    table = Table(title=f"{result['data']}: test split, mean ± std over {n} seed{'s' if n > 1 else ''}")
+    table.add_column("model")
+    for c in metrics:
+        table.add_column(c, justify="right")
+    for name, r in result["models"].items():
+        table.add_row(name, *[f"{r['mean'][c]:.4f} ± {r['std'][c]:.4f}" for c in metrics])
+    for name, m in result["baselines"].items():
+        table.add_row("random (expected)" if name == "random" else name, *[f"{m[c]:.4f}" for c in metrics])
+    console.print(table)

@@ -397,22 +397,27 @@ def build_default_backbone(texts: list[str], out_dir: str | Path, *, hidden_size
                            heads: int = 4, vocab_size: int = 8000, max_positions: int = 512,
                            attention_window: int = 64, seed: int = 0) -> Path:
     """The embedded default: a small random-init Longformer (``allenai/longformer-base-4096`` layout) with a
-    lower-cased WordPiece tokenizer trained on ``texts`` with ``tokenizers``. Saved with
-    ``save_pretrained`` so that it loads through the same code path as any downloaded checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast, LongformerConfig, LongformerForMaskedLM
+    lower-cased BPE tokenizer (sub-words, as the English Longformer's) trained on ``texts`` with
+    ``tokenizers``. Saved with ``save_pretrained`` so that it loads through the same code path as any
+    downloaded checkpoint.
+
+    BPE rather than WordPiece: ``tokenizers``' WordPiece trainer numbers its "##" continuation pieces in hash
+    order, which breaks ties between merges differently in every process (huggingface/tokenizers#1794), so
+    two runs with the same seed got different vocabularies and metrics; its BPE trainer without a
+    continuation prefix gives the same vocabulary in every process (tested)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import LongformerConfig, LongformerForMaskedLM, PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    tok.decoder = decoders.WordPiece()
-    fast = BertTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_positions)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_positions)
     pad = fast.pad_token_id
     config = LongformerConfig(
         vocab_size=len(fast), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,

@@ -1,0 +1,86 @@
+"""``lmrec compare``: several models × several seeds on one prepared dataset, reported as mean ± standard
+deviation next to popularity and the random expectation (above both families and the ID baselines, so it
+may run any of them).
+
+Every run is an ordinary run directory (``OUT/<model>/seed-<s>``); the summary is ``OUT/compare.json``
+(per model: the seeds, each seed's test metrics, their mean and sample standard deviation).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lmrec.errors import LmrecError
+from lmrec.io import atomic_file
+
+MODELS = ("recformer", "generative", "sasrec", "gru4rec")
+
+
+def _recformer(data, out: Path, seed: int, overrides: list[str], log) -> dict:
+    from lmrec.api import finetune
+
+    return finetune(data, output_dir=out, overrides=[*overrides, f"train.seed={seed}"], log=log).metrics["test"]
+
+
+def _generative(data, out: Path, seed: int, overrides: list[str], log) -> dict:
+    """Semantic IDs from the same seed's RecFormer (trained first when missing), then stage 2, as the
+    quickstart does."""
+    from lmrec.pipeline import generative_pipeline
+
+    rec = out.parent.parent / "recformer" / f"seed-{seed}" / "model"
+    if not (rec / "config.json").exists():
+        _recformer(data, rec.parent, seed, [], log)
+    return generative_pipeline(data, out, recommender=rec, init="codebook",
+                               overrides=["train.epochs=3", *overrides, f"train.seed={seed}"], log=log)["test"]
+
+
+def _id_baseline(arch: str):
+    def run(data, out: Path, seed: int, overrides: list[str], log) -> dict:
+        from lmrec.config import IdRunConfig, load_config
+        from lmrec.idrec.train import train_baseline
+
+        cfg = load_config(None, [f"model.arch={arch}", f"output_dir={out}", *overrides, f"train.seed={seed}"],
+                          schema=IdRunConfig)
+        return train_baseline(cfg, data, log=log).metrics["test"]
+
+    return run
+
+
+RUNNERS: dict[str, Callable] = {"recformer": _recformer, "generative": _generative,
+                                "sasrec": _id_baseline("sasrec"), "gru4rec": _id_baseline("gru4rec")}
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean and sample standard deviation (n − 1; 0 for one seed) of every metric over the seeds."""
+    keys = [k for k in per_seed[0] if k != "users"]
+    values = {k: np.array([m[k] for m in per_seed], dtype=np.float64) for k in keys}
+    return {"mean": {k: float(v.mean()) for k, v in values.items()},
+            "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+            "users": per_seed[0].get("users")}
+
+
+def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list[int],
+            overrides: dict[str, list[str]] | None = None, log=print) -> dict:
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.baselines import baselines
+
+    unknown = [m for m in models if m not in RUNNERS]
+    if unknown or not models:
+        raise LmrecError(f"--models: unknown {unknown or '(none given)'}; expected some of {', '.join(MODELS)}")
+    if not seeds:
+        raise LmrecError("--seeds: give at least one seed")
+    ds = PreparedDataset(data)  # bad input fails before any run starts
+    out = Path(out)
+    result: dict = {"data": str(data), "seeds": seeds, "models": {}}
+    for name in models:
+        runs = [RUNNERS[name](data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []), log)
+                for s in seeds]
+        result["models"][name] = {"per_seed": runs, **summarize(runs)}
+    result["baselines"] = baselines(ds, "test")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_file(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+    return result
