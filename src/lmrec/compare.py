@@ -29,13 +29,13 @@ def _recformer(data, out: Path, seed: int, overrides: list[str], log) -> dict:
 def _generative(data, out: Path, seed: int, overrides: list[str], log) -> dict:
     """Semantic IDs from the same seed's RecFormer (trained first when missing), then stage 2, as the
     quickstart does."""
-    from lmrec.pipeline import generative_pipeline
+    from lmrec.pipeline import GEN_QUICKSTART, generative_pipeline
 
     rec = out.parent.parent / "recformer" / f"seed-{seed}" / "model"
     if not (rec / "config.json").exists():
         _recformer(data, rec.parent, seed, [], log)
     return generative_pipeline(data, out, recommender=rec, init="codebook",
-                               overrides=["train.epochs=3", *overrides, f"train.seed={seed}"], log=log)["test"]
+                               overrides=[*GEN_QUICKSTART, *overrides, f"train.seed={seed}"], log=log)["test"]
 
 
 def _id_baseline(arch: str):

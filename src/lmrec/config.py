@@ -177,6 +177,7 @@ class GenTrainConfig(_TrainCommon):
     batch_size: Count = 256
     lr: Rate = 2e-3
     patience: Count = 3
+    eval_every: Count = 1  # epochs between beam-search validations (always after the last epoch)
     lora: bool = False  # peft LoRA (stage 2 / sft); the new token rows stay trainable
     lora_r: Count = 8
     lora_alpha: Count = 16

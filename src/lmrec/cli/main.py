@@ -31,7 +31,6 @@ app.add_typer(sid_app, name="sid")
 gen_app = typer.Typer(help="Generative recommendation: vocabulary expansion, training stages, beam search.",
                       no_args_is_help=True)
 app.add_typer(gen_app, name="gen")
-GEN_QUICKSTART = ["train.epochs=3"]  # CPU budget; more epochs keep improving
 RESUME_HELP = ("Continue a killed run exactly: 'auto' (latest checkpoint in the output directory), a run "
                "directory, or one checkpoint directory (.../checkpoints/<stage>/step-N).")
 BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODEL_NAME_OR_PATH, else the embedded "
@@ -145,7 +144,7 @@ def quickstart(
         wall += f", SASRec {base.metrics['wall_time_s']:.0f} s"
         added["sasrec"] = {k: base.metrics[k] for k in ("test", "valid", "best_epoch", "wall_time_s")}
     if generative:
-        from lmrec.pipeline import generative_pipeline
+        from lmrec.pipeline import GEN_QUICKSTART, generative_pipeline
 
         # new token rows from the codebook centroids: NDCG@10 0.0470 vs 0.0283 (mean init), same SIDs, 3 epochs
         gen = generative_pipeline(data, output_dir / "generative", recommender=result.model_dir, init="codebook",

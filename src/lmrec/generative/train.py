@@ -117,7 +117,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         if rec is not None:
             plan.validate = lambda: evaluate(rec.rank_fn(cfg.eval.beams), ds.examples("valid"), ks=cfg.eval.ks,
                                              batch_size=cfg.eval.batch_size, accelerator=run.acc, desc="validate")
-            plan.metric, plan.patience = cfg.eval.metric, tr.patience
+            plan.metric, plan.patience, plan.eval_every = cfg.eval.metric, tr.patience, tr.eval_every
             plan.on_best = lambda metrics, epoch: save(run.dir / "model")
         plan.after_step = built.after_step
         r = run.fit(model, make_loader, plan)

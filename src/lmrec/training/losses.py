@@ -2,12 +2,12 @@
 
 A 32k-token pack over Qwen3's vocabulary with the itemic tokens (176,384 rows) has 5.8 G logits: 23 GiB in
 fp32, before the softmax's copy. ``chunked_lm_loss`` computes, chunk by chunk, the logits of
-``chunk_tokens`` positions, their log-sum-exp and the loss, and — in the same pass, as Liger's fused linear
-cross-entropy does — the gradients of the hidden states and of the head, which it keeps for the backward
-pass: peak memory is one chunk's logits plus the two gradients, whatever the length. Written here (not a
-dependency) because it must run on the CPU and under any accelerator, with frozen heads (LoRA), tied or
-untied, and the token normalisation of packed streams; on a GPU, Liger's kernel may replace it (same
-numbers, checked by the tests' reference computation).
+``chunk_tokens`` supervised positions (the others never reach the head), their log-sum-exp and the loss,
+and — in the same pass, as Liger's fused linear cross-entropy does — the gradients of the hidden states
+and of the head, which it keeps for the backward pass: peak memory is one chunk's logits plus the two
+gradients, whatever the length. Written here (not a dependency) because it must run on the CPU and under
+any accelerator, with frozen heads (LoRA), tied or untied, and the token normalisation of packed streams;
+on a GPU, Liger's kernel may replace it (same numbers, checked by the tests' reference computation).
 """
 
 from __future__ import annotations
@@ -67,7 +67,11 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     the sum over supervised tokens / ``num_items`` (default: their count), as HF's causal-LM loss."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
-    total, nll = _ChunkedLinearCrossEntropy.apply(h, weight, y, chunk_tokens, ignore_index)
+    # Only supervised positions reach the head: a next-item prompt supervises ≈ 5 of its ≈ 230 tokens, so
+    # the vocabulary-sized work shrinks by as much (the others' loss is 0 and their gradient flows nowhere).
+    keep = (y != ignore_index).nonzero()[:, 0]
+    total, part = _ChunkedLinearCrossEntropy.apply(h[keep], weight, y[keep], chunk_tokens, ignore_index)
+    nll = torch.zeros(y.shape, dtype=part.dtype, device=part.device).index_copy_(0, keep, part)
     denom = num_items if num_items is not None else (y != ignore_index).sum().clamp(min=1)
     return total / denom, nll.view(hidden.shape[0], -1)
 
