@@ -203,7 +203,9 @@ def baseline(
 
     if arch not in NAMES:
         raise LmrecError(f"unknown baseline {arch!r}: expected one of {', '.join(NAMES)}")
-    extra = [f"model.arch={arch}", f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}"]
+    extra = [f"model.arch={arch}"]
+    if output_dir is not None or config is None:  # a config file's own output_dir stands unless --output-dir
+        extra.append(f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}")
     cfg = load_config(config, extra + list(overrides or []), schema=IdRunConfig)
     result = train_baseline(cfg, data, log=_log)
     _report(result.metrics, f"{data}: test split, full ranking", result.model_dir, result.run_dir,
