@@ -138,6 +138,11 @@ class ChunkedLossLM(torch.nn.Module):
         self.lm, self.chunk_tokens = lm, chunk_tokens
         self.config = lm.config
 
+    @property
+    def all_tied_weights_keys(self) -> dict[str, str]:
+        """The wrapped model's ties under this module's names (a checkpoint then drops the tied head quietly)."""
+        return {f"lm.{k}": f"lm.{v}" for k, v in (getattr(self.lm, "all_tied_weights_keys", None) or {}).items()}
+
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
                 use_cache=False, **kwargs):
         from lmrec.training.losses import chunked_lm_loss
