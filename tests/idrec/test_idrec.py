@@ -63,11 +63,14 @@ def test_baseline_rejects_what_it_cannot_run(tmp_path):
     data = synthetic_dataset(tmp_path / "data", users=10, items=12)
     res = run_cli("baseline", "bert4rec", "--data", data, "--output-dir", tmp_path / "a")
     assert res.returncode == 2 and "sasrec, gru4rec" in res.stderr and not (tmp_path / "a").exists()
-    res = run_cli("baseline", "sasrec", "--data", data, "--output-dir", tmp_path / "b", "model.heads=3")
-    assert res.returncode == 2 and "multiple of heads" in res.stderr and not (tmp_path / "b").exists()
-    from lmrec.config import IdRunConfig
-    from lmrec.errors import LmrecError
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.errors import ConfigError, LmrecError
     from lmrec.idrec.train import train_baseline
+
+    with pytest.raises(ConfigError, match="multiple of heads"):
+        load_config(None, ["model.heads=3"], schema=IdRunConfig)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["model.hiden_size=32"], schema=IdRunConfig)
 
     with pytest.raises(LmrecError, match="not a prepared dataset"):
         train_baseline(IdRunConfig(output_dir=str(tmp_path / "c")), tmp_path / "nope")
@@ -89,5 +92,9 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
         assert r["std"]["ndcg@10"] == pytest.approx(np.std(values, ddof=1))
         assert f"{r['mean']['ndcg@10']:.4f} ± {r['std']['ndcg@10']:.4f}" in res.stdout
     assert "popularity" in summary["baselines"] and "random (expected)" in res.stdout
-    bad = run_cli("compare", "--data", data, "--models", "sasrec,bert4rec", "--output-dir", tmp_path / "bad")
-    assert bad.returncode == 2 and "bert4rec" in bad.stderr and not (tmp_path / "bad").exists()
+    from lmrec.compare import compare
+    from lmrec.errors import LmrecError
+
+    with pytest.raises(LmrecError, match="bert4rec"):
+        compare(data, tmp_path / "bad", models=["sasrec", "bert4rec"], seeds=[0])
+    assert not (tmp_path / "bad").exists()
