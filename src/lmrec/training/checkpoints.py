@@ -194,8 +194,7 @@ def save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, state
     if accelerator.is_main_process:
         if extra_state is not None:
             save_extra_state(extra_state.state_dict(), tmp)
-        meta = {"tag": tag, "processes": accelerator.num_processes, **state}
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps({"tag": tag, **state}, indent=1) + "\n")
         if final.exists():  # same step saved again (an epoch end right after a periodic save)
             shutil.rmtree(final)
         tmp.rename(final)

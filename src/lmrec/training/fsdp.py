@@ -11,8 +11,9 @@ keeps 1/N of each and gathers a layer's parameters only while it runs. What ``sh
 - activation checkpointing per decoder layer (``train.activation_checkpointing``; transformers' own,
   non-reentrant) trades a second forward of each layer for not keeping its activations.
 
-``load_sharded`` builds a model on the meta device (no memory) and loads it once: rank 0 reads the
-safetensors files and every process receives only its shards, so an 8B model does not need N host copies.
+``build_on_meta`` + ``materialize_and_load`` build a model on the meta device (no memory) and load it
+once: rank 0 reads the safetensors files and every process receives only its shards, so an 8B model does
+not need N host copies.
 
 Why not Accelerate's FSDP plugin: Accelerate turns FSDP on only for its GPU/NPU distributed types, so the
 sharded path could not be tested on CPU processes (gloo), and the loop would differ between the machine

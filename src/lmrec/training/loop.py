@@ -55,6 +55,7 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir
     set_seed(seed)
     # A process that leaves with its gloo/NCCL group still open can abort in the C++ teardown ("terminate called
     # without an active exception") while its peer is still closing: close the group on every exit path.
+    atexit.unregister(acc.state.destroy_process_group)  # once, however many accelerators a process makes
     atexit.register(acc.state.destroy_process_group)
     return acc
 
@@ -390,14 +391,15 @@ def _every_rank(accelerator: Accelerator, ok: bool) -> bool:
 
 
 def _sum_over_ranks(accelerator: Accelerator, value: int) -> int:
-    if accelerator.num_processes == 1:
-        return value
-    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="sum").item())
-
-
+    return int(_over_ranks(accelerator, value, "sum"))
 
 
 def _mean_over_ranks(accelerator: Accelerator, value: float) -> float:
+    return _over_ranks(accelerator, value, "mean")
+
+
+def _over_ranks(accelerator: Accelerator, value: float, reduction: str) -> float:
     if accelerator.num_processes == 1:
         return value
-    return accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="mean").item()
+    t = torch.tensor([value], device=accelerator.device)  # int64 for counts, float32 for losses
+    return accelerator.reduce(t, reduction=reduction).item()
