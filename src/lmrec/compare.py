@@ -63,6 +63,24 @@ def summarize(per_seed: list[dict]) -> dict:
             "users": per_seed[0].get("users")}
 
 
+DONE = "compare_run.json"
+
+
+def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], log) -> dict:
+    """One model × seed; a run that finished before with the same data, seed and overrides is read back
+    instead of trained again (a killed comparison goes on where it stopped)."""
+    key = {"model": name, "data": str(Path(data).resolve()), "seed": seed, "overrides": list(overrides)}
+    done = run_dir / DONE
+    if done.exists():
+        saved = json.loads(done.read_text())
+        if {k: saved.get(k) for k in key} == key:
+            log(f"{name} seed {seed}: finished before, read from {done}")
+            return saved["test"]
+    test = RUNNERS[name](data, run_dir, seed, overrides, log)
+    atomic_file(done, lambda tmp: tmp.write_text(json.dumps({**key, "test": test}, indent=2) + "\n"))
+    return test
+
+
 def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list[int],
             overrides: dict[str, list[str]] | None = None, log=print) -> dict:
     from lmrec.data.dataset import PreparedDataset
@@ -77,7 +95,7 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
     out = Path(out)
     result: dict = {"data": str(data), "seeds": seeds, "models": {}}
     for name in models:
-        runs = [RUNNERS[name](data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []), log)
+        runs = [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []), log)
                 for s in seeds]
         result["models"][name] = {"per_seed": runs, **summarize(runs)}
     result["baselines"] = baselines(ds, "test")

@@ -40,6 +40,48 @@ def test_a_position_never_sees_later_items(arch):
     assert torch.allclose(user, ha[:, 4], atol=1e-6)
 
 
+def _recbole_sasrec_encode(model, ids):
+    """RecBole 1.2.1's SASRec forward written out (eval mode): embeddings + positions → LayerNorm; per layer
+    post-norm multi-head causal attention with separate Q/K/V, then dense → GELU → dense, residual, LayerNorm."""
+    cfg = model.config
+    x = model.item_embeddings(ids) + model.positions.weight[: ids.shape[1]][None]
+    x = model.norm(x)
+    L, d = ids.shape[1], cfg.hidden_size // cfg.heads
+    causal = torch.triu(torch.full((L, L), float("-inf")), 1)
+    for layer in model.blocks.layers:
+        wq, wk, wv = layer.self_attn.in_proj_weight.chunk(3)
+        bq, bk, bv = layer.self_attn.in_proj_bias.chunk(3)
+        heads = lambda t: t.view(t.shape[0], L, cfg.heads, d).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(x @ wq.T + bq), heads(x @ wk.T + bk), heads(x @ wv.T + bv)
+        att = torch.softmax(q @ k.transpose(-1, -2) / d**0.5 + causal, -1) @ v
+        att = layer.self_attn.out_proj(att.transpose(1, 2).reshape(x.shape))
+        x = layer.norm1(att + x)
+        ff = layer.linear2(torch.nn.functional.gelu(layer.linear1(x)))
+        x = layer.norm2(ff + x)
+    return x
+
+
+def test_sasrec_matches_recboles_computation_and_dropout_placement():
+    from lmrec.idrec.models import IdRecConfig, IdSeqRec
+
+    torch.manual_seed(0)
+    model = IdSeqRec(IdRecConfig(arch="sasrec", num_items=30, hidden_size=16, heads=2, inner_size=32, max_len=8))
+    ids = torch.tensor([[3, 5, 7, 9, 11, 2, 1, 4], [8, 6, 4, 2, 0, 0, 0, 0]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode(ids)[0], _recbole_sasrec_encode(model, ids)[0], atol=1e-5)
+    # RecBole initialises Q, K, V like every linear layer, normal(0, 0.02), not torch's Xavier
+    w = torch.cat([layer.self_attn.in_proj_weight.flatten() for layer in model.blocks.layers])
+    assert abs(w.std().item() - 0.02) < 0.003
+    # dropout where RecBole has it (embeddings, attention weights, after attention, after the feed-forward),
+    # not between the two feed-forward layers: with every other dropout off, training mode is deterministic
+    model.train()
+    for layer in model.blocks.layers:
+        layer.dropout1.p = layer.dropout2.p = layer.self_attn.dropout = 0.0
+    model.dropout.p = 0.0
+    with torch.no_grad():
+        assert torch.allclose(model.encode(ids), model.encode(ids))
+
+
 @pytest.mark.parametrize("arch", ["sasrec", "gru4rec"])
 def test_baseline_learns_the_sequences_and_its_saved_model_ranks_the_same(arch, tmp_path):
     from lmrec.data.dataset import PreparedDataset
@@ -94,6 +136,20 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
     assert "popularity" in summary["baselines"] and "random (expected)" in res.stdout
     from lmrec.compare import compare
     from lmrec.errors import LmrecError
+
+    # a second comparison reads finished runs back; other overrides train again
+    logs: list[str] = []
+    again = compare(data, out, models=["sasrec"], seeds=[0, 1], overrides={"sasrec": ["train.epochs=2"]},
+                    log=logs.append)
+    assert again["models"]["sasrec"]["per_seed"] == summary["models"]["sasrec"]["per_seed"]
+    assert sum("finished before" in m for m in logs) == 2
+    logs.clear()
+    other = compare(data, out, models=["sasrec"], seeds=[0], overrides={"sasrec": ["train.epochs=1"]},
+                    log=logs.append)
+    assert not any("finished before" in m for m in logs)
+    assert json.loads((out / "sasrec" / "seed-0" / "metrics.json").read_text())["epochs_run"] == 1
+    assert other["models"]["sasrec"]["per_seed"][0] == json.loads(
+        (out / "sasrec" / "seed-0" / "compare_run.json").read_text())["test"]
 
     with pytest.raises(LmrecError, match="bert4rec"):
         compare(data, tmp_path / "bad", models=["sasrec", "bert4rec"], seeds=[0])

@@ -8,7 +8,8 @@ their vectors, and the loss is the cross-entropy of the next item at every posit
 where there is no target). A user is the hidden state at the last item of the history.
 
 The transformer blocks are torch's ``TransformerEncoderLayer`` (post-norm, GELU, as RecBole's SASRec
-blocks), the recurrence torch's ``GRU``; what is written here is only the wiring.
+blocks, without the dropout between the two feed-forward layers that RecBole does not have), the
+recurrence torch's ``GRU``; what is written here is only the wiring.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class IdSeqRec(PreTrainedModel):
             self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
             block = nn.TransformerEncoderLayer(h, config.heads, config.inner_size, config.dropout, activation="gelu",
                                                layer_norm_eps=config.layer_norm_eps, batch_first=True)
+            block.dropout = nn.Identity()  # RecBole's feed-forward has no dropout between its two layers
             self.blocks = nn.TransformerEncoder(block, config.layers, enable_nested_tensor=False)
         elif config.arch == "gru4rec":
             self.gru = nn.GRU(h, config.gru_hidden_size, config.layers, bias=False, batch_first=True)
@@ -65,17 +67,21 @@ class IdSeqRec(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        # RecBole's initialisation: SASRec normal(0, 0.02); GRU4Rec Xavier for the embeddings and the GRU
+        # RecBole's initialisation: SASRec normal(0, 0.02); GRU4Rec Xavier for the embeddings and the GRU,
+        # torch's default for its output layer
         std = self.config.initializer_range
         if isinstance(module, nn.Embedding):
             if self.config.arch == "sasrec":
                 nn.init.normal_(module.weight, 0.0, std)
             else:
                 nn.init.xavier_normal_(module.weight)
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) and self.config.arch == "sasrec":
             nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):  # RecBole's Q, K, V are Linear layers: normal(0, std)
+            nn.init.normal_(module.in_proj_weight, 0.0, std)
+            nn.init.zeros_(module.in_proj_bias)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
