@@ -165,10 +165,24 @@ class GenDataConfig(_Strict):
     3 history items × all positions, no alignment, vs 0.0225 best with 10 items × 5 positions + alignment)."""
 
     max_history: Count = 3  # items of history in a prompt (the one default: training and inference)
+    # the user turn of a next-item prompt; {history} = the items, comma-separated. A terse one ("{history}")
+    # costs fewer tokens, which is what a model trained from scratch needs; a pretrained LM reads the words
+    prompt: str = "Recent items, oldest first: {history}. Next item?"
     targets_per_user: Count = 50  # next-item samples per user: the last positions of the training sequence
     with_titles: bool = False  # history items as "<sid> title" instead of the semantic ID alone
     alignment: bool = False  # add sid→title and title→sid samples
     max_length: Count = 512
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_history_field(cls, v: str) -> str:
+        import string
+
+        fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        if fields != ["history"]:
+            raise ValueError(f"must contain {{history}} once and no other {{field}} (got fields {fields}); "
+                             "quote it on the command line: data.prompt=\"'{history}'\"")
+        return v
 
 
 class GenTrainConfig(_TrainCommon):

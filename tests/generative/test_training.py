@@ -191,3 +191,22 @@ def test_lora_sft_killed_and_resumed_matches_uninterrupted(gen, tmp_path):
                         run / "model" / "adapter_model.safetensors")
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ref", run))
     assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
+
+
+def test_prompt_template_is_saved_with_the_model(tmp_path):
+    from lmrec.config import GenDataConfig
+    from lmrec.generative.prompts import NEXT_ITEM, PROMPT_CONFIG, PromptFormat, next_item_messages
+
+    class Sids:
+        def item_string(self, i):
+            return f"<{i}>"
+
+    fmt = PromptFormat.from_config(GenDataConfig(prompt="{history}", max_history=2))
+    msgs = next_item_messages(None, Sids(), [1, 2, 3], 4, fmt)
+    assert msgs == [{"role": "user", "content": "<2>, <3>"}, {"role": "assistant", "content": "<4>"}]
+    fmt.save(tmp_path)
+    assert PromptFormat.load(tmp_path) == fmt  # inference prompts as training did
+    (tmp_path / PROMPT_CONFIG).write_text('{"max_history": 3, "with_titles": false}\n')  # saved before templates
+    assert PromptFormat.load(tmp_path).template == NEXT_ITEM
+    with pytest.raises(ValueError, match="history"):
+        GenDataConfig(prompt="Next item?")

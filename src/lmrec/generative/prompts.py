@@ -19,7 +19,7 @@ from pathlib import Path
 from lmrec.config import GenDataConfig
 from lmrec.errors import DataError, LmrecError
 
-NEXT_ITEM = "Recent items, oldest first: {history}. Next item?"
+NEXT_ITEM = GenDataConfig.model_fields["prompt"].default  # what models saved without a prompt were trained on
 SID_TO_TITLE = "Title of {sid}?"
 TITLE_TO_SID = "Item for: {title}"
 PROMPT_CONFIG = "prompt_config.json"
@@ -29,10 +29,11 @@ PROMPT_CONFIG = "prompt_config.json"
 class PromptFormat:
     max_history: int = GenDataConfig.model_fields["max_history"].default
     with_titles: bool = GenDataConfig.model_fields["with_titles"].default
+    template: str = NEXT_ITEM
 
     @classmethod
     def from_config(cls, dc: GenDataConfig) -> PromptFormat:
-        return cls(dc.max_history, dc.with_titles)
+        return cls(dc.max_history, dc.with_titles, dc.prompt)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> PromptFormat:
@@ -54,7 +55,7 @@ def next_item_messages(ds, sids, history, target, fmt: PromptFormat) -> list[dic
     is given)."""
     shown = list(history)[-fmt.max_history:]
     parts = [sids.item_string(int(i)) + (f" {title(ds, int(i))}" if fmt.with_titles else "") for i in shown]
-    msgs = [{"role": "user", "content": NEXT_ITEM.format(history=", ".join(parts))}]
+    msgs = [{"role": "user", "content": fmt.template.format(history=", ".join(parts))}]
     if target is not None:
         msgs.append({"role": "assistant", "content": sids.item_string(int(target))})
     return msgs

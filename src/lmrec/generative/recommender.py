@@ -8,6 +8,7 @@ adapter directory also holds its ``base_model/``.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class GenerativeRecommender:
         model, tok = load_generative(model_dir)
         fmt = PromptFormat.load(model_dir)
         if max_history is not None:
-            fmt = PromptFormat(max_history, fmt.with_titles)
+            fmt = dataclasses.replace(fmt, max_history=max_history)
         return cls(model, tok, read_meta(model_dir), align_sids(ds, SemanticIds.load(sids_dir)), ds, fmt)
 
     def prompts(self, histories) -> dict[str, torch.Tensor]:
