@@ -123,7 +123,8 @@ class TrainConfig(_TrainCommon):
     batch_size: Count = 256
     samples_per_user: Count = 2  # (prefix → next item) samples per user per epoch; RecFormer draws 1
     lr: Rate = 1.5e-3
-    stage1_epochs: NonNegInt = 30
+    # ml-100k, seed 42: best validation NDCG@10 0.0601 at epoch 22 of 30, 0.0600 at 19 (20 saves ~70 s)
+    stage1_epochs: NonNegInt = 20
     stage2_epochs: NonNegInt = 5
     eval_every: Count = 1
     patience: Count = 6
