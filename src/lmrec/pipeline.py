@@ -15,10 +15,9 @@ import numpy as np
 
 # The quickstart's generative run (and `lmrec compare`'s): 3 epochs on a CPU budget (more keep improving),
 # validated once at the end (every run so far improved each epoch), the LM head only on the answer's tokens
-# (the chunked loss: the same loss, a quarter less time per step).
-# the quickstart's generative run: 3 epochs with a terse prompt (the item IDs alone: 2.2x fewer tokens than
-# the worded default for the embedded model trained from scratch; ml-100k seed 42: test NDCG@10 0.0429 vs
-# 0.0424 with the words, 480 s vs ~700 s on 2 busy cores)
+# (the chunked loss: the same loss, a quarter less time per step), and a terse prompt (the item IDs alone:
+# 2.2x fewer tokens than the worded default for the embedded model trained from scratch; ml-100k seed 42:
+# test NDCG@10 0.0429 vs 0.0424 with the words, 480 s vs ~700 s on 2 busy cores).
 GEN_QUICKSTART = ["train.epochs=3", "train.eval_every=3", "train.loss_chunk_tokens=4096", "train.log_every=50",
                   "data.prompt='{history}'"]
 

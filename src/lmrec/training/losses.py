@@ -72,7 +72,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     keep = (y != ignore_index).nonzero()[:, 0]
     total, part = _ChunkedLinearCrossEntropy.apply(h[keep], weight, y[keep], chunk_tokens, ignore_index)
     nll = torch.zeros(y.shape, dtype=part.dtype, device=part.device).index_copy_(0, keep, part)
-    denom = num_items if num_items is not None else (y != ignore_index).sum().clamp(min=1)
+    denom = num_items if num_items is not None else keep.numel() or 1
     return total / denom, nll.view(hidden.shape[0], -1)
 
 
