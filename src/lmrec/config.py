@@ -141,7 +141,7 @@ class TrainConfig(_TrainCommon):
 class EvalConfig(_Ranking):
     batch_size: Count = 64
     exclude_history: bool = False
-    chunk_size: Count = 65536
+    chunk_size: Count = 8192  # items per scoring block (lmrec.eval.ranking.DEFAULT_CHUNK)
 
 
 class RunConfig(_Strict):

@@ -633,6 +633,47 @@ def gen_recommend(
                                         None if beams is None else _k(beams, "--beams")))
 
 
+@app.command()
+def serve(
+    model: Path = typer.Option(..., help="A finetuned RecFormer recommender directory, or a trained generative "
+                                         "model directory (then --data and --sids too)."),
+    data: Path = typer.Option(None, help="Generative: the prepared dataset (item ids and text)."),
+    sids: Path = typer.Option(None, help="Generative: the semantic-ID directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="Port."),
+    workers: int = typer.Option(1, help="Server processes, each with its own copy of the model."),
+    max_batch: int = typer.Option(32, help="Requests answered by one forward pass at most (1: no batching)."),
+    max_wait_ms: float = typer.Option(2.0, help="How long the first request of a batch waits for others."),
+    index: str = typer.Option("auto", help="RecFormer retrieval: auto (exact up to --exact-max items, IVF above) | "
+                                           "exact | ivf | hnsw."),
+    exact_max: int = typer.Option(200_000, help="Largest catalog searched exactly under --index auto."),
+    beams: int = typer.Option(None, help="Generative: beam width at least this (default: k)."),
+    max_body_kb: int = typer.Option(1024, help="Largest request body (KiB); larger ones get 413."),
+    log_level: str = typer.Option("info", help="uvicorn log level: critical | error | warning | info | debug."),
+):
+    """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, /recommend/batch, /items;
+    GET /items/{id}, /metadata, /health/live, /health/ready; OpenAPI docs at /docs."""
+    from lmrec.eval.index import KINDS
+    from lmrec.serve.app import serve as _serve
+    from lmrec.serve.backends import detect_family, worker_count
+
+    family = detect_family(model, data, sids)
+    if not 0 < port < 65536:
+        raise LmrecError(f"--port must be 1..65535, got {port}")
+    if index not in KINDS:
+        raise LmrecError(f"--index must be one of {', '.join(KINDS)}, got {index!r}")
+    if max_wait_ms < 0:
+        raise LmrecError(f"--max-wait-ms must be ≥ 0, got {max_wait_ms}")
+    if log_level not in ("critical", "error", "warning", "info", "debug"):
+        raise LmrecError(f"--log-level: unknown level {log_level!r}")
+    _log(f"serving the {family} model {model} on http://{host}:{port} (docs: /docs; ready: /health/ready)")
+    _serve(host=host, port=port, workers=worker_count(workers), log_level=log_level, model=str(model),
+           data=None if data is None else str(data), sids=None if sids is None else str(sids), index=index,
+           exact_max=_k(exact_max, "--exact-max"), beams=None if beams is None else _k(beams, "--beams"),
+           max_batch=_k(max_batch, "--max-batch"), max_wait_ms=max_wait_ms,
+           max_body_bytes=_k(max_body_kb, "--max-body-kb") * 1024)
+
+
 def main() -> None:
     try:
         app()

@@ -146,13 +146,16 @@ def prepare(raw: RawData, out_dir: str | Path, opts: PrepareOptions | None = Non
     return out_dir
 
 
-def write_items(path: Path, item_ids: list[str], item_text: list[list[tuple[str, str]]]) -> None:
-    """``items.parquet``: item_index, item_id, attrs (ordered key/value text). Read back by :func:`read_items`."""
+def write_items(path: Path, item_ids: list[str], item_text: list[list[tuple[str, str]]],
+                extra: dict[str, list] | None = None) -> None:
+    """``items.parquet``: item_index, item_id, attrs (ordered key/value text), and the ``extra`` columns
+    (a vector or codes per item). Read back by :func:`read_items`."""
     struct = pa.struct([("key", pa.string()), ("value", pa.string())])
     pq.write_table(pa.table({
         "item_index": pa.array(np.arange(len(item_ids), dtype=np.int32)),
         "item_id": pa.array(item_ids, pa.string()),
         "attrs": pa.array([[{"key": k, "value": v} for k, v in t] for t in item_text], pa.list_(struct)),
+        **(extra or {}),
     }), path)
 
 

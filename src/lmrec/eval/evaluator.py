@@ -16,7 +16,7 @@ import torch
 from lmrec.data.dataset import Examples
 from lmrec.errors import LmrecError
 from lmrec.eval.metrics import DEFAULT_KS, compute_metrics
-from lmrec.eval.ranking import target_ranks
+from lmrec.eval.ranking import DEFAULT_CHUNK, target_ranks
 from lmrec.progress import progress
 
 RankFn = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
@@ -58,7 +58,7 @@ def dot_rank_fn(
     item_vectors: torch.Tensor,
     *,
     exclude_history: bool = False,
-    chunk_size: int = 65536,
+    chunk_size: int = DEFAULT_CHUNK,
     candidates: np.ndarray | None = None,
 ) -> RankFn:
     """Rank function for models that score items by a dot product with a query vector. ``candidates``

@@ -3,7 +3,8 @@ prompt format it was trained with; constrained beam search, ranks for the evalua
 
 On disk a model directory is a ``save_pretrained`` directory of the model and its tokenizer, plus
 ``sid_vocab.json`` (which token is which code) and ``prompt_config.json`` (the prompt format); a LoRA
-adapter directory also holds its ``base_model/``.
+adapter directory also holds its ``base_model/``. Items added after training (:meth:`add_items`, the
+serving ``POST /items``) are kept in ``added_items.parquet`` beside them: id, text and codes.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from lmrec.eval.evaluator import RankFn
 from lmrec.generative.beam import SidTrie, constrained_beam_search
 from lmrec.generative.prompts import PromptFormat, encode_generation, next_item_messages
 from lmrec.generative.samples import align_sids, pad_batch
-from lmrec.generative.sid import SemanticIds
+from lmrec.generative.sid import SemanticIds, assign_codes
 from lmrec.generative.vocab import META, load_lm, read_meta
-from lmrec.io import atomic_dir
+from lmrec.io import atomic_dir, atomic_file
+
+ADDED_ITEMS = "added_items.parquet"
 
 
 class GenerativeRecommender:
@@ -33,6 +36,8 @@ class GenerativeRecommender:
         self.model, self.tokenizer, self.meta = model, tokenizer, meta
         self.sids, self.ds, self.fmt = sids, ds, fmt
         self.trie = SidTrie(sids.codes, meta["level_token_ids"])
+        self.added = 0  # items appended by add_items (the last ``added`` of the catalog)
+        self.books: list[np.ndarray] | None = None  # the residual k-means codebooks, for new items
 
     @classmethod
     def load(cls, model_dir, data, sids_dir, max_history: int | None = None) -> GenerativeRecommender:
@@ -42,7 +47,91 @@ class GenerativeRecommender:
         fmt = PromptFormat.load(model_dir)
         if max_history is not None:
             fmt = dataclasses.replace(fmt, max_history=max_history)
-        return cls(model, tok, read_meta(model_dir), align_sids(ds, SemanticIds.load(sids_dir)), ds, fmt)
+        rec = cls(model, tok, read_meta(model_dir), align_sids(ds, SemanticIds.load(sids_dir)), ds, fmt)
+        books = Path(sids_dir) / "codebooks.safetensors"
+        if books.exists():
+            from safetensors.numpy import load_file
+
+            b = load_file(str(books))
+            rec.books = [b[f"level_{i}"] for i in range(len(b))]
+        if (Path(model_dir) / ADDED_ITEMS).exists():
+            rec._load_added_items(Path(model_dir) / ADDED_ITEMS)
+        return rec
+
+    # ------------------------------------------------------------------------------------------ new items
+    def codes_for(self, vectors: np.ndarray) -> np.ndarray:
+        """Codes for new items from their embeddings (in the space the semantic IDs were built from):
+        nearest centroid level by level, then the first free number of the disambiguation level."""
+        if self.books is None:
+            raise LmrecError("the semantic-ID directory has no codebooks.safetensors: new items cannot get codes")
+        raw = assign_codes(vectors, self.books)
+        if raw.shape[1] == self.sids.num_levels:
+            return raw
+        taken: dict[tuple, set[int]] = {}
+        for row in self.sids.codes.tolist():
+            taken.setdefault(tuple(row[:-1]), set()).add(row[-1])
+        out = []
+        for row in raw.tolist():
+            used = taken.setdefault(tuple(row), set())
+            free = next((c for c in range(self.sids.config.extra_level) if c not in used), None)
+            out.append(row + [-1 if free is None else free])
+            if free is not None:
+                used.add(free)
+        return np.asarray(out, dtype=np.int64)
+
+    def add_items(self, item_ids: list[str], item_text: list, vectors: np.ndarray) -> list[int]:
+        """Append items the language model never saw: codes from the saved codebooks (:meth:`codes_for`),
+        added to the decoding trie, so beam search can emit them. How often the model does depends on how
+        close their codes are to trained ones: it never saw these items in a sequence."""
+        from lmrec.errors import DataError
+
+        seen: set[str] = set()
+        for p, it in enumerate(item_ids):
+            if it in self.ds.item_index or it in seen:
+                raise DataError(f"item id {it!r} (item {p + 1} of the request) is already in the catalog", file="items")
+            seen.add(it)
+        codes = self.codes_for(vectors)
+        full = [it for it, c in zip(item_ids, codes.tolist()) if c[-1] < 0]
+        if full:
+            raise DataError(f"no free semantic ID for item {full[0]!r}: its code bucket already holds "
+                            f"{self.sids.config.extra_level} items (the disambiguation level's size); rebuild "
+                            "the semantic IDs with these items", file="items")
+        self._append(list(item_ids), [list(t) for t in item_text], codes)
+        return list(range(len(self.ds.item_ids) - len(item_ids), len(self.ds.item_ids)))
+
+    def _append(self, item_ids: list[str], item_text: list, codes: np.ndarray) -> None:
+        start = len(self.ds.item_ids)
+        self.ds.item_ids += item_ids
+        self.ds.item_text += item_text
+        self.ds.item_index.update({it: start + j for j, it in enumerate(item_ids)})
+        self.sids = SemanticIds(list(self.ds.item_ids), np.concatenate([self.sids.codes, codes]), self.sids.config,
+                                self.sids.report)
+        self.trie = SidTrie(self.sids.codes, self.meta["level_token_ids"])
+        self.added += len(item_ids)
+
+    def save_added_items(self, model_dir) -> Path:
+        """``model_dir/added_items.parquet`` (id, text, codes), written atomically; :meth:`load` appends them."""
+        import pyarrow as pa
+
+        from lmrec.data.prepare import write_items
+
+        n = len(self.ds.item_ids)
+        rows = range(n - self.added, n)
+        extra = {"codes": pa.array([self.sids.codes[i].tolist() for i in rows], pa.list_(pa.int64()))}
+        return atomic_file(Path(model_dir) / ADDED_ITEMS, lambda tmp: write_items(
+            tmp, [self.ds.item_ids[i] for i in rows], [self.ds.item_text[i] for i in rows], extra=extra))
+
+    def _load_added_items(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        from lmrec.data.prepare import read_items
+
+        ids, text = read_items(path)
+        codes = pq.read_table(path, columns=["codes"]).column(0).to_pylist()
+        keep = [j for j, it in enumerate(ids) if it not in self.ds.item_index]  # the dataset's own entry wins
+        if keep:
+            self._append([ids[j] for j in keep], [text[j] for j in keep],
+                         np.asarray([codes[j] for j in keep], dtype=np.int64).reshape(len(keep), -1))
 
     def prompts(self, histories) -> dict[str, torch.Tensor]:
         seq2seq = getattr(self.model.config, "is_encoder_decoder", False)

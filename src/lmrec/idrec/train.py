@@ -20,6 +20,7 @@ from lmrec.config import IdRunConfig
 from lmrec.data.dataset import PreparedDataset
 from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import RankFn, dot_rank_fn, evaluate
+from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
 from lmrec.io import atomic_dir
 from lmrec.training.loop import Stage, data_loader
@@ -67,7 +68,7 @@ def _batch(windows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tens
     return {"input_ids": ids, "labels": labels}
 
 
-def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int = 65536) -> RankFn:
+def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int = DEFAULT_CHUNK) -> RankFn:
     """Full ranking of every item for each history (its last ``max_len`` items)."""
     m = model.config.max_len
 

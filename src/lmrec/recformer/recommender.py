@@ -4,9 +4,13 @@
     tokenizer files                    the backbone's tokenizer (any AutoTokenizer)
     item_table.safetensors             the frozen item table, one row per item of the catalog
     items.parquet                      the catalog: item_index, item_id, attrs (key/value text)
+    added_items.parquet                items added after training (``add_items``; the serving
+                                       ``POST /items``): item_id, attrs and the encoded vector
 
-Inference only: it encodes items and histories in batches, ranks all items for the evaluator, and
-recommends. Training batches are built by ``lmrec.recformer.collator``.
+Inference only: it encodes items and histories in batches, ranks all items for the evaluator (exact, in
+chunks), and recommends through a faiss index (exact below ``exact_max`` items, approximate above; see
+:mod:`lmrec.eval.index`). New items are encoded from their text and appended without retraining: what a
+text-based recommender is for. Training batches are built by ``lmrec.recformer.collator``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from safetensors.torch import load_file, save_file
 from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
-from lmrec.eval.ranking import top_k
-from lmrec.io import atomic_dir
+from lmrec.eval.index import ItemIndex
+from lmrec.eval.ranking import DEFAULT_CHUNK
+from lmrec.io import atomic_dir, atomic_file
 from lmrec.progress import progress
 from lmrec.recformer.collator import history_inputs
 from lmrec.recformer.configuration_recformer import RecformerConfig
@@ -32,13 +37,16 @@ from lmrec.recformer.modeling_recformer import RecformerForSeqRec
 from lmrec.recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
 
 ItemText = list[tuple[str, str]]
+ADDED_ITEMS = "added_items.parquet"
 
 
 class Recommender:
     def __init__(self, model: RecformerForSeqRec, tokenizer: RecformerTokenizer, item_ids: list[str],
-                 item_text: list[ItemText]):
+                 item_text: list[ItemText], *, index_kind: str = "auto", exact_max: int = 200_000):
         self.model = model
         self.tokenizer = tokenizer
+        self.index_kind, self.exact_max = index_kind, exact_max
+        self.added = 0  # items appended by add_items (the last ``added`` of the catalog)
         self.set_catalog(item_ids, item_text)
 
     # ------------------------------------------------------------------------------------------ catalog
@@ -49,6 +57,7 @@ class Recommender:
         self.item_index = {it: i for i, it in enumerate(self.item_ids)}
         self.item_tokens: list[ItemTokens] = self.tokenizer.encode_items(self.item_text)
         self.model.set_item_embeddings(torch.zeros(0, self.model.config.hidden_size))
+        self._index: ItemIndex | None = None
 
     def ready_for(self, item_ids: list[str], item_text: list[ItemText], batch_size: int = 256) -> Recommender:
         """Ready to rank ``item_ids``: switch to that catalog when it differs, encode the item table when it
@@ -92,6 +101,7 @@ class Recommender:
             out = accelerator.gather(out.contiguous())[:n]
         model.train(was_training)
         model.set_item_embeddings(out)
+        self._index = None
         return out
 
     @torch.no_grad()
@@ -107,7 +117,7 @@ class Recommender:
             raise LmrecError("the item table does not match the catalog; call encode_items() first")
         return F.normalize(self.model.item_embeddings.float(), dim=-1)
 
-    def rank_fn(self, *, exclude_history: bool = False, chunk_size: int = 65536,
+    def rank_fn(self, *, exclude_history: bool = False, chunk_size: int = DEFAULT_CHUNK,
                 candidates: np.ndarray | None = None) -> RankFn:
         """Full ranking over all catalog items, or over ``candidates`` (item indices), by cosine similarity,
         for :func:`lmrec.eval.evaluate`."""
@@ -132,13 +142,108 @@ class Recommender:
 
     def top_k(self, histories: Sequence[Sequence[int]], k: int, *, exclude_history: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores = cosine / temperature, item indices) of the k best items for each history: (B, k) each.
-        Excluded history items can only fill a row when fewer than k items remain; their score is -inf."""
+        """(scores = cosine / temperature, item indices) of the k best items for each history: (B, k) each,
+        from the retrieval index. When fewer than k items remain (history excluded), a row ends with score
+        -inf and index -1."""
         if k < 1:
             raise LmrecError(f"k must be at least 1, got {k}")
-        scores, items = top_k(self.encode_histories(histories), self._items_normalized(), k,
-                              exclude=histories if exclude_history else None)
-        return scores / self.model.config.temperature, items
+        queries = self.encode_histories(histories).cpu().numpy()
+        scores, items = self.retrieval_index().search(queries, min(k, len(self.item_ids)),
+                                                      exclude=histories if exclude_history else None)
+        return torch.from_numpy(scores) / self.model.config.temperature, torch.from_numpy(items)
+
+    def retrieval_index(self, log=None) -> ItemIndex:
+        """The faiss index over the (unit-norm) item table, built on first use (``index_kind``: auto = exact
+        up to ``exact_max`` items, IVF above, its recall@10 against exact ranking measured at build)."""
+        table = self._items_normalized()
+        if self._index is None or self._index.size != len(table):
+            self._index = ItemIndex(table.cpu().numpy(), kind=self.index_kind, exact_max=self.exact_max, log=log)
+        return self._index
+
+    # ------------------------------------------------------------------------------------------ new items
+    def add_items(self, item_ids: Sequence[str], item_text: Sequence[ItemText], batch_size: int = 256) -> list[int]:
+        """Encode items the model never saw from their key/value text and append them to the catalog, the
+        item table and the index: recommendable at once, no retraining. Returns their catalog indices."""
+        from lmrec.errors import DataError
+
+        item_ids, item_text = [str(i) for i in item_ids], [list(t) for t in item_text]
+        if len(item_ids) != len(item_text):
+            raise LmrecError(f"{len(item_ids)} item ids for {len(item_text)} item texts")
+        seen: set[str] = set()
+        for p, it in enumerate(item_ids):
+            if it in self.item_index or it in seen:
+                raise DataError(f"item id {it!r} (item {p + 1} of the request) is already in the catalog", file="items")
+            if not item_text[p] or not any(v.strip() for _, v in item_text[p]):
+                raise DataError(f"item {it!r} has no text (expected key/value attributes)", file="items")
+            seen.add(it)
+        if not self.has_item_table:
+            self.encode_items(batch_size, show_progress=False)
+        new = self.encode_texts(item_text, batch_size, normalize=False)
+        start = len(self.item_ids)
+        self.item_ids += item_ids
+        self.item_text += item_text
+        self.item_index.update({it: start + j for j, it in enumerate(item_ids)})
+        self.item_tokens += self.tokenizer.encode_items(item_text)
+        self.model.set_item_embeddings(torch.cat([self.model.item_embeddings, new.to(self.model.device)]))
+        if self._index is not None:
+            self._index.add(F.normalize(new.float(), dim=-1).cpu().numpy())
+        self.added += len(item_ids)
+        return list(range(start, len(self.item_ids)))
+
+    @torch.no_grad()
+    def encode_texts(self, item_text: Sequence[ItemText], batch_size: int = 256, normalize: bool = True
+                     ) -> torch.Tensor:
+        """Item vectors of key/value texts, as the item table encodes them, without touching the catalog. (N, H)"""
+        was_training = self.model.training
+        self.model.eval()
+        tokens = self.tokenizer.encode_items([list(t) for t in item_text])
+        out = []
+        for s in range(0, len(tokens), batch_size):
+            part = tokens[s : s + batch_size]
+            inputs = history_inputs(self.tokenizer, part, [[j] for j in range(len(part))])
+            out.append(self.model.encode(**{k: v.to(self.model.device) for k, v in inputs.items()}).float())
+        self.model.train(was_training)
+        out = torch.cat(out)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def save_added_items(self, path: str | Path) -> Path:
+        """Write the added items (id, text, vector) to ``path/added_items.parquet`` atomically; a restart
+        (:meth:`from_pretrained`) appends them again without re-encoding."""
+        import pyarrow as pa
+
+        n = len(self.item_ids)
+        rows = range(n - self.added, n)
+        vectors = self.model.item_embeddings[n - self.added :].float().cpu().numpy()
+        extra = {"vector": pa.array(list(vectors), pa.list_(pa.float32()))}
+        return atomic_file(Path(path) / ADDED_ITEMS, lambda tmp: write_items(
+            tmp, [self.item_ids[i] for i in rows], [self.item_text[i] for i in rows], extra=extra))
+
+    def _load_added_items(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        ids, text = read_items(path)
+        vectors = torch.tensor(np.asarray(pq.read_table(path, columns=["vector"]).column(0).to_pylist(),
+                                          dtype=np.float32).reshape(len(ids), -1))
+        if vectors.shape[1] != self.model.config.hidden_size or not self.has_item_table:
+            raise LmrecError(f"{path}: vectors of width {vectors.shape[1]} for a model of hidden size "
+                             f"{self.model.config.hidden_size}, or no item table to append them to")
+        total = len(ids)
+        keep = [j for j, it in enumerate(ids) if it not in self.item_index]  # another process's additions
+        ids, text, vectors = [ids[j] for j in keep], [text[j] for j in keep], vectors[keep]
+        start = len(self.item_ids)
+        self.item_ids += ids
+        self.item_text += text
+        self.item_index.update({it: start + j for j, it in enumerate(ids)})
+        self.item_tokens += self.tokenizer.encode_items(text)
+        self.model.set_item_embeddings(torch.cat([self.model.item_embeddings, vectors.to(self.model.device)]))
+        if self._index is not None and len(ids):
+            self._index.add(F.normalize(vectors, dim=-1).numpy())
+        self.added = total
+
+    def refresh_added_items(self, path: str | Path) -> None:
+        """Append the items another process added to ``path/added_items.parquet`` since this one loaded."""
+        if (Path(path) / ADDED_ITEMS).exists():
+            self._load_added_items(Path(path) / ADDED_ITEMS)
 
     # ------------------------------------------------------------------------------------------ files
     def save_pretrained(self, path: str | Path) -> Path:
@@ -174,4 +279,6 @@ class Recommender:
         rec = cls(model, tokenizer, *read_items(path / "items.parquet"))
         if (path / "item_table.safetensors").exists():
             model.set_item_embeddings(load_file(str(path / "item_table.safetensors"))["item_embeddings"])
+            if (path / ADDED_ITEMS).exists():
+                rec._load_added_items(path / ADDED_ITEMS)
         return rec

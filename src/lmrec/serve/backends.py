@@ -1,0 +1,333 @@
+"""What the service serves: one trained model of either family behind one interface.
+
+A backend answers a batch of requests in one forward pass (RecFormer: one history encoding, one index
+search; generative: one constrained beam search per beam width), adds items without retraining, and
+describes itself. Requests are validated against it before they are queued (:meth:`Backend.check`), so a
+bad id never reaches a batch that other requests share.
+
+Several server processes (``--workers``) each hold a copy; the items one of them adds are written to the
+model directory (``added_items.parquet``, atomically, under a file lock) and the others append them before
+their next batch (:meth:`Backend.sync`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmrec.errors import LmrecError
+
+ItemText = list[tuple[str, str]]
+
+
+class BadRequest(LmrecError):
+    """A request the model cannot answer: ``field`` names where (``history[2]``, ``k``, ``items[0].item_id``)."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+
+@dataclass
+class Query:
+    history: list[str]
+    k: int = 10
+    exclude_history: bool = True
+
+
+@dataclass
+class Hit:
+    item_id: str
+    score: float
+    text: ItemText
+
+
+def _version(model_dir: Path) -> str:
+    """A short fingerprint of the weights on disk: config, file names, sizes and modification times."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.name != "added_items.parquet":
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+class Backend:
+    family: str
+    max_k: int
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self.lock = threading.RLock()  # one forward pass or one catalog change at a time
+        self.version = _version(self.model_dir)
+        self._added_mtime = self._mtime()
+
+    # ------------------------------------------------------------------------------------------ catalog
+    def item_ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def item_text(self, index: int) -> ItemText:
+        raise NotImplementedError
+
+    def index_of(self, item_id: str) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def max_history(self) -> int:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ requests
+    def check(self, q: Query, where: str = "") -> list[int]:
+        """Item indices of a query's history, or a :class:`BadRequest` naming the field and value."""
+        if not q.history:
+            raise BadRequest(f"{where}history", "empty (expected at least one item id)")
+        if len(q.history) > self.max_history:
+            raise BadRequest(f"{where}history", f"{len(q.history)} items; this model takes at most "
+                                                f"{self.max_history} (send the newest)")
+        if not 1 <= q.k <= self.max_k:
+            raise BadRequest(f"{where}k", f"{q.k} is out of range (expected 1..{self.max_k})")
+        out = []
+        for p, it in enumerate(q.history):
+            i = self.index_of(it)
+            if i is None:
+                raise BadRequest(f"{where}history[{p}]", f"unknown item id {it!r}", status=404)
+            out.append(i)
+        return out
+
+    def recommend(self, queries: list[Query]) -> list[list[Hit]]:
+        """Answers for checked queries, computed together (one batch)."""
+        raise NotImplementedError
+
+    def add_items(self, items: list[tuple[str, ItemText]]) -> tuple[list[str], str | None]:
+        """Append items, persist them next to the model; returns (ids, warning or None)."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict:
+        return {"family": self.family, "model_dir": str(self.model_dir), "model_version": self.version,
+                "catalog_size": len(self.item_ids()), "added_items": self.added, "max_history": self.max_history,
+                "max_k": self.max_k}
+
+    @property
+    def added(self) -> int:
+        return self.rec.added
+
+    # ------------------------------------------------------------------------------------------ processes
+    def _mtime(self) -> int:
+        f = self.model_dir / "added_items.parquet"
+        return f.stat().st_mtime_ns if f.exists() else 0
+
+    def sync(self) -> None:
+        """Append what another server process added since (a stat call when nothing changed)."""
+        m = self._mtime()
+        if m != self._added_mtime:
+            with self.lock, self._file_lock():
+                self._refresh()
+                self._added_mtime = self._mtime()
+
+    def _refresh(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def _file_lock(self):
+        with open(self.model_dir / ".added_items.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _add_persisted(self, add: Callable[[], list[str]]) -> list[str]:
+        with self.lock, self._file_lock():
+            self._refresh()  # the file is the union of every process's additions
+            ids = add()
+            self.rec.save_added_items(self.model_dir)
+            self._added_mtime = self._mtime()
+        return ids
+
+
+class RecformerBackend(Backend):
+    family = "recformer"
+    max_k = 1000
+
+    def __init__(self, model_dir: Path, *, index: str = "auto", exact_max: int = 200_000, log=print):
+        from lmrec.recformer.recommender import Recommender
+
+        super().__init__(model_dir)
+        self.rec = Recommender.from_pretrained(model_dir)
+        if not self.rec.item_ids:
+            raise LmrecError(f"{model_dir} has no item catalog (a pretraining or `backbone init` output); serve a "
+                             "finetuned recommender")
+        self.rec.index_kind, self.rec.exact_max = index, exact_max
+        if not self.rec.has_item_table:
+            log(f"encoding the {len(self.rec.item_ids)} catalog items")
+            self.rec.encode_items(show_progress=False)
+        self.index_report = self.rec.retrieval_index(log=log).report
+
+    def item_ids(self) -> list[str]:
+        return self.rec.item_ids
+
+    def item_text(self, index: int) -> ItemText:
+        return self.rec.item_text[index]
+
+    def index_of(self, item_id: str) -> int | None:
+        return self.rec.item_index.get(item_id)
+
+    @property
+    def max_history(self) -> int:
+        return self.rec.model.config.max_item_embeddings - 1
+
+    def recommend(self, queries: list[Query]) -> list[list[Hit]]:
+        import torch
+
+        with self.lock:
+            hist = [[self.rec.item_index[it] for it in q.history] for q in queries]
+            users = self.rec.encode_histories(hist).cpu().numpy()
+            k = min(max(q.k for q in queries), len(self.rec.item_ids))
+            excl = [h if q.exclude_history else [] for h, q in zip(hist, queries)]
+            scores, items = self.rec.retrieval_index().search(users, k, exclude=excl)
+            scores = torch.from_numpy(scores) / self.rec.model.config.temperature
+            return [[Hit(self.rec.item_ids[i], float(s), self.rec.item_text[i])
+                     for s, i in zip(scores[b, : q.k].tolist(), items[b, : q.k].tolist()) if i >= 0]
+                    for b, q in enumerate(queries)]
+
+    def add_items(self, items):
+        ids = self._add_persisted(lambda: [self.rec.item_ids[i] for i in self.rec.add_items(
+            [it for it, _ in items], [t for _, t in items])])
+        return ids, None
+
+    def _refresh(self) -> None:
+        self.rec.refresh_added_items(self.model_dir)
+
+    def metadata(self) -> dict:
+        r = self.index_report
+        return {**super().metadata(), "index": {"kind": r.kind, "param": r.param, "recall_at_10": r.recall_at_10,
+                                               "items": self.rec.retrieval_index().size}}
+
+
+class GenerativeBackend(Backend):
+    family = "generative"
+    max_k = 100
+
+    def __init__(self, model_dir: Path, data: Path, sids: Path, *, beams: int | None = None, log=print):
+        from lmrec.generative.recommender import GenerativeRecommender
+
+        super().__init__(model_dir)
+        self.sids_dir, self.beams = Path(sids), beams
+        self.rec = GenerativeRecommender.load(model_dir, data, sids)
+        self._embedder = None
+
+    def item_ids(self) -> list[str]:
+        return self.rec.ds.item_ids
+
+    def item_text(self, index: int) -> ItemText:
+        return self.rec.ds.item_text[index]
+
+    def index_of(self, item_id: str) -> int | None:
+        return self.rec.ds.item_index.get(item_id)
+
+    @property
+    def max_history(self) -> int:
+        return self.rec.ds.max_history_len
+
+    def recommend(self, queries: list[Query]) -> list[list[Hit]]:
+        """One constrained beam search per beam width: a request's answer never depends on what it was
+        batched with. With the history excluded, the beam is widened by the history's length."""
+        with self.lock:
+            hist = [[self.rec.ds.item_index[it] for it in q.history] for q in queries]
+            width = [max(q.k + (len(set(h)) if q.exclude_history else 0), self.beams or 0)
+                     for q, h in zip(queries, hist)]
+            out: list[list[Hit]] = [[] for _ in queries]
+            for w in sorted(set(width)):
+                rows = [b for b in range(len(queries)) if width[b] == w]
+                items, scores = self.rec.beam_search([hist[b] for b in rows], w)
+                for r, b in enumerate(rows):
+                    q, skip = queries[b], set(hist[b]) if queries[b].exclude_history else set()
+                    for i, s in zip(items[r].tolist(), scores[r].tolist()):
+                        if i >= 0 and i not in skip and len(out[b]) < q.k:
+                            out[b].append(Hit(self.rec.ds.item_ids[i], float(s), self.rec.ds.item_text[i]))
+            return out
+
+    def _embed(self, texts: list[ItemText]) -> np.ndarray:
+        """New items' vectors in the space the semantic IDs were built from (the source in sid_config.json)."""
+        source = self.rec.sids.config.encoder
+        if source.startswith("recformer:"):
+            from lmrec.recformer.recommender import Recommender
+
+            if self._embedder is None:
+                self._embedder = Recommender.from_pretrained(source.split(":", 1)[1])
+            return self._embedder.encode_texts(texts).cpu().numpy()
+        if source and (Path(source) / "config.json").exists():
+            from lmrec.generative.sid import embed_texts, item_texts
+
+            return embed_texts(item_texts(texts), source, device="cpu")
+        raise BadRequest("items", f"the semantic IDs in {self.sids_dir} were built from vectors without a text "
+                                  f"encoder ({source or 'given embeddings'}): new items cannot get codes; rebuild "
+                                  "them with `lmrec sid build --encoder` or `--recommender`", status=409)
+
+    def add_items(self, items):
+        vectors = self._embed([t for _, t in items])
+        ids = self._add_persisted(lambda: [self.rec.ds.item_ids[i] for i in self.rec.add_items(
+            [it for it, _ in items], [t for _, t in items], vectors)])
+        return ids, ("the language model never saw these items: they get codes from the saved codebooks and can "
+                     "be generated, but how often depends on how close their codes are to trained items'")
+
+    def _refresh(self) -> None:
+        f = self.model_dir / "added_items.parquet"
+        if f.exists():
+            self.rec._load_added_items(f)
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "sids": str(self.sids_dir), "semantic_id_levels": self.rec.sids.num_levels,
+                "beams": self.beams}
+
+
+def detect_family(model_dir: str | Path, data: str | Path | None = None, sids: str | Path | None = None) -> str:
+    """``recformer`` or ``generative`` for a model directory, or a clear error (checked before a server
+    starts, so that a wrong path is one message, not a failed readiness probe)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LmrecError(f"--model {model_dir}: no such directory")
+    if (model_dir / "sid_vocab.json").exists():
+        missing = [n for n, v in (("--data", data), ("--sids", sids)) if v is None]
+        if missing:
+            raise LmrecError(f"{model_dir} is a generative model: give {' and '.join(missing)} (the prepared dataset "
+                             "and the semantic-ID directory it was trained with)")
+        if not (Path(data) / "manifest.json").exists():
+            raise LmrecError(f"--data {data}: not a prepared dataset (no manifest.json)")
+        if not (Path(sids) / "sids.parquet").exists():
+            raise LmrecError(f"--sids {sids}: not a semantic-ID directory (no sids.parquet)")
+        return "generative"
+    if (model_dir / "manifest.json").exists():
+        raise LmrecError(f"--model {model_dir} is a prepared dataset, not a model (a generative model takes it as "
+                         "--data)")
+    if (model_dir / "items.parquet").exists() and (model_dir / "config.json").exists():
+        return "recformer"
+    if (model_dir / "config.json").exists():
+        kind = json.loads((model_dir / "config.json").read_text()).get("model_type", "?")
+        raise LmrecError(f"{model_dir} is a {kind} model without an item catalog: serve a finetuned RecFormer "
+                         "recommender (…/model with items.parquet) or a trained generative model (with sid_vocab.json)")
+    raise LmrecError(f"{model_dir} is not a saved lmrec model (expected items.parquet or sid_vocab.json)")
+
+
+def load_backend(model_dir: str | Path, *, data: str | Path | None = None, sids: str | Path | None = None,
+                 index: str = "auto", exact_max: int = 200_000, beams: int | None = None, log=print) -> Backend:
+    """The backend for a model directory: a RecFormer recommender (``items.parquet``) or a generative model
+    (``sid_vocab.json``; it needs the prepared dataset and the semantic-ID directory)."""
+    if detect_family(model_dir, data, sids) == "generative":
+        return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, log=log)
+    return RecformerBackend(Path(model_dir), index=index, exact_max=exact_max, log=log)
+
+
+def worker_count(value: int) -> int:
+    if value < 1 or value > (os.cpu_count() or 1) * 4:
+        raise LmrecError(f"--workers must be 1..{(os.cpu_count() or 1) * 4}, got {value}")
+    return value
