@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Training commands write report.html at the end (~2 s of plotting each); the tests that check reports turn
+# it on for their run (run_cli(..., env={"LMREC_REPORT": "1"})).
+os.environ.setdefault("LMREC_REPORT", "0")
 ITEM_TEXTS = [
     [("title", "Toy Story"), ("year", "1995"), ("genres", "Animation Children's Comedy")],
     [("title", "GoldenEye"), ("year", "1995"), ("genres", "Action Adventure Thriller")],
@@ -19,9 +22,10 @@ ITEM_TEXTS = [
 ]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess (exit code, stdout, stderr as a user sees them)."""
-    env = {**os.environ, "COLUMNS": "250"}  # rich tables unfolded, so that tests can search them
+    env = {**os.environ, "COLUMNS": "250", **(env or {})}  # rich tables unfolded, so that tests can search them
     return subprocess.run([sys.executable, "-m", "lmrec.cli.main", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout, env=env)
 
@@ -43,3 +47,22 @@ def ml100k(tmp_path_factory) -> Path:
     from lmrec.api import prepare
 
     return prepare("ml-100k", tmp_path_factory.mktemp("data") / "ml-100k")
+
+
+TINY = ["model.default_hidden_size=32", "model.default_layers=1", "model.default_heads=2",
+        "model.default_vocab_size=2000", "model.max_token_num=64", "train.stage1_epochs=1", "train.stage2_epochs=1",
+        "train.batch_size=32", "train.item_grad=batch", "model.pooler_type=mean"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A RecFormer finetuned through the CLI on ml-100k with a tiny model (tests/test_cli_e2e.py, test_report.py)."""
+    root = tmp_path_factory.mktemp("e2e")
+    res = run_cli("data", "prepare", "ml-100k", root / "ml")
+    assert res.returncode == 0, res.stderr
+    assert '"interactions": 100000' in res.stdout and "source:" in res.stdout
+    res = run_cli("finetune", "--data", root / "ml", f"output_dir={root / 'run'}", *TINY, env={"LMREC_REPORT": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"report: {root / 'run' / 'report.html'}" in res.stderr
+    assert "RecFormer" in res.stdout and "popularity" in res.stdout and "random" in res.stdout
+    return root

@@ -4,23 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
-
-TINY = ["model.default_hidden_size=32", "model.default_layers=1", "model.default_heads=2",
-        "model.default_vocab_size=2000", "model.max_token_num=64", "train.stage1_epochs=1", "train.stage2_epochs=1",
-        "train.batch_size=32", "train.item_grad=batch", "model.pooler_type=mean"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    res = run_cli("data", "prepare", "ml-100k", root / "ml")
-    assert res.returncode == 0, res.stderr
-    assert '"interactions": 100000' in res.stdout and "source:" in res.stdout
-    res = run_cli("finetune", "--data", root / "ml", f"output_dir={root / 'run'}", *TINY)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "RecFormer" in res.stdout and "popularity" in res.stdout and "random" in res.stdout
-    return root
+from tests.conftest import TINY, run_cli
 
 
 def test_finetune_writes_model_metrics_and_logs(trained):

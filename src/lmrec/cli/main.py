@@ -159,7 +159,11 @@ def quickstart(
         atomic_file(result.run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     print_metrics(result.metrics, title=f"MovieLens-100k ({split}), test split", extra=extra)
     _print_new_items(result.metrics)
-    typer.echo(f"wall time {wall}; metrics in {result.run_dir / 'metrics.json'}; model in {result.model_dir}")
+    from lmrec.training.run import write_run_report
+
+    report = write_run_report(result.run_dir, _log)  # again, with the other models' runs
+    typer.echo(f"wall time {wall}; metrics in {result.run_dir / 'metrics.json'}; model in {result.model_dir}"
+               + (f"; report in {report}" if report else ""))
 
 
 @app.command()
@@ -672,6 +676,22 @@ def serve(
            exact_max=_k(exact_max, "--exact-max"), beams=None if beams is None else _k(beams, "--beams"),
            max_batch=_k(max_batch, "--max-batch"), max_wait_ms=max_wait_ms,
            max_body_bytes=_k(max_body_kb, "--max-body-kb") * 1024)
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (what a training command wrote); runs nested "
+                                                    "in them (the quickstart's sasrec/, generative/) come along."),
+    out: Path = typer.Option(Path("report.html"), help="Output HTML file (self-contained, images embedded)."),
+    title: str = typer.Option(None, help="Page title."),
+):
+    """One HTML report: training curves (loss, learning rate, validation metrics), the test metrics against
+    every baseline, and for several runs a comparison."""
+    from lmrec.training.report import write_report
+
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise LmrecError(f"--out {out}: expected an .html file name")
+    typer.echo(f"wrote {write_report(run_dirs, out, title=title)}")
 
 
 def main() -> None:

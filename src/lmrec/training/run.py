@@ -81,7 +81,27 @@ class Run:
             text = json.dumps(metrics, indent=2) + "\n"
             atomic_file(self.dir / name, lambda tmp: tmp.write_text(text))
         self.acc.end_training()
+        if self.is_main and name == "metrics.json":
+            write_run_report(self.dir, self.log)
         return metrics
+
+
+def write_run_report(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """``run_dir/report.html`` (curves, test metrics; :mod:`lmrec.training.report`), unless ``$LMREC_REPORT``
+    is 0. A report that cannot be drawn is a warning: the trained model and its metrics are already saved."""
+    import os
+
+    if os.environ.get("LMREC_REPORT", "1") == "0":
+        return None
+    from lmrec.training.report import write_report
+
+    try:
+        out = write_report([run_dir], run_dir / "report.html", title=f"lmrec run report: {run_dir}")
+    except Exception as e:  # noqa: BLE001
+        log(f"warning: no report.html ({type(e).__name__}: {e})")
+        return None
+    log(f"report: {out}")
+    return out
 
 
 class _ConsoleLog:
