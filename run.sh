@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and entry points for a fresh machine. Usage:
 #   bash run.sh quickstart   # creates .venv, installs lmrec, runs `lmrec quickstart` on MovieLens-100k
-#   bash run.sh test         # creates .venv, installs lmrec with test extras, runs the whole test suite
+#   bash run.sh test         # creates .venv, installs lmrec with test extras (and, as root with apt, Debian's
+#                            # chromium for the report-rendering test), runs the whole test suite
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${LMREC_VENV:-.venv}
@@ -17,8 +18,18 @@ install() {
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
 }
 
+browser() {
+  # Debian's Chromium, for the test that renders a run report in a real browser (skipped without one).
+  # Installed only where that is safe to do unasked: as root with apt (CI, containers).
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q chromium >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } ||
+      echo "note: could not install chromium; the report-rendering test will be skipped" >&2
+  fi
+}
+
 case "${1:-}" in
   quickstart) shift; install; "$VENV/bin/lmrec" quickstart "$@" ;;
-  test) shift; install; "$VENV/bin/python" -m pytest -q "$@" ;;
+  test) shift; install; browser; "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh quickstart|test [args]" >&2; exit 2 ;;
 esac

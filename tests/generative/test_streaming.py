@@ -148,15 +148,19 @@ def test_export_a_checkpoint_and_check_it(corpus, tmp_path):
                   "train.loss_chunk_tokens=64")
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = checkpoints(run, "stage2")[-1]
-    for dtype in ("fp32", "bf16"):
-        out = tmp_path / f"export-{dtype}"
-        res = run_cli("gen", "export", ckpt, out, "--dtype", dtype, "--max-shard-size", "500KB")
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert (out / "model.safetensors.index.json").exists() and (out / "sid_vocab.json").exists()
-        res = run_cli("gen", "check-model", out, "--source", ckpt, "--data", corpus / "data", "--sids",
-                      corpus / "sids", "--beams", "5")
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-        assert res.stdout.count("PASS") == 3 and "FAIL" not in res.stdout and "export" in res.stdout
+    out = tmp_path / "export-fp32"
+    res = run_cli("gen", "export", ckpt, out, "--dtype", "fp32", "--max-shard-size", "500KB")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "model.safetensors.index.json").exists() and (out / "sid_vocab.json").exists()
+    res = run_cli("gen", "check-model", out, "--source", ckpt, "--data", corpus / "data", "--sids",
+                  corpus / "sids", "--beams", "5")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.stdout.count("PASS") == 3 and "FAIL" not in res.stdout and "export" in res.stdout
+    from lmrec.generative.export import check_model, export_model  # what the two commands call
+
+    out = export_model(ckpt, tmp_path / "export-bf16", dtype="bf16", max_shard_size="500KB")
+    checks = check_model(out, source=ckpt, data=corpus / "data", sids=corpus / "sids", beams=5)
+    assert [c.ok for c in checks] == [True] * 3, checks
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export-fp32")

@@ -94,7 +94,8 @@ def _out(hits: list[Hit]) -> list[Recommendation]:
 
 class BodyLimit:
     """Reject request bodies over ``limit`` bytes with 413 before the application reads them (pure ASGI:
-    counts the chunks as they arrive, so a body without a Content-Length is bounded too)."""
+    counts the chunks as they arrive, so a body without a Content-Length is bounded too). Every body is
+    JSON here: one sent with another Content-Type (``curl -d`` says form-urlencoded) is read as JSON."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -102,8 +103,10 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+        scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and 0 < self.limit < int(declared):
             return await self._reject(send)
         chunks, size, more = [], 0, True
         while more:
@@ -112,7 +115,7 @@ class BodyLimit:
                 chunks.append(msg)
                 break
             size += len(msg.get("body", b""))
-            if size > self.limit:
+            if 0 < self.limit < size:
                 return await self._reject(send)
             chunks.append(msg)
             more = msg.get("more_body", False)
@@ -129,112 +132,103 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(load: Callable[[], Backend], *, max_batch: int = 32, max_wait_ms: float = 2.0,
-               max_body_bytes: int = 1 << 20, log: Callable[[str], None] = print) -> FastAPI:
-    """The application; ``load()`` builds the backend in a background thread once the server is up."""
-    state: dict = {"backend": None, "error": None}
+async def _invalid(request: Request, exc: RequestValidationError):
+    """FastAPI's validation errors as one message naming the first field and value, then all of them."""
+    detail = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        field = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or "body"
+        entry = {"field": field, "message": e.get("msg", "invalid")}
+        value = e.get("input")
+        if isinstance(value, bytes):  # the raw body of malformed JSON
+            value = value.decode("utf-8", "replace")[:200]
+        if e.get("type") != "missing" and isinstance(value, str | int | float | bool):
+            entry["value"] = value
+        detail.append(entry)
+    first = detail[0] if detail else {"field": "body", "message": "invalid"}
+    msg = f"{first['field']}: {first['message']}" + (f" (got {first['value']!r})" if "value" in first else "")
+    return JSONResponse({"error": msg, "detail": detail}, status_code=422)
 
-    def run(queries: list[Query]) -> list[list[Hit]]:
-        backend = state["backend"]
-        backend.sync()
-        return backend.recommend(queries)
 
-    batcher = DynamicBatcher(run, max_batch=max_batch, max_wait_ms=max_wait_ms)
+async def _bad(request: Request, exc: BadRequest):
+    return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
 
-    def load_model() -> None:
+
+async def _lmrec_error(request: Request, exc: LmrecError):
+    return JSONResponse({"error": str(exc), "field": getattr(exc, "file", None) or "body"}, status_code=422)
+
+
+class Service:
+    """The state behind the routes: the backend (None while loading), the batcher, the loading error."""
+
+    def __init__(self, load: Callable[[], Backend], batcher_opts: dict, log: Callable[[str], None]):
+        self.load_fn, self.log = load, log
+        self.backend: Backend | None = None
+        self.error: str | None = None
+        self.batcher = DynamicBatcher(self._run, **batcher_opts)
+
+    def _run(self, queries: list[Query]) -> list[list[Hit]]:
+        self.backend.sync()
+        return self.backend.recommend(queries)
+
+    def _load(self) -> None:
         try:
-            state["backend"] = load()
-            log(f"ready: {state['backend'].family} model, {len(state['backend'].item_ids())} items")
+            self.backend = self.load_fn()
+            self.log(f"ready: {self.backend.family} model, {len(self.backend.item_ids())} items")
         except Exception as e:  # reported by /health/ready; the process stays up to say why
-            state["error"] = f"{type(e).__name__}: {e}"
-            log(f"loading failed: {state['error']}")
+            self.error = f"{type(e).__name__}: {e}"
+            self.log(f"loading failed: {self.error}")
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await batcher.start()
-        threading.Thread(target=load_model, name="lmrec-load", daemon=True).start()
+    async def lifespan(self, app: FastAPI):
+        await self.batcher.start()
+        threading.Thread(target=self._load, name="lmrec-load", daemon=True).start()
         yield
-        await batcher.stop()
+        await self.batcher.stop()
 
-    app = FastAPI(title="lmrec", version="1", lifespan=lifespan,
-                  description="Sequential recommendation from a trained lmrec model (RecFormer or generative).")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        detail = []
-        for e in exc.errors():
-            loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-            field = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or "body"
-            entry = {"field": field, "message": e.get("msg", "invalid")}
-            value = e.get("input")
-            if isinstance(value, bytes):  # the raw body of malformed JSON
-                value = value.decode("utf-8", "replace")[:200]
-            if e.get("type") != "missing" and isinstance(value, str | int | float | bool):
-                entry["value"] = value
-            detail.append(entry)
-        first = detail[0] if detail else {"field": "body", "message": "invalid"}
-        msg = f"{first['field']}: {first['message']}" + (f" (got {first['value']!r})" if "value" in first else "")
-        return JSONResponse({"error": msg, "detail": detail}, status_code=422)
-
-    @app.exception_handler(BadRequest)
-    async def bad(request: Request, exc: BadRequest):
-        return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
-
-    @app.exception_handler(LmrecError)
-    async def lmrec_error(request: Request, exc: LmrecError):
-        return JSONResponse({"error": str(exc), "field": getattr(exc, "file", None) or "body"}, status_code=422)
-
-    def backend() -> Backend:
+    def current(self) -> Backend:
         """The loaded backend, with what other server processes added (a stat call when nothing changed)."""
-        if state["backend"] is None:
-            raise BadRequest("model", "not loaded yet" if state["error"] is None else state["error"], status=503)
-        state["backend"].sync()
-        return state["backend"]
+        if self.backend is None:
+            raise BadRequest("model", "not loaded yet" if self.error is None else self.error, status=503)
+        self.backend.sync()
+        return self.backend
 
-    @app.get("/health/live")
-    async def live():
+    # ------------------------------------------------------------------------------------------ routes
+    async def live(self):
         return {"status": "live"}
 
-    @app.get("/health/ready")
-    async def ready():
-        if state["backend"] is None:
-            return JSONResponse({"status": "failed" if state["error"] else "loading", "error": state["error"]},
+    async def ready(self):
+        if self.backend is None:
+            return JSONResponse({"status": "failed" if self.error else "loading", "error": self.error},
                                 status_code=503)
         return {"status": "ready"}
 
-    @app.get("/metadata")
-    async def metadata():
-        b = backend()
+    async def metadata(self):
+        b, bt = self.current(), self.batcher
         return {**b.metadata(), "lmrec_version": _lmrec_version(), "pid": os.getpid(),
-                "batching": {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000,
-                             "batches": batcher.batches, "requests": batcher.requests}}
+                "batching": {"max_batch": bt.max_batch, "max_wait_ms": bt.max_wait * 1000, "batches": bt.batches,
+                             "requests": bt.requests}}
 
-    @app.post("/recommend", response_model=RecommendResponse)
-    async def recommend(req: RecommendRequest):
-        b, q = backend(), _query(req)
-        b.check(q)
-        return RecommendResponse(items=_out(await batcher.submit(q)))
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        q = _query(req)
+        self.current().check(q)
+        return RecommendResponse(items=_out(await self.batcher.submit(q)))
 
-    @app.post("/recommend/batch", response_model=BatchResponse)
-    async def recommend_batch(req: BatchRequest):
-        b = backend()
-        qs = [_query(r) for r in req.requests]
+    async def recommend_batch(self, req: BatchRequest) -> BatchResponse:
+        b, qs = self.current(), [_query(r) for r in req.requests]
         for i, q in enumerate(qs):
             b.check(q, where=f"requests[{i}].")
-        return BatchResponse(results=[_out(h) for h in await batcher.submit_many(qs)])
+        return BatchResponse(results=[_out(h) for h in await self.batcher.submit_many(qs)])
 
-    @app.get("/items/{item_id}", response_model=Item)
-    async def get_item(item_id: str):
-        b = backend()
+    async def get_item(self, item_id: str) -> Item:
+        b = self.current()
         i = b.index_of(item_id)
         if i is None:
             raise BadRequest("item_id", f"unknown item id {item_id!r}", status=404)
         return Item(item_id=item_id, text=dict(b.item_text(i)))
 
-    @app.post("/items", response_model=AddItemsResponse, status_code=201)
-    async def add_items(req: AddItemsRequest):
-        b = backend()
-        items = []
+    async def add_items(self, req: AddItemsRequest) -> AddItemsResponse:
+        b, items = self.current(), []
         for p, it in enumerate(req.items):
             text = [(k, v) for k, v in it.text.items()]
             if not any(v.strip() for _, v in text):
@@ -245,10 +239,27 @@ def create_app(load: Callable[[], Backend], *, max_batch: int = 32, max_wait_ms:
                 raise BadRequest(f"items[{p}].item_id", f"{it!r} is already in the catalog", status=409)
         ids, warning = await asyncio.to_thread(b.add_items, items)
         if warning:
-            log(f"warning: {warning}")
+            self.log(f"warning: {warning}")
         return AddItemsResponse(added=ids, catalog_size=len(b.item_ids()), warning=warning)
 
-    return BodyLimit(app, max_body_bytes) if max_body_bytes else app
+
+def create_app(load: Callable[[], Backend], *, max_batch: int = 32, max_wait_ms: float = 2.0,
+               max_body_bytes: int = 1 << 20, log: Callable[[str], None] = print):
+    """The application; ``load()`` builds the backend in a background thread once the server is up."""
+    svc = Service(load, {"max_batch": max_batch, "max_wait_ms": max_wait_ms}, log)
+    app = FastAPI(title="lmrec", version="1", lifespan=svc.lifespan,
+                  description="Sequential recommendation from a trained lmrec model (RecFormer or generative).")
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(BadRequest, _bad)
+    app.add_exception_handler(LmrecError, _lmrec_error)
+    app.add_api_route("/health/live", svc.live, methods=["GET"])
+    app.add_api_route("/health/ready", svc.ready, methods=["GET"])
+    app.add_api_route("/metadata", svc.metadata, methods=["GET"])
+    app.add_api_route("/recommend", svc.recommend, methods=["POST"], response_model=RecommendResponse)
+    app.add_api_route("/recommend/batch", svc.recommend_batch, methods=["POST"], response_model=BatchResponse)
+    app.add_api_route("/items/{item_id}", svc.get_item, methods=["GET"], response_model=Item)
+    app.add_api_route("/items", svc.add_items, methods=["POST"], response_model=AddItemsResponse, status_code=201)
+    return BodyLimit(app, max_body_bytes)
 
 
 def _lmrec_version() -> str:
