@@ -169,6 +169,17 @@ def clustered(n: int, d: int, centres: int, seed: int, draw_seed: int | None = N
     return x
 
 
+def timed_search(search, q: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(top-10 ids of all queries, ms per query when all go at once, ms for one query alone)."""
+    t0 = time.perf_counter()
+    _, ids = search(q, 10)
+    batch = (time.perf_counter() - t0) / len(q) * 1000
+    t0 = time.perf_counter()
+    for i in range(20):
+        search(q[i : i + 1], 10)
+    return ids, batch, (time.perf_counter() - t0) / 20 * 1000
+
+
 def bench_index(n: int) -> None:
     import faiss
 
@@ -184,13 +195,7 @@ def bench_index(n: int) -> None:
           f"{rss_mib() - base:,.0f} MiB over its start)")
     exact = faiss.IndexFlatIP(d)
     exact.add(x)
-    t0 = time.perf_counter()
-    _, truth = exact.search(q, 10)
-    exact_batch = (time.perf_counter() - t0) / len(q) * 1000
-    t0 = time.perf_counter()
-    for i in range(20):
-        exact.search(q[i : i + 1], 10)
-    exact_one = (time.perf_counter() - t0) / 20 * 1000
+    truth, exact_batch, exact_one = timed_search(exact.search, q)
     del exact
     print(f"{'index':>26} | {'build s':>7} | {'recall@10':>9} | {'ms/query (1000 at once)':>23} | "
           f"{'ms (1 query)':>12} | {'RSS MiB':>8}")
@@ -199,13 +204,7 @@ def bench_index(n: int) -> None:
     before = rss_mib()
     for kind in ("ivf", "hnsw") if n <= 200_000 else ("ivf",):
         idx = ItemIndex(x, kind=kind, log=None)
-        t0 = time.perf_counter()
-        _, found = idx.search(q, 10)
-        batch = (time.perf_counter() - t0) / len(q) * 1000
-        t0 = time.perf_counter()
-        for i in range(20):
-            idx.search(q[i : i + 1], 10)
-        one = (time.perf_counter() - t0) / 20 * 1000
+        found, batch, one = timed_search(idx.search, q)
         rep = idx.report
         name = f"{kind} ({rep.param})"
         print(f"{name:>26} | {rep.build_s:>7.1f} | {recall_at(found, truth):>9.4f} | {batch:>23.3f} | {one:>12.1f} | "

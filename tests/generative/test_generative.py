@@ -191,3 +191,27 @@ def test_constrained_decoding_property_random_catalogs(setup, seed):
                     lp = model(torch.tensor([p["input_ids"] + toks])).logits.log_softmax(-1)[0]
                 ref = sum(lp[len(p["input_ids"]) - 1 + j, t].item() for j, t in enumerate(toks))
                 assert abs(ref - score) < 1e-4
+
+
+def test_new_items_get_unique_codes_in_the_nearest_bucket_with_room():
+    """`codes_for` (POST /items of a generative service): an item whose nearest bucket is full goes to the
+    nearest bucket with a free disambiguation number; the catalog's codes plus the new ones stay unique."""
+    from lmrec.generative.recommender import GenerativeRecommender
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    sids, books = build_sids([f"i{i}" for i in range(60)], emb, levels=2, codes=4)
+    extra = sids.config.extra_level
+    assert extra > 1
+    rec = GenerativeRecommender.__new__(GenerativeRecommender)  # only the codes and codebooks are needed
+    rec.sids, rec.books = sids, books
+    # the fullest bucket, and as many copies of one of its items as it has numbers
+    full = max({tuple(r[:2]) for r in sids.codes.tolist()}, key=lambda k: (sids.codes[:, :2] == k).all(1).sum())
+    member = int(np.flatnonzero((sids.codes[:, :2] == full).all(1))[0])
+    new = rec.codes_for(np.repeat(emb[member : member + 1], extra, axis=0))
+    together = np.concatenate([sids.codes, new])
+    assert (new >= 0).all() and collision_rate(together) == 0.0
+    assert (new[:, 0] == full[0]).all()  # the first level is the item's own
+    inside = (new[:, :2] == full).all(1)
+    assert inside.sum() == extra - (sids.codes[:, :2] == full).all(1).sum()  # the bucket's free numbers first
+    assert (new[~inside, 2] < extra).all()  # then the nearest other buckets, with real tokens

@@ -23,23 +23,16 @@ WORDS = sorted({w.lower() for t in ITEM_TEXTS for _, v in t for w in v.split()})
 
 
 def synthetic_dataset(path, users: int = 40, items: int = 30, seed: int = 0):
-    """A generated dataset (not real data): users walk through items with a preferred stride; item titles
-    are distinct word triples from the tiny backbone's vocabulary (so the tiny model tells items apart)."""
-    from lmrec.data.prepare import prepare
-    from lmrec.data.readers import RawData
+    """The walk dataset of the distributed tests, with item titles made of distinct word triples from the
+    tiny backbone's vocabulary (so that the tiny model tells the items apart)."""
+    from tests.training.test_distributed import synthetic_dataset as walks
 
     rng = np.random.default_rng(seed)
-    u, i, t = [], [], []
-    for user in range(users):
-        cur, stride = int(rng.integers(items)), 1 + user % 3
-        for step in range(int(rng.integers(6, 12))):
-            u.append(f"u{user}"), i.append(f"i{cur}"), t.append(float(step))
-            cur = (cur + stride) % items
     titles: set[str] = set()
     while len(titles) < items:
         titles.add(" ".join(rng.choice(WORDS, 3, replace=False)))
     text = {f"i{k}": [("title", title), ("genres", WORDS[k % len(WORDS)])] for k, title in enumerate(sorted(titles))}
-    return prepare(RawData(u, i, t, text, "synthetic"), path)
+    return walks(path, users, items, seed, text=text)
 
 
 def _free_port() -> int:

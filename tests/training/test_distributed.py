@@ -12,8 +12,9 @@ from lmrec.data.readers import RawData
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def synthetic_dataset(path: Path, users: int = 40, items: int = 30, seed: int = 0) -> Path:
-    """A generated dataset (not real data): users walk through items with a preferred stride."""
+def synthetic_dataset(path: Path, users: int = 40, items: int = 30, seed: int = 0, text: dict | None = None) -> Path:
+    """A generated dataset (not real data): users walk through items with a preferred stride. ``text``:
+    item id → key/value text (default: generated titles)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -23,8 +24,8 @@ def synthetic_dataset(path: Path, users: int = 40, items: int = 30, seed: int = 
         for step in range(int(rng.integers(6, 12))):
             u.append(f"u{user}"), i.append(f"i{cur}"), t.append(float(step))
             cur = (cur + stride) % items
-    text = {f"i{k}": [("title", f"thing {k} {'red' if k % 2 else 'blue'}"), ("kind", f"kind {k % 5}")]
-            for k in range(items)}
+    text = text or {f"i{k}": [("title", f"thing {k} {'red' if k % 2 else 'blue'}"), ("kind", f"kind {k % 5}")]
+                    for k in range(items)}
     return prepare(RawData(u, i, t, text, "synthetic"), path)
 
 

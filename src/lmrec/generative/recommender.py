@@ -60,23 +60,34 @@ class GenerativeRecommender:
 
     # ------------------------------------------------------------------------------------------ new items
     def codes_for(self, vectors: np.ndarray) -> np.ndarray:
-        """Codes for new items from their embeddings (in the space the semantic IDs were built from):
-        nearest centroid level by level, then the first free number of the disambiguation level."""
+        """Codes for new items from their embeddings (in the space the semantic IDs were built from): the
+        nearest centroid level by level, as the catalog's were assigned; at the last k-means level the
+        nearest centroid whose bucket still has room — a free number of the disambiguation level, or, without
+        one, a code no item holds. A row of -1 when no bucket has room."""
         if self.books is None:
             raise LmrecError("the semantic-ID directory has no codebooks.safetensors: new items cannot get codes")
         raw = assign_codes(vectors, self.books)
-        if raw.shape[1] == self.sids.num_levels:
-            return raw
+        km, extra = len(self.books), self.sids.config.extra_level
+        residual = np.asarray(vectors, dtype=np.float32).copy()
+        for level in range(km - 1):
+            residual -= self.books[level][raw[:, level]]
+        last = self.books[-1]
+        order = np.argsort((residual ** 2).sum(1, keepdims=True) - 2 * residual @ last.T + (last ** 2).sum(1)[None],
+                           axis=1)
         taken: dict[tuple, set[int]] = {}
         for row in self.sids.codes.tolist():
-            taken.setdefault(tuple(row[:-1]), set()).add(row[-1])
+            taken.setdefault(tuple(row[:km]), set()).add(row[km] if extra else 0)
         out = []
-        for row in raw.tolist():
-            used = taken.setdefault(tuple(row), set())
-            free = next((c for c in range(self.sids.config.extra_level) if c not in used), None)
-            out.append(row + [-1 if free is None else free])
-            if free is not None:
-                used.add(free)
+        for j, row in enumerate(raw.tolist()):
+            code = [-1] * self.sids.num_levels
+            for c in order[j].tolist():
+                used = taken.setdefault(tuple(row[:-1]) + (c,), set())
+                free = next((n for n in range(max(extra, 1)) if n not in used), None)
+                if free is not None:
+                    used.add(free)
+                    code = row[:-1] + [c] + ([free] if extra else [])
+                    break
+            out.append(code)
         return np.asarray(out, dtype=np.int64)
 
     def add_items(self, item_ids: list[str], item_text: list, vectors: np.ndarray) -> list[int]:
@@ -93,9 +104,8 @@ class GenerativeRecommender:
         codes = self.codes_for(vectors)
         full = [it for it, c in zip(item_ids, codes.tolist()) if c[-1] < 0]
         if full:
-            raise DataError(f"no free semantic ID for item {full[0]!r}: its code bucket already holds "
-                            f"{self.sids.config.extra_level} items (the disambiguation level's size); rebuild "
-                            "the semantic IDs with these items", file="items")
+            raise DataError(f"no free semantic ID for item {full[0]!r}: every bucket under its first-level codes "
+                            "is full; rebuild the semantic IDs with these items", file="items")
         self._append(list(item_ids), [list(t) for t in item_text], codes)
         return list(range(len(self.ds.item_ids) - len(item_ids), len(self.ds.item_ids)))
 

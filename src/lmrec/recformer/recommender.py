@@ -178,17 +178,21 @@ class Recommender:
             seen.add(it)
         if not self.has_item_table:
             self.encode_items(batch_size, show_progress=False)
-        new = self.encode_texts(item_text, batch_size, normalize=False)
+        start = len(self.item_ids)
+        self._append(item_ids, item_text, self.encode_texts(item_text, batch_size, normalize=False))
+        self.added += len(item_ids)
+        return list(range(start, len(self.item_ids)))
+
+    def _append(self, item_ids: list[str], item_text: list[ItemText], vectors: torch.Tensor) -> None:
+        """Catalog, item table and index grow by these items (their table rows: ``vectors``)."""
         start = len(self.item_ids)
         self.item_ids += item_ids
         self.item_text += item_text
         self.item_index.update({it: start + j for j, it in enumerate(item_ids)})
         self.item_tokens += self.tokenizer.encode_items(item_text)
-        self.model.set_item_embeddings(torch.cat([self.model.item_embeddings, new.to(self.model.device)]))
-        if self._index is not None:
-            self._index.add(F.normalize(new.float(), dim=-1).cpu().numpy())
-        self.added += len(item_ids)
-        return list(range(start, len(self.item_ids)))
+        self.model.set_item_embeddings(torch.cat([self.model.item_embeddings, vectors.to(self.model.device)]))
+        if self._index is not None and len(item_ids):
+            self._index.add(F.normalize(vectors.float(), dim=-1).cpu().numpy())
 
     @torch.no_grad()
     def encode_texts(self, item_text: Sequence[ItemText], batch_size: int = 256, normalize: bool = True
@@ -229,15 +233,7 @@ class Recommender:
                              f"{self.model.config.hidden_size}, or no item table to append them to")
         total = len(ids)
         keep = [j for j, it in enumerate(ids) if it not in self.item_index]  # another process's additions
-        ids, text, vectors = [ids[j] for j in keep], [text[j] for j in keep], vectors[keep]
-        start = len(self.item_ids)
-        self.item_ids += ids
-        self.item_text += text
-        self.item_index.update({it: start + j for j, it in enumerate(ids)})
-        self.item_tokens += self.tokenizer.encode_items(text)
-        self.model.set_item_embeddings(torch.cat([self.model.item_embeddings, vectors.to(self.model.device)]))
-        if self._index is not None and len(ids):
-            self._index.add(F.normalize(vectors, dim=-1).numpy())
+        self._append([ids[j] for j in keep], [text[j] for j in keep], vectors[keep])
         self.added = total
 
     def refresh_added_items(self, path: str | Path) -> None:
