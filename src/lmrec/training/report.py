@@ -251,7 +251,10 @@ def render(runs: list[RunData], title: str = "lmrec run report") -> str:
     baseline = ("popularity", "random (expected)")
     seen, unique = set(), []
     for n, row in sorted(compared, key=lambda x: x[0] in baseline):  # the models, then the baselines
-        key = (n, round(row.get("ndcg@10", -1), 6)) if n in baseline else n  # runs on one dataset repeat them
+        # one row per distinct result: runs on one dataset repeat the baselines, and the quickstart's
+        # metrics.json repeats the SASRec and generative results its nested runs report themselves
+        key = tuple(round(row[m], 6) if isinstance(row.get(m), int | float) else None for m in METRICS)
+        key += (n if n in baseline else "model", row.get("users"))
         if key not in seen:
             seen.add(key)
             unique.append((n, row))
