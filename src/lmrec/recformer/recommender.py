@@ -140,16 +140,17 @@ class Recommender:
         return [(self.item_ids[i], self.item_text[i], float(s)) for s, i in zip(scores[0].tolist(), items[0].tolist())
                 if s > float("-inf")]  # with the history excluded, fewer than k items may remain
 
-    def top_k(self, histories: Sequence[Sequence[int]], k: int, *, exclude_history: bool = True
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_k(self, histories: Sequence[Sequence[int]], k: int, *, exclude_history: bool = True,
+              exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores = cosine / temperature, item indices) of the k best items for each history: (B, k) each,
-        from the retrieval index. When fewer than k items remain (history excluded), a row ends with score
-        -inf and index -1."""
+        from the retrieval index. ``exclude`` (items per row) overrides ``exclude_history``. When fewer than
+        k items remain, a row ends with score -inf and index -1."""
         if k < 1:
             raise LmrecError(f"k must be at least 1, got {k}")
         queries = self.encode_histories(histories).cpu().numpy()
         scores, items = self.retrieval_index().search(queries, min(k, len(self.item_ids)),
-                                                      exclude=histories if exclude_history else None)
+                                                      exclude=exclude if exclude is not None else
+                                                      histories if exclude_history else None)
         return torch.from_numpy(scores) / self.model.config.temperature, torch.from_numpy(items)
 
     def retrieval_index(self, log=None) -> ItemIndex:

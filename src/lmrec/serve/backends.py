@@ -186,15 +186,10 @@ class RecformerBackend(Backend):
         return self.rec.model.config.max_item_embeddings - 1
 
     def recommend(self, queries: list[Query]) -> list[list[Hit]]:
-        import torch
-
         with self.lock:
             hist = [[self.rec.item_index[it] for it in q.history] for q in queries]
-            users = self.rec.encode_histories(hist).cpu().numpy()
-            k = min(max(q.k for q in queries), len(self.rec.item_ids))
             excl = [h if q.exclude_history else [] for h, q in zip(hist, queries)]
-            scores, items = self.rec.retrieval_index().search(users, k, exclude=excl)
-            scores = torch.from_numpy(scores) / self.rec.model.config.temperature
+            scores, items = self.rec.top_k(hist, max(q.k for q in queries), exclude=excl)
             return [[Hit(self.rec.item_ids[i], float(s), self.rec.item_text[i])
                      for s, i in zip(scores[b, : q.k].tolist(), items[b, : q.k].tolist()) if i >= 0]
                     for b, q in enumerate(queries)]
