@@ -28,6 +28,7 @@ Rate = Annotated[float, Field(gt=0)]  # learning rates, temperatures
 Share = Annotated[float, Field(ge=0, lt=1)]  # warmup ratio, dropout
 Probability = Annotated[float, Field(gt=0, lt=1)]
 Patience = Annotated[int, Field(ge=1)] | None
+AttentionImpl = Literal["auto", "sdpa", "blocked", "longformer"]  # implemented in lmrec.recformer.attention
 METRIC = re.compile(r"^(recall|ndcg|mrr)@(\d+)$")
 
 
@@ -62,6 +63,10 @@ class ModelConfig(_Strict):
     max_attr_num: Count = 3
     max_attr_length: Count = 16
     attention_window: Count | list[Count] = 64
+    # how the attention is computed (same function, same weights): auto = dense SDPA on short inputs, the
+    # linear-memory blocked kernel on long ones; sdpa; blocked; longformer = HF's kernels. Applies to a
+    # saved model given as init too.
+    attention_impl: AttentionImpl = "auto"
     temperature: Rate = 0.05
     user_projection: bool = False  # a linear map on user vectors only (identity at init); off in RecFormer
     pooler_type: Literal["cls", "mean"] = "mean"  # RecFormer uses "cls" (see the "recformer" preset)
@@ -81,7 +86,7 @@ class ModelConfig(_Strict):
         except (OSError, json.JSONDecodeError):
             return []
         out = []
-        for key in sorted(self.model_fields_set - {"init"}):
+        for key in sorted(self.model_fields_set - {"init", "attention_impl"}):
             value, default = getattr(self, key), type(self).model_fields[key].default
             if key in saved:
                 window = saved[key] if key != "attention_window" or isinstance(value, list) else saved[key][0]
@@ -328,6 +333,7 @@ class MlmTrainConfig(_TrainCommon):
     epochs: NonNegInt = 3
     patience: Patience = None
     attention_window: Count | list[Count] | None = None  # None = the backbone's
+    attention_impl: AttentionImpl = "auto"  # see ModelConfig
 
 
 class MlmRunConfig(_Strict):

@@ -77,7 +77,7 @@ def reference_forward(raw: dict, cfg: dict, b: dict) -> torch.Tensor:
     return h
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "longformer"])
+@pytest.mark.parametrize("impl", ["sdpa", "blocked", "longformer"])
 def test_longformer_zh_equals_independent_recomputation(zh, impl):
     cfg, raw = read_backbone(zh)
     model, tok, report = build_recformer(zh, max_token_num=120, max_item_embeddings=8, attention_impl=impl)

@@ -72,7 +72,7 @@ def naive_forward(model: RecformerModel, b) -> torch.Tensor:
     return h
 
 
-@pytest.mark.parametrize("impl", ["longformer", "sdpa"])
+@pytest.mark.parametrize("impl", ["longformer", "sdpa", "blocked", "auto"])
 def test_forward_matches_naive_recomputation(impl):
     torch.manual_seed(0)
     model = RecformerModel(tiny_config(attention_impl=impl)).eval()
@@ -86,10 +86,11 @@ def test_forward_matches_naive_recomputation(impl):
     assert torch.equal(model(**b).pooler_output, got[:, 0])
 
 
-def test_sdpa_equals_hf_longformer_with_training_shapes():
+@pytest.mark.parametrize("impl", ["sdpa", "blocked"])
+def test_equals_hf_longformer_with_training_shapes(impl):
     torch.manual_seed(1)
     hf = RecformerModel(tiny_config(attention_impl="longformer", attention_window=[4, 6])).eval()
-    sd = RecformerModel(tiny_config(attention_impl="sdpa", attention_window=[4, 6])).eval()
+    sd = RecformerModel(tiny_config(attention_impl=impl, attention_window=[4, 6])).eval()
     sd.load_state_dict(hf.state_dict())
     b = batch(L=29, seed=3)
     with torch.no_grad():

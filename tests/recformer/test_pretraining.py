@@ -87,6 +87,25 @@ def test_chinese_pretrain_mlm_lowers_validation_bpc(zh, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_pretrain_mlm_at_4096_tokens_with_a_512_window(tmp_path):
+    """The Chinese Longformer's setting: ``auto`` runs the linear-memory blocked kernel, says so, and the
+    report has the throughput and the peak memory."""
+    backbone = build_longformer_zh(tmp_path / "zh", jieba_chars(3000), hidden=16, layers=1, max_positions=4096,
+                                   window=512)
+    for name, seed in (("train", 0), ("valid", 1)):  # one ~17k-character document each: four 4k chunks
+        short = chinese_corpus(tmp_path / f"{name}.short", 400, seed).read_text(encoding="utf-8")
+        (tmp_path / f"{name}.txt").write_text(short.replace("\n", ""), encoding="utf-8")
+    res = run_cli("backbone", "pretrain-mlm", backbone, "--train", tmp_path / "train.txt", "--valid",
+                  tmp_path / "valid.txt", "--output-dir", tmp_path / "run", "train.max_length=4096",
+                  "train.batch_size=2", "train.epochs=1", "train.lr=2e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "attention_impl auto: blocked for 4096-token inputs (window 512" in res.stderr
+    assert "tokens/s (this process" in res.stderr and "peak memory" in res.stderr
+    report = json.loads((tmp_path / "run" / "mlm_report.json").read_text())
+    assert report["train_tokens"] > 4 * 4000 and report["train_tokens_per_s"] > 0 and report["peak_memory_mib"] > 0
+    assert report["best"]["bpc"] < report["before"]["bpc"]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("pretrain")

@@ -21,6 +21,7 @@ from lmrec.data.data_config import DataMixConfig, source_files
 from lmrec.data.stream import ChatStream, collate_packs
 from lmrec.errors import ConfigError, LmrecError
 from lmrec.generative.prompts import encode_chat
+from lmrec.training.loop import peak_memory_mib
 
 SNAPSHOT_EVERY = 16
 
@@ -168,12 +169,3 @@ class StreamTally:
                     f"{total['too_long'].get(src, 0)} over-length (over_length: dropped or truncated), "
                     f"{total['bad_rows'].get(src, 0)} bad rows skipped")
         return total
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """The accelerator's peak allocated memory (CUDA), else this process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

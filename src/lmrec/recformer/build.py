@@ -25,6 +25,7 @@ def build_recommender(cfg, ds: PreparedDataset, run_dir: Path, accelerator, log=
     m = cfg.model
     if is_saved_recommender(m.init):
         rec = Recommender.from_pretrained(m.init)
+        rec.model.config.attention_impl = m.attention_impl  # how it is computed, not what: the run decides
         if rec.item_ids != ds.item_ids:
             rec.set_catalog(ds.item_ids, ds.item_text)
         return rec
@@ -32,7 +33,8 @@ def build_recommender(cfg, ds: PreparedDataset, run_dir: Path, accelerator, log=
     model, tokenizer = build_checked(backbone, log, max_token_num=m.max_token_num, max_attr_num=m.max_attr_num,
                                      max_attr_length=m.max_attr_length, max_item_embeddings=ds.max_history_len + 1,
                                      temperature=m.temperature, pooler_type=m.pooler_type,
-                                     user_projection=m.user_projection, attention_window=m.attention_window)
+                                     user_projection=m.user_projection, attention_window=m.attention_window,
+                                     attention_impl=m.attention_impl)
     return Recommender(model, tokenizer, ds.item_ids, ds.item_text)
 
 

@@ -21,8 +21,10 @@ class RecformerConfig(LongformerConfig):
         mlm_weight: weight of the MLM loss next to the contrastive one during pretraining.
         position_offset: added to token positions before the lookup: 2 (= pad_token_id + 1) for RoBERTa /
             English Longformer checkpoints, 0 for BERT-style ones (Longformer_ZH, MiniLM).
-        attention_impl: which implementation of Longformer attention runs the encoder (``modeling_recformer.ENCODERS``):
-            ``"sdpa"`` (dense, exact, fast up to a few thousand tokens) or ``"longformer"`` (HF's band kernels).
+        attention_impl: which implementation computes the Longformer attention (``lmrec.recformer.attention``):
+            ``"auto"`` (dense SDPA on short inputs, the blocked kernel on long ones, chosen per call),
+            ``"sdpa"`` (dense, memory L²), ``"blocked"`` (linear memory) or ``"longformer"`` (HF's band kernels).
+            All compute the same function; it is a run-time choice, not part of the weights.
         user_projection: a linear map (initialised to the identity) applied to user vectors only, so that the
             user side can move away from the items it already contains; off in RecFormer.
     """
@@ -38,7 +40,7 @@ class RecformerConfig(LongformerConfig):
     temperature: float = 0.05
     mlm_weight: float = 0.1
     position_offset: int = 2
-    attention_impl: str = "sdpa"
+    attention_impl: str = "auto"
     user_projection: bool = False
     attention_window: list[int] | int = 64
 
@@ -59,10 +61,11 @@ class RecformerConfig(LongformerConfig):
         if self.max_item_embeddings < 2:
             raise ConfigError(f"max_item_embeddings must be >= 2 (start token + one item), got "
                               f"{self.max_item_embeddings}")
-        from lmrec.recformer.modeling_recformer import ENCODERS
+        from lmrec.recformer.attention import ATTENTION_IMPLS
 
-        if self.attention_impl not in ENCODERS:
-            raise ConfigError(f"attention_impl must be one of {sorted(ENCODERS)}, got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got "
+                              f"{self.attention_impl!r}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 

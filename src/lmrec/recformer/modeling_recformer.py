@@ -18,84 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.longformer.modeling_longformer import LongformerEncoder
 from transformers.utils import ModelOutput
 
+from lmrec.recformer.attention import LongformerLayers
 from lmrec.recformer.configuration_recformer import RecformerConfig
-
-# ---------------------------------------------------------------------------------------------------------
-# The attention seam. An encoder takes (hidden_states (B, L, H), attention_mask (B, L) with -1 = padding,
-# 0 = local attention, +1 = global attention; L a multiple of the attention window) and returns the last
-# hidden states (B, L, H). A faster implementation registers itself here and is picked by
-# ``config.attention_impl``; its parameter names must match HF's Longformer layers.
-# ---------------------------------------------------------------------------------------------------------
-
-
-class HFLongformerEncoder(nn.Module):
-    def __init__(self, config: RecformerConfig):
-        super().__init__()
-        self.layer = LongformerEncoder(config).layer
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        is_index_masked = attention_mask < 0
-        is_index_global_attn = attention_mask > 0
-        is_global_attn = bool(is_index_global_attn.any())
-        for layer in self.layer:
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=attention_mask,
-                is_index_masked=is_index_masked,
-                is_index_global_attn=is_index_global_attn,
-                is_global_attn=is_global_attn,
-            )[0]
-        return hidden_states
-
-
-class SdpaLongformerEncoder(HFLongformerEncoder):
-    """The same attention as HF's Longformer, computed densely with ``scaled_dot_product_attention``.
-
-    Every token attends to the tokens within ``attention_window / 2`` on each side and to the global tokens
-    (local projections); global tokens attend to every token (global projections). Same parameters and the
-    same outputs as :class:`HFLongformerEncoder` (see the parity test), without the padding to a multiple of
-    the window and the chunked band kernels; memory grows as L² per head, so it suits sequences up to a few
-    thousand tokens.
-    """
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        B, L, H = hidden_states.shape
-        valid = attention_mask >= 0  # (B, L)
-        glob = attention_mask > 0
-        gpos = glob.any(0).nonzero().squeeze(-1)  # positions that are global somewhere in the batch
-        pos = torch.arange(L, device=hidden_states.device)
-        dist = (pos[:, None] - pos[None, :]).abs()  # (L, L)
-        eye = torch.eye(L, dtype=torch.bool, device=hidden_states.device)
-        for layer in self.layer:
-            sa = layer.attention.self
-            n, d = sa.num_heads, sa.head_dim
-            allowed = ((dist <= sa.one_sided_attn_window_size)[None] | glob[:, None, :]) & valid[:, None, :]
-            allowed |= eye & ~valid[:, :, None]  # padding rows see themselves (ignored, avoids NaN)
-            p = sa.dropout if self.training else 0.0  # HF stores the probability as a float
-
-            def heads(x, n=n, d=d):
-                return x.view(B, -1, n, d).transpose(1, 2)  # (B, n, L, d)
-
-            h = hidden_states
-            ctx = F.scaled_dot_product_attention(heads(sa.query(h)), heads(sa.key(h)), heads(sa.value(h)),
-                                                 attn_mask=allowed[:, None], dropout_p=p)
-            if len(gpos):
-                gq = heads(sa.query_global(h[:, gpos]))  # (B, n, G, d)
-                g_ctx = F.scaled_dot_product_attention(gq, heads(sa.key_global(h)), heads(sa.value_global(h)),
-                                                       attn_mask=valid[:, None, None, :], dropout_p=p)
-                ctx = ctx.clone()
-                sel = glob[:, gpos][:, None, :, None]  # (B, 1, G, 1)
-                ctx[:, :, gpos] = torch.where(sel, g_ctx, ctx[:, :, gpos])
-            ctx = ctx.transpose(1, 2).reshape(B, L, H)
-            attn_out = layer.attention.output(ctx, h)
-            hidden_states = layer.ff_chunk(attn_out)
-        return hidden_states
-
-
-ENCODERS: dict[str, type[nn.Module]] = {"longformer": HFLongformerEncoder, "sdpa": SdpaLongformerEncoder}
 
 
 class RecformerEmbeddings(nn.Module):
@@ -146,7 +72,7 @@ class RecformerModel(RecformerPreTrainedModel):
     def __init__(self, config: RecformerConfig):
         super().__init__(config)
         self.embeddings = RecformerEmbeddings(config)
-        self.encoder = ENCODERS[config.attention_impl](config)
+        self.encoder = LongformerLayers(config)  # the attention seam: lmrec.recformer.attention
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

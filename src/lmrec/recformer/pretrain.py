@@ -74,7 +74,7 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
             backbone, log, model_cls=RecformerForPretraining, max_token_num=m.max_token_num,
             max_attr_num=m.max_attr_num, max_attr_length=m.max_attr_length,
             max_item_embeddings=dc.max_history_len + 1, temperature=m.temperature, pooler_type=m.pooler_type,
-            attention_window=m.attention_window, mlm_weight=m.mlm_weight)
+            attention_window=m.attention_window, attention_impl=m.attention_impl, mlm_weight=m.mlm_weight)
         if m.freeze_word_embeddings:
             model.longformer.embeddings.word_embeddings.weight.requires_grad_(False)  # tied: the MLM decoder too
         model.to(run.acc.device)

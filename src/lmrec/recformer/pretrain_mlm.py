@@ -17,6 +17,7 @@ init`` reads); the result is saved as a RecFormer checkpoint that ``--backbone``
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from lmrec.errors import DataError, LmrecError
 from lmrec.recformer.build import build_checked, save_pretraining_model
 from lmrec.recformer.masking import WholeWordMasker, word_starts
 from lmrec.recformer.modeling_recformer import RecformerForPretraining
-from lmrec.training.loop import Stage, data_loader
+from lmrec.training.loop import Stage, data_loader, peak_memory_mib
 from lmrec.training.run import Run
 
 
@@ -117,7 +118,7 @@ def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str |
     tr = cfg.train
     train_lines, valid_lines = read_lines(train_file), read_lines(valid_file)  # checked before the run opens
     with Run(cfg, "pretrain_mlm", log) as run:
-        overrides = {"max_token_num": tr.max_length, "mlm_weight": 1.0}
+        overrides = {"max_token_num": tr.max_length, "mlm_weight": 1.0, "attention_impl": tr.attention_impl}
         if tr.attention_window is not None:
             overrides["attention_window"] = tr.attention_window
         model, rtok = build_checked(Path(backbone), log, model_cls=RecformerForPretraining, **overrides)
@@ -142,15 +143,42 @@ def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str |
 
         out_dir = run.dir / "model"
         info = {"backbone": str(backbone), "before": before}
+        speed = _Throughput(lambda: mlm_metrics(run.acc.unwrap_model(model), valid_batches))
         r = run.fit(model, make_loader, Stage(
-            "mlm", tr.epochs, tr.lr, lambda: mlm_metrics(run.acc.unwrap_model(model), valid_batches), "bpc",
-            greater_is_better=False, patience=tr.patience,
+            "mlm", tr.epochs, tr.lr, speed.validate, "bpc", greater_is_better=False, patience=tr.patience,
             on_best=lambda metrics, epoch: run.on_main(lambda: save_pretraining_model(
-                run.acc.unwrap_model(model), rtok, out_dir, {**info, "epoch": epoch, "valid": metrics}))))
+                run.acc.unwrap_model(model), rtok, out_dir, {**info, "epoch": epoch, "valid": metrics})),
+            on_batch=speed.on_batch))
         result = {"before": before, "best": r.best_metrics, "best_epoch": r.best_epoch, "history": r.history,
-                  "model_dir": str(out_dir)}
+                  "model_dir": str(out_dir), **speed.summary(run.acc.device)}
+        log(f"training: {speed.tokens:,} tokens at {result['train_tokens_per_s']:,.0f} tokens/s (this process; "
+            f"validation excluded), peak memory {result['peak_memory_mib']:,.0f} MiB, attention "
+            f"{model.config.attention_impl}")
         run.finish(result, "mlm_report.json")
     return result
+
+
+class _Throughput:
+    """Real (non-padding) tokens trained on per second of training — the time of the whole fit less the
+    validation passes — and the peak memory, for ``mlm_report.json``."""
+
+    def __init__(self, validate):
+        self._validate, self.tokens, self.valid_s = validate, 0, 0.0
+        self.t0 = time.perf_counter()
+
+    def validate(self) -> dict:
+        t = time.perf_counter()
+        out = self._validate()
+        self.valid_s += time.perf_counter() - t
+        return out
+
+    def on_batch(self, batch: dict) -> None:
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def summary(self, device) -> dict:
+        train_s = max(time.perf_counter() - self.t0 - self.valid_s, 1e-9)
+        return {"train_tokens": self.tokens, "train_tokens_per_s": self.tokens / train_s,
+                "peak_memory_mib": peak_memory_mib(device)}
 
 
 class MlmCollator:

@@ -304,6 +304,8 @@ class _Steps:
         i = skip - 1
         for i, batch in enumerate(bar, start=skip):
             out, loss = self.step(batch)
+            if self.stage.on_batch is not None:
+                self.stage.on_batch(batch)
             st.running += loss
             bar.set_postfix(loss=f"{st.running / (i + 1):.4f}", refresh=False)
             if acc.sync_gradients:
@@ -403,3 +405,12 @@ def _over_ranks(accelerator: Accelerator, value: float, reduction: str) -> float
         return value
     t = torch.tensor([value], device=accelerator.device)  # int64 for counts, float32 for losses
     return accelerator.reduce(t, reduction=reduction).item()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The accelerator's peak allocated memory (CUDA), else this process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

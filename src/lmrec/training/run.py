@@ -80,6 +80,9 @@ class Run:
         if self.is_main:
             text = json.dumps(metrics, indent=2) + "\n"
             atomic_file(self.dir / name, lambda tmp: tmp.write_text(text))
+        # every rank leaves together: a rank that closed the process group while a peer was still in a
+        # collective (or about to close its own) has aborted in gloo's teardown
+        self.acc.wait_for_everyone()
         self.acc.end_training()
         if self.is_main and name == "metrics.json":
             write_run_report(self.dir, self.log)
