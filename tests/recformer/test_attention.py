@@ -123,3 +123,19 @@ def test_block_sizes_divide_twice_the_half_window():
     for w in (1, 2, 3, 16, 32, 50, 64, 200, 256, 257, 512):
         b = block_size(w)
         assert (2 * w) % b == 0 and b >= min(32, w)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "blocked"])
+def test_bf16_autocast_is_as_close_to_fp32_as_hf_in_bf16(impl):
+    """Mixed-precision training (train.mixed_precision=bf16) runs the attention under autocast."""
+    hf, ours = layers_for(64, "longformer"), layers_for(64, impl)
+    ours.load_state_dict(hf.state_dict())
+    x, mask = inputs(3, 300, 32)
+    pad = (-300) % 64
+    exact_out, exact_gx, _ = run(hf, x, mask, pad=pad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hf_out, hf_gx, _ = run(hf, x, mask, pad=pad)
+        out, gx, _ = run(ours, x, mask)
+    valid = mask >= 0
+    assert (out.float() - exact_out)[valid].abs().max() <= 1.5 * (hf_out.float() - exact_out)[valid].abs().max()
+    assert (gx.float() - exact_gx).abs().max() <= 1.5 * (hf_gx.float() - exact_gx).abs().max()

@@ -257,5 +257,5 @@ def _with_global_rows(ctx: torch.Tensor, sa, h: torch.Tensor, pattern: Pattern, 
     g_ctx = g_ctx + mixed[..., H:] * sa.value_global.bias.view(1, n, 1, d)
     sel = pattern.glob[:, gpos][:, :, None, None]  # (B, G, 1, 1)
     ctx = ctx.clone()
-    ctx[:, gpos] = torch.where(sel, g_ctx.transpose(1, 2), ctx[:, gpos])
+    ctx[:, gpos] = torch.where(sel, g_ctx.transpose(1, 2).to(ctx.dtype), ctx[:, gpos])  # bf16 under autocast
     return ctx
