@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -87,7 +88,7 @@ def run_cli(impl: str, backbone: Path, train: Path, valid: Path, out: Path, batc
     cmd = [sys.executable, "-m", "lmrec.cli.main", "backbone", "pretrain-mlm", str(backbone), "--train", str(train),
            "--valid", str(valid), "--output-dir", str(out), f"train.max_length={LENGTH}", f"train.batch_size={batch}",
            "train.epochs=1", f"train.attention_impl={impl}", "train.save_steps=0"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={"LMREC_REPORT": "0", **__import__("os").environ})
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LMREC_REPORT": "0"})
     if res.returncode != 0:
         raise SystemExit(f"{impl}: pretrain-mlm failed\n{res.stderr[-3000:]}")
     return json.loads((out / "mlm_report.json").read_text())

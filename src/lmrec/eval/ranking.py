@@ -14,7 +14,7 @@ import torch
 
 # Items scored per matrix product. Large chunks spill the (batch × chunk) score block and its comparison
 # masks out of the CPU caches: at 1M items × 128 dims, 64 queries, ranking took 588 ms with 65,536-item
-# chunks and 261–270 ms with 2,048–16,384 (2.2×, identical ranks; bench/bench_ranking.py).
+# chunks and 261–270 ms with 2,048–16,384 (2.2×, identical ranks; bench/bench_serve.py, part "chunks").
 DEFAULT_CHUNK = 8192
 
 

@@ -116,8 +116,8 @@ class Pattern:
 
     def mask(self, impl: str, w: int) -> torch.Tensor:
         if (impl, w) not in self._masks:
-            build = dense_mask if impl == "sdpa" else band_mask
-            self._masks[impl, w] = build(self.valid, self.glob, self.gpos, w)
+            self._masks[impl, w] = (dense_mask(self.valid, self.glob, w) if impl == "sdpa"
+                                    else band_mask(self.valid, self.glob, self.gpos, w))
         return self._masks[impl, w]
 
 
@@ -149,7 +149,7 @@ def hf_self_attention(sa, h: torch.Tensor, attention_mask: torch.Tensor) -> torc
               is_global_attn=bool(glob.any()))[0]
 
 
-def dense_mask(valid: torch.Tensor, glob: torch.Tensor, gpos: torch.Tensor, w: int) -> torch.Tensor:
+def dense_mask(valid: torch.Tensor, glob: torch.Tensor, w: int) -> torch.Tensor:
     """(B, 1, L, L) keys each query may see: within ``w`` positions, or global; never padding. Padding rows
     see themselves (their output is ignored; a row with nothing to see would be NaN and spread through the
     backward)."""

@@ -151,8 +151,8 @@ def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str |
             on_batch=speed.on_batch))
         result = {"before": before, "best": r.best_metrics, "best_epoch": r.best_epoch, "history": r.history,
                   "model_dir": str(out_dir), **speed.summary(run.acc.device)}
-        log(f"training: {speed.tokens:,} tokens at {result['train_tokens_per_s']:,.0f} tokens/s (this process; "
-            f"validation excluded), peak memory {result['peak_memory_mib']:,.0f} MiB, attention "
+        log(f"training: {result['train_tokens']:,} tokens at {result['train_tokens_per_s']:,.0f} tokens/s (this "
+            f"process; validation excluded), peak memory {result['peak_memory_mib']:,.0f} MiB, attention "
             f"{model.config.attention_impl}")
         run.finish(result, "mlm_report.json")
     return result
@@ -173,11 +173,12 @@ class _Throughput:
         return out
 
     def on_batch(self, batch: dict) -> None:
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens = self.tokens + batch["attention_mask"].sum()  # a tensor: no device sync per micro-batch
 
     def summary(self, device) -> dict:
         train_s = max(time.perf_counter() - self.t0 - self.valid_s, 1e-9)
-        return {"train_tokens": self.tokens, "train_tokens_per_s": self.tokens / train_s,
+        tokens = int(self.tokens)
+        return {"train_tokens": tokens, "train_tokens_per_s": tokens / train_s,
                 "peak_memory_mib": peak_memory_mib(device)}
 
 

@@ -82,26 +82,34 @@ class Recommender:
     @torch.no_grad()
     def encode_items(self, batch_size: int = 256, accelerator=None, show_progress: bool = True) -> torch.Tensor:
         """Encode every catalog item (as a one-item history) into the item table; shards across ranks."""
-        model = self.model
-        was_training = model.training
-        model.eval()
         n = len(self.item_ids)
         world = accelerator.num_processes if accelerator is not None else 1
         rank = accelerator.process_index if accelerator is not None else 0
         per_rank = -(-n // world)
         idx = np.arange(rank * per_rank, (rank + 1) * per_rank).clip(max=n - 1)  # pad the last shard
-        order = np.argsort([len(self.item_tokens[i][0]) for i in idx], kind="stable")  # less padding
-        out = torch.empty(len(idx), model.config.hidden_size, device=model.device)
         show = show_progress and (accelerator is None or accelerator.is_local_main_process)
-        for s in progress(range(0, len(idx), batch_size), "encode items", show):
-            sel = order[s : s + batch_size]
-            out[torch.as_tensor(sel, device=out.device)] = model.encode(
-                **self.batch([[int(i)] for i in idx[sel]])).float()
+        out = self._encode_tokens([self.item_tokens[i] for i in idx], batch_size, show)
         if world > 1:
             out = accelerator.gather(out.contiguous())[:n]
-        model.train(was_training)
-        model.set_item_embeddings(out)
+        self.model.set_item_embeddings(out)
         self._index = None
+        return out
+
+    @torch.no_grad()
+    def _encode_tokens(self, tokens: list[ItemTokens], batch_size: int, show: bool = False) -> torch.Tensor:
+        """Items' vectors, each item encoded as a one-item history, in batches of similar length (less
+        padding), in eval mode. (N, H)"""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        order = np.argsort([len(t[0]) for t in tokens], kind="stable")
+        out = torch.empty(len(tokens), model.config.hidden_size, device=model.device)
+        for s in progress(range(0, len(tokens), batch_size), "encode items", show):
+            sel = order[s : s + batch_size]
+            inputs = history_inputs(self.tokenizer, tokens, [[int(i)] for i in sel])
+            out[torch.as_tensor(sel, device=out.device)] = model.encode(
+                **{k: v.to(model.device) for k, v in inputs.items()}).float()
+        model.train(was_training)
         return out
 
     @torch.no_grad()
@@ -195,20 +203,10 @@ class Recommender:
         if self._index is not None and len(item_ids):
             self._index.add(F.normalize(vectors.float(), dim=-1).cpu().numpy())
 
-    @torch.no_grad()
     def encode_texts(self, item_text: Sequence[ItemText], batch_size: int = 256, normalize: bool = True
                      ) -> torch.Tensor:
         """Item vectors of key/value texts, as the item table encodes them, without touching the catalog. (N, H)"""
-        was_training = self.model.training
-        self.model.eval()
-        tokens = self.tokenizer.encode_items([list(t) for t in item_text])
-        out = []
-        for s in range(0, len(tokens), batch_size):
-            part = tokens[s : s + batch_size]
-            inputs = history_inputs(self.tokenizer, part, [[j] for j in range(len(part))])
-            out.append(self.model.encode(**{k: v.to(self.model.device) for k, v in inputs.items()}).float())
-        self.model.train(was_training)
-        out = torch.cat(out)
+        out = self._encode_tokens(self.tokenizer.encode_items([list(t) for t in item_text]), batch_size)
         return F.normalize(out, dim=-1) if normalize else out
 
     def save_added_items(self, path: str | Path) -> Path:
