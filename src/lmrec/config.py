@@ -29,6 +29,8 @@ Share = Annotated[float, Field(ge=0, lt=1)]  # warmup ratio, dropout
 Probability = Annotated[float, Field(gt=0, lt=1)]
 Patience = Annotated[int, Field(ge=1)] | None
 AttentionImpl = Literal["auto", "sdpa", "blocked", "longformer"]  # implemented in lmrec.recformer.attention
+# a causal LM's attention (lmrec.training.attention): auto = varlen for packed training on CUDA in bf16, else sdpa
+LmAttention = Literal["auto", "varlen", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
 METRIC = re.compile(r"^(recall|ndcg|mrr)@(\d+)$")
 
 
@@ -213,6 +215,7 @@ class GenTrainConfig(_TrainCommon):
     fsdp: bool = False
     fsdp_reduce_fp32: bool = True  # reduce gradients in fp32 (False: in the compute dtype, half the traffic)
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    attn_implementation: LmAttention = "auto"  # recorded in the run's log and metrics.json
 
     @field_validator("stage", mode="before")
     @classmethod

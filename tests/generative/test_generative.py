@@ -1,6 +1,7 @@
 """The generative family on tiny models: semantic IDs, vocabulary expansion (Qwen3 and T5), constrained
 beam search against brute-force scoring, stage-1 freezing under weight decay, LoRA merge."""
 
+import contextlib
 
 import numpy as np
 import pytest
@@ -99,10 +100,27 @@ def _prompt(tok, meta, text):
     return {"input_ids": ids + [meta["sid_begin"]]}
 
 
-def test_beam_search_equals_brute_force_scoring(setup):
+@contextlib.contextmanager
+def _attention(model, name):
+    from lmrec.training import attention
+
+    before = attention.current(model)
+    attention.apply(model, name)
+    yield
+    attention.apply(model, before)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "varlen"])
+def test_beam_search_equals_brute_force_scoring(setup, backend):
+    """Every item's beam score equals its teacher-forced log-probability, whatever attention the model was set
+    to: eager adds the tree mask to the scores (a boolean mask would mask nothing there), and a model set to
+    varlen for packed training decodes with sdpa meanwhile."""
+    from lmrec.training import attention
+
     root, sids, _, meta = setup
     model, tok = load_lm(root / "lm2")
     model.eval()
+    attention.apply(model, attention.VARLEN if backend == "varlen" else backend)
     trie = SidTrie(sids.codes, meta["level_token_ids"])
     prompts = [_prompt(tok, meta, "hello <|sid_begin|><s_a_1><s_b_2><|sid_end|>"), _prompt(tok, meta, "world")]
     batch = pad_batch(prompts, tok.pad_token_id, left=True)  # different lengths: left padding is exercised
@@ -111,14 +129,15 @@ def test_beam_search_equals_brute_force_scoring(setup):
     assert (items[:, N:] == -1).all() and torch.isinf(scores[:, N:]).all()
     for b, p in enumerate(prompts):
         assert sorted(items[b, :N].tolist()) == list(range(N))  # every real item, once
-        got = dict(zip(items[b, :N].tolist(), scores[b, :N].tolist()))
-        for i in (0, 7, 39):
-            toks = [meta["level_token_ids"][lv][c] for lv, c in enumerate(sids.codes[i])]
-            with torch.no_grad():
-                lp = model(torch.tensor([p["input_ids"] + toks])).logits.log_softmax(-1)[0]
-            ref = sum(lp[len(p["input_ids"]) - 1 + j, t].item() for j, t in enumerate(toks))
-            assert abs(got[i] - ref) < 1e-4
+        got = torch.tensor([dict(zip(items[b, :N].tolist(), scores[b, :N].tolist()))[i] for i in range(N)])
+        codes = torch.tensor([[meta["level_token_ids"][lv][c] for lv, c in enumerate(row)] for row in sids.codes])
+        seqs = torch.cat([torch.tensor(p["input_ids"]).expand(N, -1), codes], 1)  # every item, teacher-forced
+        with torch.no_grad(), _attention(model, "sdpa"):
+            lp = model(seqs).logits.log_softmax(-1)[:, len(p["input_ids"]) - 1: -1]
+        ref = lp.gather(-1, codes[..., None])[..., 0].sum(-1)
+        assert (got - ref).abs().max() < 1e-4
         assert all(np.diff(scores[b, :N].numpy()) <= 1e-6)  # best first
+    assert attention.current(model) == (attention.VARLEN if backend == "varlen" else backend)  # restored
     few, fs = constrained_beam_search(model, trie, batch, beams=3)
     assert few.shape == (2, 3) and (few >= 0).all() and len(set(few[0].tolist())) == 3
 

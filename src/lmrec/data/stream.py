@@ -35,6 +35,7 @@ import torch
 from lmrec.data.chat_format import ChatRow, parquet_row_groups, parse_row, read_row_group
 from lmrec.data.data_config import DataMixConfig
 from lmrec.errors import DataError
+from lmrec.training.attention import with_segments
 
 # encode(row) → {"input_ids": [...], "labels": [...]} (labels -100 where not supervised)
 Encode = Callable[[ChatRow], dict]
@@ -267,13 +268,15 @@ def pack_samples(samples: list[Sample]) -> dict:
     return out
 
 
-def collate_packs(packs: list[dict], pad_id: int, length: int) -> dict[str, torch.Tensor]:
+def collate_packs(packs: list[dict], pad_id: int, length: int, segments: bool = False) -> dict[str, torch.Tensor]:
     """Packs → tensors of ``length`` columns; the padding is one more "sample" (positions from 0) that
     nothing attends into and nothing learns from. No ``attention_mask`` and ``use_cache=False``: transformers
     then derives the block-diagonal causal mask from the restarting ``position_ids`` (with a cache, or a 2-D
     mask, it would not, and samples would attend across their boundaries). ``sources`` (the source of every
     token, -1 on padding) and ``skipped`` (rows skipped while these packs were filled) are for the run's
-    counts and metrics, not for the model."""
+    counts and metrics, not for the model. ``segments``: also the boundaries of every sample in the batch
+    flattened to one row (``cu_seq_lens_q/k``, ``max_length_q/k``), for the attention backends that take them
+    instead of a mask (``lmrec.training.attention``)."""
     b = len(packs)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     labels = torch.full((b, length), -100, dtype=torch.long)
@@ -287,6 +290,7 @@ def collate_packs(packs: list[dict], pad_id: int, length: int) -> dict[str, torc
     skipped: Counter = Counter()
     for p in packs:
         skipped.update(p.get("skipped", {}))
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "sources": sources, "skipped": dict(skipped),
-            "use_cache": False}
+    out = {"input_ids": ids, "labels": labels, "position_ids": pos, "sources": sources, "skipped": dict(skipped),
+           "use_cache": False}
+    return with_segments(out) if segments else out
 

@@ -9,6 +9,8 @@ end. Scores are sums of log-probabilities (softmax over the whole vocabulary).""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -97,6 +99,36 @@ def constrained_beam_search(model, trie: SidTrie, prompts: dict[str, torch.Tenso
     score = torch.zeros(B, device=device)
     if getattr(model.config, "is_encoder_decoder", False):
         return _seq2seq_search(model, trie, ids, mask, prompts["decoder_input_ids"].to(device), beams, nodes, score)
+    with _tree_attention(model):
+        return _tree_search(model, trie, ids, mask, beams, nodes, score)
+
+
+@contextmanager
+def _tree_attention(model):
+    """The token tree is decoded with a key/value cache and a 4-D mask: sdpa and eager take both; a model set
+    to another backend for training (varlen, flash attention: no 4-D mask) decodes with sdpa meanwhile."""
+    from lmrec.training.attention import apply, current
+
+    name = current(model)
+    if name in ("sdpa", "eager"):
+        yield
+        return
+    apply(model, "sdpa")
+    try:
+        yield
+    finally:
+        apply(model, name)
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive mask every backend reads alike: eager adds the mask
+    to the scores (a boolean would add +1/+0 and mask nothing), sdpa accepts either."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def _tree_search(model, trie, ids, mask, beams, nodes, score):
+    device, B = ids.device, ids.shape[0]
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     logits, cache = out.logits[:, -1], out.past_key_values
@@ -115,7 +147,8 @@ def constrained_beam_search(model, trie: SidTrie, prompts: dict[str, torch.Tenso
         blocks = [torch.nn.functional.one_hot(a, W).bool()[:, None] for a in ancestors]
         attn = torch.cat([prompt_keys, *blocks, own], dim=-1)
         ancestors.append(torch.arange(W, device=device).expand(B, W))
-        out = model(input_ids=tok.view(B, W), attention_mask=attn, position_ids=(next_pos + d).expand(B, W),
+        out = model(input_ids=tok.view(B, W), attention_mask=_additive(attn, dtype),
+                    position_ids=(next_pos + d).expand(B, W),
                     past_key_values=cache, use_cache=True)
         logits, cache = out.logits.reshape(B * W, -1), out.past_key_values
     return _finish(trie, nodes, score, B, beams)

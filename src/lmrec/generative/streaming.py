@@ -37,7 +37,7 @@ def check_itemic_range(mix: DataMixConfig, meta: dict) -> list[int]:
     return derived
 
 
-def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=print):
+def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=print, segments: bool = False):
     """``make_loader`` for the loop (one StatefulDataLoader over this rank's stream), the source names, and
     every source's files (for the schedule's estimate)."""
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -49,7 +49,7 @@ def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=pri
     stream = ChatStream(files, names, mix, functools.partial(encode_chat, tok, think=mix.add_think_pattern),
                         rank=run.acc.process_index, world=run.acc.num_processes,
                         weights=[s.weight for s in mix.sources])
-    collate = functools.partial(collate_packs, pad_id=tok.pad_token_id, length=mix.max_length)
+    collate = functools.partial(collate_packs, pad_id=tok.pad_token_id, length=mix.max_length, segments=segments)
     log(f"streaming {sum(len(f) for f in files)} parquet files of {len(names)} source(s) "
         f"({', '.join(names)}), packs of {mix.max_length} tokens, {mix.num_workers} worker(s) per rank")
 

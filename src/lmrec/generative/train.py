@@ -35,6 +35,7 @@ from lmrec.generative.streaming import (
     token_metrics,
 )
 from lmrec.generative.vocab import read_meta
+from lmrec.training.attention import segmented, with_segments
 from lmrec.training.fsdp import build_on_meta, full_state_dict, materialize_and_load, shard, unsharded
 from lmrec.training.loop import Stage, data_loader
 from lmrec.training.run import Run
@@ -93,7 +94,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
     fmt = PromptFormat.from_config(cfg.data)
     with Run(cfg, f"gen_stage{stage}", log) as run:
         run.on_main(lambda: (run.dir / SOURCE).write_text(json.dumps({"model": str(model_dir.resolve())}) + "\n"))
-        built = _build_model(cfg, model_dir, meta, run, log)
+        built = _build_model(cfg, model_dir, meta, run, mix is not None, log)
         model, lm, tok = built.model, built.lm, built.tok
         rec = GenerativeRecommender(lm, tok, meta, sids, ds, fmt) if ds is not None and not tr.fsdp else None
         if ds is not None and tr.fsdp:
@@ -107,13 +108,13 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
 
         if mix is None:
             seq2seq = model.config.is_encoder_decoder
-            make_loader = _loader_factory(cfg, ds, sids, tok, seq2seq, log)
+            make_loader = _loader_factory(cfg, ds, sids, tok, seq2seq, log, segmented(built.attn))
             plan = Stage(f"stage{stage}", tr.epochs, tr.lr, log_every=tr.log_every,
                          step_metrics=token_metrics([], sum(meta["level_token_ids"], []), run.acc,
                                                     tr.log_every * tr.grad_accum, _parameters(lm), tr.peak_tflops,
                                                     shift=0 if seq2seq else 1))
         else:
-            make_loader, plan, tally = _stream_plan(cfg, mix, tok, meta, model, run, log)
+            make_loader, plan, tally = _stream_plan(cfg, mix, tok, meta, model, run, log, segmented(built.attn))
         if rec is not None:
             plan.validate = lambda: evaluate(rec.rank_fn(cfg.eval.beams), ds.examples("valid"), ks=cfg.eval.ks,
                                              batch_size=cfg.eval.batch_size, accelerator=run.acc, desc="validate")
@@ -125,7 +126,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         if rec is None:  # nothing validated: the model at the end of the stream / of the epochs
             save(best)
         metrics = {"valid": r.best_metrics, "history": r.history, "best_epoch": r.best_epoch, "stage": stage,
-                   "steps": r.global_step}
+                   "steps": r.global_step, "attn_implementation": built.attn}
         if mix is not None:
             metrics["stream"] = tally.report(run, log)
         if ds is not None:
@@ -140,11 +141,12 @@ class _Built:
     lm: torch.nn.Module  # the transformers (or peft) model inside it
     tok: object
     after_step: object  # the stage's hook, bound to the parameters where they train
+    attn: str = "sdpa"  # the attention implementation (lmrec.training.attention)
 
 
-def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, log) -> _Built:
+def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, packed: bool, log) -> _Built:
     """Load the model (with ``train.fsdp``: built on the meta device, sharded, then filled from rank 0's
-    read), set up the stage, wrap it for the chunked loss, and place it."""
+    read), choose its attention, set up the stage, wrap it for the chunked loss, and place it."""
     tr, stage, device = cfg.train, cfg.train.stage, run.acc.device
     if tr.fsdp:
         if (model_dir / "adapter_config.json").exists():
@@ -157,6 +159,7 @@ def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, log) 
         lm, tok = load_generative(model_dir)
     if tr.lora and stage != "1":  # the frozen base the adapter applies to
         run.on_main(lambda: save_generative(lm, tok, model_dir, run.dir / "base_model"))
+    attn = _attention(cfg, lm, run, packed, log)
     setup = STAGES[stage](lm, meta, tr if tr.lora else None)
     lm = setup.model
     model = ChunkedLossLM(lm, tr.loss_chunk_tokens) if tr.loss_chunk_tokens else lm
@@ -173,19 +176,33 @@ def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, log) 
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = model.to(device)
     log(f"stage {stage}: {setup.trainable:,} trainable parameters of {_parameters(lm):,}")
-    return _Built(model, lm, tok, setup.after_step())
+    return _Built(model, lm, tok, setup.after_step(), attn)
+
+
+def _attention(cfg: GenRunConfig, lm, run: Run, packed: bool, log) -> str:
+    """The attention implementation of this run (``train.attn_implementation``), checked to keep packed
+    samples apart, set on the model and logged."""
+    from lmrec.training import attention
+
+    name = attention.resolve(cfg.train.attn_implementation, run.acc.device, packed=packed,
+                             mixed_precision=run.acc.mixed_precision)
+    attention.check_isolates(name, packed)
+    attention.apply(lm, name)
+    log(f"attention: {name} (train.attn_implementation={cfg.train.attn_implementation}"
+        f"{', packed samples kept apart by their segment boundaries' if name in attention.SEGMENTED else ''})")
+    return name
 
 
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # a sharded parameter counts whole
 
 
-def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):
+def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log, segments: bool = False):
     """The loader factory and the loop's stage for a stream: one epoch of ``num_training_steps`` (or an
     estimate), ``max_steps``, and the token metrics."""
     tr = cfg.train
     require_decoder_only(model)
-    make_loader, names, files = stream_loader_factory(mix, tok, run, tr.batch_size, log)
+    make_loader, names, files = stream_loader_factory(mix, tok, run, tr.batch_size, log, segments=segments)
     steps = tr.num_training_steps or estimated_steps(files, [s.weight for s in mix.sources], mix.num_epochs,
                                                      tr.batch_size, tr.grad_accum, run.acc.num_processes)
     if tr.num_training_steps is None:
@@ -209,7 +226,8 @@ def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) 
             "baselines": baselines(ds, "test", **kw), "beams": ev.beams, "sid_report": sids.report}
 
 
-def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, tok, seq2seq: bool, log):
+def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, tok, seq2seq: bool, log,
+                    segments: bool = False):
     """The training samples tokenized once; ``make_loader(epoch)`` serves them in length-grouped batches."""
     tr, dc = cfg.train, cfg.data
     rows = build_samples(ds, sids, dc, split="train")
@@ -220,7 +238,7 @@ def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, t
 
     def make_loader(epoch: int):
         batches = length_grouped_batches(lengths, tr.batch_size, np.random.default_rng(tr.seed * 1000 + epoch))
-        return data_loader([[encoded[i] for i in b] for b in batches], collate_fn=lambda b: pad_batch(b, pad),
-                           seed=tr.seed + epoch)
+        collate = (lambda b: with_segments(pad_batch(b, pad))) if segments else (lambda b: pad_batch(b, pad))
+        return data_loader([[encoded[i] for i in b] for b in batches], collate_fn=collate, seed=tr.seed + epoch)
 
     return make_loader
