@@ -210,6 +210,7 @@ class GenTrainConfig(_TrainCommon):
     max_steps: Count | None = None  # stop here even if the stream goes on
     log_every: Count = 10  # steps between itemic-vs-text (and per-source) losses, tokens/s, MFU, peak memory
     loss_chunk_tokens: Count | None = None  # LM-head cross-entropy in chunks of this many positions (no full logits)
+    loss_impl: Literal["auto", "chunked", "liger"] = "auto"  # with loss_chunk_tokens: auto = Liger on CUDA if installed
     peak_tflops: Rate | None = None  # the accelerator's peak (e.g. 989 for H100 bf16 dense): logs MFU
     # FSDP2 (lmrec.training.fsdp) instead of DDP, for decoder-only models too large to copy on every GPU
     fsdp: bool = False

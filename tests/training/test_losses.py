@@ -66,3 +66,58 @@ def test_float32_within_tolerance():
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     assert (ha.grad - hb.grad).abs().max() <= 1e-5 * hb.grad.abs().max()
     assert (wa.grad - wb.grad).abs().max() <= 1e-5 * wb.grad.abs().max()
+
+
+def test_bf16_autocast_runs_the_products_in_bf16_with_fp32_sums_and_fp32_gradients():
+    """Under bf16 autocast with fp32 master weights, the chunked loss computes as the model's own head would
+    (bf16 products, fp32 softmax): it matches the plain loss under the same autocast, differs from the exact
+    fp32 loss by bf16's rounding only, and hands fp32 gradients to the fp32 parameters."""
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in case(4, length=300, h=64, v=3000))
+    exact = plain_lm_loss(hidden, weight, labels)
+    ha, wa = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    hb, wb = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = chunked_lm_loss(ha, wa, labels, chunk_tokens=32)
+        ref = plain_lm_loss(hb, wb, labels)
+    loss.backward()
+    ref.backward()
+    assert ha.grad.dtype == torch.float32 and wa.grad.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) <= 2e-3 * abs(ref.item())
+    assert 0 < abs(loss.item() - exact.item()) <= 1e-2 * abs(exact.item())  # bf16 products, not fp32 ones
+    for got, want in ((ha.grad, hb.grad), (wa.grad, wb.grad)):
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_bf16_parameters_get_bf16_gradients():
+    """FSDP's bf16 compute copies: the gradients come back in the parameters' dtype, close to fp32's."""
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in case(5, length=120, h=32, v=900))
+    hb, wb = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    hf, wf = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = chunked_lm_loss(hb, wb, labels, chunk_tokens=16)
+    ref = plain_lm_loss(hf, wf, labels)
+    loss.backward()
+    ref.backward()
+    assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item())
+    assert (wb.grad.float() - wf.grad).abs().max() <= 3e-2 * wf.grad.abs().max()
+
+
+def test_the_loss_reads_one_value_back_from_the_device_per_call():
+    """A value read back (``bool(t)``, ``.item()``, ``.tolist()``, ``nonzero``) waits for the device: the chunked
+    loss does it once per call (the count of supervised positions), never per chunk."""
+    from torch.overrides import TorchFunctionMode
+
+    reads = {"__bool__": 0, "item": 0, "tolist": 0, "nonzero": 0}
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in reads:
+                reads[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, labels = case(6, length=200)
+    with Reads():
+        loss, _ = chunked_lm_loss(hidden.requires_grad_(), weight.requires_grad_(), labels, chunk_tokens=8)
+    loss.backward()
+    assert reads == {"__bool__": 0, "item": 0, "tolist": 0, "nonzero": 1}, reads

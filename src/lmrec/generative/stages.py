@@ -116,26 +116,51 @@ def _all_or_lora(model: torch.nn.Module, meta: dict, lora) -> StageSetup:
 STAGES: dict[str, Callable[..., StageSetup]] = {"1": stage1_new_embeddings, "2": stage2_full, "sft": sft}
 
 
-@dataclass
 class ChunkedOutput:
-    loss: torch.Tensor
-    token_nll: torch.Tensor  # (B, L - 1) per-token losses, detached (for metrics)
+    """``loss``, and every position's loss (``token_nll``, ``(B, L - 1)``, detached; for the logged metrics):
+    given, or computed when first read (Liger returns only the sum)."""
+
+    def __init__(self, loss: torch.Tensor, token_nll: torch.Tensor | None = None, lazy=None):
+        self.loss, self._nll, self._lazy = loss, token_nll, lazy
+
+    @property
+    def token_nll(self) -> torch.Tensor:
+        if self._nll is None:
+            self._nll = self._lazy()
+        return self._nll
 
     def items(self):
         return [("loss", self.loss)]
 
 
-class ChunkedLossLM(torch.nn.Module):
-    """A causal LM whose ``forward(**batch).loss`` is the LM-head cross-entropy computed in chunks of
-    ``chunk_tokens`` positions (``lmrec.training.losses.chunked_lm_loss``: the whole pack's logits are never
-    materialised), equal to the model's own loss. ``train.loss_chunk_tokens``; wraps any decoder-only HF
-    model (the stage's freezing and LoRA are applied to ``lm`` before)."""
+LOSS_IMPLS = ("auto", "chunked", "liger")
 
-    def __init__(self, lm: torch.nn.Module, chunk_tokens: int):
+
+def loss_impl(choice: str, device: torch.device) -> str:
+    """``train.loss_impl``: Liger's fused linear cross-entropy (Triton, CUDA) where asked for or, with
+    ``auto``, where installed on a GPU; our chunked loss elsewhere (CPU, any accelerator)."""
+    import importlib.util
+
+    has_liger = importlib.util.find_spec("liger_kernel") is not None
+    if choice == "auto":
+        return "liger" if has_liger and device.type == "cuda" else "chunked"
+    if choice == "liger" and not (has_liger and device.type == "cuda"):
+        raise LmrecError("train.loss_impl=liger needs the liger-kernel package and a CUDA device "
+                         f"({'installed' if has_liger else 'not installed'}, device {device.type})")
+    return choice
+
+
+class ChunkedLossLM(torch.nn.Module):
+    """A causal LM whose ``forward(**batch).loss`` is the LM-head cross-entropy computed without the whole
+    pack's logits, equal to the model's own loss: ``impl`` "chunked" (``lmrec.training.losses.chunked_lm_loss``,
+    in chunks of ``chunk_tokens`` positions) or "liger" (Liger's fused linear cross-entropy). Wraps any
+    decoder-only HF model (the stage's freezing and LoRA are applied to ``lm`` before)."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int, impl: str = "chunked"):
         super().__init__()
         if getattr(lm.config, "is_encoder_decoder", False):
             raise LmrecError("train.loss_chunk_tokens applies to decoder-only models")
-        self.lm, self.chunk_tokens = lm, chunk_tokens
+        self.lm, self.chunk_tokens, self.impl = lm, chunk_tokens, impl
         self.config = lm.config
 
     @property
@@ -145,10 +170,24 @@ class ChunkedLossLM(torch.nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
                 use_cache=False, **kwargs):
-        from lmrec.training.losses import chunked_lm_loss
+        from lmrec.training.losses import chunked_lm_loss, token_losses
 
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False, **kwargs).last_hidden_state
-        loss, nll = chunked_lm_loss(hidden, self.lm.get_output_embeddings().weight, labels,
-                                    chunk_tokens=self.chunk_tokens, num_items=num_items_in_batch)
+        weight = self.lm.get_output_embeddings().weight
+        if self.impl == "liger":
+            loss = _liger_loss(hidden, weight, labels, num_items_in_batch)
+            return ChunkedOutput(loss, lazy=lambda: token_losses(hidden.detach(), weight.detach(), labels,
+                                                                 self.chunk_tokens))
+        loss, nll = chunked_lm_loss(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
+                                    num_items=num_items_in_batch)
         return ChunkedOutput(loss, nll)
+
+
+def _liger_loss(hidden, weight, labels, num_items) -> torch.Tensor:
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    total = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, h, y)
+    return total / (num_items if num_items is not None else (y != -100).sum().clamp(min=1))

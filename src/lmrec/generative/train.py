@@ -25,7 +25,7 @@ from lmrec.generative.prompts import PromptFormat, encode_training
 from lmrec.generative.recommender import GenerativeRecommender, load_generative, save_generative
 from lmrec.generative.samples import align_sids, build_samples, pad_batch
 from lmrec.generative.sid import SemanticIds
-from lmrec.generative.stages import STAGES, ChunkedLossLM
+from lmrec.generative.stages import STAGES, ChunkedLossLM, loss_impl
 from lmrec.generative.streaming import (
     StreamTally,
     check_itemic_range,
@@ -162,7 +162,11 @@ def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, packe
     attn = _attention(cfg, lm, run, packed, log)
     setup = STAGES[stage](lm, meta, tr if tr.lora else None)
     lm = setup.model
-    model = ChunkedLossLM(lm, tr.loss_chunk_tokens) if tr.loss_chunk_tokens else lm
+    model = lm
+    if tr.loss_chunk_tokens:
+        impl = loss_impl(tr.loss_impl, device)
+        model = ChunkedLossLM(lm, tr.loss_chunk_tokens, impl)
+        log(f"LM-head loss without the full logits: {impl} (train.loss_impl={tr.loss_impl})")
     if tr.fsdp:
         dtype = torch.bfloat16 if run.acc.mixed_precision == "bf16" else None
         shard(model, lm, device, param_dtype=dtype, reduce_fp32=tr.fsdp_reduce_fp32,

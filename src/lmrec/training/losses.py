@@ -16,37 +16,56 @@ import torch
 import torch.nn.functional as F
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the head's products run in: autocast's (bf16 training with fp32 master weights) where it is
+    on for this device, else the tensor's own."""
+    kind = t.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return t.dtype
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Precision, chosen to match the model's own head under the same settings: the logits and the two
+    gradient products run in the compute dtype (bf16 under autocast, as the model's ``lm_head`` would; fp32
+    otherwise, TF32 where the run allows it); the log-sum-exp, the softmax and the head gradient's sum over
+    chunks are fp32 (a bf16 sum over chunks would drop the small contributions of later chunks).
+
+    Memory: one chunk's ``(C, V)`` fp32 logits at a time, the hidden-state gradient ``(N, H)`` and the head
+    gradient ``(V, H)`` in fp32, both formed here in the forward pass and handed to autograd in the backward
+    one (the head gradient becomes the weight's ``.grad``: a gradient the step needs anyway, allocated at the
+    loss instead of during the backward pass). No host synchronisation inside: every position given is
+    supervised (``chunked_lm_loss`` selects them)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int, ignore_index: int):
-        # hidden (N, H), weight (V, H), labels (N,) → (sum of the token losses, per-token losses (N,))
-        n = hidden.shape[0]
-        ctx.weight_dtype = weight.dtype  # its gradient is accumulated in fp32, returned in its own dtype
+    def forward(ctx, hidden, weight, labels, chunk: int):
+        # hidden (N, H), weight (V, H), labels (N,) all supervised → (sum of the token losses, per-token losses (N,))
+        n, dt = hidden.shape[0], compute_dtype(hidden)
+        acc = torch.promote_types(dt, torch.float32)  # fp32 at least (fp64 stays fp64)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32 (bf16 training: fp32 softmax)
+        grad_h = torch.empty(hidden.shape, dtype=dt, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        nll = torch.zeros(n, dtype=acc, device=hidden.device)
-        for s in range(0, n, chunk):
-            h, y = hidden[s: s + chunk], labels[s: s + chunk]
-            valid = y != ignore_index
-            if not valid.any():
-                continue
-            logits = (h @ weight.T).to(acc)  # (C, V): the only vocabulary-sized tensor, one chunk at a time
-            target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
-            top = logits.max(dim=-1, keepdim=True).values
-            logits.sub_(top).exp_()  # in place: a second (C, V) tensor would double the peak
-            z = logits.sum(dim=-1, keepdim=True)
-            nll[s: s + chunk] = torch.where(valid, (top + z.log())[:, 0] - target, 0.0)
-            if need_h or need_w:
-                logits.div_(z)  # now the softmax; d(lse - target)/d logits = softmax - one-hot
-                logits[torch.arange(len(y), device=y.device)[valid], y[valid]] -= 1.0
-                logits[~valid] = 0.0
-                if need_h:
-                    grad_h[s: s + chunk] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
-                if need_w:
-                    grad_w += logits.T @ h.to(acc)
-            del logits  # before the next chunk's logits exist: one chunk alive at a time
+        nll = torch.empty(n, dtype=acc, device=hidden.device)
+        w = weight.to(dt)
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes above, not autocast's per-op choice
+            for s in range(0, n, chunk):
+                h, y = hidden[s: s + chunk].to(dt), labels[s: s + chunk]
+                logits = (h @ w.T).to(acc)  # (C, V): the only vocabulary-sized tensor, one chunk at a time
+                target = logits.gather(1, y[:, None])[:, 0]
+                top = logits.max(dim=-1, keepdim=True).values
+                logits.sub_(top).exp_()  # in place: a second (C, V) tensor would double the peak
+                z = logits.sum(dim=-1, keepdim=True)
+                nll[s: s + chunk] = (top + z.log())[:, 0] - target
+                if need_h or need_w:
+                    logits.div_(z)  # now the softmax; d(lse - target)/d logits = softmax - one-hot
+                    logits.scatter_add_(1, y[:, None], torch.full_like(target[:, None], -1.0))
+                    probs = logits.to(dt)
+                    if need_h:
+                        grad_h[s: s + chunk] = probs @ w
+                    if need_w:
+                        grad_w += (probs.T @ h).to(acc)
+                del logits  # before the next chunk's logits exist: one chunk alive at a time
         ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
         ctx.mark_non_differentiable(nll)
         return nll.sum(), nll
@@ -54,9 +73,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sum, _grad_nll):
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_sum.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        gh = (grad_h * grad_sum).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_sum).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 4096,
@@ -67,13 +86,21 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     the sum over supervised tokens / ``num_items`` (default: their count), as HF's causal-LM loss."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
-    # Only supervised positions reach the head: a next-item prompt supervises ≈ 5 of its ≈ 230 tokens, so
-    # the vocabulary-sized work shrinks by as much (the others' loss is 0 and their gradient flows nowhere).
+    # Only supervised positions reach the head: a next-item prompt supervises a few of its tokens, so the
+    # vocabulary-sized work shrinks by as much (the others' loss is 0 and their gradient flows nowhere). Their
+    # count sizes the chunk loop: the one host synchronisation of the loss (nonzero), once per call.
     keep = (y != ignore_index).nonzero()[:, 0]
-    total, part = _ChunkedLinearCrossEntropy.apply(h[keep], weight, y[keep], chunk_tokens, ignore_index)
+    total, part = _ChunkedLinearCrossEntropy.apply(h[keep], weight, y[keep], chunk_tokens)
     nll = torch.zeros(y.shape, dtype=part.dtype, device=part.device).index_copy_(0, keep, part)
     denom = num_items if num_items is not None else keep.numel() or 1
     return total / denom, nll.view(hidden.shape[0], -1)
+
+
+@torch.no_grad()
+def token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096
+                 ) -> torch.Tensor:
+    """Every position's loss ``(B, L - 1)`` (0 where unsupervised), without gradients: for logged metrics."""
+    return chunked_lm_loss(hidden, weight, labels, chunk_tokens=chunk_tokens)[1]
 
 
 def plain_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
