@@ -28,7 +28,7 @@ Rate = Annotated[float, Field(gt=0)]  # learning rates, temperatures
 Share = Annotated[float, Field(ge=0, lt=1)]  # warmup ratio, dropout
 Probability = Annotated[float, Field(gt=0, lt=1)]
 Patience = Annotated[int, Field(ge=1)] | None
-AttentionImpl = Literal["auto", "sdpa", "blocked", "longformer"]  # implemented in lmrec.recformer.attention
+AttentionImpl = Literal["auto", "sdpa", "blocked", "flex", "longformer"]  # implemented in lmrec.recformer.attention
 # a causal LM's attention (lmrec.training.attention): auto = varlen for packed training on CUDA in bf16, else sdpa
 LmAttention = Literal["auto", "varlen", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
 METRIC = re.compile(r"^(recall|ndcg|mrr)@(\d+)$")
@@ -115,6 +115,7 @@ class _TrainCommon(_Strict):
     min_lr: Annotated[float, Field(ge=0)] = 0.0  # the cosine schedule's floor
     adam_betas: tuple[Probability, Probability] = (0.9, 0.999)
     no_decay_embeddings: bool = False  # embeddings (and a head tied to them) without weight decay
+    tf32: bool = True  # on CUDA, fp32 matrix products in TF32 (the products bf16 autocast leaves in fp32)
 
     @model_validator(mode="after")
     def _schedule(self):

@@ -36,5 +36,10 @@ class DataError(LmrecError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
 
+class TrainingDiverged(LmrecError):
+    """The training loss became NaN or inf: the run stops and keeps what it wrote before (checkpoints, the best
+    model), unlike other user errors, which leave no run directory behind."""
+
+
 class ConfigError(LmrecError):
     """A bad run configuration (unknown key, wrong type, missing value)."""

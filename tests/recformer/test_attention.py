@@ -139,3 +139,26 @@ def test_bf16_autocast_is_as_close_to_fp32_as_hf_in_bf16(impl):
     valid = mask >= 0
     assert (out.float() - exact_out)[valid].abs().max() <= 1.5 * (hf_out.float() - exact_out)[valid].abs().max()
     assert (gx.float() - exact_gx).abs().max() <= 1.5 * (hf_gx.float() - exact_gx).abs().max()
+
+
+@pytest.mark.parametrize("window,L", [(64, 200), (512, 700)])
+@torch.no_grad()
+def test_flex_outputs_match_hf_longformer(window, L):
+    """``flex`` (flex_attention with a sliding-window + global block mask; its fused kernel on CUDA): forward
+    here (this torch has no CPU backward for it); forward and backward on a GPU in tests/gpu."""
+    hf, ours = layers_for(window, "longformer").eval(), layers_for(window, "flex").eval()
+    ours.load_state_dict(hf.state_dict())
+    x, mask = inputs(3, L, 32)
+    out_hf = hf(F.pad(x, (0, 0, 0, (-L) % window)), F.pad(mask, (0, (-L) % window), value=-1))[:, :L]
+    out = ours(x, mask)
+    assert (out - out_hf)[mask >= 0].abs().max() < 1e-5
+
+
+def test_flex_refuses_attention_dropout():
+    model = layers_for(64, "flex").train()
+    model.config.attention_probs_dropout_prob = 0.1
+    for layer in model.layer:
+        layer.attention.self.dropout = 0.1
+    x, mask = inputs(3, 100, 32)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        model(x, mask)

@@ -53,10 +53,25 @@ class SidTrie:
         leaf_item[self.node_of_row[L]] = order
         self.leaf_item = torch.as_tensor(leaf_item)
 
+    def on(self, device: torch.device) -> SidTrie:
+        """This trie with its arrays on ``device`` (a copy made once per device and kept): decoding on a GPU
+        then never copies between host and device from one level to the next."""
+        device = torch.device(device)
+        if self.leaf_item.device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            t = object.__new__(SidTrie)
+            t.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_copies"})
+            t.start, t.end, t.token = ([x.to(device) for x in xs] for xs in (self.start, self.end, self.token))
+            t.leaf_item = self.leaf_item.to(device)
+            copies[device] = t
+        return copies[device]
+
     def children(self, d: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(nodes,) at depth d → child node ids (nodes, C), their tokens, validity mask."""
         s, e = self.start[d][nodes], self.end[d][nodes]
-        idx = s[:, None] + torch.arange(self.fanout[d])[None]
+        idx = s[:, None] + torch.arange(self.fanout[d], device=s.device)[None]
         valid = idx < e[:, None]
         idx = torch.where(valid, idx, torch.zeros_like(idx))
         return idx, self.token[d][idx], valid
@@ -69,7 +84,7 @@ def _select(trie: SidTrie, d: int, logits: torch.Tensor, nodes: torch.Tensor, sc
     device = logits.device
     lp = torch.log_softmax(logits.float(), dim=-1)
     child, tok, valid = trie.children(d, nodes)
-    cand = lp.gather(1, tok.to(device)).masked_fill(~valid.to(device), float("-inf"))
+    cand = lp.gather(1, tok).masked_fill(~valid, float("-inf"))
     cand = score[:, None] + cand  # (B*width, C)
     C = cand.shape[1]
     k = min(beams, width * C)
@@ -78,9 +93,9 @@ def _select(trie: SidTrie, d: int, logits: torch.Tensor, nodes: torch.Tensor, sc
         top = torch.cat([top, top.new_full((B, beams - k), float("-inf"))], 1)
         arg = torch.cat([arg, arg[:, :1].expand(B, beams - k)], 1)
     parent = arg // C
-    rows = (torch.arange(B, device=device)[:, None] * width + parent).reshape(-1).cpu()
-    pick = (arg % C).reshape(-1).cpu()
-    return child[rows, pick], tok[rows, pick].to(device), top.reshape(-1), parent
+    rows = (torch.arange(B, device=device)[:, None] * width + parent).reshape(-1)
+    pick = (arg % C).reshape(-1)
+    return child[rows, pick], tok[rows, pick], top.reshape(-1), parent
 
 
 @torch.inference_mode()
@@ -95,7 +110,8 @@ def constrained_beam_search(model, trie: SidTrie, prompts: dict[str, torch.Tenso
     device = next(model.parameters()).device
     ids, mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
     B = ids.shape[0]
-    nodes = torch.zeros(B, dtype=torch.long)  # root, one beam per user to start
+    trie = trie.on(device)
+    nodes = torch.zeros(B, dtype=torch.long, device=device)  # root, one beam per user to start
     score = torch.zeros(B, device=device)
     if getattr(model.config, "is_encoder_decoder", False):
         return _seq2seq_search(model, trie, ids, mask, prompts["decoder_input_ids"].to(device), beams, nodes, score)
@@ -173,7 +189,7 @@ def _seq2seq_search(model, trie, ids, mask, dec, beams, nodes, score):
 
 
 def _finish(trie, nodes, score, B, beams):
-    items = trie.leaf_item[nodes].view(B, beams)
+    items = trie.leaf_item[nodes].view(B, beams).cpu()
     score = score.view(B, beams).cpu()
     items[~torch.isfinite(score)] = -1
     return items, score

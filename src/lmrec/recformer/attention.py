@@ -114,6 +114,23 @@ class Pattern:
         self.gpos = self.glob.any(0).nonzero().squeeze(-1)  # positions that are global somewhere in the batch
         self._masks: dict[tuple[str, int], torch.Tensor] = {}
 
+    def block_mask(self, w: int, device: torch.device):
+        """flex_attention's block mask of the local rows (the same pattern as ``dense_mask``), over the length
+        padded to a multiple of ``FLEX_BLOCK`` (fewer shapes to compile)."""
+        if ("flex", w) not in self._masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            B, L = self.valid.shape
+            n = -(-L // FLEX_BLOCK) * FLEX_BLOCK
+            valid, glob = (F.pad(x, (0, n - L), value=False) for x in (self.valid, self.glob))
+
+            def local(b, h, q, k):
+                return (((q - k).abs() <= w) | glob[b, k]) & valid[b, k] | ((q == k) & ~valid[b, q])
+
+            self._masks["flex", w] = create_block_mask(local, B, None, n, n, device=device,
+                                                       _compile=device.type == "cuda")
+        return self._masks["flex", w]
+
     def mask(self, impl: str, w: int) -> torch.Tensor:
         if (impl, w) not in self._masks:
             self._masks[impl, w] = (dense_mask(self.valid, self.glob, w) if impl == "sdpa"
@@ -135,8 +152,13 @@ def self_attention(sa, h: torch.Tensor, pattern: Pattern, impl: str, training: b
                                              attn_mask=pattern.mask(impl, w), dropout_p=p).transpose(1, 2)
     elif impl == "blocked":
         ctx = blocked_local_attention(q, k, v, pattern.mask(impl, w), pattern.gpos, w, p)
+    elif impl == "flex":
+        if p:
+            raise ValueError("attention_impl flex has no attention dropout: use it with attention dropout 0, or "
+                             "blocked / sdpa")
+        ctx = flex_local_attention(q, k, v, pattern.block_mask(w, q.device))
     else:
-        raise ValueError(f"self_attention computes 'sdpa' or 'blocked', not {impl!r}")
+        raise ValueError(f"self_attention computes 'sdpa', 'blocked' or 'flex', not {impl!r}")
     if len(pattern.gpos):
         ctx = _with_global_rows(ctx, sa, h, pattern, p)
     return ctx.flatten(2)
@@ -178,6 +200,24 @@ def band_mask(valid: torch.Tensor, glob: torch.Tensor, gpos: torch.Tensor, w: in
         g = glob[:, gpos][:, None, None, :].expand(B, nb, b, len(gpos))
         mask = torch.cat([g, mask], -1)
     return mask.flatten(0, 1)[:, None]
+
+
+FLEX_BLOCK = 128  # flex_attention's block size: lengths are padded to a multiple of it
+_flex = None
+
+
+def flex_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """The local rows with ``flex_attention`` (compiled on CUDA: its fused kernel skips the masked blocks, so
+    the work is L·(2w + the global keys' blocks)): (B, L, n, d) → (B, L, n, d). No attention dropout."""
+    global _flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex is None:
+        _flex = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    L = q.shape[1]
+    n = block_mask.seq_lengths[0]
+    qp, kp, vp = (F.pad(x, (0, 0, 0, 0, 0, n - L)).transpose(1, 2) for x in (q, k, v))  # (B, n_heads, n, d)
+    return _flex(qp, kp, vp, block_mask=block_mask).transpose(1, 2)[:, :L]
 
 
 def blocked_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -32,26 +32,33 @@ import torch
 from accelerate import Accelerator
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from lmrec.errors import TrainingDiverged
 from lmrec.progress import progress, tqdm
 from lmrec.training.checkpoints import Checkpointing, Sharded, load_checkpoint, loader_state, save_checkpoint
 from lmrec.training.fsdp import is_sharded
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir: str | None = None,
-                     seed: int = 42) -> Accelerator:
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+                     seed: int = 42, tf32: bool = True) -> Accelerator:
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
     from lmrec.training.distributed import accelerator_kind, adopt_mpi_environment, auto_mixed_precision
 
     adopt_mpi_environment()  # mpirun scripts keep working: OMPI_COMM_WORLD_* → RANK / WORLD_SIZE / LOCAL_RANK
     kind = accelerator_kind()
+    if kind == "cuda":  # fp32 matrix products in TF32 (bf16 autocast covers most; the rest, e.g. fp32 heads)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     if mixed_precision == "auto":
         mixed_precision = auto_mixed_precision(kind)
     # Frozen buffers (RecFormer's item table) are set identically on every rank: no broadcast needed.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     # Without an accelerator, accelerate only sets up multi-process (gloo) training under torchrun when told cpu=True.
+    # batches come from pinned memory (data_loader) and are copied without blocking the host
+    loading = DataLoaderConfiguration(non_blocking=kind == "cuda")
     acc = Accelerator(cpu=kind == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                      log_with="tensorboard" if log_dir else None, project_dir=log_dir, kwargs_handlers=[ddp])
+                      log_with="tensorboard" if log_dir else None, project_dir=log_dir, kwargs_handlers=[ddp],
+                      dataloader_config=loading)
     set_seed(seed)
     # A process that leaves with its gloo/NCCL group still open can abort in the C++ teardown ("terminate called
     # without an active exception") while its peer is still closing: close the group on every exit path.
@@ -69,7 +76,8 @@ def data_loader(data, *, seed: int, collate_fn=None, batch_size: int | None = No
         inner = collate_fn or (lambda b: b)
         batch_size, collate_fn = 1, (lambda one: inner(one[0]))
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                                       generator=torch.Generator().manual_seed(seed))
+                                       generator=torch.Generator().manual_seed(seed),
+                                       pin_memory=torch.cuda.is_available())
 
 
 @dataclass
@@ -113,10 +121,12 @@ class Optim:
         return cls(tr.weight_decay, tr.warmup_ratio, tr.grad_clip, tr.lr_schedule, tr.min_lr, tuple(tr.adam_betas),
                    tr.no_decay_embeddings)
 
-    def build(self, model: torch.nn.Module, lr: float, total_steps: int):
-        """(optimizer, scheduler) for ``total_steps`` optimizer steps."""
+    def build(self, model: torch.nn.Module, lr: float, total_steps: int, device: torch.device | None = None):
+        """(optimizer, scheduler) for ``total_steps`` optimizer steps. On CUDA, AdamW's fused kernel (one launch
+        for all parameters instead of several per tensor)."""
+        fused = device is not None and device.type == "cuda"
         opt = torch.optim.AdamW(optimizer_groups(model, self.weight_decay, self.no_decay_embeddings), lr=lr,
-                                betas=self.betas)
+                                betas=self.betas, fused=fused or None)
         warmup = math.ceil(self.warmup_ratio * total_steps)
         if self.schedule == "cosine":
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, _cosine_to_floor(warmup, total_steps, self.min_lr / lr))
@@ -203,7 +213,8 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
     if is_sharded(model):  # FSDP: already distributed; checkpointed shard by shard (training.fsdp)
         # the loop steps this scheduler once per optimizer step: its steps are the same on any process count
         steps_per_epoch = stage.steps_per_epoch or math.ceil(math.ceil(len(first) / n) / ga)
-        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch))
+        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch),
+                                           accelerator.device)
         optimizer = accelerator.prepare(optimizer)
         sharded = Sharded(model, optimizer, scheduler)
     else:
@@ -211,7 +222,8 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
         # counted on the global data, as ``len(first)`` is); a stream's steps are each process's own.
         steps_per_epoch = stage.steps_per_epoch or math.ceil(len(first) / ga)
         units = n if stream else 1
-        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch * units))
+        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch * units),
+                                           accelerator.device)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = LoopState(result=FitResult(global_step=global_step))
     ck = checkpointing
@@ -250,46 +262,54 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
 
 
 class _Steps:
-    """The optimizer steps of one :func:`fit`: forward, backward, clipping, logging, periodic checkpoints."""
+    """The optimizer steps of one :func:`fit`: forward, backward, clipping, logging, periodic checkpoints.
+
+    The host never waits for the device inside a step: the running loss is a device tensor, read (with the
+    gradient norm and the health check) every ``log_every`` optimizer steps, before a checkpoint and at the end
+    of an epoch — as torchtitan and nanoGPT read their values at the log interval only."""
 
     def __init__(self, accelerator, model, optimizer, scheduler, stage: Stage, grad_clip, ck, state: LoopState,
                  sharded: Sharded | None = None):
         self.acc, self.model, self.opt, self.sched, self.sharded = accelerator, model, optimizer, scheduler, sharded
         self.stage, self.grad_clip, self.ck, self.state = stage, grad_clip, ck, state
         self.loader = None  # a stream's loader, whose state goes into every checkpoint
-        self.grad_norm = None  # of the last optimizer step, before clipping
+        self.grad_norm = None  # of the last optimizer step, before clipping (a device tensor)
+        self.pending = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # losses not yet in state
+        self.health = Health(accelerator)
+        self.host = HostReduce(accelerator)
 
     def stream(self, loader) -> float:
         """Optimizer steps over a stream until it ends on any rank (or ``max_steps``). The loss of a step is
         normalised by the supervised tokens of all its micro-batches on all ranks, so every token weighs the
         same however the tokens fall into packs, micro-batches and ranks."""
         st, acc, ga = self.state, self.acc, self.acc.gradient_accumulation_steps
-        self.loader, it = loader, iter(loader)
+        self.loader, it, out = loader, iter(loader), None
         self.model.train()
         bar = progress(None, f"{self.stage.tag}", acc.is_local_main_process, total=self.stage.steps_per_epoch,
                        initial=st.result.global_step)
         while self.stage.max_steps is None or st.result.global_step < self.stage.max_steps:
             group = [b for _, b in zip(range(ga), it)]
-            if not _every_rank(acc, len(group) == ga):  # a partial last step is dropped
-                break
+            # the token count is read on the host (the labels are still there); one reduction for both numbers
             tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-            share = _sum_over_ranks(acc, tokens) / (ga * acc.num_processes)  # accelerate divides by ga, DDP by world
+            short, tokens = self.host.sum([int(len(group) != ga), tokens])
+            if short:  # a partial last step (on any rank) is dropped
+                break
+            share = tokens / (ga * acc.num_processes)  # accelerate divides by ga, DDP by world
             for b in group:
-                b = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in b.items()}
+                b = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
                 aux = {k: b.pop(k) for k in self.stage.side_keys if k in b}
                 out, loss = self.step({**b, "num_items_in_batch": max(share, 1e-8)})
                 if self.stage.on_batch is not None:
                     self.stage.on_batch({**b, **aux})
-                st.running += loss / ga
+                self.pending += loss / ga
             st.batches += ga  # the stream's own position is in the loader's state, saved with every checkpoint
             st.result.global_step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{st.running * ga / st.batches:.4f}", refresh=False)
-            self.log(out, loss)
-            self.metrics({**b, **aux}, out)
-            if self.ck is not None and self.ck.save_steps and st.result.global_step % self.ck.save_steps == 0:
-                self.save()
+            self.after_step(out, {**b, **aux}, bar, ga)
         bar.close()
+        if out is not None and st.result.global_step % self.stage.log_every:  # the last steps' values, logged too
+            self.after_step(out, {**b, **aux}, bar, ga, last=True)
+        self.settle()
         return st.running * ga / max(1, st.batches)
 
     def epoch(self, epoch: int, loader) -> float:
@@ -301,24 +321,19 @@ class _Steps:
         self.model.train()
         bar = progress(loader, f"{tag} epoch {epoch + 1}/{self.stage.epochs}", acc.is_local_main_process,
                        initial=skip, total=n_batches)
-        i = skip - 1
         for i, batch in enumerate(bar, start=skip):
             out, loss = self.step(batch)
             if self.stage.on_batch is not None:
                 self.stage.on_batch(batch)
-            st.running += loss
-            bar.set_postfix(loss=f"{st.running / (i + 1):.4f}", refresh=False)
+            self.pending += loss
+            st.batches = i + 1
             if acc.sync_gradients:
                 st.result.global_step += 1
-                self.log(out, loss)
-                self.metrics(batch, out)
-                if self.ck is not None and self.ck.save_steps and st.result.global_step % self.ck.save_steps == 0 \
-                        and i + 1 < n_batches:
-                    st.batches = i + 1
-                    self.save()
-        return st.running / max(1, i + 1)
+                self.after_step(out, batch, bar, 1, last=i + 1 == n_batches)
+        self.settle()
+        return st.running / max(1, st.batches)
 
-    def step(self, batch) -> tuple[Any, float]:
+    def step(self, batch) -> tuple[Any, torch.Tensor]:
         acc = self.acc
         with acc.accumulate(self.model):
             if self.sharded is not None:  # FSDP reduce-scatters only on the step's last micro-batch
@@ -333,7 +348,27 @@ class _Steps:
             if self.sharded is None or acc.sync_gradients:  # a prepared scheduler skips accumulation steps itself
                 self.sched.step()
             self.opt.zero_grad()
-        return out, out.loss.item()
+        loss = out.loss.detach()
+        self.health.observe(loss, self.state.result.global_step + 1)
+        return out, loss
+
+    def after_step(self, out, batch, bar, ga: int, last: bool = False) -> None:
+        """After an optimizer step: every ``log_every`` steps read the values back (loss, health, metrics);
+        checkpoint every ``save_steps``."""
+        step = self.state.result.global_step
+        if step % self.stage.log_every == 0 or last:
+            self.settle()
+            bar.set_postfix(loss=f"{self.state.running * ga / max(1, self.state.batches):.4f}", refresh=False)
+            self.log(out)
+            self.metrics(batch, out)
+        if self.ck is not None and self.ck.save_steps and step % self.ck.save_steps == 0 and not last:
+            self.save()
+
+    def settle(self) -> None:
+        """Fold the device-side loss sum into the loop's state, and stop on a non-finite loss (on any rank)."""
+        self.health.check(self.state.result.global_step)
+        self.state.running += float(self.pending)
+        self.pending.zero_()
 
     def metrics(self, batch: dict, out) -> None:
         """The stage's ``step_metrics`` every ``log_every`` optimizer steps: to the trackers and the console."""
@@ -345,20 +380,72 @@ class _Steps:
         if self.acc.is_local_main_process:
             tqdm.write(f"[{self.stage.tag}] step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
 
-    def log(self, out, loss: float) -> None:
+    def log(self, out) -> None:
         tag = self.stage.tag
         scalars = {f"{tag}/{k}": v.item() for k, v in out.items()  # mlm_loss, contrastive_accuracy ...
-                   if k != "loss" and torch.is_tensor(v) and v.dim() == 0}
+                   if torch.is_tensor(v) and v.dim() == 0}
+        scalars[f"{tag}/loss"] = scalars.pop(f"{tag}/loss", float("nan"))
         if self.grad_norm is not None:
             scalars[f"{tag}/grad_norm"] = float(self.grad_norm)
-        self.acc.log({f"{tag}/loss": loss, f"{tag}/lr": self.sched.get_last_lr()[0], **scalars},
-                     step=self.state.result.global_step)
+        self.acc.log({f"{tag}/lr": self.sched.get_last_lr()[0], **scalars}, step=self.state.result.global_step)
 
     def save(self, finished: bool = False) -> None:
         if self.ck is not None:
+            self.settle()  # never a checkpoint of a diverged model
             self.state.finished = finished
             save_checkpoint(self.acc, self.ck, self.stage.tag, asdict(self.state), self.stage.extra_state,
                             self.loader, self.sharded)
+
+
+class Health:
+    """The first optimizer step whose loss was not finite, kept on the device (no read-back per step) and
+    checked at the log interval, before every checkpoint and every validation. A non-finite loss stops the
+    run — rather than skipping the step — because with fp32 master weights and bf16 compute it means the
+    model has diverged or a batch is broken, and every later step would train on NaN weights; stopping before
+    any checkpoint or validation of them keeps the last good checkpoint and the best model intact."""
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+
+    def check(self, step: int) -> None:
+        first = torch.where(self.first_bad < 0, torch.iinfo(torch.long).max, self.first_bad)
+        if self.acc.num_processes > 1:  # every rank stops together, naming the earliest bad step of any rank
+            import torch.distributed as dist
+
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first)
+        if first != torch.iinfo(torch.long).max:
+            raise TrainingDiverged(f"the training loss is not finite (NaN or inf) from optimizer step {first} "
+                                   f"(checked at step {step}): the run stops before saving or validating that model; "
+                                   "the last checkpoint before it is intact. Lower train.lr, check train.grad_clip "
+                                   "and the data, then resume from that checkpoint or start again")
+
+
+class HostReduce:
+    """Sums of host-side counts over the ranks without touching the accelerator: on a CPU (gloo) group next to
+    NCCL, so reading the result never waits for the device's queued work. One process: no communication."""
+
+    def __init__(self, accelerator):
+        import torch.distributed as dist
+
+        self.group = None
+        if accelerator.num_processes > 1:
+            # every rank builds the group at the same point of fit (a collective call)
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def sum(self, values: list[int]) -> list[int]:
+        if self.group is None:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.long)
+        dist.all_reduce(t, group=self.group)
+        return t.tolist()
 
 
 def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: float) -> bool:
@@ -386,14 +473,6 @@ def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: f
         stop = stage.patience is not None and state.bad_epochs >= stage.patience
     result.history.append(record)
     return stop
-
-
-def _every_rank(accelerator: Accelerator, ok: bool) -> bool:
-    return _sum_over_ranks(accelerator, int(not ok)) == 0
-
-
-def _sum_over_ranks(accelerator: Accelerator, value: int) -> int:
-    return int(_over_ranks(accelerator, value, "sum"))
 
 
 def _mean_over_ranks(accelerator: Accelerator, value: float) -> float:

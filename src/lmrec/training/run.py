@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmrec.config import save_config
-from lmrec.errors import LmrecError
+from lmrec.errors import LmrecError, TrainingDiverged
 from lmrec.io import atomic_file
 from lmrec.training.checkpoints import Checkpointing, Resume
 from lmrec.training.loop import FitResult, Optim, Stage, fit, make_accelerator
@@ -31,7 +31,7 @@ class Run:
         self.cfg, self.log, self.t0 = cfg, log, time.time()
         self.dir = Path(cfg.output_dir)
         tr = cfg.train
-        self.acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(self.dir / "logs"), tr.seed)
+        self.acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(self.dir / "logs"), tr.seed, tr.tf32)
         self._created = not self.dir.exists()
         self._console = None
         if self.is_main:
@@ -57,7 +57,7 @@ class Run:
         if exc is None:
             return
         self.acc.end_training()
-        if isinstance(exc, LmrecError) and self._created and self.is_main:
+        if isinstance(exc, LmrecError) and not isinstance(exc, TrainingDiverged) and self._created and self.is_main:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def fit(self, model, make_loader, stage: Stage, global_step: int = 0) -> FitResult:

@@ -1,0 +1,19 @@
+"""GPU tests: marked ``gpu`` and skipped without CUDA (``bash run.sh test -m gpu`` runs just them; CI has no
+GPU and skips them). They compare each CUDA path with its CPU-tested reference."""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def cuda():
+    return torch.device("cuda")

@@ -1,0 +1,105 @@
+"""bf16 training commands on CUDA as a user runs them: every generative stage (packed through varlen
+attention, chosen by ``auto``), RecFormer finetuning and Longformer MLM pretraining; FSDP2 on one process over
+NCCL with a distributed checkpoint and a resume that ends where the uninterrupted run ends."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+from tests.training.test_distributed import synthetic_dataset
+
+STREAM = ["train.batch_size=2", "train.num_training_steps=6", "train.lr=3e-3", "train.log_every=2",
+          "train.loss_chunk_tokens=256"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from lmrec.data.chat_format import ChatRow, write_shards
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.generative import sid as sid_mod
+    from lmrec.generative.api import expand_model, write_chat_samples
+
+    root = tmp_path_factory.mktemp("gpu-stream")
+    data = synthetic_dataset(root / "data", users=30, items=20)
+    ds = PreparedDataset(data)
+    vectors = np.random.default_rng(0).normal(size=(ds.num_items, 8)).astype(np.float32)
+    sids, books = sid_mod.build_sids(ds.item_ids, vectors, levels=2, codes=4, seed=0)
+    sids.save(root / "sids", books)
+    expand_model(None, root / "sids", root / "model", data=data, log=lambda m: None)
+    write_chat_samples(data, root / "sids", root / "samples", ["data.targets_per_user=4"], rows_per_file=25)
+    text = [ChatRow(f"wiki-{i}", "wiki", None, [f"thing {i % 7} is {'red' if i % 2 else 'blue'} and kind {i % 5}"])
+            for i in range(40)]
+    write_shards(text, root / "wiki", rows_per_file=10)
+    cfg = {"sources": [{"path": str(root / "samples" / "train"), "weight": 1.0, "name": "rec"},
+                       {"path": str(root / "wiki"), "weight": 0.5, "name": "wiki"}],
+           "max_length": 256, "num_epochs": 1, "num_workers": 1, "local_shuffle_buffer_size": 16,
+           "pack_buffer_size": 8}
+    (root / "data_config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def _metrics(run):
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_every_generative_stage_trains_in_bf16_with_varlen_packing(corpus, tmp_path):
+    s1 = tmp_path / "s1"
+    res = run_cli("gen", "train", "--stage", "1", "--model", corpus / "model", "--data", corpus / "data", "--sids",
+                  corpus / "sids", "--output-dir", s1, "train.epochs=1", "train.batch_size=16", "eval.beams=5",
+                  "eval.ks=[5]", "eval.metric=ndcg@5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _metrics(s1)["attn_implementation"] == "sdpa"  # padded batches: sdpa
+    for stage, src in (("2", s1 / "model"), ("sft", tmp_path / "s2" / "model")):
+        run = tmp_path / ("s2" if stage == "2" else "sft")
+        res = run_cli("gen", "train", "--stage", stage, "--model", src, "--data-config", corpus / "data_config.json",
+                      "--data", corpus / "data", "--sids", corpus / "sids", "--output-dir", run, *STREAM,
+                      "eval.beams=5", "eval.ks=[5]", "eval.metric=ndcg@5")
+        assert res.returncode == 0, res.stderr[-3000:]
+        m = _metrics(run)
+        assert m["attn_implementation"] == "lmrec_varlen", m["attn_implementation"]
+        assert all(np.isfinite(h["loss"]) for h in m["history"]) and m["steps"] >= 3
+        assert "mixed precision" not in res.stderr or "bf16" in res.stderr
+
+
+def test_fsdp_on_one_gpu_saves_and_resumes_to_the_same_model(corpus, tmp_path):
+    args = ["gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config", corpus / "data_config.json",
+            *STREAM, "train.fsdp=true", "train.activation_checkpointing=true", "train.save_steps=2",
+            "train.save_total_limit=5"]
+    res = run_cli(*args, "--output-dir", tmp_path / "ref")
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = tmp_path / "ref" / "checkpoints" / "stage2" / "step-00000002"
+    assert (first / "sharded").is_dir()
+    res = run_cli(*args, "--output-dir", tmp_path / "resumed", "--resume-from", first)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("ref", "resumed"))
+    assert a.keys() == b.keys()
+    for k in a:  # flash attention's backward is not bitwise deterministic: close, not identical
+        assert (a[k].float() - b[k].float()).abs().max() <= 1e-3 * max(1.0, a[k].float().abs().max().item()), k
+
+
+def test_recformer_finetune_and_longformer_mlm_in_bf16(tmp_path):
+    from tests.builders import build_longformer_zh, jieba_chars
+    from tests.recformer.test_pretraining import chinese_corpus
+
+    data = synthetic_dataset(tmp_path / "data", users=40, items=30)
+    res = run_cli("finetune", "--data", data, f"output_dir={tmp_path / 'ft'}", "model.default_hidden_size=64",
+                  "model.default_layers=2", "model.max_token_num=64", "train.stage1_epochs=2",
+                  "train.stage2_epochs=1", "train.batch_size=16", "train.item_grad=batch")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = _metrics(tmp_path / "ft")
+    assert np.isfinite(m["test"]["ndcg@10"]) and m["test"]["ndcg@10"] > 0
+    backbone = build_longformer_zh(tmp_path / "zh", jieba_chars(3000), hidden=64, layers=2, max_positions=4096,
+                                   window=512)
+    for name, seed in (("train", 0), ("valid", 1)):
+        short = chinese_corpus(tmp_path / f"{name}.short", 400, seed).read_text(encoding="utf-8")
+        (tmp_path / f"{name}.txt").write_text(short.replace("\n", ""), encoding="utf-8")
+    res = run_cli("backbone", "pretrain-mlm", backbone, "--train", tmp_path / "train.txt", "--valid",
+                  tmp_path / "valid.txt", "--output-dir", tmp_path / "mlm", "train.max_length=4096",
+                  "train.batch_size=2", "train.epochs=2", "train.lr=2e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "mlm" / "mlm_report.json").read_text())
+    assert report["history"][-1]["valid_bpc"] < report["before"]["bpc"]
