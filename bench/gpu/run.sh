@@ -17,7 +17,7 @@ export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 
 export LMREC_REPORT=0
 {
   date -u +"%Y-%m-%d %H:%M UTC"
-  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  echo "commit ${LMREC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
 } | tee "$OUT/env.txt"
