@@ -216,6 +216,7 @@ class GenTrainConfig(_TrainCommon):
     # FSDP2 (lmrec.training.fsdp) instead of DDP, for decoder-only models too large to copy on every GPU
     fsdp: bool = False
     fsdp_reduce_fp32: bool = True  # reduce gradients in fp32 (False: in the compute dtype, half the traffic)
+    fsdp_shard_size: Count | None = None  # HSDP: shard within groups of this many processes (a node), replicate across
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     attn_implementation: LmAttention = "auto"  # recorded in the run's log and metrics.json
 

@@ -79,9 +79,9 @@ def test_fused_losses_equal_the_plain_loss_under_bf16(cuda, impl):
         if impl == "chunked":
             loss = chunked_lm_loss(ha, wa, y, chunk_tokens=1024)[0]
         else:
-            from lmrec.generative.stages import _liger_loss
+            from lmrec.training.losses import liger_lm_loss
 
-            loss = _liger_loss(ha, wa, y, None)
+            loss = liger_lm_loss(ha, wa, y)
         ref = plain_lm_loss(hb, wb, y)
     loss.backward()
     ref.backward()

@@ -2,7 +2,7 @@
 rank-0 load) through the loop on fixed batches — under torchrun or as one plain process — and writes the
 final full weights and the loss history.
 
-    fsdp_worker.py MODEL_DIR OUT GRAD_ACCUM [RESUME_CHECKPOINT]
+    fsdp_worker.py MODEL_DIR OUT GRAD_ACCUM [RESUME_CHECKPOINT] [SHARD_SIZE]
 """
 
 import json
@@ -29,14 +29,16 @@ def batches(epoch: int) -> list[dict]:
     return out
 
 
-def main(model_dir: str, out: str, grad_accum: str, resume: str | None = None) -> None:
+def main(model_dir: str, out: str, grad_accum: str, resume: str | None = None, shard_size: str = "") -> None:
     acc = make_accelerator("no", int(grad_accum), None, seed=0)
     lm = stage2_full(build_on_meta(model_dir), {}).model
     model = ChunkedLossLM(lm, chunk_tokens=7)
-    shard(model, lm, acc.device, param_dtype=None)
+    shard(model, lm, acc.device, param_dtype=None, shard_size=int(shard_size) if shard_size else None)
+    groups = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
+    print(f"FSDP groups: {groups}", flush=True)
     materialize_and_load(model, model_dir, acc.device, prefix="lm.")
     root = Path(out) / "checkpoints"
-    ck = Checkpointing(root, 0, 3, Resume(root, resume) if resume else None)
+    ck = Checkpointing(root, 0, 3, Resume(root, resume) if resume else None)  # resume "": a fresh start
     res = fit(acc, model, lambda e: data_loader(batches(e), seed=e), Stage("s", EPOCHS, 1e-2), checkpointing=ck,
               optim=Optim(weight_decay=0.1, warmup_ratio=0.0, grad_clip=0.5))
     state = full_state_dict(model, "lm.")

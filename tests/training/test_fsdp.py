@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.training.test_launch import _free_port
@@ -16,11 +17,11 @@ from tests.training.test_launch import _free_port
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
-def _run(model: Path, out: Path, processes: int, resume: Path | None = None) -> dict:
+def _run(model: Path, out: Path, processes: int, resume: Path | None = None, shard_size: int | None = None) -> dict:
     """Weights and history after 2 epochs of 4 micro-batches: 2 processes × 1, or 1 process × 2 accumulated."""
     launch = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-    args = [str(model), str(out), str(3 - processes)] + ([str(resume)] if resume else [])
+    args = [str(model), str(out), str(3 - processes), str(resume or ""), str(shard_size or "")]
     res = subprocess.run([*launch, str(WORKER), *args], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -34,10 +35,11 @@ def runs(tmp_path_factory):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     root = tmp_path_factory.mktemp("fsdp")
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                 tie_word_embeddings=True)).save_pretrained(root / "model")
+    for name, tied in (("model", True), ("untied", False)):
+        torch.manual_seed(0)
+        Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     tie_word_embeddings=tied)).save_pretrained(root / name)
     return root, _run(root / "model", root / "one", 1), _run(root / "model", root / "two", 2)
 
 
@@ -84,3 +86,64 @@ def test_a_checkpoint_resumes_only_in_its_own_kind(tmp_path):
         load_checkpoint(acc, sharded, "s")
     with pytest.raises(LmrecError, match="saved without train.fsdp"):
         load_checkpoint(acc, plain, "s", sharded=Sharded(None, None, None))
+
+
+
+def test_an_untied_head_and_the_embeddings_are_groups_of_their_own_and_train_as_one_process(runs, tmp_path):
+    """Untied (Qwen3-8B's layout): 2 layer groups + the embeddings + the head (whose forward computes the
+    chunked loss) + the root; 2 sharded processes end where 1 process ends."""
+    root, _, _ = runs
+    one = _run(root / "untied", tmp_path / "one", 1)
+    two = _run(root / "untied", tmp_path / "two", 2)
+    assert "FSDP groups: 5" in two["log"] and "FSDP groups: 5" in one["log"]
+    _close(one["weights"], two["weights"])
+    start = load_file(str(root / "untied" / "model.safetensors"))
+    assert (one["weights"]["lm_head.weight"] - start["lm_head.weight"]).abs().max() > 1e-3  # the head trained
+
+
+def test_hsdp_replicates_across_shard_groups_and_trains_as_one_process(runs, tmp_path):
+    """A 2-D mesh (replicate 2 × shard 1): what HSDP does across nodes, here on 2 gloo processes."""
+    root, one, _ = runs
+    hsdp = _run(root / "model", tmp_path / "hsdp", 2, shard_size=1)
+    _close(one["weights"], hsdp["weights"])
+
+
+@pytest.fixture
+def one_process_group():
+    """A process group of one in this test process, closed afterwards (other tests run without one)."""
+    import torch.distributed as dist
+
+    from lmrec.training.fsdp import ensure_process_group
+
+    ensure_process_group(torch.device("cpu"))
+    yield
+    dist.destroy_process_group()
+
+
+def test_shard_size_must_divide_the_processes(one_process_group):
+    from lmrec.errors import LmrecError
+    from lmrec.training.fsdp import device_mesh
+
+    with pytest.raises(LmrecError, match="must divide"):
+        device_mesh(torch.device("cpu"), 3)  # one process here: 3 does not divide 1
+
+
+def test_a_bf16_checkpoint_is_read_as_stored_and_upcast_on_the_shard(tmp_path, one_process_group):
+    """Rank 0 reads the stored bf16 (half the host memory of fp32) and each shard holds fp32 master weights
+    equal to the stored values."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from lmrec.training.fsdp import _read_safetensors, build_on_meta, materialize_and_load, shard
+
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+                     ).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    stored = _read_safetensors(tmp_path / "bf16")
+    assert all(v.dtype == torch.bfloat16 for v in stored.values())
+    model = build_on_meta(tmp_path / "bf16")
+    shard(model, model, torch.device("cpu"), param_dtype=None)
+    materialize_and_load(model, tmp_path / "bf16", torch.device("cpu"))
+    for name, p in model.named_parameters():
+        full = p.full_tensor()
+        assert full.dtype == torch.float32 and torch.equal(full, stored[name].float()), name

@@ -154,14 +154,21 @@ class ChunkedLossLM(torch.nn.Module):
     """A causal LM whose ``forward(**batch).loss`` is the LM-head cross-entropy computed without the whole
     pack's logits, equal to the model's own loss: ``impl`` "chunked" (``lmrec.training.losses.chunked_lm_loss``,
     in chunks of ``chunk_tokens`` positions) or "liger" (Liger's fused linear cross-entropy). Wraps any
-    decoder-only HF model (the stage's freezing and LoRA are applied to ``lm`` before)."""
+    decoder-only HF model (the stage's freezing and LoRA are applied to ``lm`` before). An untied ``nn.Linear``
+    head computes the loss in its own forward (``LossLinear``: FSDP can then shard it as its own group); a head
+    tied to the embeddings is used through its weight."""
 
     def __init__(self, lm: torch.nn.Module, chunk_tokens: int, impl: str = "chunked"):
+        from lmrec.training.losses import LossLinear
+
         super().__init__()
         if getattr(lm.config, "is_encoder_decoder", False):
             raise LmrecError("train.loss_chunk_tokens applies to decoder-only models")
         self.lm, self.chunk_tokens, self.impl = lm, chunk_tokens, impl
         self.config = lm.config
+        head = lm.get_output_embeddings()
+        if type(head) is torch.nn.Linear and head.weight is not lm.get_input_embeddings().weight:
+            head.__class__ = LossLinear  # same parameters and names; logits as before when called without labels
 
     @property
     def all_tied_weights_keys(self) -> dict[str, str]:
@@ -170,24 +177,20 @@ class ChunkedLossLM(torch.nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
                 use_cache=False, **kwargs):
-        from lmrec.training.losses import chunked_lm_loss, token_losses
+        from lmrec.training.losses import LossLinear, chunked_lm_loss, liger_lm_loss, token_losses
 
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False, **kwargs).last_hidden_state
-        weight = self.lm.get_output_embeddings().weight
-        if self.impl == "liger":
-            loss = _liger_loss(hidden, weight, labels, num_items_in_batch)
-            return ChunkedOutput(loss, lazy=lambda: token_losses(hidden.detach(), weight.detach(), labels,
-                                                                 self.chunk_tokens))
-        loss, nll = chunked_lm_loss(hidden, weight, labels, chunk_tokens=self.chunk_tokens,
-                                    num_items=num_items_in_batch)
-        return ChunkedOutput(loss, nll)
-
-
-def _liger_loss(hidden, weight, labels, num_items) -> torch.Tensor:
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1).to(h.device)
-    total = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, h, y)
-    return total / (num_items if num_items is not None else (y != -100).sum().clamp(min=1))
+        head = self.lm.get_output_embeddings()
+        if isinstance(head, LossLinear):
+            loss, nll = head(hidden, labels=labels, chunk_tokens=self.chunk_tokens, num_items=num_items_in_batch,
+                             impl=self.impl)
+        elif self.impl == "liger":
+            loss, nll = liger_lm_loss(hidden, head.weight, labels, num_items=num_items_in_batch), None
+        else:
+            loss, nll = chunked_lm_loss(hidden, head.weight, labels, chunk_tokens=self.chunk_tokens,
+                                        num_items=num_items_in_batch)
+        if nll is not None:
+            return ChunkedOutput(loss, nll)
+        return ChunkedOutput(loss, lazy=lambda: token_losses(hidden.detach(), head.weight.detach(), labels,
+                                                             self.chunk_tokens))

@@ -170,7 +170,7 @@ def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, packe
     if tr.fsdp:
         dtype = torch.bfloat16 if run.acc.mixed_precision == "bf16" else None
         shard(model, lm, device, param_dtype=dtype, reduce_fp32=tr.fsdp_reduce_fp32,
-              activation_checkpointing=tr.activation_checkpointing)
+              activation_checkpointing=tr.activation_checkpointing, shard_size=tr.fsdp_shard_size)
         materialize_and_load(model, model_dir, device, prefix="lm." if model is not lm else "")
         log(f"train.fsdp: sharded over {run.acc.num_processes} processes per decoder layer, compute in "
             f"{dtype or torch.float32}, fp32 master weights, gradients reduced in "

@@ -57,22 +57,44 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(model: torch.nn.Module, lm: torch.nn.Module, device: torch.device, *, param_dtype: torch.dtype | None,
-          reduce_fp32: bool = True, activation_checkpointing: bool = False) -> torch.nn.Module:
-    """Shard ``model`` (the module the loop calls; ``lm`` is the transformers model inside it, or itself)
-    per decoder layer of ``lm``, then at the root, over all processes on ``device``."""
-    from torch.distributed.device_mesh import init_device_mesh
+          reduce_fp32: bool = True, activation_checkpointing: bool = False, shard_size: int | None = None
+          ) -> torch.nn.Module:
+    """Shard ``model`` (the module the loop calls; ``lm`` is the transformers model inside it, or itself) over
+    all processes on ``device``: one group per decoder layer of ``lm``; the input embeddings and the output
+    layer in groups of their own when they are separate matrices (each gathered only while it runs, instead of
+    staying whole in the root group from the first layer's forward to the end of the backward); the rest
+    (final norm; embeddings tied to the head) at the root. ``shard_size``: shard within groups of that many
+    processes and replicate across them (HSDP: a node's GPUs share the shards, nodes hold replicas)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ensure_process_group(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = device_mesh(device, shard_size)
     reduce = torch.float32 if reduce_fp32 or param_dtype is None else param_dtype
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
     for layer in decoder_layers(lm):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
+    emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if head is not None and head.weight is not emb.weight:
+        fully_shard(emb, mesh=mesh, mp_policy=policy)
+        # the last module of the forward: its gathered weight stays for the backward that follows at once
+        fully_shard(head, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def device_mesh(device: torch.device, shard_size: int | None = None):
+    """A 1-D mesh over every process (FSDP), or 2-D (replicate × shard) with ``shard_size`` processes per shard
+    group (HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if shard_size is None or shard_size == world:
+        return init_device_mesh(device.type, (world,))
+    if world % shard_size:
+        raise LmrecError(f"train.fsdp_shard_size={shard_size} must divide the number of processes ({world})")
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
 def build_on_meta(model_dir: str | Path):
@@ -121,8 +143,8 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise LmrecError(f"train.fsdp: no *.safetensors weights in {model_dir}")
     out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update({k: v.float() for k, v in load_file(str(f)).items()})
+    for f in files:  # in the stored dtype (bf16: half the host memory and broadcast): upcast on each shard
+        out.update(load_file(str(f)))
     return out
 
 

@@ -99,7 +99,12 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 @torch.no_grad()
 def token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 4096
                  ) -> torch.Tensor:
-    """Every position's loss ``(B, L - 1)`` (0 where unsupervised), without gradients: for logged metrics."""
+    """Every position's loss ``(B, L - 1)`` (0 where unsupervised), without gradients: for logged metrics.
+    A head sharded by FSDP is gathered for it (every rank computes its metrics at the same step)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
     return chunked_lm_loss(hidden, weight, labels, chunk_tokens=chunk_tokens)[1]
 
 
@@ -110,3 +115,28 @@ def plain_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     y = labels[:, 1:]
     total = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=ignore_index, reduction="sum")
     return total / (num_items if num_items is not None else (y != ignore_index).sum().clamp(min=1))
+
+
+def liger_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                  num_items: float | torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """The same loss through Liger's fused linear cross-entropy (Triton; CUDA)."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    total = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")(weight, h, y)
+    return total / (num_items if num_items is not None else (y != ignore_index).sum().clamp(min=1))
+
+
+class LossLinear(torch.nn.Linear):
+    """An untied LM head that can also return the loss: ``head(hidden)`` gives logits as ``nn.Linear`` does;
+    ``head(hidden, labels=..., ...)`` gives (loss, per-token losses or None) without the full logits. Computing
+    the loss inside the head's own forward is what lets FSDP shard the head as a group of its own: the head's
+    weight is gathered by its forward hooks and its gradient reduced by them."""
+
+    def forward(self, input, labels=None, chunk_tokens: int = 4096, num_items=None, impl: str = "chunked"):
+        if labels is None:
+            return super().forward(input)
+        if impl == "liger":
+            return liger_lm_loss(input, self.weight, labels, num_items=num_items), None
+        return chunked_lm_loss(input, self.weight, labels, chunk_tokens=chunk_tokens, num_items=num_items)
