@@ -8,7 +8,9 @@ Per shape, three ways of feeding the same samples:
 - ``varlen``: packs of 32,768 tokens, torch's varlen FlashAttention over the samples' boundaries;
 - ``sdpa``: the same packs, transformers' sdpa with the block-diagonal mask it derives from the positions
   (what lmrec ran before ``train.attn_implementation``); the reference;
-- ``padded``: the samples in length-grouped padded batches of at most 32,768 tokens, sdpa (no packing).
+- ``padded``: the samples in length-grouped padded batches of at most 32,768 tokens, sdpa (no packing);
+- ``varlen+compile`` (the last shape only, ``--no-compile`` skips it): varlen with ``train.compile`` (each
+  decoder layer through ``torch.compile``; compiled during the warm-up steps).
 
 Printed: real (non-padding) tokens/s, MFU = model FLOPs / time / the device's dense bf16 peak (model FLOPs:
 6 × parameters in matrix products (decoder + head) × real tokens + causal attention 6 × layers × Σ s² ×
@@ -119,7 +121,11 @@ def run(shape: str, impl: str, steps: int, warmup: int, log) -> dict:
     cfg = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=PACK, tie_word_embeddings=True, **SHAPES[shape])
     with torch.device("cuda"):
         lm = Qwen3ForCausalLM(cfg)  # fp32 master weights
-    attention.apply(lm, attention.VARLEN if impl == "varlen" else "sdpa")
+    attention.apply(lm, attention.VARLEN if impl.startswith("varlen") else "sdpa")
+    if impl.endswith("+compile"):  # train.compile: each decoder layer compiled (in the warm-up steps)
+        from lmrec.training.fsdp import compile_layers
+
+        compile_layers(lm)
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = ChunkedLossLM(lm, 4096, loss_impl("auto", acc.device))
     lengths = corpus(PACK * (steps + warmup + 4))
@@ -153,6 +159,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps (the first's end starts the clock)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, packs of {PACK:,} tokens, bf16 autocast, "
           f"fp32 master weights, activation checkpointing, fused AdamW; dense bf16 peak {device_peak() / 1e12:.0f} "
@@ -160,7 +167,8 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         ref = None
-        for impl in args.impls:
+        extra = ["varlen+compile"] if shape == args.shapes[-1] and not args.no_compile else []
+        for impl in [*args.impls, *extra]:
             try:
                 r = run(shape, impl, args.steps, args.warmup, log=lambda m: None)
             except Exception as e:  # one failing configuration must not hide the others' numbers

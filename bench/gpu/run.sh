@@ -22,15 +22,15 @@ export LMREC_REPORT=0
   "$PY" -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
 } | tee "$OUT/env.txt"
 t0=$SECONDS
-timeout ${GPU_TESTS_S:-200} "$PY" -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout ${GPU_TESTS_S:-150} "$PY" -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "[gpu tests: $((SECONDS - t0)) s]"
 t0=$SECONDS
-timeout ${GEN_S:-170} "$PY" bench/gpu/bench_gen.py --json "$OUT/gen.json" 2>&1 | grep -v Warning | tee "$OUT/gen.log"
+timeout ${GEN_S:-200} "$PY" bench/gpu/bench_gen.py --json "$OUT/gen.json" 2>&1 | grep -v Warning | tee "$OUT/gen.log"
 echo "[bench_gen: $((SECONDS - t0)) s]"
 t0=$SECONDS
-timeout ${LONGFORMER_S:-100} "$PY" bench/gpu/bench_longformer.py --json "$OUT/longformer.json" 2>&1 | grep -v Warning | tee "$OUT/longformer.log"
+timeout ${LONGFORMER_S:-90} "$PY" bench/gpu/bench_longformer.py --json "$OUT/longformer.json" 2>&1 | grep -v Warning | tee "$OUT/longformer.log"
 echo "[bench_longformer: $((SECONDS - t0)) s]"
 t0=$SECONDS
-timeout ${INFER_S:-80} "$PY" bench/gpu/bench_infer.py --json "$OUT/infer.json" 2>&1 | grep -v Warning | tee "$OUT/infer.log"
+timeout ${INFER_S:-70} "$PY" bench/gpu/bench_infer.py --json "$OUT/infer.json" 2>&1 | grep -v Warning | tee "$OUT/infer.log"
 echo "[bench_infer: $((SECONDS - t0)) s]"
 "$PY" bench/gpu/table.py "$OUT" | tee "$OUT/table.md"

@@ -219,6 +219,7 @@ class GenTrainConfig(_TrainCommon):
     fsdp_shard_size: Count | None = None  # HSDP: shard within groups of this many processes (a node), replicate across
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     attn_implementation: LmAttention = "auto"  # recorded in the run's log and metrics.json
+    compile: bool = False  # torch.compile each decoder layer (measured in bench/gpu/bench_gen.py)
 
     @field_validator("stage", mode="before")
     @classmethod

@@ -125,3 +125,20 @@ def test_an_uninstalled_backend_is_a_clear_error():
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ConfigError, match="flash_attention_2"):
         attention.apply(tiny_qwen3(), "flash_attention_2")
+
+
+def test_compiled_layers_compute_what_the_plain_model_computes():
+    """train.compile's regional compilation (traced by dynamo; the eager backend here, inductor on a GPU)."""
+    from lmrec.training.fsdp import compile_layers
+
+    model, ref = tiny_qwen3(), tiny_qwen3()
+    assert compile_layers(model, backend="eager") == 2
+    _, batch = packs()
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    got = model(input_ids=ids, position_ids=pos, labels=ids)
+    want = ref(input_ids=ids, position_ids=pos, labels=ids)
+    got.loss.backward()
+    want.loss.backward()
+    assert (got.logits - want.logits).abs().max() < 1e-5
+    assert (model.model.layers[0].mlp.up_proj.weight.grad - ref.model.layers[0].mlp.up_proj.weight.grad
+            ).abs().max() < 1e-5

@@ -162,6 +162,10 @@ def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, packe
     attn = _attention(cfg, lm, run, packed, log)
     setup = STAGES[stage](lm, meta, tr if tr.lora else None)
     lm = setup.model
+    if tr.compile:
+        from lmrec.training.fsdp import compile_layers
+
+        log(f"train.compile: {compile_layers(lm)} decoder layers compiled")
     model = lm
     if tr.loss_chunk_tokens:
         impl = loss_impl(tr.loss_impl, device)

@@ -56,6 +56,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def compile_layers(lm: torch.nn.Module, backend: str = "inductor") -> int:
+    """``train.compile``: ``torch.compile`` each decoder layer (regional compilation, as torchtitan does: one
+    graph compiled once and reused by every layer, instead of the whole model with its graph breaks); before
+    ``shard`` when both are on. Returns the number of layers compiled."""
+    layers = decoder_layers(lm)
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
+
+
 def shard(model: torch.nn.Module, lm: torch.nn.Module, device: torch.device, *, param_dtype: torch.dtype | None,
           reduce_fp32: bool = True, activation_checkpointing: bool = False, shard_size: int | None = None
           ) -> torch.nn.Module:
