@@ -196,7 +196,7 @@ def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log):
     if tr.num_training_steps is None:
         log(f"learning-rate schedule over {steps} steps (estimated from {sum(reads.sampled)} sampled rows' token "
             "lengths and every file's row count; set train.num_training_steps to fix it)")
-    steps = tr.num_training_steps or steps
+    steps = tr.num_training_steps or max(1, steps)  # 0: the run ends at once, and _check_stream_end says why
     itemic = sum(meta["level_token_ids"], [])
     tally = StreamTally(names)
     plan = Stage(f"stage{cfg.train.stage}", 1, tr.lr, steps_per_epoch=steps, max_steps=tr.max_steps,
