@@ -64,7 +64,7 @@ def from_main_process(accelerator, compute: Callable[[], T]) -> T:
     a user error is raised everywhere with its message, anything else as a RuntimeError naming it."""
     if accelerator.num_processes == 1:
         return compute()
-    from accelerate.utils import broadcast_object_list
+    import torch.distributed as dist
 
     box: list = [None]
     failure: BaseException | None = None
@@ -74,7 +74,7 @@ def from_main_process(accelerator, compute: Callable[[], T]) -> T:
         except Exception as e:  # every process must reach the broadcast below
             user = isinstance(e, LmrecError)
             failure, box = e, [("user", str(e)) if user else ("bug", f"{type(e).__name__}: {e}")]
-    broadcast_object_list(box, from_process=0)
+    dist.broadcast_object_list(box, src=0)  # NCCL: through this process's current device, set by Accelerate
     kind, value = box[0]
     if failure is not None:
         raise failure
