@@ -150,16 +150,11 @@ def test_a_stream_stage_under_torchrun_on_two_processes_resumes_every_ranks_own_
     assert_same_weights(ref / "model" / "model.safetensors", run / "model" / "model.safetensors")
 
 
-def test_start_up_reads_every_parquet_footer_once(corpus, monkeypatch):
-    """The files of a stream and the schedule's estimate come from one pass over the footers (on rank 0,
-    sent to the others under torchrun): each file is opened once."""
-    from collections import Counter
+def stream_start_up(corpus: Path, mix):
+    """What ``gen train --data-config`` does before training, in this process: the loader and the schedule."""
     from types import SimpleNamespace
 
-    import pyarrow.parquet as pq
-
     from lmrec.config import GenRunConfig, load_config
-    from lmrec.data.data_config import load_data_config
     from lmrec.generative.train import _stream_plan
     from lmrec.generative.vocab import load_lm, read_meta
     from lmrec.training.loop import make_accelerator
@@ -167,6 +162,18 @@ def test_start_up_reads_every_parquet_footer_once(corpus, monkeypatch):
     model, tok = load_lm(corpus / "model")
     cfg = load_config(None, ["train.batch_size=2"], schema=GenRunConfig)
     run = SimpleNamespace(acc=make_accelerator("no", seed=0), is_main=True)
+    return _stream_plan(cfg, mix, tok, read_meta(corpus / "model"), model, run, lambda m: None)
+
+
+def test_start_up_reads_every_parquet_footer_once(corpus, monkeypatch):
+    """The files of a stream and the schedule's estimate come from one pass over the footers (on rank 0,
+    sent to the others under torchrun): each file is opened once."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from lmrec.data.data_config import load_data_config
+
     opened, real = Counter(), pq.ParquetFile
 
     def counted(path, *args, **kwargs):
@@ -174,11 +181,22 @@ def test_start_up_reads_every_parquet_footer_once(corpus, monkeypatch):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(pq, "ParquetFile", counted)
-    mix = load_data_config(corpus / "data_config.json")
-    make_loader, stage, _ = _stream_plan(cfg, mix, tok, read_meta(corpus / "model"), model, run, lambda m: None)
+    make_loader, stage, _ = stream_start_up(corpus, load_data_config(corpus / "data_config.json"))
     files = [*(corpus / "samples" / "train").glob("*.parquet"), *(corpus / "wiki").glob("*.parquet")]
     assert opened == Counter(str(f) for f in files)  # every file once, nothing else
     assert stage.steps_per_epoch >= 1
+
+
+def test_a_glob_that_reaches_the_valid_and_test_samples_is_refused(corpus):
+    """``gen samples`` writes valid/ and test/ (answers included) next to train/: a recursive glob over its
+    output would train on them. Its files say their split in their footers: refused before training."""
+    from lmrec.data.data_config import DataMixConfig
+    from lmrec.errors import ConfigError
+
+    cfg = json.loads((corpus / "data_config.json").read_text())
+    cfg["sources"][0]["path"] = str(corpus / "samples" / "**" / "*.parquet")
+    with pytest.raises(ConfigError, match=r"samples/(test|valid)/part-\d+-of-\d+\.parquet: holds '(test|valid)' "):
+        stream_start_up(corpus, DataMixConfig.model_validate(cfg))
 
 
 def test_a_stream_that_ends_before_its_first_step_is_an_error(corpus, tmp_path):
@@ -188,19 +206,6 @@ def test_a_stream_that_ends_before_its_first_step_is_an_error(corpus, tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     assert "the stream ended before the first optimizer step" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "model").exists()
-
-
-def test_a_glob_that_reaches_the_valid_and_test_samples_is_refused(corpus, tmp_path):
-    """``gen samples`` writes valid/ and test/ (answers included) next to train/: a recursive glob over its
-    output would train on them."""
-    cfg = json.loads((corpus / "data_config.json").read_text())
-    cfg["sources"][0]["path"] = str(corpus / "samples" / "**" / "*.parquet")
-    (tmp_path / "leaky.json").write_text(json.dumps(cfg))
-    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config", tmp_path / "leaky.json",
-                  "--output-dir", tmp_path / "run", *STREAM)
-    assert res.returncode == 2, res.stderr[-3000:]
-    assert re.search(r"samples/(test|valid)/part-\d+-of-\d+\.parquet: holds '(test|valid)' samples", res.stderr)
-    assert not (tmp_path / "run").exists()
 
 
 def test_stage1_on_a_stream_with_the_chunked_loss_keeps_every_old_row(corpus, tmp_path):
