@@ -101,17 +101,20 @@ def test_think_pattern():
     assert msgs("x")[0]["content"] == "q"  # the input is not changed
 
 
+QWEN3_LIKE = (  # drops the think block of replies before the last user turn, as Qwen3's template does
+    "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.index0 < ns.last %}"
+    "{{ m['content'].split('</think>')[-1].lstrip() }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def test_replies_are_found_when_the_template_rewrites_earlier_turns(lm):
     """Qwen3's template drops the think block of replies before the last user turn, so the conversation
     rendered up to a reply is not a prefix of the whole: the replies are found by their markers."""
     _, tok = lm
     tok = copy.deepcopy(tok)
-    tok.chat_template = (
-        "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
-        "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}"
-        "<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.index0 < ns.last %}"
-        "{{ m['content'].split('</think>')[-1].lstrip() }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = QWEN3_LIKE
     row = ChatRow("u", "rec", [{"role": "user", "content": "hello"},
                                {"role": "assistant", "content": "<think>why</think> a red shoe"},
                                {"role": "user", "content": "what next"},
@@ -126,6 +129,36 @@ def test_replies_are_found_when_the_template_rewrites_earlier_turns(lm):
             spans, cur = spans + [cur], []
     assert [tok.decode(s) for s in spans + ([cur] if cur else [])] == [
         "a red shoe<|im_end|>", "<think>because</think> the blue hat<|im_end|>"]
+
+
+def test_the_end_of_turn_marker_comes_from_the_template_when_eos_differs(lm):
+    """Qwen3 base checkpoints end a turn with <|im_end|> but their eos_token is <|endoftext|>: the replies are
+    found by what the template writes after a reply, supervised up to <|im_end|> — as with a tokenizer
+    whose eos is the end of a turn."""
+    _, tok = lm
+    tok = copy.deepcopy(tok)
+    tok.chat_template = QWEN3_LIKE
+    row = ChatRow("u", "rec", [{"role": "user", "content": "hello"},
+                               {"role": "assistant", "content": "<think>why</think> a red shoe"},
+                               {"role": "user", "content": "what next"},
+                               {"role": "assistant", "content": "<think>because</think> the blue hat"}])
+    same = encode_chat(tok, row)
+    tok.eos_token = "<|endoftext|>"
+    assert tok.eos_token_id != tok.convert_tokens_to_ids("<|im_end|>")
+    enc = encode_chat(tok, row)
+    assert enc == same
+    assert [tok.decode(s) for s in supervised_spans(enc)] == [
+        "a red shoe<|im_end|>", "<think>because</think> the blue hat<|im_end|>"]
+
+
+def supervised_spans(enc: dict) -> list[list[int]]:
+    spans, cur = [], []
+    for t, lab in zip(enc["input_ids"], enc["labels"]):
+        if lab != -100:
+            cur.append(t)
+        elif cur:
+            spans, cur = spans + [cur], []
+    return spans + ([cur] if cur else [])
 
 
 def test_a_template_whose_replies_cannot_be_found_is_reported(lm):

@@ -4,6 +4,7 @@ disjoint data."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,8 +99,10 @@ def test_sigkill_mid_stream_then_resume_gives_identical_weights(corpus, tmp_path
 
 def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
     worker = Path(__file__).with_name("stream_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", str(worker),
-           str(corpus / "data_config.json"), str(tmp_path)]
+    from tests.training.test_launch import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(worker), str(corpus / "data_config.json"), str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -108,19 +111,101 @@ def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
     assert sorted(seen[0] + seen[1]) == sorted(json.loads((tmp_path / "all.json").read_text()))
 
 
-def test_a_stream_stage_under_torchrun_on_two_processes(corpus, tmp_path):
+def torchrun(run: Path, *args) -> subprocess.CompletedProcess:
+    from tests.training.test_launch import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "lmrec.cli.main", "gen", "train", "--output-dir", str(run), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+
+
+def test_a_stream_stage_under_torchrun_on_two_processes_resumes_every_ranks_own_counts(corpus, tmp_path):
     """Both ranks step together until the first one's stream ends (the rest is dropped, never a hang), the
-    step's token count is summed over the ranks, and rank 0 writes the model and the counts."""
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542", "-m",
-           "lmrec.cli.main", "gen", "train", "--stage", "2", "--model", str(corpus / "model"), "--data-config",
-           str(corpus / "data_config.json"), "--output-dir", str(run), *STREAM, "train.save_steps=3"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         timeout=600)
+    step's token count is summed over the ranks, and rank 0 writes the model and the counts. The schedule's
+    length (no train.num_training_steps) is the estimate from sampled token lengths, within one step of the
+    steps run. Resumed on 2 processes from a checkpoint in the middle, every rank continues with its own
+    counts and running loss: the counts, the loss and the weights equal the uninterrupted run's."""
+    args = ["--stage", "2", "--model", corpus / "model", "--data-config", corpus / "data_config.json",
+            "train.batch_size=2", "train.lr=3e-3", "train.log_every=2", "train.save_steps=2",
+            "train.save_total_limit=10"]
+    ref = tmp_path / "ref"
+    res = torchrun(ref, *args)
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] >= 3 and (run / "model" / "model.safetensors").exists()
+    metrics = json.loads((ref / "metrics.json").read_text())
+    assert metrics["steps"] >= 4 and (ref / "model" / "model.safetensors").exists()
     assert 0 < metrics["stream"]["samples"]["rec"] and res.stdout.count("steps; model in") == 1
+    estimate = int(re.search(r"learning-rate schedule over (\d+) steps", res.stdout + res.stderr).group(1))
+    assert abs(estimate - metrics["steps"]) <= 1, (estimate, metrics["steps"])
+    middle = checkpoints(ref, "stage2")[0]
+    assert middle.name == "step-00000002"
+    own = [json.loads((middle / f"extra_state_rank{r}.json").read_text())["counts"]["samples"] for r in range(2)]
+    assert own[0] != own[1]  # the ranks read different files: one rank's counts cannot stand for both
+    run = tmp_path / "resumed"
+    res = torchrun(run, *args, "--resume-from", middle)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["stream"] == metrics["stream"] and again["steps"] == metrics["steps"]
+    assert again["history"] == metrics["history"]  # the epoch's loss from every rank's own running sum
+    assert_same_weights(ref / "model" / "model.safetensors", run / "model" / "model.safetensors")
+
+
+def stream_start_up(corpus: Path, mix):
+    """What ``gen train --data-config`` does before training, in this process: the loader and the schedule."""
+    from types import SimpleNamespace
+
+    from lmrec.config import GenRunConfig, load_config
+    from lmrec.generative.train import _stream_plan
+    from lmrec.generative.vocab import load_lm, read_meta
+    from lmrec.training.loop import make_accelerator
+
+    model, tok = load_lm(corpus / "model")
+    cfg = load_config(None, ["train.batch_size=2"], schema=GenRunConfig)
+    run = SimpleNamespace(acc=make_accelerator("no", seed=0), is_main=True)
+    return _stream_plan(cfg, mix, tok, read_meta(corpus / "model"), model, run, lambda m: None)
+
+
+def test_start_up_reads_every_parquet_footer_once(corpus, monkeypatch):
+    """The files of a stream and the schedule's estimate come from one pass over the footers (on rank 0,
+    sent to the others under torchrun): each file is opened once."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from lmrec.data.data_config import load_data_config
+
+    opened, real = Counter(), pq.ParquetFile
+
+    def counted(path, *args, **kwargs):
+        opened[str(path)] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", counted)
+    make_loader, stage, _ = stream_start_up(corpus, load_data_config(corpus / "data_config.json"))
+    files = [*(corpus / "samples" / "train").glob("*.parquet"), *(corpus / "wiki").glob("*.parquet")]
+    assert opened == Counter(str(f) for f in files)  # every file once, nothing else
+    assert stage.steps_per_epoch >= 1
+
+
+def test_a_glob_that_reaches_the_valid_and_test_samples_is_refused(corpus):
+    """``gen samples`` writes valid/ and test/ (answers included) next to train/: a recursive glob over its
+    output would train on them. Its files say their split in their footers: refused before training."""
+    from lmrec.data.data_config import DataMixConfig
+    from lmrec.errors import ConfigError
+
+    cfg = json.loads((corpus / "data_config.json").read_text())
+    cfg["sources"][0]["path"] = str(corpus / "samples" / "**" / "*.parquet")
+    with pytest.raises(ConfigError, match=r"samples/(test|valid)/part-\d+-of-\d+\.parquet: holds '(test|valid)' "):
+        stream_start_up(corpus, DataMixConfig.model_validate(cfg))
+
+
+def test_a_stream_that_ends_before_its_first_step_is_an_error(corpus, tmp_path):
+    """A rank with fewer packs than one step's would end the run at step 0 and save the unchanged model."""
+    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config",
+                  corpus / "data_config.json", "--output-dir", tmp_path / "run", "train.grad_accum=100")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "the stream ended before the first optimizer step" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_stage1_on_a_stream_with_the_chunked_loss_keeps_every_old_row(corpus, tmp_path):

@@ -112,22 +112,42 @@ def parse_row(raw: dict, file: str | Path, row: int) -> ChatRow:
     return out
 
 
-def parquet_row_groups(path: Path) -> list[int]:
-    """Rows per row group of a parquet file (from its footer; nothing else is read)."""
+SPLIT_KEY = b"lmrec.split"  # a file's split in its footer (``gen samples`` writes it: train, valid or test)
+
+
+@dataclass
+class Footer:
+    """What a parquet file's footer says: rows per row group, and the split it holds when it names one."""
+
+    row_groups: list[int]
+    split: str | None = None
+
+
+def open_parquet(path: Path) -> tuple[pq.ParquetFile, Footer]:
+    """Open a file once: the handle (to read row groups from) and its footer, checked (a damaged or empty
+    file is named)."""
     try:
-        meta = pq.ParquetFile(path).metadata
+        f = pq.ParquetFile(path)
     except FileNotFoundError:
         raise DataError("file not found", file=path) from None
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"cannot be read as Parquet ({e})", file=path) from None
+    meta = f.metadata
     if meta.num_rows == 0:
         raise DataError("the file is empty (expected at least one row)", file=path)
-    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    split = (f.schema_arrow.metadata or {}).get(SPLIT_KEY)
+    return f, Footer([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+                     split.decode() if split is not None else None)
 
 
-def read_row_group(path: Path, group: int) -> list[dict]:
-    """The rows of one row group (only the columns this format reads)."""
-    f = pq.ParquetFile(path)
+def parquet_row_groups(path: Path) -> list[int]:
+    """Rows per row group of a parquet file (from its footer; nothing else is read)."""
+    return open_parquet(path)[1].row_groups
+
+
+def read_row_group(path: Path, group: int, handle: pq.ParquetFile | None = None) -> list[dict]:
+    """The rows of one row group (only the columns this format reads); ``handle``: the file already open."""
+    f = handle if handle is not None else pq.ParquetFile(path)
     names = [c for c in SCHEMA.names if c in f.schema_arrow.names]
     return f.read_row_group(group, columns=names).to_pylist()
 
@@ -142,9 +162,11 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield row, raw
 
 
-def write_shards(rows: Iterable[ChatRow], out_dir: str | Path, rows_per_file: int = 1000) -> list[Path]:
+def write_shards(rows: Iterable[ChatRow], out_dir: str | Path, rows_per_file: int = 1000,
+                 split: str | None = None) -> list[Path]:
     """Write rows as ``part-XXXXX-of-YYYYY.parquet`` files of ``rows_per_file`` rows and ``file_list.json``,
-    into a temporary directory renamed to ``out_dir`` when complete."""
+    into a temporary directory renamed to ``out_dir`` when complete. ``split`` goes into every file's footer
+    (a stream refuses files of a split it does not train on before reading a row of them)."""
     from lmrec.io import atomic_dir
 
     if rows_per_file < 1:
@@ -156,10 +178,10 @@ def write_shards(rows: Iterable[ChatRow], out_dir: str | Path, rows_per_file: in
         for r in rows:
             batch.append(r.to_record())
             if len(batch) == rows_per_file:
-                names.append(_write_part(tmp, len(names), batch))
+                names.append(_write_part(tmp, len(names), batch, split))
                 batch = []
         if batch or not names:
-            names.append(_write_part(tmp, len(names), batch))
+            names.append(_write_part(tmp, len(names), batch, split))
         total = len(names)
         for i, name in enumerate(names):  # the total is known only now
             final = f"part-{i:05d}-of-{total:05d}.parquet"
@@ -171,7 +193,8 @@ def write_shards(rows: Iterable[ChatRow], out_dir: str | Path, rows_per_file: in
     return [Path(out_dir) / n for n in names]
 
 
-def _write_part(tmp: Path, i: int, records: list[dict]) -> str:
+def _write_part(tmp: Path, i: int, records: list[dict], split: str | None) -> str:
     name = f".part-{i:05d}.parquet"
-    pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), tmp / name)
+    schema = SCHEMA if split is None else SCHEMA.with_metadata({SPLIT_KEY: split.encode()})
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp / name)
     return name

@@ -60,6 +60,9 @@ class DataMixConfig(BaseModel):
     over_length: Literal["drop", "truncate"] = "drop"  # a sample longer than max_sample_length
     bad_rows: Literal["error", "skip"] = "error"  # skip = count bad rows per source and go on
     seed: int = 0
+    # rows (and files) that name their split (``gen samples`` writes metadata.split and the file's footer)
+    # must name one of these: a glob that reaches the valid/test samples would train on the answers
+    train_splits: list[str] = ["train"]
     itemic_id_range: list[int] | None = None  # checked against the model's sid_vocab.json when given
     # OpenOneRec's keys read otherwise or not at all (see IGNORED)
     name: str | None = None
@@ -109,10 +112,9 @@ def load_data_config(path: str | Path) -> DataMixConfig:
     return cfg
 
 
-def source_files(spec: SourceSpec) -> list[Path]:
+def list_source(spec: SourceSpec) -> list[Path]:
     """The parquet files of a source, sorted (a directory: its ``file_list.json`` when present, else every
-    ``*.parquet`` in it; a glob; a JSON list of files or directories; one file). Every file's footer is
-    checked (a damaged or empty file is named here, before training)."""
+    ``*.parquet`` in it; a glob; a JSON list of files or directories; one file); no file is opened."""
     p = Path(spec.path)
     if any(c in spec.path for c in "*?["):
         files = [Path(f) for f in sorted(glob.glob(spec.path, recursive=True))]
@@ -128,6 +130,12 @@ def source_files(spec: SourceSpec) -> list[Path]:
                         "list)", file=p)
     if not files:
         raise DataError("no parquet files found", file=p)
+    return files
+
+
+def source_files(spec: SourceSpec) -> list[Path]:
+    """:func:`list_source`, with every file's footer checked (a damaged or empty file is named here)."""
+    files = list_source(spec)
     for f in files:
         parquet_row_groups(f)
     return files

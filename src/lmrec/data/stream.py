@@ -1,11 +1,13 @@
 """Streaming packed chat samples from parquet files, across ranks and dataloader workers, resumable exactly.
 
 The corpus is never held in memory: per epoch the file list is shuffled with the seed (sources repeated by
-their weight), and file ``i`` of that list goes to the reader ``i mod (world × workers)`` — reader
-``rank × workers + worker`` — so every file is read exactly once per epoch (per unit of weight) across the
-whole job. A reader reads its files one row group at a time, shuffles samples in a local buffer, tokenizes
-them (``encode``, in the worker), and packs them into sequences of ``max_length`` tokens chosen from a
-small buffer (best fit). All epochs form one finite stream: training ends when it ends.
+their weight), file ``i`` of that list goes to rank ``i mod world``, and the ``j``-th file of a rank to its
+dataloader worker ``j mod workers`` — so every file is read exactly once per epoch (per unit of weight)
+across the whole job, and ranks get files first (a rank gets one as soon as there are as many files as
+ranks; a rank without any would end every rank's run at its first step, which ``stream_plan`` refuses).
+A reader reads its files one row group at a time, shuffles samples in a local buffer, tokenizes them
+(``encode``, in the worker), and packs them into sequences of ``max_length`` tokens chosen from a small
+buffer (best fit). All epochs form one finite stream: training ends when it ends.
 
 Exact resume. What a reader has read but not yet emitted — the samples in the shuffle buffer and in the
 packing buffer — is part of its state, as references ``[epoch, file position, row]`` that are re-read on
@@ -34,7 +36,7 @@ import torch
 
 from lmrec.data.chat_format import ChatRow, parquet_row_groups, parse_row, read_row_group
 from lmrec.data.data_config import DataMixConfig
-from lmrec.errors import DataError
+from lmrec.errors import ConfigError, DataError
 from lmrec.training.attention import with_segments
 
 # encode(row) → {"input_ids": [...], "labels": [...]} (labels -100 where not supervised)
@@ -72,14 +74,21 @@ def epoch_files(files: list[list[Path]], weights: list[float], seed: int, epoch:
     return [out[i] for i in order]
 
 
+def reader_share(files: list, rank: int, world: int, worker: int, workers: int) -> list:
+    """The files of one reader (``worker`` of ``rank``): ranks round-robin first, then a rank's workers."""
+    return files[rank::world][worker::workers]
+
+
 class ChatStream(torch.utils.data.IterableDataset):
     """Packed samples for one rank; ``names[s]`` names source ``s``. Each item is a pack:
     ``{"input_ids", "labels", "position_ids", "sources"}`` (lists of equal length ≤ ``cfg.max_length``;
     positions restart at every sample, ``sources`` = the source index of every token)."""
 
     def __init__(self, files: list[list[Path]], names: list[str], cfg: DataMixConfig, encode: Encode, *,
-                 rank: int = 0, world: int = 1, weights: list[float] | None = None):
+                 rank: int = 0, world: int = 1, weights: list[float] | None = None,
+                 row_groups: dict[str, list[int]] | None = None):
         self.files, self.names, self.cfg, self.encode = files, names, cfg, encode
+        self.row_groups = row_groups or {}  # str(path) → rows per row group, when the footers were read already
         self.weights = weights or [1.0] * len(files)
         self.rank, self.world = rank, world
         self.counts = Counts()
@@ -98,7 +107,9 @@ class ChatStream(torch.utils.data.IterableDataset):
         """This reader's files of ``epoch`` (file granularity: no file is split between readers)."""
         if self._epoch_files[0] != epoch:  # computed once per epoch, not once per file
             me, readers = self._reader()
-            self._epoch_files = (epoch, epoch_files(self.files, self.weights, self.cfg.seed, epoch)[me::readers])
+            workers = readers // self.world
+            files = epoch_files(self.files, self.weights, self.cfg.seed, epoch)
+            self._epoch_files = (epoch, reader_share(files, self.rank, self.world, me % workers, workers))
         return self._epoch_files[1]
 
     # ----------------------------------------------------------------------------------------- state
@@ -118,7 +129,8 @@ class ChatStream(torch.utils.data.IterableDataset):
         """(source, row number, raw row) of file ``pos`` of this reader's epoch, from row ``start_row + 1``."""
         source, path = self.reader_files(epoch)[pos]
         row = 0
-        for g, n in enumerate(parquet_row_groups(path)):
+        groups = self.row_groups.get(str(path)) or parquet_row_groups(path)
+        for g, n in enumerate(groups):
             if row + n <= start_row:
                 row += n
                 continue
@@ -134,8 +146,10 @@ class ChatStream(torch.utils.data.IterableDataset):
         skipped = self._skipped if count else Counter()
         name = self.names[source]
         try:
+            row = parse_row(raw, path, ref[2])
+            refuse_other_split(row.metadata.get("split"), self.cfg, path, ref[2])  # never skipped as a bad row
             try:
-                enc = self.encode(parse_row(raw, path, ref[2]))
+                enc = self.encode(row)
             except DataError as e:  # an encoder's error names no file: add where the row is
                 if e.file is None:
                     raise DataError(e.reason, file=path, row=ref[2], column=e.column) from None
@@ -235,23 +249,41 @@ class ChatStream(torch.utils.data.IterableDataset):
         self._live = snapshot
 
     def _take_pack(self, buffer: list[Sample]) -> dict:
-        """One pack: the oldest sample of the buffer (none waits for ever), then repeatedly the longest one
-        that still fits (best fit keeps the padding small with long-tailed lengths)."""
-        room = self.cfg.max_length
-        chosen = [buffer.pop(0)]
-        room -= len(chosen[0].input_ids)
-        while buffer:
-            fits = [i for i, s in enumerate(buffer) if len(s.input_ids) <= room]
-            if not fits:
-                break
-            i = max(fits, key=lambda k: len(buffer[k].input_ids))
-            room -= len(buffer[i].input_ids)
-            chosen.append(buffer.pop(i))
-        out = pack_samples(chosen)
+        """One pack of the buffer's samples (:func:`best_fit`), with the rows skipped since the last pack."""
+        chosen = best_fit([len(s.input_ids) for s in buffer], self.cfg.max_length)
+        out = pack_samples([buffer[i] for i in chosen])
+        for i in sorted(chosen, reverse=True):
+            del buffer[i]
         # rows skipped since the last pack travel with this one, so whoever trains on the packs can count them
         # exactly (a worker's own counters reach the main process only with its state snapshots)
         out["skipped"], self._skipped = dict(self._skipped), Counter()
         return out
+
+
+def best_fit(lengths: list[int], room: int) -> list[int]:
+    """Which samples of a buffer (their lengths, oldest first) make the next pack, in pack order: the oldest
+    (none waits for ever), then repeatedly the longest one that still fits (best fit keeps the padding small
+    with long-tailed lengths)."""
+    chosen = [0]
+    room -= lengths[0]
+    while True:
+        fits = [i for i, n in enumerate(lengths) if n <= room and i not in chosen]
+        if not fits:
+            return chosen
+        i = max(fits, key=lambda k: lengths[k])
+        room -= lengths[i]
+        chosen.append(i)
+
+
+def refuse_other_split(split, cfg: DataMixConfig, path: Path, row: int | None = None) -> None:
+    """A row (or a file's footer) naming a split the data config does not train on stops the run: ``gen
+    samples`` writes the valid and test samples, answers included, next to the training ones."""
+    if split is None or split in cfg.train_splits:
+        return
+    where = f"{path}, row {row}" if row is not None else str(path)
+    raise ConfigError(f"{where}: holds {split!r} samples (metadata.split), not a training split of the data config "
+                      f"(train_splits: {cfg.train_splits}); narrow the source's path to the training samples, or add "
+                      f"{split!r} to train_splits to train on them on purpose")
 
 
 def pack_samples(samples: list[Sample]) -> dict:

@@ -76,7 +76,7 @@ def write_chat_samples(data, sids_dir, out, overrides: list[str], rows_per_file:
         rows = build_samples(ds, sids, dc, split=split)
         write_shards((ChatRow(f"{split}-{i:08d}", f"lmrec_{r['task']}", r["messages"], None,
                               {"task": r["task"], "user": r["user"], "target": r["target"], "split": split})
-                      for i, r in enumerate(rows)), Path(out) / split, rows_per_file=rows_per_file)
+                      for i, r in enumerate(rows)), Path(out) / split, rows_per_file=rows_per_file, split=split)
         counts[split] = len(rows)
     return counts
 

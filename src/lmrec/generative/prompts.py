@@ -146,7 +146,7 @@ def encode_chat(tokenizer, row, *, think: bool = False) -> dict:
         if not (full.startswith(upto) and upto.startswith(start)):
             # a template that renders earlier replies differently once the conversation goes on (Qwen3's drops
             # their think blocks): find the replies in the whole conversation by their markers instead
-            spans = _marked_spans(full, msgs, render, tokenizer.eos_token, i)
+            spans = _marked_spans(full, msgs, render, end_of_turn(render, tokenizer.eos_token), i)
             break
         spans.append((len(start), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -155,15 +155,30 @@ def encode_chat(tokenizer, row, *, think: bool = False) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
+REPLY_PROBE = "lmrec-reply-probe"  # a reply no template rewrites, to see what the template puts after a reply
+
+
+def end_of_turn(render, eos: str | None) -> str | None:
+    """The first line the chat template writes after an assistant reply, without whitespace (``<|im_end|>``
+    for Qwen3, whose base checkpoints' ``eos_token`` is ``<|endoftext|>``, not the end of a
+    turn): found by rendering a known conversation; the tokenizer's ``eos_token`` when that finds nothing."""
+    text = render([{"role": "user", "content": "q"}, {"role": "assistant", "content": REPLY_PROBE}])
+    at = text.rfind(REPLY_PROBE)
+    after = text[at + len(REPLY_PROBE):].strip() if at >= 0 else ""
+    return after.splitlines()[0].strip() if after else eos
+
+
 def _marked_spans(full: str, msgs: list[dict], render, eos: str | None, turn: int) -> list[tuple[int, int]]:
     """Character spans of the assistant replies in ``full``: each from the end of the generation prompt
     (what ``add_generation_prompt`` adds, e.g. ``<|im_start|>assistant\\n``) to the end of the next
-    end-of-turn token."""
+    end-of-turn marker ``eos`` (:func:`end_of_turn`)."""
     before, prompted = render(msgs[:turn]), render(msgs[:turn], gen=True)
     header = prompted[len(before):] if prompted.startswith(before) else ""
+    unfound = DataError(f"turn {turn}: the chat template does not render the conversation up to this reply as a "
+                        f"prefix of the whole, and its replies cannot be found by their markers ({header!r} … "
+                        f"{eos!r})", column="messages")
     if not header or not eos:
-        raise DataError(f"turn {turn}: the chat template does not render the conversation up to this reply as a "
-                        "prefix of the whole, and its replies cannot be found by their markers", column="messages")
+        raise unfound
     spans, cursor = [], 0
     for m in msgs:
         if m["role"] != "assistant":
@@ -171,8 +186,7 @@ def _marked_spans(full: str, msgs: list[dict], render, eos: str | None, turn: in
         a = full.find(header, cursor)
         b = full.find(eos, a + len(header)) if a >= 0 else -1
         if b < 0:
-            raise DataError(f"turn {turn}: a reply's markers ({header!r} … {eos!r}) were not found in the rendered "
-                            "conversation", column="messages")
+            raise unfound
         spans.append((a + len(header), b + len(eos)))
         cursor = b + len(eos)
     return spans

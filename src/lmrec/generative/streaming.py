@@ -10,17 +10,18 @@ source, real (non-padding) tokens per second, and the share of padding.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lmrec.data.data_config import DataMixConfig, source_files
+from lmrec.data.data_config import DataMixConfig
 from lmrec.data.stream import ChatStream, collate_packs
+from lmrec.data.stream_plan import check_readers, scan
 from lmrec.errors import ConfigError, LmrecError
 from lmrec.generative.prompts import encode_chat
+from lmrec.training.distributed import from_main_process
 from lmrec.training.loop import peak_memory_mib
 
 SNAPSHOT_EVERY = 16
@@ -39,18 +40,21 @@ def check_itemic_range(mix: DataMixConfig, meta: dict) -> list[int]:
 
 def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=print, segments: bool = False):
     """``make_loader`` for the loop (one StatefulDataLoader over this rank's stream), the source names, and
-    every source's files (for the schedule's estimate)."""
+    the stream's plan (every file's footer and a sampled tokenization, read once on rank 0 and sent to the
+    other ranks; for the schedule's estimate)."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    files = [source_files(s) for s in mix.sources]
     names = [s.name or Path(s.path.rstrip("/*")).stem or f"source{i}" for i, s in enumerate(mix.sources)]
     if len(set(names)) != len(names):
         raise ConfigError(f"data config sources need distinct names (got {names}); add \"name\" to each")
-    stream = ChatStream(files, names, mix, functools.partial(encode_chat, tok, think=mix.add_think_pattern),
-                        rank=run.acc.process_index, world=run.acc.num_processes,
-                        weights=[s.weight for s in mix.sources])
+    encode = functools.partial(encode_chat, tok, think=mix.add_think_pattern)
+    plan = from_main_process(run.acc, lambda: scan(mix, encode))
+    weights = [s.weight for s in mix.sources]
+    check_readers(plan, mix, weights, run.acc.num_processes, log)
+    stream = ChatStream(plan.files, names, mix, encode, rank=run.acc.process_index, world=run.acc.num_processes,
+                        weights=weights, row_groups=plan.row_groups)
     collate = functools.partial(collate_packs, pad_id=tok.pad_token_id, length=mix.max_length, segments=segments)
-    log(f"streaming {sum(len(f) for f in files)} parquet files of {len(names)} source(s) "
+    log(f"streaming {sum(len(f) for f in plan.files)} parquet files of {len(names)} source(s) "
         f"({', '.join(names)}), packs of {mix.max_length} tokens, {mix.num_workers} worker(s) per rank")
 
     def make_loader(epoch: int):
@@ -58,16 +62,7 @@ def stream_loader_factory(mix: DataMixConfig, tok, run, batch_size: int, log=pri
         return StatefulDataLoader(stream, batch_size=batch_size, num_workers=mix.num_workers, collate_fn=collate,
                                   snapshot_every_n_steps=SNAPSHOT_EVERY)
 
-    return make_loader, names, files
-
-
-def estimated_steps(files: list[list[Path]], weights: list[float], epochs: int, batch_size: int, ga: int,
-                    world: int) -> int:
-    """An upper bound on the optimizer steps of a stream (one sample per pack) from the parquet footers."""
-    import pyarrow.parquet as pq
-
-    rows = sum(w * sum(pq.ParquetFile(f).metadata.num_rows for f in fs) for fs, w in zip(files, weights))
-    return max(1, math.ceil(rows * epochs / (batch_size * ga * world)))
+    return make_loader, names, plan
 
 
 def token_metrics(names: list[str], itemic: list[int], acc, steps_between: int, params: int = 0,
@@ -125,10 +120,12 @@ def require_decoder_only(model) -> None:
                          "trains from a prepared dataset (--data, --sids)")
 
 
-
 class StreamTally:
     """Per source: samples trained on, over-length samples and bad rows skipped — counted on every
-    micro-batch (``on_batch``), saved with every checkpoint (``extra_state``)."""
+    micro-batch (``on_batch``) of this rank, saved with every checkpoint by every rank (``extra_state``,
+    ``rank_local``: each rank resumes its own counts; ``report`` sums them)."""
+
+    rank_local = True
 
     def __init__(self, names: list[str]):
         self.names = names

@@ -17,6 +17,7 @@ import torch
 from lmrec.config import GenRunConfig
 from lmrec.data.data_config import load_data_config
 from lmrec.data.dataset import PreparedDataset
+from lmrec.data.stream_plan import estimated_steps
 from lmrec.errors import LmrecError
 from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import evaluate
@@ -29,7 +30,6 @@ from lmrec.generative.stages import STAGES, ChunkedLossLM, loss_impl
 from lmrec.generative.streaming import (
     StreamTally,
     check_itemic_range,
-    estimated_steps,
     require_decoder_only,
     stream_loader_factory,
     token_metrics,
@@ -122,6 +122,8 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
             plan.on_best = lambda metrics, epoch: save(run.dir / "model")
         plan.after_step = built.after_step
         r = run.fit(model, make_loader, plan)
+        if mix is not None:
+            _check_stream_end(r.global_step, plan, cfg, log)
         best = run.dir / "model"
         if rec is None:  # nothing validated: the model at the end of the stream / of the epochs
             save(best)
@@ -206,16 +208,20 @@ def _parameters(model: torch.nn.Module) -> int:
 
 
 def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log, segments: bool = False):
-    """The loader factory and the loop's stage for a stream: one epoch of ``num_training_steps`` (or an
-    estimate), ``max_steps``, and the token metrics."""
+    """The loader factory and the loop's stage for a stream: one epoch of ``num_training_steps`` (or the
+    estimate from the sampled token lengths), ``max_steps``, and the token metrics."""
     tr = cfg.train
     require_decoder_only(model)
-    make_loader, names, files = stream_loader_factory(mix, tok, run, tr.batch_size, log, segments=segments)
-    steps = tr.num_training_steps or estimated_steps(files, [s.weight for s in mix.sources], mix.num_epochs,
-                                                     tr.batch_size, tr.grad_accum, run.acc.num_processes)
+    make_loader, names, reads = stream_loader_factory(mix, tok, run, tr.batch_size, log, segments=segments)
+    steps, most = estimated_steps(reads, mix, [s.weight for s in mix.sources], run.acc.num_processes,
+                                  tr.batch_size, tr.grad_accum)
+    if most > 1.1 * steps:
+        log(f"the ranks' shares of the data differ: the run ends when the smallest ends (about {steps} steps), "
+            f"the rank with the most data has about {most} (files of unequal sizes)")
     if tr.num_training_steps is None:
-        log(f"learning-rate schedule over {steps} steps (an upper bound from the row counts; set "
-            "train.num_training_steps for the real number)")
+        log(f"learning-rate schedule over {steps} steps (estimated from {sum(reads.sampled)} sampled rows' token "
+            "lengths and every file's row count; set train.num_training_steps to fix it)")
+    steps = tr.num_training_steps or max(1, steps)  # 0: the run ends at once, and _check_stream_end says why
     itemic = sum(meta["level_token_ids"], [])
     tally = StreamTally(names)
     plan = Stage(f"stage{cfg.train.stage}", 1, tr.lr, steps_per_epoch=steps, max_steps=tr.max_steps,
@@ -223,6 +229,17 @@ def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log, 
                                             _parameters(model), tr.peak_tflops),
                  log_every=tr.log_every, on_batch=tally.on_batch, extra_state=tally)
     return make_loader, plan, tally
+
+
+def _check_stream_end(steps: int, plan: Stage, cfg: GenRunConfig, log) -> None:
+    """A stream that ended before its first optimizer step would save the model it started from."""
+    if steps == 0:
+        raise LmrecError("the stream ended before the first optimizer step (a rank had fewer than "
+                         f"train.batch_size × train.grad_accum = {cfg.train.batch_size * cfg.train.grad_accum} packs): "
+                         "nothing was trained; lower train.batch_size or train.grad_accum, or add data")
+    if steps > plan.steps_per_epoch and cfg.train.lr_schedule != "constant":
+        log(f"the stream ran {steps - plan.steps_per_epoch} steps past the learning-rate schedule's "
+            f"{plan.steps_per_epoch} (at its final learning rate); set train.num_training_steps to {steps}")
 
 
 def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) -> dict:

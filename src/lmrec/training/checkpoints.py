@@ -2,9 +2,11 @@
 
 A checkpoint (``<run>/checkpoints/<stage>/step-N``) holds everything needed to continue exactly: model,
 optimizer, scheduler and RNG states (``Accelerator.save_state``), the loop's position
-(``trainer_state.json``), the caller's extra state (``extra_state.safetensors`` + ``extra_state.json``: no
-pickle) and, for a stream, every rank's loader state. It is written under a temporary name and renamed,
-so a run killed while saving leaves the previous checkpoint intact.
+(``trainer_state.json``; what differs between ranks — the running loss — in ``loop_rank<r>.json`` from every
+rank), the caller's extra state (``extra_state.safetensors`` + ``extra_state.json``: no pickle; a rank-local
+one, such as a stream's per-source counts, from every rank: ``extra_state_rank<r>.*``) and, for a stream,
+every rank's loader state. It is written under a temporary name and renamed, so a run killed while saving
+leaves the previous checkpoint intact.
 
 A sharded (FSDP) run writes model and optimizer with torch distributed checkpointing instead
 (``sharded/``: each process writes its shards, any number of processes reads them back — a run saved on
@@ -90,6 +92,7 @@ class _TiedWeightsNotice(logging.Filter):
 
 
 LOADER_STATE = "loader_state_rank{}.json"
+LOOP_RANK = "loop_rank{}.json"
 
 
 def loader_state(path: Path, rank: int) -> dict:
@@ -98,6 +101,19 @@ def loader_state(path: Path, rank: int) -> dict:
         raise LmrecError(f"cannot resume the data stream from {path}: no {f.name} (was it saved by another number "
                          "of processes? a stream resumes exactly only on as many ranks as wrote it)")
     return json.loads(f.read_text())
+
+
+def restore_loader(loader, path: Path, rank: int) -> None:
+    """Give a stream's loader this rank's saved state. Its workers' states are per worker: a different
+    ``num_workers`` cannot continue them (torchdata would stop on a bare assertion)."""
+    state = loader_state(path, rank)
+    snapshot = state.get("_snapshot")
+    saved = snapshot["_main_snapshot"]["_num_workers"] if snapshot else 0
+    if saved != loader.num_workers:
+        raise LmrecError(f"cannot resume the data stream from {path}: it was saved with num_workers {saved} and this "
+                         f"run has num_workers {loader.num_workers} (each worker's position is its own); resume with "
+                         f"num_workers: {saved} in the data config")
+    loader.load_state_dict(state)
 
 
 @dataclass
@@ -188,11 +204,16 @@ def save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, state
         sharded.save(tmp, accelerator.process_index)
     else:
         _save_state(accelerator, tmp)
+    rank, local = accelerator.process_index, getattr(extra_state, "rank_local", False)
     if loader is not None:  # every rank: where its stream is (its readers' positions and buffers)
-        (tmp / LOADER_STATE.format(accelerator.process_index)).write_text(json.dumps(loader.state_dict()))
+        (tmp / LOADER_STATE.format(rank)).write_text(json.dumps(loader.state_dict()))
+    # every rank: what is its own (its running loss sum; a rank-local extra state)
+    (tmp / LOOP_RANK.format(rank)).write_text(json.dumps({k: state[k] for k in ("running", "batches")}) + "\n")
+    if extra_state is not None and local:
+        save_extra_state(extra_state.state_dict(), tmp, rank)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if extra_state is not None:
+        if extra_state is not None and not local:
             save_extra_state(extra_state.state_dict(), tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"tag": tag, **state}, indent=1) + "\n")
         if final.exists():  # same step saved again (an epoch end right after a periodic save)
@@ -213,23 +234,52 @@ def _save_state(accelerator: Accelerator, directory: Path) -> None:
         acc_log.removeFilter(notice)
 
 
-EXTRA_TENSORS, EXTRA_VALUES = "extra_state.safetensors", "extra_state.json"
+EXTRA_TENSORS, EXTRA_VALUES = "extra_state{}.safetensors", "extra_state{}.json"
 
 
-def save_extra_state(state: dict[str, Any], directory: Path) -> None:
-    """A caller's extra state without pickle: tensors to safetensors, everything else to JSON."""
+def save_extra_state(state: dict[str, Any], directory: Path, rank: int | None = None) -> None:
+    """A caller's extra state without pickle: tensors to safetensors, everything else to JSON (one rank's
+    own when ``rank`` is given)."""
     from safetensors.torch import save_file
 
+    suffix = "" if rank is None else f"_rank{rank}"
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
     values = {k: v for k, v in state.items() if not torch.is_tensor(v)}
-    save_file(tensors, str(directory / EXTRA_TENSORS))
-    (directory / EXTRA_VALUES).write_text(json.dumps(values) + "\n")
+    save_file(tensors, str(directory / EXTRA_TENSORS.format(suffix)))
+    (directory / EXTRA_VALUES.format(suffix)).write_text(json.dumps(values) + "\n")
 
 
-def load_extra_state(directory: Path) -> dict[str, Any]:
+def load_extra_state(directory: Path, rank: int | None = None) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    return {**json.loads((directory / EXTRA_VALUES).read_text()), **load_file(str(directory / EXTRA_TENSORS))}
+    suffix = "" if rank is None else f"_rank{rank}"
+    return {**json.loads((directory / EXTRA_VALUES.format(suffix)).read_text()),
+            **load_file(str(directory / EXTRA_TENSORS.format(suffix)))}
+
+
+def _load_rank_local(extra_state: Any, path: Path, rank: int, processes: int, saved_by: int) -> None:
+    """This rank's own saved part of a rank-local extra state (a single process's older checkpoint kept it
+    in the shared file)."""
+    if (path / EXTRA_VALUES.format(f"_rank{rank}")).exists():
+        extra_state.load_state_dict(load_extra_state(path, rank))
+    elif saved_by == processes == 1 and (path / EXTRA_VALUES.format("")).exists():
+        extra_state.load_state_dict(load_extra_state(path))
+    else:
+        raise LmrecError(f"cannot resume from {path} on {processes} processes: it was saved by {saved_by}, and "
+                         f"rank {rank}'s own state ({EXTRA_VALUES.format(f'_rank{rank}')}) is not in it")
+
+
+def _own_running(saved: dict, path: Path, rank: int, processes: int) -> None:
+    """This rank's running loss sum (``trainer_state.json`` holds rank 0's). Resumed on another number of
+    processes: the mean loss per batch of all the saved ranks, over this rank's batches."""
+    parts = sorted(path.glob(LOOP_RANK.format("*")))
+    own = path / LOOP_RANK.format(rank)
+    if saved["processes"] == processes and own.exists():
+        saved["running"] = json.loads(own.read_text())["running"]
+    elif parts:
+        loaded = [json.loads(f.read_text()) for f in parts]
+        saved["running"] = (sum(x["running"] for x in loaded) / max(1, sum(x["batches"] for x in loaded))
+                            * saved["batches"])
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state: Any = None,
@@ -248,8 +298,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state:
         raise LmrecError(f"{path} is a sharded (train.fsdp) checkpoint: resume it with train.fsdp: true")
     else:
         accelerator.load_state(str(path))
-    if extra_state is not None:
-        extra_state.load_state_dict(load_extra_state(path))
     saved.pop("tag")
     saved.setdefault("processes", accelerator.num_processes)
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    if getattr(extra_state, "rank_local", False):
+        _load_rank_local(extra_state, path, rank, processes, saved["processes"])
+    elif extra_state is not None:
+        extra_state.load_state_dict(load_extra_state(path))
+    _own_running(saved, path, rank, processes)
     return saved

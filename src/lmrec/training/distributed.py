@@ -10,12 +10,14 @@ an MPI dependency (the process group is still gloo / NCCL, rendezvous through ``
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from typing import TypeVar
 
 from lmrec.errors import LmrecError
 
 OMPI = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
         "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_WORLD_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE"}
+T = TypeVar("T")
 
 
 def adopt_mpi_environment(env: MutableMapping[str, str] | None = None) -> bool:
@@ -54,3 +56,30 @@ def auto_mixed_precision(kind: str) -> str:
     if kind == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if kind in ("npu", "xpu", "hpu") else "no"
+
+
+def from_main_process(accelerator, compute: Callable[[], T]) -> T:
+    """``compute()`` on the main process, its result sent to every other one (pickled: plain values). An
+    error on the main process reaches every process, so none waits for ever for a result that never comes:
+    a user error is raised everywhere with its message, anything else as a RuntimeError naming it."""
+    if accelerator.num_processes == 1:
+        return compute()
+    import torch.distributed as dist
+
+    box: list = [None]
+    failure: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            box = [("ok", compute())]
+        except Exception as e:  # every process must reach the broadcast below
+            user = isinstance(e, LmrecError)
+            failure, box = e, [("user", str(e)) if user else ("bug", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, src=0)  # NCCL: through this process's current device, set by Accelerate
+    kind, value = box[0]
+    if failure is not None:
+        raise failure
+    if kind == "user":
+        raise LmrecError(value)
+    if kind == "bug":
+        raise RuntimeError(f"the main process failed ({value})")
+    return value

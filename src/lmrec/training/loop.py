@@ -34,7 +34,7 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 from lmrec.errors import TrainingDiverged
 from lmrec.progress import progress, tqdm
-from lmrec.training.checkpoints import Checkpointing, Sharded, load_checkpoint, loader_state, save_checkpoint
+from lmrec.training.checkpoints import Checkpointing, Sharded, load_checkpoint, restore_loader, save_checkpoint
 from lmrec.training.fsdp import is_sharded
 
 
@@ -143,7 +143,8 @@ class Stage:
     ``after_step()`` after every optimizer step (generative stage 1 restores the frozen rows there);
     ``on_best(metrics, epoch)`` when validation reaches a new best (the caller saves the model);
     ``extra_state`` (``state_dict()`` of tensors and JSON values / ``load_state_dict``) goes into every
-    checkpoint and is restored on resume."""
+    checkpoint and is restored on resume: rank 0's, or each rank's own when it has ``rank_local = True``
+    (counts of what this rank trained on)."""
 
     tag: str
     epochs: int
@@ -233,11 +234,11 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
         state = LoopState(**{**saved, "result": FitResult(**saved["result"])})
         if saved["processes"] != accelerator.num_processes and state.batches and not stream:
             # each process had consumed ``batches`` of its 1/N of the epoch: the same share of the data now
-            state.batches = math.ceil(state.batches * saved["processes"] / accelerator.num_processes)
+            state.batches, state.running = _rescaled(state, saved["processes"], accelerator.num_processes)
             log(f"[{stage.tag}] saved by {saved['processes']} processes, resumed on {accelerator.num_processes}: "
                 f"continuing at batch {state.batches} of each process's part of the epoch")
         if stream:
-            first.load_state_dict(loader_state(start, accelerator.process_index))
+            restore_loader(first, start, accelerator.process_index)
         log(f"[{stage.tag}] resumed from {start} (epoch {state.epoch + 1}, batch {state.batches}, "
             f"step {state.result.global_step})")
         if state.finished:
@@ -259,6 +260,13 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
             break
     accelerator.wait_for_everyone()
     return state.result
+
+
+def _rescaled(state: LoopState, saved_by: int, processes: int) -> tuple[int, float]:
+    """Batches done and running loss sum of a process resumed on another number of processes: each had
+    consumed ``batches`` of its 1/N of the epoch — the same share of the data now, at the same mean loss."""
+    batches = math.ceil(state.batches * saved_by / processes)
+    return batches, state.running * batches / state.batches
 
 
 class _Steps:
