@@ -83,3 +83,24 @@ def from_main_process(accelerator, compute: Callable[[], T]) -> T:
     if kind == "bug":
         raise RuntimeError(f"the main process failed ({value})")
     return value
+
+
+def inference_device(spec: str = "auto"):
+    """``--device``: ``auto`` (the accelerator when one is present, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N`` (any torch device string). A device that is not there is a clear error, not a fallback."""
+    import torch
+
+    if spec == "auto":
+        kind = accelerator_kind()
+        return torch.device("cpu" if kind in ("cpu", "mps") else kind)  # MPS: not tested here; asked for by name
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise LmrecError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise LmrecError(f"--device {spec}: no CUDA device is visible (torch {torch.__version__}, {build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LmrecError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
