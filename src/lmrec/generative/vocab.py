@@ -100,8 +100,8 @@ def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, 
     atomic_dir(out, write)
     log(f"added {added} tokens: ids {meta['first_new_id']}..{meta['last_new_id']} "
         f"(embedding rows {old_rows} → {meta['embedding_rows']}, padded to a multiple of {pad_multiple}; "
-        f"{'tied' if tied else 'untied'} output embeddings; init {init}); saved in {meta['dtype']}, the dtype "
-        f"{model_path} is stored in (training loads it in float32)")
+        f"{'tied' if tied else 'untied'} output embeddings; init {init}); saved in {meta['dtype']}, as the source "
+        "model is stored (training loads it in float32)")
     return meta
 
 
