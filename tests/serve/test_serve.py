@@ -357,3 +357,38 @@ def test_serve_command_checks_its_inputs(recformer_model, generative_model, tmp_
         res = run_cli("serve", "--model", *args, timeout=60)
         assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr
+
+
+def test_added_items_in_a_script_the_tokenizer_lacks_get_a_warning_with_the_share(recformer_model,
+                                                                                generative_model, tmp_path):
+    """POST /items: Chinese text through the English WordPiece tokenizer of the RecFormer model (and through
+    the MiniLM the generative model's semantic IDs were built with) is mostly [UNK]: the items are added,
+    and the response (and the log) says how much of the text the model could not read."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lmrec.generative.sid import default_encoder, item_texts
+
+    chinese = {"title": "华为无线蓝牙耳机 第一代", "genres": "数码 耳机"}
+    cases = [(recformer_model[0], {}, recformer_model[0], " ".join(f"{k} {v}" for k, v in chinese.items()))]
+    if default_encoder() is not None:  # the generative model's semantic IDs came from MiniLM: its tokenizer reads
+        gen, data, sids = generative_model
+        cases.append((gen, {"data": str(data), "sids": str(sids)}, default_encoder(),
+                      item_texts([list(chinese.items())])[0]))
+    for n, (src, opts, tok_dir, text) in enumerate(cases):
+        model = shutil.copytree(src, tmp_path / f"model{n}")
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        pieces = tok.tokenize(text)
+        share = sum(p == tok.unk_token for p in pieces) / len(pieces)
+        logged: list[str] = []
+        with Server(build_app(model=str(model), log=logged.append, **opts)) as srv:
+            srv.wait_ready()
+            r = httpx.post(srv.url + "/items", json={"items": [{"item_id": "zh-1", "text": chinese}]})
+            assert r.status_code == 201 and r.json()["added"] == ["zh-1"], r.text
+            warning = r.json()["warning"] or ""
+            assert f"{share:.0%} of the tokens of " in warning and "unknown to its tokenizer" in warning, warning
+            assert any("unknown to its tokenizer" in m for m in logged)
+            r = httpx.post(srv.url + "/items", json={"items": [{"item_id": "en-1", "text": {"title": "toy story",
+                                                                                            "genres": "comedy"}}]})
+            assert r.status_code == 201 and "unknown" not in (r.json()["warning"] or "")

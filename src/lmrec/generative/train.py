@@ -34,7 +34,7 @@ from lmrec.generative.streaming import (
     stream_loader_factory,
     token_metrics,
 )
-from lmrec.generative.vocab import read_meta
+from lmrec.generative.vocab import read_meta, stored_dtype
 from lmrec.training.attention import segmented, with_segments
 from lmrec.training.fsdp import build_on_meta, full_state_dict, materialize_and_load, shard, unsharded
 from lmrec.training.loop import Stage, data_loader
@@ -158,9 +158,10 @@ def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, packe
 
         lm, tok = build_on_meta(model_dir), AutoTokenizer.from_pretrained(str(model_dir))
     else:
-        lm, tok = load_generative(model_dir)
-    if tr.lora and stage != "1":  # the frozen base the adapter applies to
-        run.on_main(lambda: save_generative(lm, tok, model_dir, run.dir / "base_model"))
+        lm, tok = load_generative(model_dir, dtype=torch.float32)  # the master weights, whatever is stored
+    stored = stored_dtype(model_dir / "base_model" if (model_dir / "adapter_config.json").exists() else model_dir)
+    if tr.lora and stage != "1":  # the frozen base the adapter applies to, in the dtype it came in (exact)
+        run.on_main(lambda: save_generative(lm, tok, model_dir, run.dir / "base_model", dtype=stored))
     attn = _attention(cfg, lm, run, packed, log)
     setup = STAGES[stage](lm, meta, tr if tr.lora else None)
     lm = setup.model
@@ -185,6 +186,10 @@ def _build_model(cfg: GenRunConfig, model_dir: Path, meta: dict, run: Run, packe
         if tr.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = model.to(device)
+        compute = {"bf16": "bf16 (autocast)", "fp16": "fp16 (autocast)"}.get(run.acc.mixed_precision, "float32")
+        log(f"float32 master weights, compute in {compute}")
+    log(f"{model_dir} stores {str(stored).removeprefix('torch.')}; this run's model and checkpoints are saved in "
+        "float32, its master weights (`lmrec gen export --dtype bf16` writes a bf16 copy)")
     log(f"stage {stage}: {setup.trainable:,} trainable parameters of {_parameters(lm):,}")
     return _Built(model, lm, tok, setup.after_step(), attn)
 

@@ -19,8 +19,10 @@ SID_BEGIN, SID_END = "<|sid_begin|>", "<|sid_end|>"
 META = "sid_vocab.json"
 
 
-def load_lm(path: str | Path):
-    """A local causal LM or encoder-decoder and its tokenizer."""
+def load_lm(path: str | Path, dtype: torch.dtype | str = "auto"):
+    """A local causal LM or encoder-decoder and its tokenizer. ``dtype`` "auto" keeps the checkpoint's
+    (inference: a bf16 export runs in bf16); training passes ``torch.float32``, the master weights the
+    optimizer updates (an AdamW step below bf16's resolution would otherwise be rounded away)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = Path(path)
@@ -28,13 +30,39 @@ def load_lm(path: str | Path):
         raise LmrecError(f"{path} is not a model directory (no config.json); nothing is downloaded")
     cfg = AutoConfig.from_pretrained(str(path))
     cls = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return cls.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+    return cls.from_pretrained(str(path), dtype=dtype), AutoTokenizer.from_pretrained(str(path))
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The floating dtype a model directory's weights are stored in (its safetensors headers; else the
+    config's ``dtype``; else float32)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                dtype = _SAFETENSORS_DTYPES.get(st.get_slice(k).get_dtype())
+                if dtype is not None:
+                    return dtype
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, init: str = "mean",
                  pad_multiple: int = 256, books: list[np.ndarray] | None = None, seed: int = 0, log=print) -> dict:
-    """Add the itemic tokens to a model; returns (and saves as ``sid_vocab.json``) the id layout."""
-    model, tok = load_lm(model_path)
+    """Add the itemic tokens to a model; returns (and saves as ``sid_vocab.json``) the id layout.
+
+    The expanded model is saved in the dtype the source is stored in (recorded as ``dtype`` in
+    ``sid_vocab.json`` and logged): a bf16 checkpoint stays half the size of fp32 on disk, and nothing is
+    lost — training loads it in fp32 (bf16 → fp32 is exact), and the only values computed here, the new
+    rows' initialisation, are computed in fp32 and rounded once."""
+    dtype = stored_dtype(model_path)
+    model, tok = load_lm(model_path, dtype=dtype)
     old_rows = model.get_input_embeddings().weight.shape[0]
     new_tokens = [SID_BEGIN, SID_END] + sids.all_tokens()
     present = [t for t in new_tokens if t in tok.get_vocab()]
@@ -51,14 +79,15 @@ def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, 
     with torch.no_grad():
         new_rows = torch.as_tensor(ids)
         padding = torch.arange(max(old_rows, max(ids) + 1), emb.shape[0])
-        emb[new_rows] = _init_rows(emb[:n_before], init, sids, books, seed)
-        emb[padding] = emb[:n_before].mean(0)
+        old = emb[:n_before].float()
+        emb[new_rows] = _init_rows(old, init, sids, books, seed).to(emb.dtype)
+        emb[padding] = old.mean(0).to(emb.dtype)
         if out_emb is not None and not tied:
             w = out_emb.weight
-            w[torch.cat([new_rows, padding])] = w[:n_before].mean(0)
+            w[torch.cat([new_rows, padding])] = w[:n_before].float().mean(0).to(w.dtype)
     meta = {"sid_begin": ids[0], "sid_end": ids[1], "first_new_id": min(ids), "last_new_id": max(ids),
             "old_vocab_rows": old_rows, "old_tokenizer_size": n_before, "embedding_rows": int(emb.shape[0]),
-            "tokenizer_size": len(tok),
+            "tokenizer_size": len(tok), "dtype": str(dtype).removeprefix("torch."),
             "added": added, "tied": tied, "init": init, "level_sizes": sids.config.level_sizes,
             "level_token_ids": [[tok.convert_tokens_to_ids(sids.token(lv, c)) for c in range(size)]
                                 for lv, size in enumerate(sids.config.level_sizes)]}
@@ -71,7 +100,8 @@ def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, 
     atomic_dir(out, write)
     log(f"added {added} tokens: ids {meta['first_new_id']}..{meta['last_new_id']} "
         f"(embedding rows {old_rows} → {meta['embedding_rows']}, padded to a multiple of {pad_multiple}; "
-        f"{'tied' if tied else 'untied'} output embeddings; init {init})")
+        f"{'tied' if tied else 'untied'} output embeddings; init {init}); saved in {meta['dtype']}, as the source "
+        "model is stored (training loads it in float32)")
     return meta
 
 

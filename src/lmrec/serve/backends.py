@@ -24,9 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lmrec.data.unknown_text import unknown_text_warning
 from lmrec.errors import LmrecError
 
 ItemText = list[tuple[str, str]]
+UNREADABLE_HINT = ("The items are added, but their vectors say little: serve a model whose tokenizer covers this "
+                   "text (a backbone for its language).")
 
 
 class BadRequest(LmrecError):
@@ -197,7 +200,9 @@ class RecformerBackend(Backend):
     def add_items(self, items):
         ids = self._add_persisted(lambda: [self.rec.item_ids[i] for i in self.rec.add_items(
             [it for it, _ in items], [t for _, t in items])])
-        return ids, None
+        return ids, unknown_text_warning(self.rec.tokenizer.tokenizer, [" ".join(f"{k} {v}" for k, v in t)
+                                                                        for _, t in items],
+                                         what="the new items' text", hint=UNREADABLE_HINT)
 
     def _refresh(self) -> None:
         self.rec.refresh_added_items(self.model_dir)
@@ -251,29 +256,37 @@ class GenerativeBackend(Backend):
                             out[b].append(Hit(self.rec.ds.item_ids[i], float(s), self.rec.ds.item_text[i]))
             return out
 
-    def _embed(self, texts: list[ItemText]) -> np.ndarray:
-        """New items' vectors in the space the semantic IDs were built from (the source in sid_config.json)."""
+    def _embed(self, texts: list[ItemText], warn) -> np.ndarray:
+        """New items' vectors in the space the semantic IDs were built from (the source in sid_config.json);
+        ``warn`` receives a warning when that encoder's tokenizer cannot read much of the text."""
         source = self.rec.sids.config.encoder
         if source.startswith("recformer:"):
             from lmrec.recformer.recommender import Recommender
 
             if self._embedder is None:
                 self._embedder = Recommender.from_pretrained(source.split(":", 1)[1])
+            message = unknown_text_warning(self._embedder.tokenizer.tokenizer,
+                                           [" ".join(f"{k} {v}" for k, v in t) for t in texts],
+                                           what="the new items' text", hint=UNREADABLE_HINT)
+            if message:
+                warn(message)
             return self._embedder.encode_texts(texts).cpu().numpy()
         if source and (Path(source) / "config.json").exists():
             from lmrec.generative.sid import embed_texts, item_texts
 
-            return embed_texts(item_texts(texts), source, device="cpu")
+            return embed_texts(item_texts(texts), source, device="cpu", warn=warn)
         raise BadRequest("items", f"the semantic IDs in {self.sids_dir} were built from vectors without a text "
                                   f"encoder ({source or 'given embeddings'}): new items cannot get codes; rebuild "
                                   "them with `lmrec sid build --encoder` or `--recommender`", status=409)
 
     def add_items(self, items):
-        vectors = self._embed([t for _, t in items])
+        warnings: list[str] = []
+        vectors = self._embed([t for _, t in items], warnings.append)
         ids = self._add_persisted(lambda: [self.rec.ds.item_ids[i] for i in self.rec.add_items(
             [it for it, _ in items], [t for _, t in items], vectors)])
-        return ids, ("the language model never saw these items: they get codes from the saved codebooks and can "
-                     "be generated, but how often depends on how close their codes are to trained items'")
+        warnings.append("the language model never saw these items: they get codes from the saved codebooks and "
+                        "can be generated, but how often depends on how close their codes are to trained items'")
+        return ids, " ".join(warnings)
 
     def _refresh(self) -> None:
         f = self.model_dir / "added_items.parquet"
