@@ -191,3 +191,23 @@ def test_doctor_on_a_wrong_path_is_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     res = run_cli("doctor", "--backbone", tmp_path / "empty")
     assert res.returncode == 2 and "not a model directory" in res.stderr
+
+
+def test_a_device_that_is_not_there_is_one_clear_message(trained, tmp_path):
+    """--device on every inference command: auto runs where the accelerator is (the CPU here); a device that is
+    not there stops with one message, never a silent fallback."""
+    import torch
+
+    model, data = trained / "run" / "model", trained / "ml"
+    wrong = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    cases = [["recommend", "--model", model, "--history", "50", "--device", wrong],
+             ["recommend-all", "--model", model, "--data", data, "--out", tmp_path / "r.parquet", "--device", wrong],
+             ["evaluate", "--model", model, "--data", data, "--device", "banana"]]
+    for args in cases:
+        res = run_cli(*args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and "--device" in res.stderr, (args, res.stderr)
+    assert not list(tmp_path.iterdir())
+    import lmrec
+
+    auto = lmrec.evaluate(model, data, ks=(10,), device="auto")
+    assert auto == lmrec.evaluate(model, data, ks=(10,), device="cpu")

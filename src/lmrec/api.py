@@ -71,8 +71,10 @@ def finetune(data: str | Path, *, output_dir: str | Path | None = None, config: 
 
 
 def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", exclude_history: bool = False,
-             ks=(10, 20, 50), batch_size: int = 64, candidates: str = "all", with_random: bool = False) -> dict:
-    """Metrics of a saved recommender on a prepared dataset (items it never saw are encoded on the fly).
+             ks=(10, 20, 50), batch_size: int = 64, candidates: str = "all", with_random: bool = False,
+             device: str = "auto") -> dict:
+    """Metrics of a saved recommender on a prepared dataset (items it never saw are encoded on the fly), on
+    ``device`` (``auto``: the accelerator when one is present; ``cpu``, ``cuda``, ``cuda:N``).
 
     ``candidates="new"`` ranks each target among the items never seen before test time only (no training
     interaction, no validation target): the new-item protocol of zero-shot evaluation, for cold-start test
@@ -97,7 +99,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", ex
                              f"time, but {seen.sum()} of the {len(examples)} {split} targets were seen (first: "
                              f"item {ds.item_ids[examples.targets[seen][0]]!r}); use it on a cold-start split "
                              f"(`lmrec data prepare ... --split cold`)")
-    rec = Recommender.from_pretrained(model_dir).ready_for(ds.item_ids, ds.item_text)
+    rec = Recommender.from_pretrained(model_dir, _device(device)).ready_for(ds.item_ids, ds.item_text)
     metrics = _evaluate(rec.rank_fn(exclude_history=exclude_history, candidates=pool), examples, ks=ks,
                         batch_size=batch_size, desc=split)
     if not with_random:
@@ -107,7 +109,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", ex
 
 
 def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k: int = 10,
-                  exclude_history: bool = True, batch_size: int = 256) -> Path:
+                  exclude_history: bool = True, batch_size: int = 256, device: str = "auto") -> Path:
     """Top-k items for every user of a prepared dataset, from the user's whole sequence (all splits, the
     newest ``max_history_len`` items), written atomically to a parquet file with one row per
     recommendation: ``user_id``, ``rank`` (1 = best), ``item_id``, ``score`` (cosine / temperature)."""
@@ -126,7 +128,7 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
     if k < 1:
         raise LmrecError(f"k must be at least 1, got {k}")
     ds = PreparedDataset(data)
-    rec = Recommender.from_pretrained(model_dir).ready_for(ds.item_ids, ds.item_text)
+    rec = Recommender.from_pretrained(model_dir, _device(device)).ready_for(ds.item_ids, ds.item_text)
     seqs = pq.read_table(ds.path / "sequences.parquet", columns=["user_id", "items"]).to_pydict()
     m = ds.max_history_len
     users, ranks, item_ids, scores = [], [], [], []
@@ -148,11 +150,19 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
     return atomic_file(out, lambda tmp: pq.write_table(table, tmp))
 
 
-def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude_history: bool = True):
+def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude_history: bool = True,
+              device: str = "auto"):
     """[(item_id, [(key, value), ...], score), ...] for a history of item ids (oldest → newest)."""
     from lmrec.recformer.recommender import Recommender
 
-    return Recommender.from_pretrained(model_dir).recommend(history, k, exclude_history=exclude_history)
+    rec = Recommender.from_pretrained(model_dir, _device(device))
+    return rec.recommend(history, k, exclude_history=exclude_history)
+
+
+def _device(spec: str):
+    from lmrec.training.distributed import inference_device
+
+    return inference_device(spec)
 
 
 # --------------------------------------------------------------------------------------------- generative
@@ -189,16 +199,16 @@ def train_generative(data: str | Path, sids: str | Path, model: str | Path, *, o
 
 
 def evaluate_generative(model_dir: str | Path, data: str | Path, sids: str | Path, *, split: str = "test",
-                        beams: int = 50, ks=(10, 20, 50), batch_size: int = 32) -> dict:
+                        beams: int = 50, ks=(10, 20, 50), batch_size: int = 32, device: str = "auto") -> dict:
     """Constrained-beam-search metrics: ``{"test": ..., "baselines": {...}}``."""
     from lmrec.generative.api import evaluate_generative as _evaluate
 
-    return _evaluate(model_dir, data, sids, split=split, beams=beams, ks=ks, batch_size=batch_size)
+    return _evaluate(model_dir, data, sids, split=split, beams=beams, ks=ks, batch_size=batch_size, device=device)
 
 
 def recommend_generative(model_dir: str | Path, data: str | Path, sids: str | Path, history: list[str],
-                         k: int = 10, *, beams: int | None = None):
+                         k: int = 10, *, beams: int | None = None, device: str = "auto"):
     """[(item_id, [(key, value), ...], score), ...]: the top-k distinct real items by constrained beam search."""
     from lmrec.generative.recommender import GenerativeRecommender
 
-    return GenerativeRecommender.load(model_dir, data, sids).recommend(history, k, beams)
+    return GenerativeRecommender.load(model_dir, data, sids, device=_device(device)).recommend(history, k, beams)

@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
+from tests.serve.test_serve import recformer_model  # noqa: F401, F811  (a fixture)
 from tests.training.test_distributed import synthetic_dataset
 
 STREAM = ["train.batch_size=2", "train.num_training_steps=6", "train.lr=3e-3", "train.log_every=2",
@@ -103,3 +104,25 @@ def test_recformer_finetune_and_longformer_mlm_in_bf16(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "mlm" / "mlm_report.json").read_text())
     assert report["history"][-1]["valid_bpc"] < report["before"]["bpc"]
+
+
+def test_inference_on_cuda_ranks_as_on_the_cpu_and_the_service_answers_as_the_cli(recformer_model):  # noqa: F811
+    """--device cuda: evaluate gives the CPU's metrics (within float rounding); the service on the GPU returns
+    the CPU CLI's lists."""
+    import httpx
+
+    import lmrec
+    from lmrec.serve.app import build_app
+    from tests.serve.test_serve import Server, _histories
+
+    model, data = recformer_model
+    cpu = lmrec.evaluate(model, data, ks=(10,), device="cpu")
+    gpu = lmrec.evaluate(model, data, ks=(10,), device="cuda")
+    assert all(abs(cpu[k] - gpu[k]) < 1e-3 for k in cpu if k != "users")
+    hists = _histories(10)
+    expected = [[it for it, _, _ in lmrec.recommend(model, h, k=5, device="cpu")] for h in hists]
+    with Server(build_app(model=str(model), device="cuda", log=lambda m: None)) as srv:
+        srv.wait_ready()
+        got = [[hit["item_id"] for hit in httpx.post(srv.url + "/recommend", json={"history": h, "k": 5}).json()
+                ["items"]] for h in hists]
+    assert sum(a == b for a, b in zip(got, expected)) >= 9  # a near-tie may swap between devices

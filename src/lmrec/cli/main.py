@@ -38,6 +38,9 @@ BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODE
                  "default).")
 
 
+DEVICE_HELP = "Where the model runs: auto (the accelerator when one is present, else the CPU) | cpu | cuda | cuda:N."
+
+
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -289,13 +292,14 @@ def evaluate(
     ks: str = typer.Option("10,20,50", help="Cut-offs."),
     candidates: str = typer.Option("all", help="all (full ranking) | new (rank each target among the items "
                                                 "never seen before test time: zero-shot on a cold-start split)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Full-ranking metrics of a saved recommender (items it never saw are encoded on the fly), next to the
     expected metrics of a random ranking."""
     from lmrec.api import evaluate as run
 
     r = run(model, data, split=split, exclude_history=exclude_history, ks=_ks(ks), candidates=candidates,
-            with_random=True)
+            with_random=True, device=device)
     print_metrics(r, title=f"{data} ({split}" + (", new items only)" if candidates == "new" else ")"))
 
 
@@ -305,12 +309,13 @@ def recommend(
     history: str = typer.Option(..., help="Item ids, oldest first, comma separated."),
     k: int = typer.Option(10, "-k", help="How many items."),
     include_history: bool = typer.Option(False, help="Allow items of the history in the list."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Rank all items for a history and print the top k with their text and scores."""
     from lmrec.api import recommend as run
 
     ids = [h.strip() for h in history.split(",") if h.strip()]
-    print_recommendations(run(model, ids, _k(k), exclude_history=not include_history))
+    print_recommendations(run(model, ids, _k(k), exclude_history=not include_history, device=device))
 
 
 @app.command("recommend-all")
@@ -321,12 +326,13 @@ def recommend_all(
     k: int = typer.Option(10, "-k", help="Items per user."),
     include_history: bool = typer.Option(False, help="Allow items of the history in the lists."),
     batch_size: int = typer.Option(256, help="Users per batch."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Top-k recommendations for every user of a dataset (batch inference) into one parquet file."""
     from lmrec.api import recommend_all as run
 
     path = run(model, data, out, k=_k(k), exclude_history=not include_history,
-               batch_size=_k(batch_size, "--batch-size"))
+               batch_size=_k(batch_size, "--batch-size"), device=device)
     typer.echo(f"wrote {path}")
 
 
@@ -616,13 +622,14 @@ def gen_evaluate(
     beams: int = typer.Option(50, help="Beam width; items beyond it rank as misses."),
     ks: str = typer.Option("10,20,50", help="Cut-offs."),
     batch_size: int = typer.Option(32, help="Users per beam-search call."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Constrained-beam-search metrics on a prepared dataset, next to popularity and random (the same
     evaluator as the end of `gen train`)."""
     from lmrec.generative.api import evaluate_generative
 
     r = evaluate_generative(model, data, sids, split=split, beams=_k(beams, "--beams"), ks=_ks(ks),
-                            batch_size=_k(batch_size, "--batch-size"))
+                            batch_size=_k(batch_size, "--batch-size"), device=device)
     print_metrics(r, title=f"{data} ({split}), constrained beam search ({beams} beams)", model_name="generative")
 
 
@@ -634,12 +641,13 @@ def gen_recommend(
     history: str = typer.Option(..., help="Item ids, oldest first, comma separated."),
     k: int = typer.Option(10, "-k", help="How many items."),
     beams: int = typer.Option(None, help="Beam width (default: k)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Constrained beam search: the top-k distinct real items with their scores (sum of log-probs)."""
     from lmrec.cli.report import print_recommendations
     from lmrec.generative.api import load_recommender
 
-    rec = load_recommender(model, data, sids)
+    rec = load_recommender(model, data, sids, device=device)
     print_recommendations(rec.recommend([h.strip() for h in history.split(",") if h.strip()], _k(k),
                                         None if beams is None else _k(beams, "--beams")))
 
@@ -661,14 +669,17 @@ def serve(
     beams: int = typer.Option(None, help="Generative: beam width at least this (default: k)."),
     max_body_kb: int = typer.Option(1024, help="Largest request body (KiB); larger ones get 413."),
     log_level: str = typer.Option("info", help="uvicorn log level: critical | error | warning | info | debug."),
+    device: str = typer.Option("auto", help=DEVICE_HELP + " On an accelerator: one server process (--workers 1)."),
 ):
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, /recommend/batch, /items;
     GET /items/{id}, /metadata, /health/live, /health/ready; OpenAPI docs at /docs."""
     from lmrec.eval.index import KINDS
     from lmrec.serve.app import serve as _serve
     from lmrec.serve.backends import detect_family, worker_count
+    from lmrec.training.distributed import inference_device
 
     family = detect_family(model, data, sids)
+    device = str(inference_device(device))
     if not 0 < port < 65536:
         raise LmrecError(f"--port must be 1..65535, got {port}")
     if index not in KINDS:
@@ -678,7 +689,8 @@ def serve(
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise LmrecError(f"--log-level: unknown level {log_level!r}")
     _log(f"serving the {family} model {model} on http://{host}:{port} (docs: /docs; ready: /health/ready)")
-    _serve(host=host, port=port, workers=worker_count(workers), log_level=log_level, model=str(model),
+    _serve(host=host, port=port, workers=worker_count(workers, device), log_level=log_level, model=str(model),
+           device=device,
            data=None if data is None else str(data), sids=None if sids is None else str(sids), index=index,
            exact_max=_k(exact_max, "--exact-max"), beams=None if beams is None else _k(beams, "--beams"),
            max_batch=_k(max_batch, "--max-batch"), max_wait_ms=max_wait_ms,

@@ -91,22 +91,24 @@ def merge_lora(adapter, out) -> Path:
     return save_generative(model.merge_and_unload(), tok, Path(adapter), Path(out))
 
 
-def load_recommender(model_dir, data, sids_dir, max_history: int | None = None):
-    """A trained generative model with the prompt format it was trained with (``prompt_config.json``)."""
+def load_recommender(model_dir, data, sids_dir, max_history: int | None = None, device: str = "auto"):
+    """A trained generative model with the prompt format it was trained with (``prompt_config.json``), on
+    ``device`` (``auto``: the accelerator when one is present)."""
     from lmrec.generative.recommender import GenerativeRecommender
+    from lmrec.training.distributed import inference_device
 
-    return GenerativeRecommender.load(model_dir, data, sids_dir, max_history)
+    return GenerativeRecommender.load(model_dir, data, sids_dir, max_history, device=inference_device(device))
 
 
 def evaluate_generative(model_dir, data, sids_dir, *, split: str = "test", beams: int = 50, ks=(10, 20, 50),
-                        batch_size: int = 32) -> dict:
+                        batch_size: int = 32, device: str = "auto") -> dict:
     """Constrained-beam-search metrics of a trained generative model (a stage's model, a LoRA adapter, or a
     merged model) on a prepared dataset, next to popularity and the random expectation:
     ``{"test": ..., "baselines": {...}}`` — the same evaluator and numbers as the end of ``gen train``."""
     from lmrec.eval.baselines import baselines
     from lmrec.eval.evaluator import evaluate
 
-    rec = load_recommender(model_dir, data, sids_dir)
+    rec = load_recommender(model_dir, data, sids_dir, device=device)
     kw = dict(ks=ks, batch_size=batch_size)
     return {"test": evaluate(rec.rank_fn(beams), rec.ds.examples(split), desc=split, **kw),
             "baselines": baselines(rec.ds, split, **kw)}

@@ -40,10 +40,12 @@ class GenerativeRecommender:
         self.books: list[np.ndarray] | None = None  # the residual k-means codebooks, for new items
 
     @classmethod
-    def load(cls, model_dir, data, sids_dir, max_history: int | None = None) -> GenerativeRecommender:
-        """A saved model with the prompt format it was trained with (``max_history`` overrides it)."""
+    def load(cls, model_dir, data, sids_dir, max_history: int | None = None, device="cpu") -> GenerativeRecommender:
+        """A saved model with the prompt format it was trained with (``max_history`` overrides it), on
+        ``device`` (beam search runs there, its prefix tree too)."""
         ds = PreparedDataset(data)
         model, tok = load_generative(model_dir)
+        model = model.to(device)
         fmt = PromptFormat.load(model_dir)
         if max_history is not None:
             fmt = dataclasses.replace(fmt, max_history=max_history)

@@ -280,11 +280,11 @@ def app_from_env():
 
 def build_app(*, model: str, data: str | None = None, sids: str | None = None, index: str = "auto",
               exact_max: int = 200_000, beams: int | None = None, max_batch: int = 32, max_wait_ms: float = 2.0,
-              max_body_bytes: int = 1 << 20, log: Callable[[str], None] = print):
+              max_body_bytes: int = 1 << 20, device: str = "cpu", log: Callable[[str], None] = print):
     from lmrec.serve.backends import load_backend
 
     return create_app(lambda: load_backend(model, data=data, sids=sids, index=index, exact_max=exact_max,
-                                           beams=beams, log=log),
+                                           beams=beams, device=device, log=log),
                       max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, log=log)
 
 

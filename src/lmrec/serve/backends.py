@@ -161,11 +161,11 @@ class RecformerBackend(Backend):
     family = "recformer"
     max_k = 1000
 
-    def __init__(self, model_dir: Path, *, index: str = "auto", exact_max: int = 200_000, log=print):
+    def __init__(self, model_dir: Path, *, index: str = "auto", exact_max: int = 200_000, device="cpu", log=print):
         from lmrec.recformer.recommender import Recommender
 
         super().__init__(model_dir)
-        self.rec = Recommender.from_pretrained(model_dir)
+        self.rec = Recommender.from_pretrained(model_dir, device)
         if not self.rec.item_ids:
             raise LmrecError(f"{model_dir} has no item catalog (a pretraining or `backbone init` output); serve a "
                              "finetuned recommender")
@@ -217,12 +217,13 @@ class GenerativeBackend(Backend):
     family = "generative"
     max_k = 100
 
-    def __init__(self, model_dir: Path, data: Path, sids: Path, *, beams: int | None = None, log=print):
+    def __init__(self, model_dir: Path, data: Path, sids: Path, *, beams: int | None = None, device="cpu",
+                 log=print):
         from lmrec.generative.recommender import GenerativeRecommender
 
         super().__init__(model_dir)
         self.sids_dir, self.beams = Path(sids), beams
-        self.rec = GenerativeRecommender.load(model_dir, data, sids)
+        self.rec = GenerativeRecommender.load(model_dir, data, sids, device=device)
         self._embedder = None
 
     def item_ids(self) -> list[str]:
@@ -327,15 +328,21 @@ def detect_family(model_dir: str | Path, data: str | Path | None = None, sids: s
 
 
 def load_backend(model_dir: str | Path, *, data: str | Path | None = None, sids: str | Path | None = None,
-                 index: str = "auto", exact_max: int = 200_000, beams: int | None = None, log=print) -> Backend:
+                 index: str = "auto", exact_max: int = 200_000, beams: int | None = None, device: str = "cpu",
+                 log=print) -> Backend:
     """The backend for a model directory: a RecFormer recommender (``items.parquet``) or a generative model
-    (``sid_vocab.json``; it needs the prepared dataset and the semantic-ID directory)."""
+    (``sid_vocab.json``; it needs the prepared dataset and the semantic-ID directory), on ``device``."""
     if detect_family(model_dir, data, sids) == "generative":
-        return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, log=log)
-    return RecformerBackend(Path(model_dir), index=index, exact_max=exact_max, log=log)
+        return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, device=device, log=log)
+    return RecformerBackend(Path(model_dir), index=index, exact_max=exact_max, device=device, log=log)
 
 
-def worker_count(value: int) -> int:
+def worker_count(value: int, device: str = "cpu") -> int:
+    """``--workers``: processes, each with its own copy of the model. On an accelerator one process holds the
+    model (copies would share the device's memory and compute); throughput comes from ``--max-batch``."""
     if value < 1 or value > (os.cpu_count() or 1) * 4:
         raise LmrecError(f"--workers must be 1..{(os.cpu_count() or 1) * 4}, got {value}")
+    if value > 1 and device != "cpu":
+        raise LmrecError(f"--workers {value} with --device {device}: each worker would hold its own copy of the model "
+                         "on the same device; serve one process per GPU and raise --max-batch instead")
     return value
