@@ -201,55 +201,21 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float, no_decay_embed
 def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[[int], torch.utils.data.DataLoader],
         stage: Stage, *, optim: Optim | None = None, checkpointing: Checkpointing | None = None,
         global_step: int = 0, log: Callable[[str], None] = print) -> FitResult:
-    """Train ``model`` for up to ``stage.epochs`` epochs on ``make_loader(epoch)``. The learning-rate
-    schedule is sized from the loader itself: optimizer steps per epoch = its batches (over all processes)
-    / gradient accumulation."""
-    optim = optim or Optim()
+    """Train ``model`` for up to ``stage.epochs`` epochs on ``make_loader(epoch)``: prepare (optimizer, schedule,
+    placement), resume (or start afresh), then one epoch after another — a stream is one epoch."""
     first = make_loader(0)
     stream = hasattr(first, "load_state_dict")  # shards itself; resumes from its own state, not by skipping
     if stream and (stage.epochs != 1 or not stage.steps_per_epoch):
         raise ValueError("a stream is one epoch of the loop, with steps_per_epoch given")
-    ga, n = accelerator.gradient_accumulation_steps, accelerator.num_processes
-    sharded = None
-    if is_sharded(model):  # FSDP: already distributed; checkpointed shard by shard (training.fsdp)
-        # the loop steps this scheduler once per optimizer step: its steps are the same on any process count
-        steps_per_epoch = stage.steps_per_epoch or math.ceil(math.ceil(len(first) / n) / ga)
-        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch),
-                                           accelerator.device)
-        optimizer = accelerator.prepare(optimizer)
-        sharded = Sharded(model, optimizer, scheduler)
-    else:
-        # Accelerate steps a prepared scheduler once per process at every optimizer step (it assumes steps
-        # counted on the global data, as ``len(first)`` is); a stream's steps are each process's own.
-        steps_per_epoch = stage.steps_per_epoch or math.ceil(len(first) / ga)
-        units = n if stream else 1
-        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch * units),
-                                           accelerator.device)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = LoopState(result=FitResult(global_step=global_step))
-    ck = checkpointing
-    start = ck.resume.checkpoint_for(stage.tag) if ck is not None and ck.resume is not None else None
-    if start is not None:
-        saved = load_checkpoint(accelerator, start, stage.tag, stage.extra_state, sharded, log)
-        state = LoopState(**{**saved, "result": FitResult(**saved["result"])})
-        if saved["processes"] != accelerator.num_processes and state.batches and not stream:
-            # each process had consumed ``batches`` of its 1/N of the epoch: the same share of the data now
-            state.batches, state.running = _rescaled(state, saved["processes"], accelerator.num_processes)
-            log(f"[{stage.tag}] saved by {saved['processes']} processes, resumed on {accelerator.num_processes}: "
-                f"continuing at batch {state.batches} of each process's part of the epoch")
-        if stream:
-            restore_loader(first, start, accelerator.process_index)
-        log(f"[{stage.tag}] resumed from {start} (epoch {state.epoch + 1}, batch {state.batches}, "
-            f"step {state.result.global_step})")
-        if state.finished:
-            return state.result
-    elif ck is not None and accelerator.is_main_process:  # a fresh start replaces this stage's checkpoints
-        shutil.rmtree(ck.root / stage.tag, ignore_errors=True)
-    state.processes = accelerator.num_processes
-    steps = _Steps(accelerator, model, optimizer, scheduler, stage, optim.grad_clip, ck, state, sharded)
+    optim = optim or Optim()
+    model, optimizer, scheduler, sharded = _prepare(accelerator, model, len(first) if not stream else 0, stage,
+                                                    optim, stream)
+    state = _resume(accelerator, stage, checkpointing, first if stream else None, sharded, global_step, log)
+    if state.finished:
+        return state.result
+    steps = _Steps(accelerator, model, optimizer, scheduler, stage, optim.grad_clip, checkpointing, state, sharded)
     for epoch in range(state.epoch, stage.epochs):
-        fresh = state.batches == 0
-        if stage.before_epoch is not None and fresh:  # mid-epoch, the state it sets came from the checkpoint
+        if stage.before_epoch is not None and state.batches == 0:  # mid-epoch, its state came from the checkpoint
             stage.before_epoch(epoch)
         loader = first if epoch == 0 else make_loader(epoch)
         loss = steps.stream(loader) if stream else steps.epoch(epoch, accelerator.prepare(loader))
@@ -260,6 +226,52 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
             break
     accelerator.wait_for_everyone()
     return state.result
+
+
+def _prepare(accelerator: Accelerator, model, batches: int, stage: Stage, optim: Optim, stream: bool):
+    """(model, optimizer, scheduler, Sharded or None). The schedule is sized from the loader: optimizer steps
+    per epoch = its batches (over all processes) / gradient accumulation, or ``stage.steps_per_epoch``."""
+    ga, n = accelerator.gradient_accumulation_steps, accelerator.num_processes
+    if is_sharded(model):  # FSDP: already distributed; checkpointed shard by shard (training.fsdp)
+        # the loop steps this scheduler once per optimizer step: its steps are the same on any process count
+        steps_per_epoch = stage.steps_per_epoch or math.ceil(math.ceil(batches / n) / ga)
+        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch),
+                                           accelerator.device)
+        optimizer = accelerator.prepare(optimizer)
+        return model, optimizer, scheduler, Sharded(model, optimizer, scheduler)
+    # Accelerate steps a prepared scheduler once per process at every optimizer step (it assumes steps counted
+    # on the global data, as the loader's length is); a stream's steps are each process's own.
+    steps_per_epoch = stage.steps_per_epoch or math.ceil(batches / ga)
+    units = n if stream else 1
+    optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch * units),
+                                       accelerator.device)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return model, optimizer, scheduler, None
+
+
+def _resume(accelerator: Accelerator, stage: Stage, ck: Checkpointing | None, stream_loader, sharded,
+            global_step: int, log) -> LoopState:
+    """The loop's state: from this stage's checkpoint when resuming (model, optimizer, RNG and the stream's
+    position restored), else a fresh one (and this stage's old checkpoints removed)."""
+    state = LoopState(result=FitResult(global_step=global_step))
+    start = ck.resume.checkpoint_for(stage.tag) if ck is not None and ck.resume is not None else None
+    if start is None:
+        if ck is not None and accelerator.is_main_process:  # a fresh start replaces this stage's checkpoints
+            shutil.rmtree(ck.root / stage.tag, ignore_errors=True)
+        state.processes = accelerator.num_processes
+        return state
+    saved = load_checkpoint(accelerator, start, stage.tag, stage.extra_state, sharded, log)
+    state = LoopState(**{**saved, "result": FitResult(**saved["result"])})
+    if saved["processes"] != accelerator.num_processes and state.batches and stream_loader is None:
+        state.batches, state.running = _rescaled(state, saved["processes"], accelerator.num_processes)
+        log(f"[{stage.tag}] saved by {saved['processes']} processes, resumed on {accelerator.num_processes}: "
+            f"continuing at batch {state.batches} of each process's part of the epoch")
+    if stream_loader is not None:
+        restore_loader(stream_loader, start, accelerator.process_index)
+    log(f"[{stage.tag}] resumed from {start} (epoch {state.epoch + 1}, batch {state.batches}, "
+        f"step {state.result.global_step})")
+    state.processes = accelerator.num_processes
+    return state
 
 
 def _rescaled(state: LoopState, saved_by: int, processes: int) -> tuple[int, float]:
