@@ -103,3 +103,11 @@ def test_shipped_data_config_loads():
 
     cfg = load_data_config(ROOT / "configs" / "data-mix.json")
     assert [s.name for s in cfg.sources] == ["rec", "general_text"] and cfg.sources[1].weight == 0.3
+
+
+@pytest.mark.parametrize("name,think", [("stg1.json", False), ("sft.json", True)])
+def test_the_stage_data_configs_the_readme_names_load(name, think):
+    from lmrec.data.data_config import load_data_config
+
+    cfg = load_data_config(ROOT / "configs" / name)
+    assert [s.name for s in cfg.sources] == ["rec"] and cfg.add_think_pattern is think
