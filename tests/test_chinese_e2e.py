@@ -1,6 +1,7 @@
 """Chinese item text end to end through the CLI: a generated shop dataset (Chinese keys/values, full-width
 punctuation, mixed Chinese/Latin titles) → `data prepare` → a tiny Longformer_ZH-layout backbone (random
-weights, vocabulary = characters of jieba's dictionary) → `doctor` → `finetune` → `evaluate`."""
+weights, vocabulary = characters of jieba's dictionary) → `doctor` → `finetune` (which must learn the users'
+walk) → `evaluate`."""
 
 import csv
 import json
@@ -36,6 +37,14 @@ def generated_chinese_shop(root, n_users=120, n_items=60, seed=0):
             for t in range(rng.randint(5, 12)):
                 w.writerow([f"u{u}", f"i{(start + t * len(KINDS)) % n_items}", 1_600_000_000 + 100 * t])
     return root
+
+
+def assert_learned(metrics: dict) -> None:
+    """The walk is learned: test NDCG@10 well above popularity and the random expectation (an untrained
+    model, e.g. with a learning rate near 0, ranks at their level)."""
+    got = metrics["test"]["ndcg@10"]
+    pop, rnd = (metrics["baselines"][b]["ndcg@10"] for b in ("popularity", "random"))
+    assert got >= 2 * max(pop, rnd), (got, pop, rnd)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +85,7 @@ def test_doctor_finetune_evaluate_on_chinese_data(zh_run):
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     assert metrics["test"]["users"] == 120
     assert all(0.0 <= v <= 1.0 for k, v in metrics["test"].items() if k != "users")
+    assert_learned(metrics)
     res = run_cli("evaluate", "--model", root / "run" / "model", "--data", root / "data")
     assert res.returncode == 0, res.stderr
     assert f"{metrics['test']['ndcg@10']:.4f}" in res.stdout
@@ -93,4 +103,6 @@ def test_finetune_from_backbone_init_checkpoint(zh_run):
                   "train.batch_size=32", "train.item_grad=batch")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "initialised from" in res.stderr and "missing" not in res.stderr.split("initialised from")[1][:200]
-    assert json.loads((root / "run_init" / "metrics.json").read_text())["test"]["users"] == 120
+    metrics = json.loads((root / "run_init" / "metrics.json").read_text())
+    assert metrics["test"]["users"] == 120
+    assert_learned(metrics)
