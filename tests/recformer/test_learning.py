@@ -7,6 +7,7 @@ that does not train (learning rate near 0, no gradients) stays at the baselines'
 import json
 
 import numpy as np
+import pytest
 
 from lmrec.data.dataset import PreparedDataset
 from lmrec.data.prepare import prepare
@@ -17,6 +18,18 @@ TINY = ["model.default_layers=1", "model.default_heads=2", "model.default_vocab_
 CATEGORIES = ["phone", "shoe", "coat", "lamp", "book", "tea"]
 # few title words, so that any two titles share some: word overlap alone (an untrained encoder) says little
 NOISE = ["alpha", "bravo", "cedar", "delta"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: models this small train faster on it (a second one costs more in hand-offs than it adds,
+    the more so on a shared machine), and the numbers do not depend on the machine's core count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def ndcg(metrics: dict) -> tuple[float, float, float]:
