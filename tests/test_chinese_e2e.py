@@ -1,6 +1,7 @@
 """Chinese item text end to end through the CLI: a generated shop dataset (Chinese keys/values, full-width
 punctuation, mixed Chinese/Latin titles) → `data prepare` → a tiny Longformer_ZH-layout backbone (random
-weights, vocabulary = characters of jieba's dictionary) → `doctor` → `finetune` → `evaluate`."""
+weights, vocabulary = characters of jieba's dictionary) → `doctor` → `finetune` (which must learn the users'
+walk) → `evaluate`."""
 
 import csv
 import json
@@ -76,6 +77,10 @@ def test_doctor_finetune_evaluate_on_chinese_data(zh_run):
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     assert metrics["test"]["users"] == 120
     assert all(0.0 <= v <= 1.0 for k, v in metrics["test"].items() if k != "users")
+    # the walk is learned: well above popularity and the random expectation, where an untrained model ranks
+    base = metrics["baselines"]
+    best = max(base["popularity"]["ndcg@10"], base["random"]["ndcg@10"])
+    assert metrics["test"]["ndcg@10"] >= 2 * best, (metrics["test"]["ndcg@10"], base)
     res = run_cli("evaluate", "--model", root / "run" / "model", "--data", root / "data")
     assert res.returncode == 0, res.stderr
     assert f"{metrics['test']['ndcg@10']:.4f}" in res.stdout
