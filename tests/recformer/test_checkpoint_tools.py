@@ -122,3 +122,16 @@ def test_retokenize_resizes_vocabulary_and_copies_shared_rows(init_dir, tmp_path
     assert torch.equal(W_new[new_tok.convert_tokens_to_ids(tok)], W_old[old_tok.convert_tokens_to_ids(tok)])
     assert torch.equal(new["longformer.encoder.layer.1.output.dense.weight"],
                        old["longformer.encoder.layer.1.output.dense.weight"])
+
+
+def test_backbone_init_writes_the_same_checkpoint_twice(zh, tmp_path):
+    """The tensors a backbone lacks come from a seeded generator of their own: the same command, the same
+    checkpoint (and the caller's random state is untouched)."""
+    from lmrec.recformer.checkpoints import init_checkpoint
+
+    before = torch.random.get_rng_state()
+    for name in ("a", "b"):
+        init_checkpoint(zh, tmp_path / name, max_token_num=128, max_item_embeddings=11)
+    assert torch.equal(before, torch.random.get_rng_state())
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

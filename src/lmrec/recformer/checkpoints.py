@@ -33,12 +33,16 @@ WORD_EMB = "longformer.embeddings.word_embeddings.weight"
 
 
 # --------------------------------------------------------------------------------------------- init
-def init_checkpoint(backbone: str | Path, out: str | Path, *, allow_partial: bool = False, **overrides
-                    ) -> InitReport:
+def init_checkpoint(backbone: str | Path, out: str | Path, *, allow_partial: bool = False, seed: int = 0,
+                    **overrides) -> InitReport:
     """Build ``RecformerForPretraining`` from a backbone and save it (config, weights, tokenizer,
     ``init_report.json``). Raises (and writes nothing) when an essential tensor is missing or mis-shaped,
-    unless ``allow_partial``."""
-    model, tokenizer, report = build_recformer(backbone, model_cls=RecformerForPretraining, **overrides)
+    unless ``allow_partial``. The tensors the backbone lacks (the item positions, ...) are drawn from their
+    own generator seeded with ``seed``: the same command writes the same checkpoint, and the caller's random
+    state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, tokenizer, report = build_recformer(backbone, model_cls=RecformerForPretraining, **overrides)
     problems = report.problems()
     if problems and not allow_partial:
         raise LmrecError(f"backbone {backbone} does not initialise RecFormer completely:\n  "
