@@ -124,7 +124,7 @@ def _train_two_stages(run: Run, rec: Recommender, ds: PreparedDataset) -> dict:
         r2 = run.fit(rec.model, loader_for("none" if tr.item_grad == "none" else "batch"), Stage(
             "stage2", tr.stage2_epochs, tr.stage2_lr or tr.lr / 2, validate(False), ev.metric,
             eval_every=tr.eval_every, patience=tr.stage2_patience, on_best=run.keep_best(rec.save_pretrained)),
-            global_step=r1.global_step)
+            global_step=r1.global_step, fallback="the best stage-1 state")
         history["stage2"] = r2.history
         stage2_won = r2.best_metrics.get(ev.metric, -1.0) >= r1.best_metrics.get(ev.metric, -1.0)
     if not stage2_won:

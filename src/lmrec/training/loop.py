@@ -374,15 +374,20 @@ def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: f
         accelerator.log({f"{stage.tag}/valid_{k}": v for k, v in metrics.items() if k != "users"},
                         step=result.global_step)
         sign, m = (1.0 if stage.greater_is_better else -1.0), stage.metric
-        if m not in result.best_metrics or sign * metrics[m] > sign * result.best_metrics[m]:
+        # a model that scored some users NaN (ranked last, so its metric may even look fine) is never kept
+        finite = math.isfinite(metrics[m]) and not metrics.get("nonfinite")
+        if finite and (m not in result.best_metrics or sign * metrics[m] > sign * result.best_metrics[m]):
             result.best_metrics, result.best_epoch, state.bad_epochs = metrics, epoch, 0
             if stage.on_best is not None:
                 stage.on_best(metrics, epoch)
         else:
             state.bad_epochs += 1
         if accelerator.is_local_main_process:
-            tqdm.write(f"[{stage.tag}] epoch {epoch}: loss {loss:.4f}  valid {m} {metrics[m]:.4f}  "
-                       f"(best {result.best_metrics[m]:.4f} @ {result.best_epoch})")
+            best = f"{result.best_metrics[m]:.4f} @ {result.best_epoch}" if m in result.best_metrics else "none yet"
+            why = (f"{metrics['nonfinite']} users had non-finite scores" if metrics.get("nonfinite") else
+                   f"{m} is not finite")
+            tqdm.write(f"[{stage.tag}] epoch {epoch}: loss {loss:.4f}  valid {m} {metrics[m]:.4f}  (best {best})"
+                       + ("" if finite else f"  NOT KEPT: {why}"))
         stop = stage.patience is not None and state.bad_epochs >= stage.patience
     result.history.append(record)
     return stop
