@@ -142,6 +142,15 @@ class TrainConfig(_TrainCommon):
     # softmax end to end; small catalogs only). A random-init backbone needs "batch" or "all".
     item_grad: Literal["none", "batch", "all"] = "all"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_max_steps(cls, data):
+        if isinstance(data, dict) and "max_steps" in data:  # what users of other trainers reach for first
+            raise ValueError("finetune trains whole epochs (validation, early stopping and the stage-2 switch happen "
+                             "at epoch ends), so train.max_steps is not supported: set train.stage1_epochs and "
+                             "train.stage2_epochs (train.batch_size sets the steps per epoch)")
+        return data
+
 
 class EvalConfig(_Ranking):
     batch_size: Count = 64
