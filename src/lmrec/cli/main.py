@@ -195,7 +195,7 @@ def finetune(
 @app.command()
 def baseline(
     arch: str = typer.Argument(..., help="sasrec | gru4rec"),
-    data: Path = typer.Option(..., help="Prepared dataset directory."),
+    data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (model / train / eval sections)."),
     output_dir: Path = typer.Option(None, help="Run directory (default: runs/baseline-<arch>)."),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 model.layers=2."),
@@ -212,8 +212,11 @@ def baseline(
     if output_dir is not None or config is None:  # a config file's own output_dir stands unless --output-dir
         extra.append(f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}")
     cfg = load_config(config, extra + list(overrides or []), schema=IdRunConfig)
-    result = train_baseline(cfg, data, log=_log)
-    _report(result.metrics, f"{data}: test split, full ranking", result.model_dir, result.run_dir,
+    path = data or cfg.data.path
+    if path is None:
+        raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
+    result = train_baseline(cfg, path, log=_log)
+    _report(result.metrics, f"{path}: test split, full ranking", result.model_dir, result.run_dir,
             model_name=NAMES[arch])
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from lmrec.config import RunConfig
+from lmrec.config import RunConfig, with_data_path
 from lmrec.data.dataset import PreparedDataset
 from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
@@ -70,6 +70,7 @@ class ItemTable:
 
 def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneResult:
     ds = PreparedDataset(dataset_path)  # inputs are checked before the run directory exists
+    cfg = with_data_path(cfg, dataset_path)  # run_config.yaml names the data it ran on
     with Run(cfg, "finetune", log) as run:
         rec = build_recommender(cfg, ds, run.dir, run.acc, log)
         rec.model.to(run.acc.device)

@@ -215,8 +215,7 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
     stream = hasattr(first, "load_state_dict")  # shards itself; resumes from its own state, not by skipping
     if stream and (stage.epochs != 1 or not stage.steps_per_epoch):
         raise ValueError("a stream is one epoch of the loop, with steps_per_epoch given")
-    ga, n = accelerator.gradient_accumulation_steps, accelerator.num_processes
-    sharded = None
+    ga, n, sharded = accelerator.gradient_accumulation_steps, accelerator.num_processes, None
     if is_sharded(model):  # FSDP: already distributed; checkpointed shard by shard (training.fsdp)
         # the loop steps this scheduler once per optimizer step: its steps are the same on any process count
         steps_per_epoch = stage.steps_per_epoch or math.ceil(math.ceil(len(first) / n) / ga)
