@@ -256,3 +256,13 @@ def test_doctor_fails_a_backbone_that_gives_nan(tmp_path, tiny_backbone):
     assert smoke.ok is False and ("finite" in smoke.detail.lower() or "nan" in smoke.detail.lower()), smoke.detail
     checks = run_doctor(tiny_backbone, finetune_epochs=1, data=data, log=lambda m: None)
     assert next(c for c in checks if c.name.startswith("finetune")).ok is True
+
+
+def test_a_comparison_over_seeds_carries_the_count():
+    """`lmrec compare` averages metrics over seeds: a seed with non-finite users is counted, not a KeyError."""
+    from lmrec.compare import summarize
+
+    healthy = {"ndcg@10": 0.2, "users": 10}
+    s = summarize([healthy, {"ndcg@10": 0.0, "users": 10, "nonfinite": 10}])
+    assert s["mean"] == {"ndcg@10": 0.1} and s["nonfinite"] == 10
+    assert "nonfinite" not in summarize([healthy, healthy])
