@@ -1,6 +1,7 @@
 """What a new user met running `finetune` (issue 21, point 11): a run of one optimizer step per stage trains;
 the same command re-run into the same directory gives the same model and metrics; a backbone keeps its own
-attention window; `run_config.yaml` re-runs the run; `train.max_steps` gets a clear answer."""
+attention window; `run_config.yaml` re-runs the run (finetune, baseline, pretrain); `train.max_steps` gets a
+clear answer."""
 
 import json
 
@@ -91,6 +92,23 @@ def test_run_config_yaml_reruns_the_run(data, tmp_path):
     res = run_cli("baseline", "sasrec", "-c", base / "run_config.yaml")  # no --data: the config's
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((base / "metrics.json").read_text())["test"] == first.metrics["test"]
+
+
+def test_pretraining_run_config_reruns_without_data_options(data, tmp_path, tiny_backbone):
+    """`lmrec pretrain` required --data even with a run's own config, which names the corpus."""
+    from lmrec.config import PretrainRunConfig, load_config
+    from lmrec.recformer.pretrain import pretrain
+
+    run = tmp_path / "pre"
+    cfg = load_config(None, [f"data.paths=[{data}]", f"output_dir={run}", f"model.backbone={tiny_backbone}",
+                             "model.max_token_num=64", "train.batch_size=8", "train.epochs=1"],
+                      schema=PretrainRunConfig)
+    first = pretrain(cfg, log=lambda m: None)
+    saved = yaml.safe_load((run / "run_config.yaml").read_text())["data"]
+    assert saved["paths"] == [str(data.resolve())]
+    res = run_cli("pretrain", "-c", run / "run_config.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["test"] == first.metrics["test"]
 
 
 def test_finetune_says_why_max_steps_is_not_supported():

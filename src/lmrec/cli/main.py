@@ -258,7 +258,8 @@ def compare(
 
 @app.command()
 def pretrain(
-    data: list[Path] = typer.Option(..., help="Prepared dataset of the corpus (repeat for several domains)."),
+    data: list[Path] = typer.Option(None, help="Prepared dataset of the corpus (repeat for several domains; "
+                                               "overrides data.paths)."),
     valid: Path = typer.Option(None, help="Prepared dataset for zero-shot validation (default: the first --data)."),
     output_dir: Path = typer.Option(None, help="Run directory (model/, metrics.json, logs/, checkpoints/)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML pretraining config."),
@@ -273,7 +274,8 @@ def pretrain(
     from lmrec.config import PretrainRunConfig, load_config
     from lmrec.recformer.pretrain import pretrain as run
 
-    ov = [f"data.paths={json.dumps([str(d) for d in data])}"] + ([f"data.valid={valid}"] if valid else [])
+    ov = ([f"data.paths={json.dumps([str(d) for d in data])}"] if data else []) + ([f"data.valid={valid}"] if valid
+                                                                                    else [])
     ov += [f"output_dir={output_dir}"] if output_dir else []
     ov += ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
     ov += [f"train.resume_from={resume_from}"] if resume_from else []

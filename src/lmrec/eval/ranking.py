@@ -52,8 +52,10 @@ def target_ranks(
     score (of the target or any item). Returned as float64: ranks may be x.5."""
     target_scores = (queries * items[targets]).sum(-1, keepdim=True)  # (B, 1)
     bad_target = ~torch.isfinite(target_scores)
-    target_scores = target_scores.masked_fill(bad_target, 0.0)
-    tol = 16 * torch.finfo(target_scores.dtype).eps * target_scores.abs().clamp(min=1.0)
+    tol = 16 * torch.finfo(target_scores.dtype).eps * target_scores.masked_fill(bad_target, 0.0).abs().clamp(min=1.0)
+    # non-finite → -inf: never above a finite target; a -inf target has every finite item above it
+    target_scores = target_scores.masked_fill(bad_target, float("-inf"))
+    any_bad_target = bool(bad_target.any())
     ranks = torch.zeros(len(queries), dtype=torch.float64, device=queries.device)
     nonfinite = bad_target[:, 0].clone()
     rows = torch.arange(len(queries), device=queries.device)
@@ -62,9 +64,11 @@ def target_ranks(
         scores = queries @ chunk.T  # (B, C)
         bad = ~torch.isfinite(scores)
         nonfinite |= bad.any(-1)
-        # a finite item is above a non-finite target; non-finite items are below every finite target
-        higher = torch.where(bad_target, ~bad, (scores > target_scores + tol) & ~bad)
-        tied = torch.where(bad_target, bad, ((scores - target_scores).abs() <= tol) & ~bad)
+        scores.masked_fill_(bad, float("-inf"))
+        higher = scores > target_scores + tol
+        tied = (scores - target_scores).abs() <= tol  # -inf against -inf is NaN here: those ties come next
+        if any_bad_target:
+            tied |= bad & bad_target
         inside = (targets >= start) & (targets < start + len(chunk))
         tied[rows[inside], targets[inside] - start] = False
         if exclude is not None:

@@ -87,6 +87,10 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
         raise LmrecError("no pretraining corpus: give one or more prepared datasets (--data DIR, repeatable)")
     corpus = [PreparedDataset(p) for p in dc.paths]  # inputs are checked before the run directory exists
     valid_ds = PreparedDataset(dc.valid) if dc.valid else corpus[0]
+    # run_config.yaml names the data it ran on, absolute: `lmrec pretrain -c RUN/run_config.yaml` re-runs it
+    cfg = cfg.model_copy(update={"data": dc.model_copy(update={
+        "paths": [str(Path(p).resolve()) for p in dc.paths], "valid": str(Path(dc.valid).resolve()) if dc.valid
+        else None})})
     with Run(cfg, "pretrain", log) as run:
         backbone = backbone_or_default(m, [t for ds in corpus for t in ds.item_text], run.dir, run.acc, tr.seed, log)
         model, tokenizer = build_checked(
