@@ -199,6 +199,10 @@ def test_validation_never_keeps_a_non_finite_epoch(tmp_path):
             Run(cfg.model_copy(update={"output_dir": str(tmp_path / "run2")}), "t", log=lambda m: None) as run:
         run.fit(wrapped, loader, Stage("s", 2, 1e-2, lambda: next(bad), on_best=lambda m, e: kept.append(e)))
     assert kept == [1] and not (tmp_path / "run2").exists()  # a failed run leaves nothing behind
+    said, bad = [], iter([{"ndcg@10": float("nan"), "users": 5}])  # finetune's stage 2 keeps stage 1's best
+    with Run(cfg.model_copy(update={"output_dir": str(tmp_path / "run3")}), "t", log=said.append) as run:
+        r = run.fit(wrapped, loader, Stage("s2", 1, 1e-2, lambda: next(bad)), fallback="the best stage-1 state")
+    assert r.best_epoch == -1 and any("keeping the best stage-1 state" in line for line in said)
 
 
 def _nan_copy(src, dst, *, table_rows=None):
