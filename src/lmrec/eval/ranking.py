@@ -62,9 +62,11 @@ def target_ranks(
     for start in range(0, items.shape[0], chunk_size):
         chunk = items[start : start + chunk_size]
         scores = queries @ chunk.T  # (B, C)
-        bad = ~torch.isfinite(scores)
-        nonfinite |= bad.any(-1)
-        scores.masked_fill_(bad, float("-inf"))
+        # a non-finite score makes its row's sum non-finite: one reduction finds them, the masks only then
+        if any_bad_target or not bool(torch.isfinite(scores.sum(-1)).all()):
+            bad = ~torch.isfinite(scores)
+            nonfinite |= bad.any(-1)
+            scores.masked_fill_(bad, float("-inf"))
         higher = scores > target_scores + tol
         tied = (scores - target_scores).abs() <= tol  # -inf against -inf is NaN here: those ties come next
         if any_bad_target:
