@@ -56,11 +56,13 @@ RUNNERS: dict[str, Callable] = {"recformer": _recformer, "generative": _generati
 
 def summarize(per_seed: list[dict]) -> dict:
     """Mean and sample standard deviation (n − 1; 0 for one seed) of every metric over the seeds."""
-    keys = [k for k in per_seed[0] if k != "users"]
+    keys = [k for k in per_seed[0] if k not in ("users", "nonfinite")]
     values = {k: np.array([m[k] for m in per_seed], dtype=np.float64) for k in keys}
-    return {"mean": {k: float(v.mean()) for k, v in values.items()},
-            "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
-            "users": per_seed[0].get("users")}
+    out = {"mean": {k: float(v.mean()) for k, v in values.items()},
+           "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+           "users": per_seed[0].get("users")}
+    nonfinite = sum(m.get("nonfinite", 0) for m in per_seed)  # users with non-finite scores, all seeds together
+    return {**out, "nonfinite": nonfinite} if nonfinite else out
 
 
 DONE = "compare_run.json"

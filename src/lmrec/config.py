@@ -64,7 +64,9 @@ class ModelConfig(_Strict):
     max_token_num: Count = 32  # the newest ≈2–3 items; longer windows measured worse on ml-100k
     max_attr_num: Count = 3
     max_attr_length: Count = 16
-    attention_window: Count | list[Count] = 64
+    # None = the backbone's own (e.g. 512 after `backbone convert-to-long --attention-window 512`; 64 for the
+    # embedded default and for backbones without one); a value replaces it, and the run says so
+    attention_window: Count | list[Count] | None = None
     # how the attention is computed (same function, same weights): auto = dense SDPA on short inputs, the
     # linear-memory blocked kernel on long ones; sdpa; blocked; longformer = HF's kernels. Applies to a
     # saved model given as init too.
@@ -144,6 +146,15 @@ class TrainConfig(_TrainCommon):
     # items encoded with gradient. "all": the whole catalog is encoded with gradient at every step (full
     # softmax end to end; small catalogs only). A random-init backbone needs "batch" or "all".
     item_grad: Literal["none", "batch", "all"] = "all"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_max_steps(cls, data):
+        if isinstance(data, dict) and "max_steps" in data:  # what users of other trainers reach for first
+            raise ValueError("finetune trains whole epochs (validation, early stopping and the stage-2 switch happen "
+                             "at epoch ends), so train.max_steps is not supported: set train.stage1_epochs and "
+                             "train.stage2_epochs (train.batch_size sets the steps per epoch)")
+        return data
 
 
 class EvalConfig(_Ranking):
@@ -292,8 +303,13 @@ class IdTrainConfig(_TrainCommon):
     lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
 
 
+class IdDataConfig(_Strict):
+    path: str | None = None  # the prepared dataset (`lmrec baseline --data`; recorded by the run)
+
+
 class IdRunConfig(_Strict):
     output_dir: str = "runs/baseline"
+    data: IdDataConfig = IdDataConfig()
     model: IdModelConfig = IdModelConfig()
     train: IdTrainConfig = IdTrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -397,6 +413,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
         raise ConfigError(f"invalid configuration ({source} and overrides):\n" + "\n".join(lines)) from None
+
+
+def with_data_path(cfg, path: str | Path):
+    """``cfg`` with ``data.path`` set to the dataset a run actually uses (absolute), so that the run's
+    ``run_config.yaml`` re-runs it: ``lmrec finetune -c RUN/run_config.yaml``."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(path).resolve())})})
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -98,7 +98,8 @@ def test_ranking_among_candidates_equals_ranking_the_sub_catalog():
     queries = dict(zip(map(id, histories), users))
     fn = dot_rank_fn(lambda hs: torch.stack([queries[id(h)] for h in hs]), items, candidates=cand,
                      exclude_history=True)
-    got = fn(histories, targets)
+    got, nonfinite = fn(histories, targets)
+    assert not nonfinite.any()
     for u in range(3):  # by hand: scores on the candidates only, history candidates other than the target out
         pool = [c for c in cand if c == targets[u] or c not in histories[u]]
         s = {c: float(users[u] @ items[c]) for c in pool}

@@ -155,3 +155,46 @@ def test_pretrain_killed_and_resumed_is_exact(corpus):
     assert_same_weights(root / "ref" / "model" / "model.safetensors", run / "model" / "model.safetensors")
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (root / "ref", run))
     assert ma["history"] == mb["history"] and ma["test"] == mb["test"]
+
+
+def test_two_process_pretraining_trains_complete_distinct_batches(tmp_path, tiny_backbone):
+    """40 pairs in batches of 6 on 2 processes: Accelerate's even_batches filled the last step with a batch
+    from the start of the epoch next to the incomplete one (4 pairs against 6: the gathered contrastive batch
+    mixed sizes, and pairs trained twice). Now each step is one complete batch per process, none twice."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = synthetic_dataset(tmp_path / "data")  # 40 users: 40 pairs per epoch
+    out = tmp_path / "batches"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           str(Path(__file__).with_name("pretrain_batches_worker.py")), str(data), str(out),
+           f"output_dir={tmp_path / 'run'}", f"model.backbone={tiny_backbone}", "model.max_token_num=64",
+           "train.batch_size=6", "train.epochs=1", "eval.batch_size=8", "data.valid_users=8"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # 6 complete batches of the 7, over 2 processes
+    steps = list(zip(*ranks))
+    assert all(len(pairs) == 6 for step in steps for _, pairs in step)
+    indices = [b for step in steps for b, _ in step]
+    assert sorted(indices) == list(range(6))  # no batch twice: no pair is its own negative or trained twice
+    for a, b in steps:  # within a step, the gathered batch holds 12 distinct pairs
+        assert not {json.dumps(p) for p in a[1]} & {json.dumps(p) for p in b[1]}
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_contrastive_batches_are_complete_and_a_multiple_of_the_processes():
+    from lmrec.errors import LmrecError
+    from lmrec.recformer.pretrain import contrastive_batches
+
+    pairs = list(range(40))
+    assert [len(p) for _, p in contrastive_batches(pairs, 6)] == [6] * 6 + [4]  # one process: as before
+    assert [len(p) for _, p in contrastive_batches(pairs[:37], 6)] == [6] * 6  # a last batch of 1: no negatives
+    two = contrastive_batches(pairs, 6, processes=2)
+    assert [b for b, _ in two] == list(range(6)) and sum((p for _, p in two), []) == pairs[:36]
+    assert len(contrastive_batches(pairs, 6, processes=4)) == 4
+    with pytest.raises(LmrecError, match="lower train.batch_size"):
+        contrastive_batches(pairs[:11], 6, processes=2)

@@ -1,5 +1,5 @@
-"""The optimizer and schedule: warmup then cosine decay to min_lr (values against a hand computation),
-betas, weight-decay groups chosen by module type, and the config's checks."""
+"""The optimizer and schedule: warmup then cosine decay to min_lr (values against a hand computation), a first
+step that trains, betas, weight-decay groups chosen by module type, and the config's checks."""
 
 import math
 
@@ -27,7 +27,7 @@ def test_warmup_then_cosine_to_min_lr_equals_a_hand_computation():
     got = lrs(Optim(warmup_ratio=0.1, schedule="cosine", min_lr=floor), lr, total)
     for step, value in enumerate(got):
         if step < 10:
-            expected = lr * step / 10
+            expected = lr * (step + 1) / 11  # the first step trains too: lr / 11, the peak at step 10
         else:
             progress = min(1.0, (step - 10) / 90)
             expected = floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -78,3 +78,52 @@ def test_schedule_settings_are_checked():
         load_config(None, ["train.min_lr=1e-5"], schema=GenRunConfig)
     with pytest.raises(ConfigError, match="must be below lr"):
         load_config(None, ["train.lr_schedule=cosine", "train.min_lr=1"], schema=GenRunConfig)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant", "cosine"])
+def test_the_first_optimizer_step_trains_and_the_rest_is_transformers_schedule(schedule):
+    """transformers' warmup starts at lr 0: a run of one optimizer step (one epoch on small data) trained
+    nothing. The warmup is theirs shifted by one step; after it the schedule is theirs unchanged."""
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    lr, total = 1e-3, 100
+    optim = Optim(warmup_ratio=0.05, schedule=schedule, min_lr=1e-5 if schedule == "cosine" else 0.0)
+    assert lrs(optim, lr, 1)[0] == pytest.approx(lr / 2)  # one step, one warmup step: half the peak, not 0
+    got = lrs(optim, lr, total)
+    assert got[:6] == pytest.approx([lr * (s + 1) / 6 for s in range(5)] + [lr])  # 5 warmup steps, then the peak
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ref = {"linear": get_linear_schedule_with_warmup(opt, 5, total),
+           "constant": get_constant_schedule_with_warmup(opt, 5)}.get(schedule)
+    if ref is not None:
+        theirs = []
+        for _ in range(total + 3):
+            theirs.append(ref.get_last_lr()[0])
+            opt.step()
+            ref.step()
+        assert theirs[0] == 0.0 and got[5:] == pytest.approx(theirs[5:], rel=1e-12, abs=1e-15)
+
+
+def test_one_optimizer_step_moves_the_weights_and_few_steps_are_warned(tmp_path):
+    from lmrec.config import IdRunConfig
+    from lmrec.training.loop import Stage, data_loader
+    from lmrec.training.run import Run
+
+    class Out(dict):
+        loss = property(lambda self: self["loss"])
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def forward(self, x):
+            return Out(loss=(self.lin(x) - 1).pow(2).mean())
+
+    model, logged = Toy(), []
+    before = model.lin.weight.detach().clone()
+    cfg = IdRunConfig(output_dir=str(tmp_path / "run"), train={"warmup_ratio": 0.05})
+    with Run(cfg, "t", log=logged.append) as run:
+        r = run.fit(model, lambda e: data_loader([{"x": torch.ones(4, 2)}], seed=e), Stage("one", 1, 0.1))
+    assert r.global_step == 1 and not torch.equal(model.lin.weight.detach(), before)
+    assert any("only 1 optimizer step(s)" in line for line in logged)

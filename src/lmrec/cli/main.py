@@ -198,7 +198,7 @@ def finetune(
 @app.command()
 def baseline(
     arch: str = typer.Argument(..., help="sasrec | gru4rec"),
-    data: Path = typer.Option(..., help="Prepared dataset directory."),
+    data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (model / train / eval sections)."),
     output_dir: Path = typer.Option(None, help="Run directory (default: runs/baseline-<arch>)."),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 model.layers=2."),
@@ -215,8 +215,11 @@ def baseline(
     if output_dir is not None or config is None:  # a config file's own output_dir stands unless --output-dir
         extra.append(f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}")
     cfg = load_config(config, extra + list(overrides or []), schema=IdRunConfig)
-    result = train_baseline(cfg, data, log=_log)
-    _report(result.metrics, f"{data}: test split, full ranking", result.model_dir, result.run_dir,
+    path = data or cfg.data.path
+    if path is None:
+        raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
+    result = train_baseline(cfg, path, log=_log)
+    _report(result.metrics, f"{path}: test split, full ranking", result.model_dir, result.run_dir,
             model_name=NAMES[arch])
 
 
@@ -258,7 +261,8 @@ def compare(
 
 @app.command()
 def pretrain(
-    data: list[Path] = typer.Option(..., help="Prepared dataset of the corpus (repeat for several domains)."),
+    data: list[Path] = typer.Option(None, help="Prepared dataset of the corpus (repeat for several domains; "
+                                               "overrides data.paths)."),
     valid: Path = typer.Option(None, help="Prepared dataset for zero-shot validation (default: the first --data)."),
     output_dir: Path = typer.Option(None, help="Run directory (model/, metrics.json, logs/, checkpoints/)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML pretraining config."),
@@ -273,7 +277,8 @@ def pretrain(
     from lmrec.config import PretrainRunConfig, load_config
     from lmrec.recformer.pretrain import pretrain as run
 
-    ov = [f"data.paths={json.dumps([str(d) for d in data])}"] + ([f"data.valid={valid}"] if valid else [])
+    ov = ([f"data.paths={json.dumps([str(d) for d in data])}"] if data else []) + ([f"data.valid={valid}"] if valid
+                                                                                    else [])
     ov += [f"output_dir={output_dir}"] if output_dir else []
     ov += ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
     ov += [f"train.resume_from={resume_from}"] if resume_from else []

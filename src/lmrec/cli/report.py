@@ -22,6 +22,10 @@ def print_metrics(metrics: dict, title: str = "metrics", console: Console | None
     for name, m in rows:
         table.add_row(name, *[f"{m.get(c, float('nan')):.4f}" for c in COLUMNS], str(m.get("users", "")))
     console.print(table)
+    for name, m in rows:
+        if m.get("nonfinite"):
+            console.print(f"[red]warning: {name}: {m['nonfinite']} of {m['users']} users had non-finite scores "
+                          "(NaN or infinite: the model diverged or its weights are broken); they rank last[/]")
 
 
 def print_recommendations(recs, console: Console | None = None) -> None:

@@ -1,13 +1,22 @@
 """The evaluator shared by every model family.
 
 A model is evaluated through a *rank function*: given a batch of histories and targets it returns each
-target's 0-based rank among all items (``inf`` when not retrieved). Full ranking (text family) and beam
-search (generative family) plug in alike, so metrics and splits are the same for both.
-Under several processes each rank scores a strided shard of the users and the ranks are gathered.
+target's 0-based rank among all items (``inf`` when not retrieved), or ``(ranks, nonfinite)`` where
+``nonfinite`` flags the users whose scores were not all finite (NaN or infinite: a diverged or broken
+model). Full ranking (text family) and beam search (generative family) plug in alike, so metrics and splits
+are the same for both. Under several processes each rank scores a strided shard of the users and the ranks
+are gathered.
+
+Non-finite scores rank last (never first: every comparison with NaN is false), the metrics count the users
+who had them (``nonfinite``, present only when there were any) and a warning names them; training never
+keeps an epoch whose validation had any (``lmrec.training.loop``). Evaluation goes on rather than stopping:
+a few users whose history overflows still leave meaningful metrics for the others, and a run whose
+validation diverged must still be able to finish with the best earlier model.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,7 +28,8 @@ from lmrec.eval.metrics import DEFAULT_KS, compute_metrics
 from lmrec.eval.ranking import DEFAULT_CHUNK, target_ranks
 from lmrec.progress import progress
 
-RankFn = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
+RankFn = Callable[[list[np.ndarray], np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
+logger = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -37,19 +47,27 @@ def evaluate(
     rank = accelerator.process_index if accelerator is not None else 0
     shard = np.arange(rank, len(examples), world)
     ranks = np.empty(len(shard), dtype=np.float64)
+    bad = np.zeros(len(shard), dtype=bool)
     show = accelerator is None or accelerator.is_local_main_process
     for start in progress(range(0, len(shard), batch_size), desc, show):
         idx = shard[start : start + batch_size]
-        ranks[start : start + len(idx)] = rank_fn([examples.histories[i] for i in idx], examples.targets[idx])
+        out = rank_fn([examples.histories[i] for i in idx], examples.targets[idx])
+        if isinstance(out, tuple):
+            out, bad[start : start + len(idx)] = out
+        ranks[start : start + len(idx)] = out
     if world > 1:
         from accelerate.utils import gather_object
 
-        pairs = gather_object(list(zip(shard.tolist(), ranks.tolist())))
-        full = np.empty(len(examples), dtype=np.float64)
-        for i, r in pairs:
-            full[i] = r
-        ranks = full
+        pairs = gather_object(list(zip(shard.tolist(), ranks.tolist(), bad.tolist())))
+        ranks, bad = np.empty(len(examples), dtype=np.float64), np.zeros(len(examples), dtype=bool)
+        for i, r, b in pairs:
+            ranks[i], bad[i] = r, b
     metrics = compute_metrics(ranks, ks)
+    if bad.any():
+        metrics["nonfinite"] = int(bad.sum())
+        if show:
+            logger.warning(f"{desc}: {metrics['nonfinite']} of {len(ranks)} users had non-finite scores (NaN or "
+                           "infinite: the model diverged or its weights are broken); those scores rank last")
     return (metrics, ranks) if return_ranks else metrics
 
 
@@ -62,13 +80,14 @@ def dot_rank_fn(
     candidates: np.ndarray | None = None,
 ) -> RankFn:
     """Rank function for models that score items by a dot product with a query vector. ``candidates``
-    (item indices) ranks each target among those items only; every target must be one of them."""
+    (item indices) ranks each target among those items only; every target must be one of them. Returns
+    ``(ranks, nonfinite)`` (see the module docstring)."""
     if candidates is not None:
         remap = np.full(len(item_vectors), -1, dtype=np.int64)
         remap[candidates] = np.arange(len(candidates))
         item_vectors = item_vectors[torch.as_tensor(candidates, device=item_vectors.device)]
 
-    def rank_fn(histories: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
+    def rank_fn(histories: list[np.ndarray], targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = encode_queries(histories)  # the whole history, whatever the candidates
         exclude = histories if exclude_history else None
         if candidates is not None:
@@ -79,7 +98,8 @@ def dot_rank_fn(
             if exclude is not None:
                 exclude = [r[r >= 0] for r in (remap[h] for h in exclude)]
         t = torch.as_tensor(targets, device=q.device)
-        r = target_ranks(q, item_vectors.to(q.device, q.dtype), t, chunk_size=chunk_size, exclude=exclude)
-        return r.cpu().numpy()
+        r, bad = target_ranks(q, item_vectors.to(q.device, q.dtype), t, chunk_size=chunk_size, exclude=exclude,
+                              return_nonfinite=True)
+        return r.cpu().numpy(), bad.cpu().numpy()
 
     return rank_fn

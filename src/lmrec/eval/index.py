@@ -139,8 +139,9 @@ class ItemIndex:
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, item indices) of the k best items per query, (B, k) each, best first. Excluded items
-        never appear; rows that run out of items are padded with score -inf and index -1."""
+        """(scores, item indices) of the k best items per query, (B, k) each, best first. Excluded items and
+        items with a non-finite score (a NaN vector) never appear; rows that run out of items are padded with
+        score -inf and index -1."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         extra = max((len(set(h)) for h in exclude), default=0) if exclude is not None else 0
         kk = min(self.size, k + extra)
@@ -148,7 +149,7 @@ class ItemIndex:
         out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
         out_i = np.full((len(queries), k), -1, dtype=np.int64)
         for b in range(len(queries)):
-            keep = ids[b] >= 0
+            keep = (ids[b] >= 0) & np.isfinite(scores[b])
             if exclude is not None:
                 keep &= ~np.isin(ids[b], np.asarray(exclude[b], dtype=np.int64))
             s, i = scores[b][keep][:k], ids[b][keep][:k]

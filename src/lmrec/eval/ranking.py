@@ -36,7 +36,8 @@ def target_ranks(
     *,
     exclude: Sequence[Sequence[int]] | None = None,
     chunk_size: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
+    return_nonfinite: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Rank of each target = number of items scoring strictly higher, plus half the items tied with it
     (the expected rank under random tie-breaking). Excluded items never count.
 
@@ -44,17 +45,32 @@ def target_ranks(
     not-higher would let a collapsed model (every item the same vector) score NDCG 1.0 — we saw it happen —
     and flatter baselines with many equal scores. The target's own score comes from another kernel than
     the chunk scores, so scores within a few ulps of it count as ties, and the target never counts at all.
-    Returned as float64: ranks may be x.5.
-    """
+
+    Non-finite scores (NaN, ±inf: a diverged model) rank below every finite score and tie with each other:
+    every comparison with NaN is false, so a plain count would rank a NaN target first, and a model with
+    every weight NaN would score 1.0. With ``return_nonfinite`` also (B,) bool: the user had a non-finite
+    score (of the target or any item). Returned as float64: ranks may be x.5."""
     target_scores = (queries * items[targets]).sum(-1, keepdim=True)  # (B, 1)
-    tol = 16 * torch.finfo(target_scores.dtype).eps * target_scores.abs().clamp(min=1.0)
+    bad_target = ~torch.isfinite(target_scores)
+    tol = 16 * torch.finfo(target_scores.dtype).eps * target_scores.masked_fill(bad_target, 0.0).abs().clamp(min=1.0)
+    # non-finite → -inf: never above a finite target; a -inf target has every finite item above it
+    target_scores = target_scores.masked_fill(bad_target, float("-inf"))
+    any_bad_target = bool(bad_target.any())
     ranks = torch.zeros(len(queries), dtype=torch.float64, device=queries.device)
+    nonfinite = bad_target[:, 0].clone()
     rows = torch.arange(len(queries), device=queries.device)
     for start in range(0, items.shape[0], chunk_size):
         chunk = items[start : start + chunk_size]
         scores = queries @ chunk.T  # (B, C)
+        # a non-finite score makes its row's sum non-finite: one reduction finds them, the masks only then
+        if any_bad_target or not bool(torch.isfinite(scores.sum(-1)).all()):
+            bad = ~torch.isfinite(scores)
+            nonfinite |= bad.any(-1)
+            scores.masked_fill_(bad, float("-inf"))
         higher = scores > target_scores + tol
-        tied = (scores - target_scores).abs() <= tol
+        tied = (scores - target_scores).abs() <= tol  # -inf against -inf is NaN here: those ties come next
+        if any_bad_target:
+            tied |= bad & bad_target
         inside = (targets >= start) & (targets < start + len(chunk))
         tied[rows[inside], targets[inside] - start] = False
         if exclude is not None:
@@ -62,7 +78,7 @@ def target_ranks(
             higher[r, c] = False
             tied[r, c] = False
         ranks += higher.sum(-1) + 0.5 * tied.sum(-1)
-    return ranks
+    return (ranks, nonfinite) if return_nonfinite else ranks
 
 
 @torch.no_grad()
@@ -74,16 +90,19 @@ def top_k(
     exclude: Sequence[Sequence[int]] | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, indices) of the k best items per query, merged chunk by chunk: (B, k) each."""
+    """(scores, indices) of the k best items per query, merged chunk by chunk: (B, k) each. Excluded items
+    and items with a non-finite score never appear (torch's topk would rank NaN first): rows that run out of
+    items end with score -inf and index -1."""
     k = min(k, items.shape[0])
     best_s = torch.full((len(queries), 0), float("-inf"), device=queries.device)
     best_i = torch.zeros((len(queries), 0), dtype=torch.long, device=queries.device)
     for start in range(0, items.shape[0], chunk_size):
         scores = queries @ items[start : start + chunk_size].T
+        scores = scores.masked_fill(~torch.isfinite(scores), float("-inf"))
         if exclude is not None:
             r, c = _exclude_mask(exclude, start, start + scores.shape[1], queries.device)
             scores[r, c] = float("-inf")
         s, i = scores.topk(min(k, scores.shape[1]), dim=-1)
         best_s, order = torch.cat([best_s, s], -1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=-1)
         best_i = torch.cat([best_i, i + start], -1).gather(-1, order)
-    return best_s, best_i
+    return best_s, best_i.masked_fill(best_s == float("-inf"), -1)

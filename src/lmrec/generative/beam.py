@@ -5,7 +5,12 @@ is a node, its children are a contiguous range of the next depth's nodes, each c
 its code. One step gathers, for all beams at once, the log-probabilities of their children's tokens
 (padded to the largest fan-out, padding = -inf), adds the beam scores and keeps the best ``beams`` per
 user — no per-beam Python callback. Fewer valid continuations than beams leave -inf beams, dropped at the
-end. Scores are sums of log-probabilities (softmax over the whole vocabulary)."""
+end. Scores are sums of log-probabilities (softmax over the whole vocabulary).
+
+A non-finite log-probability (NaN from a diverged model) ranks below every finite one — ``torch.topk``
+ranks NaN as the largest value, so a NaN model would otherwise fill every beam — and its beam keeps the
+NaN score: such beams come back as item -1 (never recommended, never a hit) with a NaN score, which tells
+the caller that the model produced non-finite values for that user."""
 
 from __future__ import annotations
 
@@ -88,7 +93,11 @@ def _select(trie: SidTrie, d: int, logits: torch.Tensor, nodes: torch.Tensor, sc
     cand = score[:, None] + cand  # (B*width, C)
     C = cand.shape[1]
     k = min(beams, width * C)
-    top, arg = cand.view(B, width * C).topk(k, dim=1)
+    flat = cand.view(B, width * C)
+    # NaN (and +inf, which log_softmax gives only beside NaN) below every finite score, above invalid children
+    key = torch.where(torch.isnan(flat) | (flat == float("inf")), torch.finfo(flat.dtype).min, flat)
+    arg = key.topk(k, dim=1).indices
+    top = flat.gather(1, arg)
     if k < beams:  # fewer continuations than beams: pad with -inf beams
         top = torch.cat([top, top.new_full((B, beams - k), float("-inf"))], 1)
         arg = torch.cat([arg, arg[:, :1].expand(B, beams - k)], 1)
@@ -191,5 +200,5 @@ def _seq2seq_search(model, trie, ids, mask, dec, beams, nodes, score):
 def _finish(trie, nodes, score, B, beams):
     items = trie.leaf_item[nodes].view(B, beams).cpu()
     score = score.view(B, beams).cpu()
-    items[~torch.isfinite(score)] = -1
+    items[~torch.isfinite(score)] = -1  # -inf: fewer continuations than beams; NaN: non-finite log-probabilities
     return items, score

@@ -163,10 +163,13 @@ class GenerativeRecommender:
         return items, scores
 
     def rank_fn(self, beams: int) -> RankFn:
+        """Each target's position among the beams (inf beyond them), and which users' beams carried
+        non-finite log-probabilities (a NaN score: see :mod:`lmrec.generative.beam`)."""
         def rank(histories, targets):
-            items, _ = self.beam_search(histories, beams)
+            items, scores = self.beam_search(histories, beams)
             hit = items.numpy() == np.asarray(targets)[:, None]
-            return np.where(hit.any(1), hit.argmax(1), np.inf).astype(np.float64)
+            ranks = np.where(hit.any(1), hit.argmax(1), np.inf).astype(np.float64)
+            return ranks, torch.isnan(scores).any(1).numpy()
 
         return rank
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmrec.config import IdRunConfig
+from lmrec.config import IdRunConfig, with_data_path
 from lmrec.data.dataset import PreparedDataset
 from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import RankFn, dot_rank_fn, evaluate
@@ -90,6 +90,7 @@ def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int =
 def train_baseline(cfg: IdRunConfig, data: str | Path, log=print) -> BaselineResult:
     """Train ``cfg.model.arch`` on ``data`` with early stopping on validation; test the best state."""
     ds = PreparedDataset(data)
+    cfg = with_data_path(cfg, data)  # run_config.yaml names the data it ran on
     mc, tr, ev = cfg.model.resolved(), cfg.train, cfg.eval
     windows = training_windows(ds.train, mc.max_len)
     log(f"{NAMES[mc.arch]}: {len(windows)} training windows, {sum(int((y >= 0).sum()) for _, y in windows)} "

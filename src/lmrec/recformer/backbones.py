@@ -425,8 +425,11 @@ def build_default_backbone(texts: list[str], out_dir: str | Path, *, hidden_size
         attention_window=[attention_window] * layers, pad_token_id=pad, bos_token_id=cls_id, eos_token_id=sep_id,
         type_vocab_size=1,
     )
-    torch.manual_seed(seed)
-    model = LongformerForMaskedLM(config)
+    # its own draws only: a run that builds it and a re-run that reloads it must leave the global RNG alike
+    # (every later dropout mask and shuffle draws from it; a re-run into the same directory gave other metrics)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LongformerForMaskedLM(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))

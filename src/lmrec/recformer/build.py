@@ -13,6 +13,8 @@ from lmrec.io import atomic_dir
 from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
 from lmrec.recformer.recommender import Recommender
 
+DEFAULT_WINDOW = 64  # the embedded default backbone's attention window (a backbone's own is kept)
+
 
 def is_saved_recommender(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / "items.parquet").exists()
@@ -42,6 +44,7 @@ def build_checked(backbone: Path, log=print, **kwargs):
     """``build_recformer`` that stops when the backbone does not initialise RecFormer completely, and logs
     what was copied, derived and new."""
     model, tokenizer, report = build_recformer(backbone, **kwargs)
+    _say_replaced_window(backbone, kwargs.get("attention_window"), model.config.attention_window, log)
     problems = report.problems()
     if problems:
         raise LmrecError(f"{backbone} does not initialise RecFormer completely ({', '.join(problems[:5])}"
@@ -49,6 +52,21 @@ def build_checked(backbone: Path, log=print, **kwargs):
     log(f"initialised from {backbone}: " + ", ".join(f"{v} {k}" for k, v in report.counts().items() if v)
         + ("" if "lm_head.dense.weight" not in report.new else " (the MLM head is new: the backbone has none)"))
     return model, tokenizer
+
+
+def _say_replaced_window(backbone: Path, asked, got: list[int], log) -> None:
+    """A window the config set explicitly, where the backbone has its own: said, never silent."""
+    if asked is None:
+        return
+    try:
+        own = json.loads((Path(backbone) / "config.json").read_text()).get("attention_window")
+    except (OSError, json.JSONDecodeError):
+        return
+    own = [own] * len(got) if isinstance(own, int) else own
+    if own and list(own) != list(got):
+        theirs = own[0] if len(set(own)) == 1 else own
+        log(f"model.attention_window={asked} replaces the backbone's attention window {theirs} (leave it unset to "
+            "keep the backbone's)")
 
 
 def backbone_or_default(m, item_text, run_dir: Path, accelerator, seed: int, log=print) -> Path:
@@ -61,7 +79,8 @@ def backbone_or_default(m, item_text, run_dir: Path, accelerator, seed: int, log
         if accelerator.is_main_process and not (backbone / "config.json").exists():
             log(f"building the embedded default backbone in {backbone} (tokenizer trained on the item text)")
             texts = [" ".join(f"{k} {v}" for k, v in t) for t in item_text]
-            window = m.attention_window if isinstance(m.attention_window, int) else m.attention_window[0]
+            w = m.attention_window
+            window = DEFAULT_WINDOW if w is None else w if isinstance(w, int) else w[0]
             build_default_backbone(texts, backbone, hidden_size=m.default_hidden_size, layers=m.default_layers,
                                    heads=m.default_heads, vocab_size=m.default_vocab_size,
                                    max_positions=m.max_token_num, attention_window=window, seed=seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from lmrec.config import RunConfig
+from lmrec.config import RunConfig, with_data_path
 from lmrec.data.dataset import PreparedDataset
 from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
@@ -70,6 +70,7 @@ class ItemTable:
 
 def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneResult:
     ds = PreparedDataset(dataset_path)  # inputs are checked before the run directory exists
+    cfg = with_data_path(cfg, dataset_path)  # run_config.yaml names the data it ran on
     with Run(cfg, "finetune", log) as run:
         rec = build_recommender(cfg, ds, run.dir, run.acc, log)
         rec.model.to(run.acc.device)
@@ -124,7 +125,7 @@ def _train_two_stages(run: Run, rec: Recommender, ds: PreparedDataset) -> dict:
         r2 = run.fit(rec.model, loader_for("none" if tr.item_grad == "none" else "batch"), Stage(
             "stage2", tr.stage2_epochs, tr.stage2_lr or tr.lr / 2, validate(False), ev.metric,
             eval_every=tr.eval_every, patience=tr.stage2_patience, on_best=run.keep_best(rec.save_pretrained)),
-            global_step=r1.global_step)
+            global_step=r1.global_step, fallback="the best stage-1 state")
         history["stage2"] = r2.history
         stage2_won = r2.best_metrics.get(ev.metric, -1.0) >= r1.best_metrics.get(ev.metric, -1.0)
     if not stage2_won:

@@ -55,6 +55,25 @@ def pretraining_pairs(datasets: list[PreparedDataset], rng: np.random.Generator,
     return [pairs[i] for i in order]
 
 
+def contrastive_batches(pairs: list, batch_size: int, processes: int = 1) -> list[tuple[int, list]]:
+    """``(batch index, pairs)`` of an epoch. Under several processes each step gathers one batch per process
+    into one contrastive batch, so only complete batches train, and a multiple of the process count of them:
+    an incomplete batch breaks the equal-size gather, and Accelerate's ``even_batches`` would fill the last
+    step with a batch from the start of the epoch (pairs trained twice). In one process the last batch may be
+    incomplete, if it holds the two pairs a contrastive batch needs."""
+    batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+    if processes > 1:
+        batches = [b for b in batches if len(b) == batch_size]
+        batches = batches[: len(batches) // processes * processes]
+        if not batches:
+            raise LmrecError(f"pretraining on {processes} processes needs at least {processes} complete batches of "
+                             f"train.batch_size={batch_size} pairs per epoch; the corpus gives {len(pairs)} pairs: "
+                             "lower train.batch_size")
+    elif len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()  # a contrastive batch needs negatives
+    return list(enumerate(batches))
+
+
 def _zero_shot(model: RecformerForPretraining, tokenizer, ds: PreparedDataset) -> Recommender:
     """A recommender over ``ds``'s catalog that shares ``model``'s encoder (no copy)."""
     seqrec = RecformerForSeqRec(model.config)
@@ -68,6 +87,10 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
         raise LmrecError("no pretraining corpus: give one or more prepared datasets (--data DIR, repeatable)")
     corpus = [PreparedDataset(p) for p in dc.paths]  # inputs are checked before the run directory exists
     valid_ds = PreparedDataset(dc.valid) if dc.valid else corpus[0]
+    # run_config.yaml names the data it ran on, absolute: `lmrec pretrain -c RUN/run_config.yaml` re-runs it
+    cfg = cfg.model_copy(update={"data": dc.model_copy(update={
+        "paths": [str(Path(p).resolve()) for p in dc.paths], "valid": str(Path(dc.valid).resolve()) if dc.valid
+        else None})})
     with Run(cfg, "pretrain", log) as run:
         backbone = backbone_or_default(m, [t for ds in corpus for t in ds.item_text], run.dir, run.acc, tr.seed, log)
         model, tokenizer = build_checked(
@@ -94,12 +117,15 @@ def _train(run: Run, model: RecformerForPretraining, tokenizer, corpus: list[Pre
             f"epoch; validation: {valid_ds.path} ({min(dc.valid_users, len(valid_ds.examples('valid').targets))} "
             "users)")
 
+    world = run.acc.num_processes
+    if world > 1:
+        kept = len(contrastive_batches(list(range(n_pairs)), tr.batch_size, world)) * tr.batch_size
+        run.log(f"{world} processes: {kept} of the {n_pairs} pairs of each epoch's shuffle train (complete batches of "
+                f"{tr.batch_size}, a multiple of {world})")
+
     def make_loader(epoch: int):
         pairs = pretraining_pairs(corpus, np.random.default_rng([tr.seed, epoch]), tr.pairs_per_user)
-        batches = [(b, pairs[i : i + tr.batch_size]) for b, i in enumerate(range(0, len(pairs), tr.batch_size))]
-        if len(batches) > 1 and len(batches[-1][1]) < 2:
-            batches.pop()  # a contrastive batch needs negatives
-        return data_loader(batches, seed=tr.seed + epoch,
+        return data_loader(contrastive_batches(pairs, tr.batch_size, world), seed=tr.seed + epoch,
                            collate_fn=PretrainCollator(tokenizer, item_tokens, masker, tr.seed, epoch))
 
     valid = valid_ds.examples("valid").head(dc.valid_users)

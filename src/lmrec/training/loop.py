@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from lmrec.errors import TrainingDiverged
 from lmrec.progress import progress, tqdm
@@ -128,11 +127,8 @@ class Optim:
         opt = torch.optim.AdamW(optimizer_groups(model, self.weight_decay, self.no_decay_embeddings), lr=lr,
                                 betas=self.betas, fused=fused or None)
         warmup = math.ceil(self.warmup_ratio * total_steps)
-        if self.schedule == "cosine":
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, _cosine_to_floor(warmup, total_steps, self.min_lr / lr))
-        if self.schedule == "constant":
-            return opt, get_constant_schedule_with_warmup(opt, warmup)
-        return opt, get_linear_schedule_with_warmup(opt, warmup, total_steps)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(self.schedule, warmup, total_steps,
+                                                                      self.min_lr / lr))
 
 
 @dataclass
@@ -167,17 +163,38 @@ class Stage:
     side_keys: tuple[str, ...] = ("sources", "skipped")  # batch keys that are not model inputs
 
 
-def _cosine_to_floor(warmup: int, total: int, floor: float):
-    """Linear warmup, cosine decay to ``floor`` × lr at ``total`` steps, then the floor for as long as the
-    data lasts (transformers' cosine-with-min-lr schedule rises again past its end: a stream may run longer
-    than ``num_training_steps``)."""
+def _lr_factor(schedule: str, warmup: int, total: int, floor: float):
+    """The learning rate of optimizer step ``step`` (from 0) as a share of the peak: a linear warmup that
+    reaches the peak at step ``warmup``, then linear decay to 0 at ``total`` steps, cosine decay to ``floor``
+    (held for as long as the data lasts: transformers' cosine-with-min-lr schedule rises again past its end,
+    and a stream may run longer than ``num_training_steps``) or the peak.
+
+    The warmup is transformers' shifted by one step, (step + 1) / (warmup + 1) instead of step / warmup:
+    theirs gives the first step lr 0, so a run of one optimizer step trained nothing. After the warmup the
+    schedules are transformers' (linear, constant) and the cosine to the floor as before."""
     def factor(step: int) -> float:
         if step < warmup:
-            return step / max(1, warmup)
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        if schedule == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+# A stage of fewer optimizer steps than this is warned about: the model barely moves from where it starts.
+FEW_STEPS = 10
+
+
+def _warn_few_steps(stage: Stage, steps_per_epoch: int, log: Callable[[str], None]) -> None:
+    steps = stage.epochs * steps_per_epoch
+    steps = min(steps, stage.max_steps) if stage.max_steps else steps
+    if 0 < steps < FEW_STEPS:
+        log(f"warning: [{stage.tag}] only {steps} optimizer step(s) ({stage.epochs} epoch(s) of {steps_per_epoch}): "
+            "the model will barely move from where it starts; train more epochs or use a smaller train.batch_size")
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool = False
@@ -210,6 +227,8 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[
     optim = optim or Optim()
     model, optimizer, scheduler, sharded = _prepare(accelerator, model, len(first) if not stream else 0, stage,
                                                     optim, stream)
+    ga, n = accelerator.gradient_accumulation_steps, accelerator.num_processes
+    _warn_few_steps(stage, stage.steps_per_epoch or math.ceil(math.ceil(len(first) / n) / ga), log)
     state = _resume(accelerator, stage, checkpointing, first if stream else None, sharded, global_step, log)
     if state.finished:
         return state.result
@@ -481,15 +500,20 @@ def _end_epoch(accelerator: Accelerator, stage: Stage, state: LoopState, loss: f
         accelerator.log({f"{stage.tag}/valid_{k}": v for k, v in metrics.items() if k != "users"},
                         step=result.global_step)
         sign, m = (1.0 if stage.greater_is_better else -1.0), stage.metric
-        if m not in result.best_metrics or sign * metrics[m] > sign * result.best_metrics[m]:
+        # a model that scored some users NaN (ranked last, so its metric may even look fine) is never kept
+        finite = math.isfinite(metrics[m]) and not metrics.get("nonfinite")
+        if finite and (m not in result.best_metrics or sign * metrics[m] > sign * result.best_metrics[m]):
             result.best_metrics, result.best_epoch, state.bad_epochs = metrics, epoch, 0
             if stage.on_best is not None:
                 stage.on_best(metrics, epoch)
         else:
             state.bad_epochs += 1
         if accelerator.is_local_main_process:
-            tqdm.write(f"[{stage.tag}] epoch {epoch}: loss {loss:.4f}  valid {m} {metrics[m]:.4f}  "
-                       f"(best {result.best_metrics[m]:.4f} @ {result.best_epoch})")
+            best = f"{result.best_metrics[m]:.4f} @ {result.best_epoch}" if m in result.best_metrics else "none yet"
+            why = (f"{metrics['nonfinite']} users had non-finite scores" if metrics.get("nonfinite") else
+                   f"{m} is not finite")
+            tqdm.write(f"[{stage.tag}] epoch {epoch}: loss {loss:.4f}  valid {m} {metrics[m]:.4f}  (best {best})"
+                       + ("" if finite else f"  NOT KEPT: {why}"))
         stop = stage.patience is not None and state.bad_epochs >= stage.patience
     result.history.append(record)
     return stop

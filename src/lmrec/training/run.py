@@ -60,9 +60,20 @@ class Run:
         if isinstance(exc, LmrecError) and not isinstance(exc, TrainingDiverged) and self._created and self.is_main:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def fit(self, model, make_loader, stage: Stage, global_step: int = 0) -> FitResult:
-        return fit(self.acc, model, make_loader, stage, optim=self.optim, checkpointing=self.checkpointing,
-                   global_step=global_step, log=self.log)
+    def fit(self, model, make_loader, stage: Stage, global_step: int = 0, fallback: str | None = None) -> FitResult:
+        """The loop with this run's optimizer options and checkpoints. A stage that validated and kept no
+        epoch (every validation non-finite: the model diverged) stops the run, there being no model to save,
+        unless the caller has a ``fallback`` (what it keeps instead, said in the log)."""
+        r = fit(self.acc, model, make_loader, stage, optim=self.optim, checkpointing=self.checkpointing,
+                global_step=global_step, log=self.log)
+        if stage.validate is not None and r.epochs_run > 0 and r.best_epoch < 0:
+            n = sum(any(k.startswith("valid_") for k in h) for h in r.history)
+            what = (f"{stage.tag}: none of its {n} validation(s) was finite ({stage.metric} NaN or users with "
+                    "non-finite scores): the model diverged and no epoch was kept")
+            if fallback is None:
+                raise LmrecError(f"{what}; lower train.lr or check the data and the backbone")
+            self.log(f"warning: {what}; keeping {fallback}")
+        return r
 
     def on_main(self, write: Callable[[], object]) -> None:
         """``write()`` on rank 0, then every rank waits for it (saving a model all ranks read next)."""
