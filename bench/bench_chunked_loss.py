@@ -1,5 +1,7 @@
 """Chunked LM-head loss vs the full logits: peak memory and time of forward + backward at Qwen3's real
-vocabulary with the itemic tokens (176,384 rows), a small hidden size, 8k and 32k tokens.
+vocabulary with the itemic tokens (176,384 rows), at the hidden sizes of Qwen3-0.6B to 8B (1,024–4,096:
+where the head gradient the chunked loss holds, 4·V·h bytes, is as large as a chunk's logits or larger)
+and a small one, for several token counts.
 
 Each measurement runs in a fresh process (peak RSS is the process's high-water mark; the inputs' own
 memory is subtracted) on the CPU, or on a GPU when one is present (``torch.cuda.max_memory_allocated``).
@@ -7,7 +9,7 @@ Full logits at 32k tokens need 32,768 × 176,384 × 4 B = 21.5 GiB for the fp32 
 softmax's copy: where that cannot run here, the size is printed from that formula instead.
 Targets: chunked peak ≤ 1/4 of the full-logits peak at 8k tokens, time ≤ 1.3×.
 
-    python bench/bench_chunked_loss.py [--hidden 64] [--chunk 4096] [--tokens 8192 32768]
+    python bench/bench_chunked_loss.py [--hidden 1024 4096] [--chunk 4096] [--tokens 2048 8192]
 """
 
 from __future__ import annotations
@@ -59,27 +61,32 @@ def measure(impl: str, tokens: int, hidden: int, chunk: int) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--chunk", type=int, default=4096)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--max-full-gib", type=float, default=16.0,
                     help="skip the full-logits run where its logits alone would exceed this (it would not fit)")
     args = ap.parse_args()
-    for n in args.tokens:
-        logits_gib = n * VOCAB * 4 / 2**30
-        c = measure("chunked", n, args.hidden, args.chunk)
-        full = measure("full", n, args.hidden, args.chunk) if 2 * logits_gib <= args.max_full_gib else None
-        line = f"{n:,} tokens, vocab {VOCAB:,}, hidden {args.hidden}: chunked ({args.chunk}) "
-        line += f"{c['peak_mib']:,.0f} MiB, {c['seconds']:.2f} s" if c else "failed"
-        if full is not None:
-            line += (f"; full logits {full['peak_mib']:,.0f} MiB, {full['seconds']:.2f} s; memory ratio "
-                     f"{c['peak_mib'] / full['peak_mib']:.3f} (target <= 0.25), time ratio "
-                     f"{c['seconds'] / full['seconds']:.2f}x (target <= 1.3); |loss diff| "
-                     f"{abs(c['loss'] - full['loss']):.2e}")
-        else:
-            line += (f"; full logits not run here: fp32 logits alone {logits_gib:.1f} GiB (+ the softmax copy "
-                     f"in backward: >= {2 * logits_gib:.1f} GiB)")
-        print(line + f" [{c['device'] if c else '?'}]")
+    for hidden in args.hidden:
+        for n in args.tokens:
+            row(n, hidden, args)
+
+
+def row(n: int, hidden: int, args) -> None:
+    logits_gib = n * VOCAB * 4 / 2**30
+    c = measure("chunked", n, hidden, args.chunk)
+    full = measure("full", n, hidden, args.chunk) if 2 * logits_gib <= args.max_full_gib else None
+    line = f"{n:,} tokens, vocab {VOCAB:,}, hidden {hidden}: chunked ({args.chunk}) "
+    line += f"{c['peak_mib']:,.0f} MiB, {c['seconds']:.2f} s" if c else "failed"
+    if full is not None:
+        line += (f"; full logits {full['peak_mib']:,.0f} MiB, {full['seconds']:.2f} s; memory ratio "
+                 f"{c['peak_mib'] / full['peak_mib']:.3f} (target <= 0.25), time ratio "
+                 f"{c['seconds'] / full['seconds']:.2f}x (target <= 1.3); |loss diff| "
+                 f"{abs(c['loss'] - full['loss']):.2e}")
+    else:
+        line += (f"; full logits not run here: fp32 logits alone {logits_gib:.1f} GiB (+ the softmax copy "
+                 f"in backward: >= {2 * logits_gib:.1f} GiB)")
+    print(line + f" [{c['device'] if c else '?'}]")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ class _TrainCommon(_Strict):
     adam_betas: tuple[Probability, Probability] = (0.9, 0.999)
     no_decay_embeddings: bool = False  # embeddings (and a head tied to them) without weight decay
     tf32: bool = True  # on CUDA, fp32 matrix products in TF32 (the products bf16 autocast leaves in fp32)
+    dataloader_workers: NonNegInt | None = None  # collating (tokenizing) processes; None: 2 on a GPU, 0 on CPU
 
     @model_validator(mode="after")
     def _schedule(self):

@@ -108,7 +108,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
 
         if mix is None:
             seq2seq = model.config.is_encoder_decoder
-            make_loader = _loader_factory(cfg, ds, sids, tok, seq2seq, log, segmented(built.attn))
+            make_loader = _loader_factory(cfg, ds, sids, tok, seq2seq, log, segmented(built.attn), run.loader_workers)
             plan = Stage(f"stage{stage}", tr.epochs, tr.lr, log_every=tr.log_every,
                          step_metrics=token_metrics([], sum(meta["level_token_ids"], []), run.acc,
                                                     tr.log_every * tr.grad_accum, _parameters(lm), tr.peak_tflops,
@@ -257,7 +257,7 @@ def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) 
 
 
 def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, tok, seq2seq: bool, log,
-                    segments: bool = False):
+                    segments: bool = False, workers: int = 0):
     """The training samples tokenized once; ``make_loader(epoch)`` serves them in length-grouped batches."""
     tr, dc = cfg.train, cfg.data
     rows = build_samples(ds, sids, dc, split="train")
@@ -269,6 +269,7 @@ def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, t
     def make_loader(epoch: int):
         batches = length_grouped_batches(lengths, tr.batch_size, np.random.default_rng(tr.seed * 1000 + epoch))
         collate = (lambda b: with_segments(pad_batch(b, pad))) if segments else (lambda b: pad_batch(b, pad))
-        return data_loader([[encoded[i] for i in b] for b in batches], collate_fn=collate, seed=tr.seed + epoch)
+        return data_loader([[encoded[i] for i in b] for b in batches], collate_fn=collate, seed=tr.seed + epoch,
+                           workers=workers)
 
     return make_loader

@@ -96,7 +96,8 @@ def _train_two_stages(run: Run, rec: Recommender, ds: PreparedDataset) -> dict:
         def make_loader(epoch: int):
             ex = ds.train_examples(np.random.default_rng(tr.seed * 1000 + epoch), tr.samples_per_user)
             pairs = list(zip(ex.histories, ex.targets.tolist()))
-            return data_loader(pairs, batch_size=tr.batch_size, collate_fn=collators[item_grad], seed=tr.seed + epoch)
+            return data_loader(pairs, batch_size=tr.batch_size, collate_fn=collators[item_grad], seed=tr.seed + epoch,
+                               workers=run.loader_workers)
         return make_loader
 
     table = ItemTable(rec, run, tr.item_batch_size)

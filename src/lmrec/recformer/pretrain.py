@@ -126,7 +126,8 @@ def _train(run: Run, model: RecformerForPretraining, tokenizer, corpus: list[Pre
     def make_loader(epoch: int):
         pairs = pretraining_pairs(corpus, np.random.default_rng([tr.seed, epoch]), tr.pairs_per_user)
         return data_loader(contrastive_batches(pairs, tr.batch_size, world), seed=tr.seed + epoch,
-                           collate_fn=PretrainCollator(tokenizer, item_tokens, masker, tr.seed, epoch))
+                           collate_fn=PretrainCollator(tokenizer, item_tokens, masker, tr.seed, epoch),
+                           workers=run.loader_workers)
 
     valid = valid_ds.examples("valid").head(dc.valid_users)
     zero_shot = _zero_shot(model, tokenizer, valid_ds)  # built once; it shares (and evaluates) model's encoder

@@ -138,8 +138,8 @@ def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str |
             order = np.random.default_rng([tr.seed, epoch]).permutation(len(train))
             batches = [(b, [train[j] for j in order[i : i + tr.batch_size]])
                        for b, i in enumerate(range(0, len(order), tr.batch_size))]
-            return data_loader(batches, seed=tr.seed + epoch, collate_fn=MlmCollator(masker, tok.pad_token_id,
-                                                                                   tr.seed, epoch))
+            return data_loader(batches, seed=tr.seed + epoch, workers=run.loader_workers,
+                               collate_fn=MlmCollator(masker, tok.pad_token_id, tr.seed, epoch))
 
         out_dir = run.dir / "model"
         info = {"backbone": str(backbone), "before": before}

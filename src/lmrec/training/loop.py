@@ -66,17 +66,25 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, log_dir
     return acc
 
 
-def data_loader(data, *, seed: int, collate_fn=None, batch_size: int | None = None) -> torch.utils.data.DataLoader:
+def data_loader(data, *, seed: int, collate_fn=None, batch_size: int | None = None, workers: int = 0
+                ) -> torch.utils.data.DataLoader:
     """An unshuffled DataLoader with its own generator, so creating its iterator does not draw from the
     global RNG (which would make a resumed run diverge from an uninterrupted one). ``batch_size=None``:
     ``data`` is a list of ready-made batches (served one per step, so batches can be skipped on resume and
-    sharded across processes)."""
+    sharded across processes). ``workers``: processes that run ``collate_fn`` (the tokenizing collators) while
+    the model trains; the batches are the same (every collator seeds its randomness per batch)."""
     if batch_size is None:
         inner = collate_fn or (lambda b: b)
         batch_size, collate_fn = 1, (lambda one: inner(one[0]))
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                                       generator=torch.Generator().manual_seed(seed),
+                                       generator=torch.Generator().manual_seed(seed), num_workers=workers,
                                        pin_memory=torch.cuda.is_available())
+
+
+def loader_workers(setting: int | None, device: torch.device) -> int:
+    """``train.dataloader_workers``: as set, or (None) 2 beside an accelerator and 0 on the CPU, where workers
+    would take the cores the model trains on."""
+    return setting if setting is not None else (0 if device.type == "cpu" else 2)
 
 
 @dataclass

@@ -45,6 +45,13 @@ class Run:
         self.optim = Optim.from_train(tr)
 
     @property
+    def loader_workers(self) -> int:
+        """DataLoader worker processes for this run (``train.dataloader_workers``)."""
+        from lmrec.training.loop import loader_workers
+
+        return loader_workers(self.cfg.train.dataloader_workers, self.acc.device)
+
+    @property
     def is_main(self) -> bool:
         return self.acc.is_main_process
 
