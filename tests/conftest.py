@@ -30,6 +30,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
                           text=True, cwd=cwd, timeout=timeout, env=env)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread: models this small train faster on it (a second one costs more in hand-offs than it adds,
+    the more so on a shared machine), and the numbers do not depend on the machine's core count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     """A tiny random-init Longformer (allenai layout) with a WordPiece tokenizer trained on item text."""

@@ -172,17 +172,7 @@ def test_validation_never_keeps_a_non_finite_epoch(tmp_path):
     from lmrec.errors import LmrecError
     from lmrec.training.loop import Stage, data_loader
     from lmrec.training.run import Run
-
-    class Out(dict):  # what the loop reads of a model's output: .loss and the scalar items
-        loss = property(lambda self: self["loss"])
-
-    class Toy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(2, 1)
-
-        def forward(self, x):
-            return Out(loss=self.lin(x).pow(2).mean())
+    from tests.training.toy import Toy
 
     wrapped = Toy()
     loader = lambda epoch: data_loader([{"x": torch.randn(4, 2)}] * 2, seed=epoch)  # noqa: E731

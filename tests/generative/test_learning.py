@@ -16,16 +16,7 @@ PROMPT = ["data.max_history=1", "data.prompt='{history}'", "data.targets_per_use
 EVAL = ["eval.beams=10", "eval.ks=[10]"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: models this small train faster on it (a second one costs more in hand-offs than it adds,
-    the more so on a shared machine), and the numbers do not depend on the machine's core count."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@ GPU and skips them). They compare each CUDA path with its CPU-tested reference."
 import pytest
 import torch
 
+from tests.generative.test_streaming import corpus  # noqa: F401  (fixtures the GPU tests share with the CPU ones)
+from tests.serve.test_serve import recformer_model  # noqa: F401
+
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -5,41 +5,13 @@ NCCL with a distributed checkpoint and a resume that ends where the uninterrupte
 import json
 
 import numpy as np
-import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-from tests.serve.test_serve import recformer_model  # noqa: F401, F811  (a fixture)
 from tests.training.test_distributed import synthetic_dataset
 
 STREAM = ["train.batch_size=2", "train.num_training_steps=6", "train.lr=3e-3", "train.log_every=2",
           "train.loss_chunk_tokens=256"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from lmrec.data.chat_format import ChatRow, write_shards
-    from lmrec.data.dataset import PreparedDataset
-    from lmrec.generative import sid as sid_mod
-    from lmrec.generative.api import expand_model, write_chat_samples
-
-    root = tmp_path_factory.mktemp("gpu-stream")
-    data = synthetic_dataset(root / "data", users=30, items=20)
-    ds = PreparedDataset(data)
-    vectors = np.random.default_rng(0).normal(size=(ds.num_items, 8)).astype(np.float32)
-    sids, books = sid_mod.build_sids(ds.item_ids, vectors, levels=2, codes=4, seed=0)
-    sids.save(root / "sids", books)
-    expand_model(None, root / "sids", root / "model", data=data, log=lambda m: None)
-    write_chat_samples(data, root / "sids", root / "samples", ["data.targets_per_user=4"], rows_per_file=25)
-    text = [ChatRow(f"wiki-{i}", "wiki", None, [f"thing {i % 7} is {'red' if i % 2 else 'blue'} and kind {i % 5}"])
-            for i in range(40)]
-    write_shards(text, root / "wiki", rows_per_file=10)
-    cfg = {"sources": [{"path": str(root / "samples" / "train"), "weight": 1.0, "name": "rec"},
-                       {"path": str(root / "wiki"), "weight": 0.5, "name": "wiki"}],
-           "max_length": 256, "num_epochs": 1, "num_workers": 1, "local_shuffle_buffer_size": 16,
-           "pack_buffer_size": 8}
-    (root / "data_config.json").write_text(json.dumps(cfg))
-    return root
 
 
 def _metrics(run):
@@ -106,7 +78,7 @@ def test_recformer_finetune_and_longformer_mlm_in_bf16(tmp_path):
     assert report["history"][-1]["valid_bpc"] < report["before"]["bpc"]
 
 
-def test_inference_on_cuda_ranks_as_on_the_cpu_and_the_service_answers_as_the_cli(recformer_model):  # noqa: F811
+def test_inference_on_cuda_ranks_as_on_the_cpu_and_the_service_answers_as_the_cli(recformer_model):
     """--device cuda: evaluate gives the CPU's metrics (within float rounding); the service on the GPU returns
     the CPU CLI's lists."""
     import httpx

@@ -20,16 +20,7 @@ CATEGORIES = ["phone", "shoe", "coat", "lamp", "book", "tea"]
 NOISE = ["alpha", "bravo", "cedar", "delta"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: models this small train faster on it (a second one costs more in hand-offs than it adds,
-    the more so on a shared machine), and the numbers do not depend on the machine's core count."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ndcg(metrics: dict) -> tuple[float, float, float]:

@@ -9,17 +9,7 @@ import torch
 from lmrec.errors import TrainingDiverged
 from lmrec.training.checkpoints import Checkpointing, checkpoint_dirs
 from lmrec.training.loop import Stage, data_loader, fit, make_accelerator
-
-
-class Toy(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 1)
-
-    def forward(self, x, y):
-        from transformers.utils import ModelOutput
-
-        return ModelOutput(loss=((self.lin(x)[:, 0] - y) ** 2).mean())
+from tests.training.toy import Toy
 
 
 def batches(bad_at: int | None, n: int = 8):
@@ -38,7 +28,7 @@ def run(tmp_path: Path, bad_at, validate=None, log_every=4):
     ck = Checkpointing(tmp_path / "checkpoints", save_steps=2)
     data = batches(bad_at)
     stage = Stage("toy", epochs=2, lr=1e-2, log_every=log_every, validate=validate)
-    return fit(acc, Toy(), lambda e: data_loader(data, seed=e), stage, checkpointing=ck, log=lambda m: None)
+    return fit(acc, Toy(inputs=4), lambda e: data_loader(data, seed=e), stage, checkpointing=ck, log=lambda m: None)
 
 
 def test_a_nan_loss_stops_the_run_naming_its_step_and_keeps_earlier_checkpoints(tmp_path):

@@ -108,19 +108,9 @@ def test_one_optimizer_step_moves_the_weights_and_few_steps_are_warned(tmp_path)
     from lmrec.config import IdRunConfig
     from lmrec.training.loop import Stage, data_loader
     from lmrec.training.run import Run
+    from tests.training.toy import Toy
 
-    class Out(dict):
-        loss = property(lambda self: self["loss"])
-
-    class Toy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(2, 1)
-
-        def forward(self, x):
-            return Out(loss=(self.lin(x) - 1).pow(2).mean())
-
-    model, logged = Toy(), []
+    model, logged = Toy(target=1.0), []
     before = model.lin.weight.detach().clone()
     cfg = IdRunConfig(output_dir=str(tmp_path / "run"), train={"warmup_ratio": 0.05})
     with Run(cfg, "t", log=logged.append) as run:
