@@ -195,19 +195,20 @@ def test_doctor_on_a_wrong_path_is_bad_input(tmp_path):
 
 def test_a_device_that_is_not_there_is_one_clear_message(trained, tmp_path):
     """--device on every inference command: auto runs where the accelerator is (the CPU here); a device that is
-    not there stops with one message, never a silent fallback."""
+    not there stops with one message (exit 2), never a silent fallback."""
     import torch
+
+    import lmrec
+    from lmrec.errors import LmrecError
 
     model, data = trained / "run" / "model", trained / "ml"
     wrong = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
-    cases = [["recommend", "--model", model, "--history", "50", "--device", wrong],
-             ["recommend-all", "--model", model, "--data", data, "--out", tmp_path / "r.parquet", "--device", wrong],
-             ["evaluate", "--model", model, "--data", data, "--device", "banana"]]
-    for args in cases:
-        res = run_cli(*args)
-        assert res.returncode == 2 and "Traceback" not in res.stderr and "--device" in res.stderr, (args, res.stderr)
+    res = run_cli("recommend", "--model", model, "--history", "50", "--device", wrong)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and f"--device {wrong}" in res.stderr, res.stderr
+    with pytest.raises(LmrecError, match="--device"):
+        lmrec.recommend_all(model, data, tmp_path / "r.parquet", device=wrong)
+    with pytest.raises(LmrecError, match="expected auto, cpu, cuda or cuda:N"):
+        lmrec.evaluate(model, data, device="banana")
     assert not list(tmp_path.iterdir())
-    import lmrec
-
     auto = lmrec.evaluate(model, data, ks=(10,), device="auto")
     assert auto == lmrec.evaluate(model, data, ks=(10,), device="cpu")
