@@ -108,6 +108,32 @@ def test_the_backend_is_chosen_on_purpose():
         attention.resolve("varlen", cuda, packed=True, mixed_precision="no")
 
 
+def test_a_varlen_kernel_without_scale_and_window_is_never_chosen(monkeypatch):
+    """torch 2.10's varlen_attn takes no ``scale`` or ``window_size`` (the kernel call passes both): ``auto`` does
+    not choose it and asking for it names the torch it needs; a kernel that takes both is used."""
+    import sys
+    import types
+
+    def old_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        raise AssertionError("not called here")
+
+    def new_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1)):
+        raise AssertionError("not called here")
+
+    fake = types.ModuleType("torch.nn.attention.varlen")
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", fake)
+    cuda = torch.device("cuda")
+    fake.varlen_attn = old_kernel
+    assert not attention.varlen_available()
+    assert attention.resolve("auto", cuda, packed=True, mixed_precision="bf16") == "sdpa"
+    with pytest.raises(ConfigError, match=r"torch >= 2\.11"):
+        attention.resolve("varlen", cuda, packed=True, mixed_precision="bf16")
+    fake.varlen_attn = new_kernel
+    assert attention.varlen_available()
+    assert attention.resolve("auto", cuda, packed=True, mixed_precision="bf16") == attention.VARLEN
+
+
 def test_a_backend_that_cannot_isolate_packs_is_refused():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -10,9 +10,10 @@ packed batch of several rows needs the segment boundaries given explicitly (``cu
   training on CUDA in bf16/fp16 and ``sdpa`` elsewhere), and refuses a packed run on a backend that is not
   known to isolate samples;
 - registers ``varlen``: torch's own FlashAttention over variable-length sequences
-  (``torch.nn.attention.varlen.varlen_attn``, torch ≥ 2.9; no flash-attn wheel to build, nothing downloaded
-  at load time), fed the packer's segment boundaries. It computes each sample's own causal block only,
-  where ``sdpa`` with the block-diagonal mask computes the whole ``L × L`` square and stores the mask;
+  (``torch.nn.attention.varlen.varlen_attn`` with ``scale`` and ``window_size``, torch ≥ 2.11; no flash-attn
+  wheel to build, nothing downloaded at load time), fed the packer's segment boundaries. It computes each
+  sample's own causal block only, where ``sdpa`` with the block-diagonal mask computes the whole ``L × L``
+  square and stores the mask;
 - adds the segment boundaries to a batch (``with_segments``), computed on the host by the collator, so the
   model's step never waits for the device to find them.
 
@@ -49,12 +50,12 @@ def resolve(choice: str, device: torch.device, *, packed: bool, mixed_precision:
         half = mixed_precision in ("bf16", "fp16")
         return VARLEN if packed and device.type == "cuda" and half and varlen_available() else "sdpa"
     if choice == "varlen":
-        if device.type == "cuda" and not varlen_available():
-            raise ConfigError("train.attn_implementation=varlen needs torch >= 2.9 "
-                              "(torch.nn.attention.varlen); this torch is " + torch.__version__)
         if device.type == "cuda" and mixed_precision not in ("bf16", "fp16"):
             raise ConfigError("train.attn_implementation=varlen runs FlashAttention, which computes in bf16/fp16: "
                               "set train.mixed_precision=bf16 (or auto on a GPU)")
+        if device.type == "cuda" and not varlen_available():
+            raise ConfigError("train.attn_implementation=varlen needs torch >= 2.11 (torch.nn.attention.varlen's "
+                              "varlen_attn with scale and window_size); this torch is " + torch.__version__)
         return VARLEN
     return choice
 
@@ -90,11 +91,11 @@ def current(model: torch.nn.Module) -> str:
 
 
 def varlen_available() -> bool:
+    """torch's varlen_attn with the arguments the kernel call passes (torch 2.10's takes no ``scale``)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        return {"scale", "window_size"} <= _varlen_params()
     except ImportError:
         return False
-    return True
 
 
 def register_varlen() -> None:
@@ -153,19 +154,12 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 def _varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, window):
     from torch.nn.attention.varlen import varlen_attn
 
-    params = _varlen_params()
-    kw = {"scale": scale}
+    kw = {"scale": scale, "window_size": window}  # both there wherever varlen_available() (torch >= 2.11)
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
+        if "enable_gqa" in _varlen_params():
             kw["enable_gqa"] = True
         else:  # this torch's kernel has no grouped-query option: one key/value head per query head
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    if "window_size" in params:
-        kw["window_size"] = window
-    elif window[0] == -1:
-        kw["is_causal"] = True
-    else:
-        raise LmrecError(f"this torch's varlen_attn (torch {torch.__version__}) has no sliding window")
     return varlen_attn(q, k, v, cu_q.int(), cu_k.int(), max_q, max_k, **kw)
 
 
