@@ -84,7 +84,6 @@ def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", ex
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.baselines import random_expectation
     from lmrec.eval.evaluator import evaluate as _evaluate
-    from lmrec.recformer.recommender import Recommender
 
     if candidates not in ("all", "new"):
         raise LmrecError(f"candidates must be 'all' or 'new', got {candidates!r}")
@@ -99,7 +98,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", ex
                              f"time, but {seen.sum()} of the {len(examples)} {split} targets were seen (first: "
                              f"item {ds.item_ids[examples.targets[seen][0]]!r}); use it on a cold-start split "
                              f"(`lmrec data prepare ... --split cold`)")
-    rec = Recommender.from_pretrained(model_dir, _device(device)).ready_for(ds.item_ids, ds.item_text)
+    rec = load_recommender(model_dir, device).ready_for(ds.item_ids, ds.item_text)
     metrics = _evaluate(rec.rank_fn(exclude_history=exclude_history, candidates=pool), examples, ks=ks,
                         batch_size=batch_size, desc=split)
     if not with_random:
@@ -120,7 +119,6 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
 
     from lmrec.data.dataset import PreparedDataset
     from lmrec.progress import progress
-    from lmrec.recformer.recommender import Recommender
 
     out = Path(out)
     if out.suffix != ".parquet":
@@ -128,7 +126,7 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
     if k < 1:
         raise LmrecError(f"k must be at least 1, got {k}")
     ds = PreparedDataset(data)
-    rec = Recommender.from_pretrained(model_dir, _device(device)).ready_for(ds.item_ids, ds.item_text)
+    rec = load_recommender(model_dir, device).ready_for(ds.item_ids, ds.item_text)
     seqs = pq.read_table(ds.path / "sequences.parquet", columns=["user_id", "items"]).to_pydict()
     m = ds.max_history_len
     users, ranks, item_ids, scores = [], [], [], []
@@ -153,10 +151,19 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
 def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude_history: bool = True,
               device: str = "auto"):
     """[(item_id, [(key, value), ...], score), ...] for a history of item ids (oldest → newest)."""
+    return load_recommender(model_dir, device).recommend(history, k, exclude_history=exclude_history)
+
+
+def load_recommender(model_dir: str | Path, device: str = "auto"):
+    """The saved recommender in ``model_dir`` on ``device``: a RecFormer model (``model_type`` recformer) or a
+    trained ID baseline (``lmrec baseline``'s ``model/``, model_type lmrec-idrec); both rank, recommend
+    and serve through the same calls."""
+    from lmrec.idrec.recommender import IdRecommender, is_id_model
     from lmrec.recformer.recommender import Recommender
 
-    rec = Recommender.from_pretrained(model_dir, _device(device))
-    return rec.recommend(history, k, exclude_history=exclude_history)
+    if is_id_model(model_dir):
+        return IdRecommender.from_pretrained(model_dir, _device(device))
+    return Recommender.from_pretrained(model_dir, _device(device))
 
 
 def _device(spec: str):
@@ -177,7 +184,7 @@ def build_semantic_ids(data: str | Path, out: str | Path, *, recommender: str | 
 
 
 def expand_vocab(sids: str | Path, out: str | Path, *, model: str | Path | None = None,
-                 data: str | Path | None = None, init: str = "mean", log=print) -> dict:
+                 data: str | Path | None = None, init: str = "codebook", log=print) -> dict:
     """New tokens for every code of ``sids`` in a local language model (None: the embedded tiny Qwen3,
     whose tokenizer is trained on ``data``'s item text)."""
     from lmrec.generative.api import expand_model

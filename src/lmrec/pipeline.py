@@ -45,7 +45,7 @@ def semantic_ids(data, out, *, recommender=None, encoder=None, levels: int = 3, 
 
 
 def generative_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, stages=("2",),
-                        init: str = "mean", overrides: list[str] | None = None, log=print) -> dict:
+                        init: str = "codebook", overrides: list[str] | None = None, log=print) -> dict:
     """Semantic IDs → vocabulary expansion → the given training stages (each from the previous one's best
     model) → the last stage's metrics. What `lmrec quickstart` runs for its generative row."""
     from lmrec.generative.api import expand_model, train_stages

@@ -68,7 +68,7 @@ def test_expand_vocab_t5(tmp_path, setup):
                    decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id)
     T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
     tok.save_pretrained(tmp_path / "t5")
-    meta = expand_vocab(tmp_path / "t5", sids, tmp_path / "t5x", log=lambda m: None)
+    meta = expand_vocab(tmp_path / "t5", sids, tmp_path / "t5x", init="mean", log=lambda m: None)
     model, _ = load_lm(tmp_path / "t5x")
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert emb.shape[0] % 256 == 0 and meta["tied"] and head.data_ptr() == emb.data_ptr()
@@ -85,7 +85,7 @@ def test_expand_vocab_untied_decoder(tmp_path, setup):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False)
     Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "q")
     tok.save_pretrained(tmp_path / "q")
-    meta = expand_vocab(tmp_path / "q", sids, tmp_path / "qx", log=lambda m: None)
+    meta = expand_vocab(tmp_path / "q", sids, tmp_path / "qx", init="mean", log=lambda m: None)
     model, _ = load_lm(tmp_path / "qx")
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert not meta["tied"] and head.data_ptr() != emb.data_ptr() and emb.shape == head.shape

@@ -72,7 +72,8 @@ def test_expand_vocab_keeps_the_stored_dtype_and_says_so(setup, tmp_path):
     n = meta["old_tokenizer_size"]
     assert torch.equal(x[meta["sid_end"]], x[:n].float().mean(0).to(torch.bfloat16))
     _tiny_lm(tmp_path / "lm32", dtype=torch.float32)  # an fp32 source stays fp32
-    assert expand_vocab(tmp_path / "lm32", sids, tmp_path / "x32", log=lambda m: None)["dtype"] == "float32"
+    meta32 = expand_vocab(tmp_path / "lm32", sids, tmp_path / "x32", init="mean", log=lambda m: None)
+    assert meta32["dtype"] == "float32"
     assert _dtypes(tmp_path / "x32") == {"F32"}
 
 
@@ -126,7 +127,7 @@ def test_export_refuses_a_checkpoint_without_its_untied_head(setup, tmp_path):
 
     root, sids, *_ = setup
     _tiny_lm(tmp_path / "untied", tied=False, dtype=torch.float32)
-    expand_vocab(tmp_path / "untied", sids, tmp_path / "ux", log=lambda m: None)
+    expand_vocab(tmp_path / "untied", sids, tmp_path / "ux", init="mean", log=lambda m: None)
     model, _ = load_lm(tmp_path / "ux")
     state = {k: v + 0.01 for k, v in model.state_dict().items()}  # "trained" weights
     with_head = _checkpoint(tmp_path / "a", tmp_path / "ux", state)

@@ -160,7 +160,8 @@ def test_t5_trains_and_ranks(gen, tmp_path):
                    eos_token_id=tok.eos_token_id)
     T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
     tok.save_pretrained(tmp_path / "t5")
-    expand_vocab(tmp_path / "t5", SemanticIds.load(gen / "sids"), tmp_path / "t5x", log=lambda m: None)
+    expand_vocab(tmp_path / "t5", SemanticIds.load(gen / "sids"), tmp_path / "t5x", init="mean",
+                 log=lambda m: None)
     res = run_cli("gen", "train", "--stage", "2", "--model", tmp_path / "t5x", "--data", gen / "data", "--sids",
                   gen / "sids", "--output-dir", tmp_path / "run", *FAST, "train.log_every=1")
     assert res.returncode == 0, res.stderr[-3000:]

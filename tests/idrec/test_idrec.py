@@ -99,6 +99,16 @@ def test_baseline_learns_the_sequences_and_its_saved_model_ranks_the_same(arch, 
     assert ("SASRec" if arch == "sasrec" else "GRU4Rec") in res.stdout
     again = evaluate(rank_fn(IdSeqRec.from_pretrained(out / "model")), PreparedDataset(data).examples("test"))
     assert again["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-9)
+    # the saved model is a recommender like any other: `lmrec evaluate` and `recommend` take it
+    import lmrec
+
+    assert lmrec.evaluate(out / "model", data, ks=(10,), device="cpu")["ndcg@10"] == pytest.approx(
+        m["test"]["ndcg@10"], abs=1e-9)
+    ds = PreparedDataset(data)
+    hist = [ds.item_ids[i] for i in ds.examples("test").histories[0]]
+    top = lmrec.recommend(out / "model", hist, k=5, device="cpu")
+    assert len(top) == 5 and not {it for it, _, _ in top} & set(hist)
+    assert [s for _, _, s in top] == sorted((s for _, _, s in top), reverse=True)
 
 
 def test_baseline_rejects_what_it_cannot_run(tmp_path):

@@ -344,6 +344,30 @@ def test_generative_service_returns_only_real_items_and_new_items_join_the_trie(
     assert again.ds.item_ids[-1] == "g-new" and again.trie.leaf_item.numel() == 31
 
 
+def test_an_id_baseline_is_served_like_any_model_and_refuses_new_items(tmp_path):
+    """`lmrec baseline`'s model/ serves: answers equal `lmrec recommend`'s; POST /items is 409 (no text encoder)."""
+    import lmrec
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.idrec.train import train_baseline
+
+    data = synthetic_dataset(tmp_path / "data", users=40, items=30)
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "train.epochs=2", "model.hidden_size=16"],
+                      schema=IdRunConfig)
+    model = train_baseline(cfg, data, log=lambda m: None).model_dir
+    hist = ["i1", "i4", "i9"]
+    expected = lmrec.recommend(model, hist, k=5, device="cpu")
+    with Server(build_app(model=str(model), log=lambda m: None)) as srv:
+        srv.wait_ready()
+        meta = httpx.get(srv.url + "/metadata").json()
+        assert meta["family"] == "idrec" and meta["arch"] == "sasrec" and meta["catalog_size"] == 30
+        r = httpx.post(srv.url + "/recommend", json={"history": hist, "k": 5}).json()
+        assert [x["item_id"] for x in r["items"]] == [e[0] for e in expected]
+        np.testing.assert_allclose([x["score"] for x in r["items"]], [e[2] for e in expected], rtol=1e-5)
+        r = httpx.post(srv.url + "/items", json={"items": [{"item_id": "new", "text": {"title": "a new thing"}}]})
+        assert r.status_code == 409 and "ID model" in r.json()["error"]
+        assert httpx.get(srv.url + "/metadata").json()["catalog_size"] == 30
+
+
 def test_serve_command_checks_its_inputs(recformer_model, generative_model, tmp_path):
     model, data = recformer_model
     gen, gdata, sids = generative_model

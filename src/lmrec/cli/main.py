@@ -501,7 +501,9 @@ def gen_expand_vocab(
     sids: Path = typer.Option(..., help="Semantic-ID directory (`lmrec sid build`)."),
     out: Path = typer.Option(..., help="Output model directory."),
     data: Path = typer.Option(None, help="Prepared dataset (for the embedded default's tokenizer)."),
-    init: str = typer.Option("mean", help="New rows: mean (of existing rows) | codebook (from the centroids)."),
+    init: str = typer.Option("codebook", help="New rows: codebook (the centroids, projected into the model's "
+                                          "embedding space; the default: mean init left every item with the "
+                                          "same score after a short run) | mean (of the existing rows)."),
     pad_multiple: int = typer.Option(256, help="Pad the embedding rows to a multiple of this."),
 ):
     """Add one token per (level, code) and <|sid_begin|>/<|sid_end|>; resize and initialise embeddings."""

@@ -33,7 +33,8 @@ def build_semantic_ids(data, out, *, encoder=None, embeddings: np.ndarray | None
     return sids
 
 
-def expand_model(model, sids_dir, out, *, data=None, init: str = "mean", pad_multiple: int = 256, log=print) -> dict:
+def expand_model(model, sids_dir, out, *, data=None, init: str = "codebook", pad_multiple: int = 256,
+                 log=print) -> dict:
     from safetensors.numpy import load_file
 
     from lmrec.generative.default_model import build_default_lm

@@ -53,7 +53,7 @@ def stored_dtype(path: str | Path) -> torch.dtype:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, init: str = "mean",
+def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, init: str = "codebook",
                  pad_multiple: int = 256, books: list[np.ndarray] | None = None, seed: int = 0, log=print) -> dict:
     """Add the itemic tokens to a model; returns (and saves as ``sid_vocab.json``) the id layout.
 

@@ -22,7 +22,7 @@ from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import RankFn, dot_rank_fn, evaluate
 from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
-from lmrec.io import atomic_dir
+from lmrec.idrec.recommender import save_id_model
 from lmrec.training.loop import Stage, data_loader
 from lmrec.training.run import Run
 
@@ -109,7 +109,7 @@ def train_baseline(cfg: IdRunConfig, data: str | Path, log=print) -> BaselineRes
         plan = Stage(mc.arch, tr.epochs, tr.lr, metric=ev.metric, patience=tr.patience,
                      validate=lambda: evaluate(rank_fn(model, exclude_history=ev.exclude_history),
                                                ds.examples("valid"), desc="validate", **kw),
-                     on_best=run.keep_best(lambda out: atomic_dir(out, lambda tmp: model.save_pretrained(tmp))))
+                     on_best=run.keep_best(lambda out: save_id_model(model, ds.item_ids, ds.item_text, out)))
         r = run.fit(model, make_loader, plan)
         trained = IdSeqRec.from_pretrained(best).to(run.acc.device)
         metrics = {"model": NAMES[mc.arch], "valid": r.best_metrics, "best_epoch": r.best_epoch,

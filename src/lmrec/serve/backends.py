@@ -189,13 +189,7 @@ class RecformerBackend(Backend):
         return self.rec.model.config.max_item_embeddings - 1
 
     def recommend(self, queries: list[Query]) -> list[list[Hit]]:
-        with self.lock:
-            hist = [[self.rec.item_index[it] for it in q.history] for q in queries]
-            excl = [h if q.exclude_history else [] for h, q in zip(hist, queries)]
-            scores, items = self.rec.top_k(hist, max(q.k for q in queries), exclude=excl)
-            return [[Hit(self.rec.item_ids[i], float(s), self.rec.item_text[i])
-                     for s, i in zip(scores[b, : q.k].tolist(), items[b, : q.k].tolist()) if i >= 0]
-                    for b, q in enumerate(queries)]
+        return _top_k_hits(self, queries)
 
     def add_items(self, items):
         ids = self._add_persisted(lambda: [self.rec.item_ids[i] for i in self.rec.add_items(
@@ -211,6 +205,59 @@ class RecformerBackend(Backend):
         r = self.index_report
         return {**super().metadata(), "index": {"kind": r.kind, "param": r.param, "recall_at_10": r.recall_at_10,
                                                "items": self.rec.retrieval_index().size}}
+
+
+class IdBackend(Backend):
+    """A trained ID baseline (``lmrec baseline``'s ``model/``): ranks its own catalog; cannot add items."""
+
+    family = "idrec"
+    max_k = 1000
+
+    def __init__(self, model_dir: Path, *, index: str = "auto", exact_max: int = 200_000, device="cpu", log=print):
+        from lmrec.idrec.recommender import IdRecommender
+
+        super().__init__(model_dir)
+        self.rec = IdRecommender.from_pretrained(model_dir, device, index_kind=index, exact_max=exact_max)
+        self.index_report = self.rec.retrieval_index(log=log).report
+
+    def item_ids(self) -> list[str]:
+        return self.rec.item_ids
+
+    def item_text(self, index: int) -> ItemText:
+        return self.rec.item_text[index]
+
+    def index_of(self, item_id: str) -> int | None:
+        return self.rec.item_index.get(item_id)
+
+    @property
+    def max_history(self) -> int:
+        return self.rec.max_len
+
+    def recommend(self, queries: list[Query]) -> list[list[Hit]]:
+        return _top_k_hits(self, queries)
+
+    def add_items(self, items):
+        raise BadRequest("items", f"{self.model_dir} is an ID model ({self.rec.model.config.arch}): it has a vector "
+                                  "only for the items it was trained with and cannot add items from their text; "
+                                  "serve a RecFormer or generative model to add items", status=409)
+
+    def _refresh(self) -> None:
+        pass
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "arch": self.rec.model.config.arch}
+
+
+def _top_k_hits(backend, queries: list[Query]) -> list[list[Hit]]:
+    """One index search for a batch of checked queries (RecFormer and ID models)."""
+    rec = backend.rec
+    with backend.lock:
+        hist = [[rec.item_index[it] for it in q.history] for q in queries]
+        excl = [h if q.exclude_history else [] for h, q in zip(hist, queries)]
+        scores, items = rec.top_k(hist, max(q.k for q in queries), exclude=excl)
+        return [[Hit(rec.item_ids[i], float(s), rec.item_text[i])
+                 for s, i in zip(scores[b, : q.k].tolist(), items[b, : q.k].tolist()) if i >= 0]
+                for b, q in enumerate(queries)]
 
 
 class GenerativeBackend(Backend):
@@ -300,7 +347,7 @@ class GenerativeBackend(Backend):
 
 
 def detect_family(model_dir: str | Path, data: str | Path | None = None, sids: str | Path | None = None) -> str:
-    """``recformer`` or ``generative`` for a model directory, or a clear error (checked before a server
+    """``recformer``, ``idrec`` or ``generative`` for a model directory, or a clear error (checked before a server
     starts, so that a wrong path is one message, not a failed readiness probe)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -319,7 +366,9 @@ def detect_family(model_dir: str | Path, data: str | Path | None = None, sids: s
         raise LmrecError(f"--model {model_dir} is a prepared dataset, not a model (a generative model takes it as "
                          "--data)")
     if (model_dir / "items.parquet").exists() and (model_dir / "config.json").exists():
-        return "recformer"
+        from lmrec.idrec.recommender import is_id_model
+
+        return "idrec" if is_id_model(model_dir) else "recformer"
     if (model_dir / "config.json").exists():
         kind = json.loads((model_dir / "config.json").read_text()).get("model_type", "?")
         raise LmrecError(f"{model_dir} is a {kind} model without an item catalog: serve a finetuned RecFormer "
@@ -330,10 +379,14 @@ def detect_family(model_dir: str | Path, data: str | Path | None = None, sids: s
 def load_backend(model_dir: str | Path, *, data: str | Path | None = None, sids: str | Path | None = None,
                  index: str = "auto", exact_max: int = 200_000, beams: int | None = None, device: str = "cpu",
                  log=print) -> Backend:
-    """The backend for a model directory: a RecFormer recommender (``items.parquet``) or a generative model
+    """The backend for a model directory: a RecFormer recommender or a trained ID baseline (``items.parquet``),
+    or a generative model
     (``sid_vocab.json``; it needs the prepared dataset and the semantic-ID directory), on ``device``."""
-    if detect_family(model_dir, data, sids) == "generative":
+    family = detect_family(model_dir, data, sids)
+    if family == "generative":
         return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, device=device, log=log)
+    if family == "idrec":
+        return IdBackend(Path(model_dir), index=index, exact_max=exact_max, device=device, log=log)
     return RecformerBackend(Path(model_dir), index=index, exact_max=exact_max, device=device, log=log)
 
 
