@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmrec.errors import LmrecError
+
 # The quickstart's generative run (and `lmrec compare`'s): 3 epochs on a CPU budget (more keep improving),
 # validated once at the end (every run so far improved each epoch), the LM head only on the answer's tokens
 # (the chunked loss: the same loss, a quarter less time per step), and a terse prompt (the item IDs alone:
@@ -33,25 +35,105 @@ def item_vectors(recommender: str | Path, data: str | Path) -> np.ndarray:
     return emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-8)
 
 
-def semantic_ids(data, out, *, recommender=None, encoder=None, levels: int = 3, codes: int | None = None,
-                 seed: int = 0, log=print):
-    """``lmrec sid build``: from a recommender's item table, or from the item text through ``encoder``."""
+def source_vectors(source: str | Path, data: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """(unit-norm item vectors, which items have a learned vector, the source's kind) from a saved model: a
+    RecFormer recommender (its item table: every item, new ones encoded from their text) or an ID baseline
+    (SASRec / GRU4Rec: only the items of the training sequences have learned vectors)."""
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.idrec.recommender import IdRecommender, is_id_model
+
+    ds = PreparedDataset(data)
+    if is_id_model(source):
+        rec = IdRecommender.from_pretrained(source).ready_for(ds.item_ids, ds.item_text)
+        v = rec.item_vectors().cpu().numpy()
+        known = np.zeros(ds.num_items, dtype=bool)
+        known[np.concatenate([*ds.train, np.zeros(0, np.int64)])] = True
+        kind = rec.model.config.arch
+    else:
+        v, known, kind = item_vectors(source, data), np.ones(ds.num_items, dtype=bool), "recformer"
+    return v / np.linalg.norm(v, axis=1, keepdims=True).clip(min=1e-8), known, kind
+
+
+def fuse_vectors(parts: list[tuple[np.ndarray, np.ndarray]], weights: list[float],
+                 text: np.ndarray | None = None, ridge: float = 1.0) -> tuple[np.ndarray, int]:
+    """One unit-norm vector per item from several sources: ``[√w₁·v₁, √w₂·v₂, …]`` (each part unit-norm, the
+    weights summing to 1). A part's rows without a learned vector (``known`` false: an item an ID model never
+    trained on) are predicted from the text-side vectors — the parts known for every item, else ``text`` —
+    by ridge regression fitted on the items that have both: a new item gets codes from its text, in the
+    collaborative space. Returns (vectors, how many rows were predicted)."""
+    full = [v for v, known in parts if known.all()]
+    x = np.concatenate(full, axis=1) if full else text
+    filled, out = 0, []
+    for (v, known), w in zip(parts, weights):
+        if not known.all():
+            if x is None:
+                raise LmrecError(f"{int((~known).sum())} items have no learned vector and no text-side source to "
+                                 "predict one from: add a text source (a RecFormer model or --encoder)")
+            xk = x[known].astype(np.float64)
+            coef = np.linalg.solve(xk.T @ xk + ridge * np.eye(x.shape[1]), xk.T @ v[known].astype(np.float64))
+            v = v.copy()
+            v[~known] = (x[~known] @ coef).astype(v.dtype)
+            v /= np.linalg.norm(v, axis=1, keepdims=True).clip(min=1e-8)
+            filled += int((~known).sum())
+        out.append(np.sqrt(w) * v)
+    return np.concatenate(out, axis=1).astype(np.float32), filled
+
+
+def semantic_ids(data, out, *, recommender=None, sources=(), encoder=None, collab_weight: float = 0.5,
+                 levels: int = 3, codes: int | None = None, seed: int = 0, log=print):
+    """``lmrec sid build``: codes from the item text through ``encoder`` (no source given), or from the item
+    vectors of one or more saved models (``sources``; ``recommender`` is one more): a RecFormer recommender,
+    an ID baseline, or both fused — text and collaborative signal, the ID sources sharing ``collab_weight``
+    of the squared norm (``fuse_vectors``). The source is recorded in the SID metadata (``encoder``)."""
     from lmrec.generative.api import build_semantic_ids
+    from lmrec.generative.sid import default_encoder, embed_texts, item_texts
 
-    vectors = item_vectors(recommender, data) if recommender is not None else None
-    return build_semantic_ids(data, out, encoder=encoder, embeddings=vectors,
-                              source=f"recformer:{recommender}" if recommender is not None else None,
-                              levels=levels, codes=codes, seed=seed, log=log)
+    sources = [Path(s) for s in (*sources, *([recommender] if recommender is not None else []))]
+    if not sources:
+        return build_semantic_ids(data, out, encoder=encoder, levels=levels, codes=codes, seed=seed, log=log)
+    if not 0.0 <= collab_weight <= 1.0:
+        raise LmrecError(f"--collab-weight must be in [0, 1], got {collab_weight}")
+    for s in sources:
+        if not (s / "config.json").is_file():
+            raise LmrecError(f"--from {s}: not a saved model (no config.json): give a RecFormer recommender "
+                             "(…/model) or a trained ID baseline (`lmrec baseline`'s …/model)")
+    got = [source_vectors(s, data) for s in sources]
+    collab = [kind != "recformer" for _, _, kind in got]
+    n_c = sum(collab)
+    if n_c == 0 or n_c == len(got):
+        weights = [1.0 / len(got)] * len(got)
+    else:
+        weights = [collab_weight / n_c if c else (1 - collab_weight) / (len(got) - n_c) for c in collab]
+    text = None
+    if all(c for c in collab) and any(not known.all() for _, known, _ in got):
+        from lmrec.data.dataset import PreparedDataset
+
+        enc = encoder or default_encoder()
+        if enc is None:
+            raise LmrecError("items without a learned vector need a text encoder to predict one: give --encoder "
+                             "DIR or a RecFormer model as a second --from")
+        text = embed_texts(item_texts(PreparedDataset(data).item_text), enc, warn=lambda m: log(f"warning: {m}"))
+    vectors, filled = fuse_vectors([(v, known) for v, known, _ in got], weights, text)
+    name = " + ".join(f"{kind}:{s} (weight {w:.2f})" if len(got) > 1 else f"{kind}:{s}"
+                      for (_, _, kind), s, w in zip(got, sources, weights))
+    if filled:
+        name += f"; {filled} items without a learned vector predicted from their text"
+        log(f"{filled} items have no learned vector in the ID model: their vectors are predicted from the text side")
+    log(f"semantic IDs from {name}")
+    return build_semantic_ids(data, out, embeddings=vectors, source=name, levels=levels, codes=codes, seed=seed,
+                              log=log)
 
 
-def generative_pipeline(data, out_dir, *, model=None, recommender=None, encoder=None, stages=("2",),
-                        init: str = "codebook", overrides: list[str] | None = None, log=print) -> dict:
+def generative_pipeline(data, out_dir, *, model=None, recommender=None, sources=(), collab_weight: float = 0.5,
+                        encoder=None, stages=("2",), init: str = "codebook", overrides: list[str] | None = None,
+                        log=print) -> dict:
     """Semantic IDs → vocabulary expansion → the given training stages (each from the previous one's best
     model) → the last stage's metrics. What `lmrec quickstart` runs for its generative row."""
     from lmrec.generative.api import expand_model, train_stages
 
     out_dir = Path(out_dir)
     sids = out_dir / "sids"
-    semantic_ids(data, sids, recommender=recommender, encoder=encoder, log=log)
+    semantic_ids(data, sids, recommender=recommender, sources=sources, collab_weight=collab_weight, encoder=encoder,
+                 log=log)
     expand_model(model, sids, out_dir / "expanded", data=data, init=init, log=log)
     return train_stages(data, sids, out_dir / "expanded", out_dir, stages=stages, overrides=overrides, log=log)

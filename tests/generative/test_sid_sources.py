@@ -1,0 +1,78 @@
+"""Semantic IDs from any item vectors (issue 23 point 1): an ID baseline's, a RecFormer's, or both fused; items
+an ID model never trained on get vectors predicted from their text."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lmrec.pipeline import fuse_vectors
+from tests.conftest import run_cli
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_fused_vectors_weigh_each_source_and_predict_the_missing_rows_from_the_text_side():
+    rng = np.random.default_rng(0)
+    text = _unit(rng.normal(size=(200, 8)))
+    rotation = np.linalg.qr(rng.normal(size=(8, 8)))[0]
+    collab = text @ rotation  # unit rows, linear in the text side: the regression can recover them exactly
+    known = np.ones(200, dtype=bool)
+    known[:20] = False  # 20 items the ID model never trained on: their rows hold untrained noise
+    noisy = collab.copy()
+    noisy[:20] = _unit(rng.normal(size=(20, 8)))
+    fused, filled = fuse_vectors([(text, np.ones(200, bool)), (noisy, known)], [0.25, 0.75], ridge=1e-9)
+    assert filled == 20 and fused.shape == (200, 16)
+    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(fused[:, :8], 0.5 * text, atol=1e-6)  # √0.25
+    np.testing.assert_allclose(fused[20:, 8:], np.sqrt(0.75) * collab[20:], atol=1e-6)  # learned rows kept
+    # the missing rows are the regression's prediction, here exact (the map is linear): not the noise
+    np.testing.assert_allclose(fused[:20, 8:], np.sqrt(0.75) * collab[:20], atol=1e-4)
+
+
+def test_missing_rows_without_a_text_side_are_an_error():
+    from lmrec.errors import LmrecError
+
+    v = _unit(np.random.default_rng(0).normal(size=(10, 4)))
+    known = np.arange(10) > 2
+    with pytest.raises(LmrecError, match="no learned vector"):
+        fuse_vectors([(v, known)], [1.0])
+
+
+def test_sid_build_from_an_id_baseline_on_a_cold_split(tmp_path):
+    """`lmrec sid build --from` a trained SASRec: the source is recorded, every item has unique codes, and the
+    cold items (never in a training sequence) get codes predicted from their text (MiniLM)."""
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.data.prepare import PrepareOptions, prepare
+    from lmrec.data.readers import RawData
+    from lmrec.generative.sid import SemanticIds
+    from lmrec.idrec.train import train_baseline
+
+    rng = np.random.default_rng(0)
+    u, i, t = [], [], []
+    for user in range(60):
+        cur = int(rng.integers(40))
+        for step in range(8):
+            u.append(f"u{user}"), i.append(f"i{cur}"), t.append(float(step))
+            cur = (cur + 1 + user % 3) % 40
+    text = {f"i{k}": [("title", f"thing {k}"), ("kind", "red" if k % 2 else "blue")] for k in range(40)}
+    data = prepare(RawData(u, i, t, text, "walks"), tmp_path / "data", PrepareOptions(split="cold", cold_ratio=0.2))
+    ds = PreparedDataset(data)
+    trained = set(np.concatenate(ds.train).tolist())
+    cold = ds.num_items - len(trained)
+    assert cold > 0
+    cfg = load_config(None, [f"output_dir={tmp_path / 'sas'}", "train.epochs=2", "model.hidden_size=16"],
+                      schema=IdRunConfig)
+    model = train_baseline(cfg, data, log=lambda m: None).model_dir
+    res = run_cli("sid", "build", "--data", data, "--out", tmp_path / "sids", "--from", model, "--levels", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{cold} items have no learned vector" in res.stdout + res.stderr
+    sids = SemanticIds.load(tmp_path / "sids")
+    assert sids.config.encoder.startswith(f"sasrec:{model}") and "predicted from their text" in sids.config.encoder
+    assert len({tuple(c) for c in sids.codes.tolist()}) == ds.num_items
+    assert json.loads(res.stdout[res.stdout.index("{"): res.stdout.rindex("}") + 1])["items"] == ds.num_items
+    bad = run_cli("sid", "build", "--data", data, "--out", tmp_path / "x", "--from", tmp_path / "nothing")
+    assert bad.returncode == 2 and "not a saved model" in bad.stderr and not (tmp_path / "x").exists()
