@@ -193,6 +193,12 @@ class GenDataConfig(_Strict):
     with_titles: bool = False  # history items as "<sid> title" instead of the semantic ID alone
     alignment: bool = False  # add sid→title and title→sid samples
     max_length: Count = 512
+    # chat: one next-item conversation per sample (the prompt above). sequence: a user's items as one causal
+    # sequence of semantic IDs with the loss on every item after the first — windows of max_history + 1 items,
+    # sequence_stride apart, each target trained once per epoch (decoder-only models; inference prompts with
+    # the newest max_history items' IDs, no chat template)
+    format: Literal["chat", "sequence"] = "chat"
+    sequence_stride: Count | None = None  # items between windows (default: half a window)
 
     @field_validator("prompt")
     @classmethod

@@ -234,3 +234,17 @@ def test_new_items_get_unique_codes_in_the_nearest_bucket_with_room():
     inside = (new[:, :2] == full).all(1)
     assert inside.sum() == extra - (sids.codes[:, :2] == full).all(1).sum()  # the bucket's free numbers first
     assert (new[~inside, 2] < extra).all()  # then the nearest other buckets, with real tokens
+
+
+def test_sequence_windows_train_every_target_once_with_context():
+    from lmrec.generative.prompts import encode_sequence, sequence_windows
+
+    items = list(range(100, 123))  # 23 items: 22 targets
+    wins = sequence_windows(items, max_history=7, stride=4)
+    targets = [t for w, first in wins for t in w[first:]]
+    assert sorted(targets) == items[1:]  # every position after the first, once
+    assert all(len(w) <= 8 for w, _ in wins) and wins[-1][0][-1] == items[-1]
+    assert all(first >= 4 for _, first in wins[1:])  # later windows: at least window - stride items of context
+    assert sequence_windows([5], 3, None) == [] and sequence_windows([5, 6], 3, None) == [([5, 6], 1)]
+    enc = encode_sequence([[1, 2], [3, 4], [5, 6]], first_target=1)
+    assert enc == {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6]}

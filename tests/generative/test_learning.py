@@ -61,6 +61,21 @@ def test_stage2_on_padded_batches_learns_the_next_item(shop, tmp_path):
     assert got >= 2 * max(pop, rnd), (got, pop, rnd)
 
 
+def test_every_position_sequence_training_learns_the_next_item(shop, tmp_path):
+    """data.format=sequence: each user's items as one causal sequence of IDs, every position a target; the
+    model is prompted the same way (saved in prompt_config.json) and ranks the next item well."""
+    from lmrec.api import train_generative
+    from lmrec.generative.prompts import PromptFormat
+
+    run = train_generative(shop / "data", shop / "sids", shop / "lm", output_dir=tmp_path / "run", stage="2",
+                           log=lambda m: None, overrides=["data.format=sequence", "data.max_history=4", *EVAL,
+                                                          "train.epochs=6", "train.eval_every=6",
+                                                          "train.batch_size=8"])
+    assert PromptFormat.load(run.model_dir).kind == "sequence"
+    got, pop, rnd = ndcg(run.metrics)
+    assert got >= 2 * max(pop, rnd), (got, pop, rnd)
+
+
 def test_sft_on_a_packed_stream_of_written_samples_learns_the_next_item(shop, tmp_path):
     from lmrec.config import GenRunConfig, load_config
     from lmrec.generative.api import write_chat_samples

@@ -76,7 +76,7 @@ def write_chat_samples(data, sids_dir, out, overrides: list[str], rows_per_file:
     counts = {}
     for split in ("train", "valid", "test"):
         rows = build_samples(ds, sids, dc, split=split)
-        write_shards((ChatRow(f"{split}-{i:08d}", f"lmrec_{r['task']}", r["messages"], None,
+        write_shards((ChatRow(f"{split}-{i:08d}", f"lmrec_{r['task']}", r["messages"], r.get("segments"),
                               {"task": r["task"], "user": r["user"], "target": r["target"], "split": split})
                       for i, r in enumerate(rows)), Path(out) / split, rows_per_file=rows_per_file, split=split)
         counts[split] = len(rows)

@@ -30,10 +30,14 @@ class PromptFormat:
     max_history: int = GenDataConfig.model_fields["max_history"].default
     with_titles: bool = GenDataConfig.model_fields["with_titles"].default
     template: str = NEXT_ITEM
+    kind: str = "chat"  # or "sequence": the items' semantic IDs back to back, no chat template
 
     @classmethod
     def from_config(cls, dc: GenDataConfig) -> PromptFormat:
-        return cls(dc.max_history, dc.with_titles, dc.prompt)
+        if dc.format == "sequence" and dc.with_titles:
+            raise LmrecError("data.format=sequence trains on the items' semantic IDs alone: it takes no "
+                             "data.with_titles (use data.format=chat)")
+        return cls(dc.max_history, dc.with_titles, dc.prompt, dc.format)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> PromptFormat:
@@ -85,6 +89,45 @@ def encode_training(tokenizer, messages: list[dict], *, seq2seq: bool, max_lengt
         raise LmrecError("the chat template does not render the prompt as a prefix of the conversation")
     full, n = full[-max_length:], len(prompt) - max(0, len(full) - max_length)
     return {"input_ids": full, "labels": [-100] * max(0, n) + full[max(0, n):]}
+
+
+def sequence_windows(items, max_history: int, stride: int | None) -> list[tuple[list[int], int]]:
+    """A training sequence → (window of at most ``max_history + 1`` items, index of its first target): windows
+    ``stride`` items apart (default half a window); every target after the first item is trained once, with
+    at least ``window − stride`` items of context after the first window (as the ID baselines' windows)."""
+    items = [int(i) for i in items]
+    w = max_history + 1
+    stride = stride or max(1, w // 2)
+    if len(items) < 2:
+        return []
+    out, done, end = [], 1, min(len(items), w)
+    while True:
+        lo = max(0, end - w)
+        out.append((items[lo:end], done - lo))
+        if end == len(items):
+            return out
+        done, end = end, min(len(items), end + stride)
+
+
+def sid_token_ids(codes, meta: dict) -> list[int]:
+    """One item's token ids: ``<|sid_begin|>``, one token per level, ``<|sid_end|>`` (``meta``: sid_vocab.json)."""
+    lv = meta["level_token_ids"]
+    return [meta["sid_begin"], *(lv[j][int(c)] for j, c in enumerate(codes)), meta["sid_end"]]
+
+
+def encode_sequence(item_ids: list[list[int]], first_target: int) -> dict:
+    """Token ids of a window of items (each item's semantic-ID tokens, ``<|sid_begin|>`` … ``<|sid_end|>``),
+    labels on the items from ``first_target`` on (-100 before)."""
+    ids, labels = [], []
+    for j, toks in enumerate(item_ids):
+        ids += toks
+        labels += toks if j >= first_target else [-100] * len(toks)
+    return {"input_ids": ids, "labels": labels}
+
+
+def sequence_generation(item_ids: list[list[int]], sid_begin: int) -> dict:
+    """The ids generation starts from in the sequence format: the history's semantic IDs, then ``<|sid_begin|>``."""
+    return {"input_ids": [t for toks in item_ids for t in toks] + [sid_begin]}
 
 
 def encode_generation(tokenizer, messages: list[dict], sid_begin: int, *, seq2seq: bool) -> dict:

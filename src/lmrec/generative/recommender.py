@@ -20,7 +20,13 @@ from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn
 from lmrec.generative.beam import SidTrie, constrained_beam_search
-from lmrec.generative.prompts import PromptFormat, encode_generation, next_item_messages
+from lmrec.generative.prompts import (
+    PromptFormat,
+    encode_generation,
+    next_item_messages,
+    sequence_generation,
+    sid_token_ids,
+)
 from lmrec.generative.samples import align_sids, pad_batch
 from lmrec.generative.sid import SemanticIds, assign_codes
 from lmrec.generative.vocab import META, load_lm, read_meta
@@ -147,8 +153,13 @@ class GenerativeRecommender:
 
     def prompts(self, histories) -> dict[str, torch.Tensor]:
         seq2seq = getattr(self.model.config, "is_encoder_decoder", False)
-        rows = [encode_generation(self.tokenizer, next_item_messages(self.ds, self.sids, h, None, self.fmt),
-                                  self.meta["sid_begin"], seq2seq=seq2seq) for h in histories]
+        if self.fmt.kind == "sequence":  # the newest items' IDs back to back, as the model was trained
+            rows = [sequence_generation([sid_token_ids(self.sids.codes[int(i)], self.meta)
+                                         for i in list(h)[-self.fmt.max_history:]], self.meta["sid_begin"])
+                    for h in histories]
+        else:
+            rows = [encode_generation(self.tokenizer, next_item_messages(self.ds, self.sids, h, None, self.fmt),
+                                      self.meta["sid_begin"], seq2seq=seq2seq) for h in histories]
         batch = pad_batch(rows, self.tokenizer.pad_token_id, left=not seq2seq)
         if seq2seq:
             start = self.model.config.decoder_start_token_id

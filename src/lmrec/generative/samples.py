@@ -16,7 +16,7 @@ import torch
 from lmrec.config import GenDataConfig
 from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
-from lmrec.generative.prompts import PromptFormat, alignment_messages, next_item_messages
+from lmrec.generative.prompts import PromptFormat, alignment_messages, next_item_messages, sequence_windows
 from lmrec.generative.sid import SemanticIds
 
 
@@ -32,7 +32,8 @@ def align_sids(ds: PreparedDataset, sids: SemanticIds) -> SemanticIds:
 
 
 def build_samples(ds: PreparedDataset, sids: SemanticIds, dc: GenDataConfig, split: str = "train") -> list[dict]:
-    """``train``: the last ``dc.targets_per_user`` positions of each training sequence (+ alignment samples
+    """``train``: the last ``dc.targets_per_user`` positions of each training sequence — or, with
+    ``dc.format == "sequence"``, windows of each sequence with every position a target — (+ alignment samples
     when ``dc.alignment``); ``valid``/``test``: the evaluation examples. Prompts as ``dc`` says."""
     fmt = PromptFormat.from_config(dc)
     rows = []
@@ -42,7 +43,13 @@ def build_samples(ds: PreparedDataset, sids: SemanticIds, dc: GenDataConfig, spl
             rows.append({"task": "next_item", "user": ds.user_ids[u], "target": ds.item_ids[t],
                          "messages": next_item_messages(ds, sids, h, t, fmt)})
         return rows
-    for u, tr in enumerate(ds.train):
+    if fmt.kind == "sequence":  # every position of each user's sequence, in windows
+        for u, tr in enumerate(ds.train):
+            for items, first in sequence_windows(tr, dc.max_history, dc.sequence_stride):
+                rows.append({"task": "sequence", "user": ds.user_ids[u], "target": ds.item_ids[items[-1]],
+                             "items": items, "first_target": first, "messages": None,
+                             "segments": ["".join(sids.item_string(i) for i in items)]})
+    for u, tr in enumerate(ds.train if fmt.kind == "chat" else []):
         for cut in range(max(1, len(tr) - dc.targets_per_user), len(tr)):
             rows.append({"task": "next_item", "user": ds.user_ids[u], "target": ds.item_ids[tr[cut]],
                          "messages": next_item_messages(ds, sids, tr[:cut], tr[cut], fmt)})

@@ -22,7 +22,7 @@ from lmrec.errors import LmrecError
 from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import evaluate
 from lmrec.generative.export import SOURCE
-from lmrec.generative.prompts import PromptFormat, encode_training
+from lmrec.generative.prompts import PromptFormat, encode_sequence, encode_training, sid_token_ids
 from lmrec.generative.recommender import GenerativeRecommender, load_generative, save_generative
 from lmrec.generative.samples import align_sids, build_samples, pad_batch
 from lmrec.generative.sid import SemanticIds
@@ -108,7 +108,8 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
 
         if mix is None:
             seq2seq = model.config.is_encoder_decoder
-            make_loader = _loader_factory(cfg, ds, sids, tok, seq2seq, log, segmented(built.attn), run.loader_workers)
+            make_loader = _loader_factory(cfg, ds, sids, tok, seq2seq, log, segmented(built.attn), run.loader_workers,
+                                          meta=meta)
             plan = Stage(f"stage{stage}", tr.epochs, tr.lr, log_every=tr.log_every,
                          step_metrics=token_metrics([], sum(meta["level_token_ids"], []), run.acc,
                                                     tr.log_every * tr.grad_accum, _parameters(lm), tr.peak_tflops,
@@ -257,12 +258,19 @@ def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) 
 
 
 def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, tok, seq2seq: bool, log,
-                    segments: bool = False, workers: int = 0):
+                    segments: bool = False, workers: int = 0, meta: dict | None = None):
     """The training samples tokenized once; ``make_loader(epoch)`` serves them in length-grouped batches."""
     tr, dc = cfg.train, cfg.data
+    if dc.format == "sequence" and seq2seq:
+        raise LmrecError("data.format=sequence is for decoder-only models (one causal sequence of item IDs); an "
+                         "encoder-decoder model trains with data.format=chat")
     rows = build_samples(ds, sids, dc, split="train")
-    encoded = [encode_training(tok, r["messages"], seq2seq=seq2seq, max_length=dc.max_length) for r in rows]
-    log(f"{len(encoded)} training samples ({sum(r['task'] == 'next_item' for r in rows)} next-item)")
+    item_tokens = ([sid_token_ids(c, meta) for c in sids.codes.tolist()] if dc.format == "sequence" else [])
+    encoded = [encode_sequence([item_tokens[i] for i in r["items"]], r["first_target"]) if r["task"] == "sequence"
+               else encode_training(tok, r["messages"], seq2seq=seq2seq, max_length=dc.max_length) for r in rows]
+    targets = sum(len(r["items"]) - r["first_target"] if r["task"] == "sequence" else r["task"] == "next_item"
+                  for r in rows)
+    log(f"{len(encoded)} training samples ({targets} next-item targets)")
     lengths = np.array([len(e["input_ids"]) for e in encoded])
     pad = tok.pad_token_id
 
