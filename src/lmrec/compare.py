@@ -27,14 +27,17 @@ def _recformer(data, out: Path, seed: int, overrides: list[str], log) -> dict:
 
 
 def _generative(data, out: Path, seed: int, overrides: list[str], log) -> dict:
-    """Semantic IDs from the same seed's RecFormer (trained first when missing), then stage 2, as the
-    quickstart does."""
-    from lmrec.pipeline import GEN_QUICKSTART, generative_pipeline
+    """Semantic IDs from the same seed's RecFormer or SASRec — whichever validates better (each trained
+    first when missing) — then stage 2, as the quickstart does."""
+    from lmrec.pipeline import GEN_QUICKSTART, choose_sid_source, generative_pipeline
 
-    rec = out.parent.parent / "recformer" / f"seed-{seed}" / "model"
-    if not (rec / "config.json").exists():
-        _recformer(data, rec.parent, seed, [], log)
-    return generative_pipeline(data, out, recommender=rec, init="codebook",
+    trained = {}
+    for name, train in (("recformer", _recformer), ("sasrec", _id_baseline("sasrec"))):
+        run = out.parent.parent / name / f"seed-{seed}"
+        if not (run / "model" / "items.parquet").exists() or not (run / "metrics.json").exists():
+            train(data, run, seed, [], log)
+        trained[name] = (run / "model", json.loads((run / "metrics.json").read_text())["valid"])
+    return generative_pipeline(data, out, sources=choose_sid_source("auto", trained, log=log), init="codebook",
                                overrides=[*GEN_QUICKSTART, *overrides, f"train.seed={seed}"], log=log)["test"]
 
 

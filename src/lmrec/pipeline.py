@@ -124,6 +124,28 @@ def semantic_ids(data, out, *, recommender=None, sources=(), encoder=None, colla
                               log=log)
 
 
+SID_SOURCES = ("auto", "recformer", "sasrec", "fused")
+
+
+def choose_sid_source(choice: str, models: dict[str, tuple[Path, dict]], metric: str = "ndcg@10",
+                      log=print) -> list[Path]:
+    """The model directories the generative model's semantic IDs are built from: ``models`` maps a trained
+    model's name (``recformer``, ``sasrec``) to its directory and validation metrics. ``auto`` takes the one
+    with the best validation ``metric`` (valid, never test: the test split is read once per configuration);
+    ``fused`` all of them (``fuse_vectors``)."""
+    if choice not in SID_SOURCES:
+        raise LmrecError(f"the semantic-ID source must be one of {', '.join(SID_SOURCES)}, got {choice!r}")
+    if choice == "fused":
+        return [d for d, _ in models.values()]
+    if choice == "auto":
+        choice = max(models, key=lambda m: models[m][1].get(metric, float("-inf")))
+        scores = ", ".join(f"{m} {v.get(metric, float('nan')):.4f}" for m, (_, v) in models.items())
+        log(f"semantic IDs from {choice}'s item vectors: the best validation {metric} ({scores})")
+    if choice not in models:
+        raise LmrecError(f"semantic IDs from {choice}: that model was not trained in this run")
+    return [models[choice][0]]
+
+
 def generative_pipeline(data, out_dir, *, model=None, recommender=None, sources=(), collab_weight: float = 0.5,
                         encoder=None, stages=("2",), init: str = "codebook", overrides: list[str] | None = None,
                         log=print) -> dict:

@@ -76,3 +76,19 @@ def test_sid_build_from_an_id_baseline_on_a_cold_split(tmp_path):
     assert json.loads(res.stdout[res.stdout.index("{"): res.stdout.rindex("}") + 1])["items"] == ds.num_items
     bad = run_cli("sid", "build", "--data", data, "--out", tmp_path / "x", "--from", tmp_path / "nothing")
     assert bad.returncode == 2 and "not a saved model" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_sid_source_is_chosen_on_validation_and_a_wrong_choice_stops_before_training(tmp_path):
+    from lmrec.errors import LmrecError
+    from lmrec.pipeline import choose_sid_source
+
+    trained = {"recformer": (tmp_path / "r", {"ndcg@10": 0.053}), "sasrec": (tmp_path / "s", {"ndcg@10": 0.065})}
+    said = []
+    assert choose_sid_source("auto", trained, log=said.append) == [tmp_path / "s"]
+    assert "sasrec" in said[0] and "0.0530" in said[0]
+    assert choose_sid_source("fused", trained) == [tmp_path / "r", tmp_path / "s"]
+    assert choose_sid_source("recformer", trained) == [tmp_path / "r"]
+    with pytest.raises(LmrecError, match="not trained"):
+        choose_sid_source("sasrec", {"recformer": trained["recformer"]})
+    res = run_cli("quickstart", "--output-dir", tmp_path / "qs", "--sid-source", "best")
+    assert res.returncode == 2 and "--sid-source best" in res.stderr and not (tmp_path / "qs").exists()

@@ -121,17 +121,23 @@ def quickstart(
     backbone: str = typer.Option(None, help=BACKBONE_HELP),
     split: str = typer.Option("loo", help="loo | cold"),
     override: list[str] = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
-    generative: bool = typer.Option(True, help="Also train the generative model (semantic IDs from the trained "
-                                               "RecFormer's item table, embedded tiny Qwen3, stage 2)."),
+    generative: bool = typer.Option(True, help="Also train the generative model (semantic IDs from a trained "
+                                               "model's item vectors, embedded tiny Qwen3, stage 2)."),
     gen_override: list[str] = typer.Option(None, "--gen-set", help="Generative config override (repeatable)."),
     sasrec: bool = typer.Option(True, help="Also train the ID-based SASRec baseline (RecBole's defaults)."),
+    sid_source: str = typer.Option("auto", help="The generative model's semantic IDs from: auto (the trained model "
+                                                "with the best validation NDCG@10) | recformer | sasrec | fused."),
 ):
     """Prepare MovieLens-100k, finetune RecFormer (and SASRec and the generative model), evaluate on test,
     and compare with popularity."""
     import json
 
     from lmrec.api import finetune, prepare
+    from lmrec.pipeline import SID_SOURCES
 
+    if sid_source not in SID_SOURCES or (sid_source in ("sasrec", "fused") and not sasrec):
+        raise LmrecError(f"--sid-source {sid_source}: expected one of {', '.join(SID_SOURCES)} (sasrec and fused "
+                         "need the SASRec run: drop --no-sasrec)")
     data = output_dir / "data" / f"ml-100k-{split}"
     if not (data / "manifest.json").exists():
         prepare("ml-100k", data, split=split, log=_log)
@@ -148,14 +154,18 @@ def quickstart(
         wall += f", SASRec {base.metrics['wall_time_s']:.0f} s"
         added["sasrec"] = {k: base.metrics[k] for k in ("test", "valid", "best_epoch", "wall_time_s")}
     if generative:
-        from lmrec.pipeline import GEN_QUICKSTART, generative_pipeline
+        from lmrec.pipeline import GEN_QUICKSTART, choose_sid_source, generative_pipeline
 
-        # new token rows from the codebook centroids: NDCG@10 0.0470 vs 0.0283 (mean init), same SIDs, 3 epochs
-        gen = generative_pipeline(data, output_dir / "generative", recommender=result.model_dir, init="codebook",
+        trained = {"recformer": (result.model_dir, result.metrics["valid"])}
+        if sasrec:
+            trained["sasrec"] = (base.model_dir, base.metrics["valid"])
+        sources = choose_sid_source(sid_source, trained, log=_log)
+        gen = generative_pipeline(data, output_dir / "generative", sources=sources, init="codebook",
                                   overrides=GEN_QUICKSTART + list(gen_override or []), log=_log)
         extra[f"generative (SID, {gen['beams']} beams)"] = gen["test"]
         wall += f", generative {gen['wall_time_s']:.0f} s"
-        added["generative"] = {k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")}
+        added["generative"] = {**{k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")},
+                               "sid_sources": [str(p) for p in sources]}
     if added:  # the quickstart's other models join RecFormer's metrics.json
         from lmrec.io import atomic_file
 
