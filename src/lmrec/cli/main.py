@@ -207,7 +207,8 @@ def finetune(
 
 @app.command()
 def baseline(
-    arch: str = typer.Argument(..., help="sasrec | gru4rec"),
+    arch: str = typer.Argument(..., help="sasrec | gru4rec | hybrid (SASRec whose items are ID + text vectors: "
+                                         "model.text_from=RECFORMER_MODEL, default the MiniLM sentence encoder)"),
     data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (model / train / eval sections)."),
     output_dir: Path = typer.Option(None, help="Run directory (default: runs/baseline-<arch>)."),
@@ -228,7 +229,14 @@ def baseline(
     path = data or cfg.data.path
     if path is None:
         raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
-    result = train_baseline(cfg, path, log=_log)
+    text = None
+    if arch == "hybrid":
+        from lmrec.data.dataset import PreparedDataset
+        from lmrec.pipeline import text_vectors
+
+        PreparedDataset(path)  # a wrong path is one message before anything is encoded
+        text = text_vectors(cfg.model.text_from, path, log=_log)
+    result = train_baseline(cfg, path, log=_log, text_vectors=text)
     _report(result.metrics, f"{path}: test split, full ranking", result.model_dir, result.run_dir,
             model_name=NAMES[arch])
 

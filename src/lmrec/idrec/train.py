@@ -18,6 +18,7 @@ import torch
 
 from lmrec.config import IdRunConfig, with_data_path
 from lmrec.data.dataset import PreparedDataset
+from lmrec.errors import LmrecError
 from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import RankFn, dot_rank_fn, evaluate
 from lmrec.eval.ranking import DEFAULT_CHUNK
@@ -26,7 +27,7 @@ from lmrec.idrec.recommender import save_id_model
 from lmrec.training.loop import Stage, data_loader
 from lmrec.training.run import Run
 
-NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec"}
+NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "hybrid": "hybrid (SASRec + text)"}
 
 
 @dataclass
@@ -87,9 +88,17 @@ def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int =
                        chunk_size=chunk_size)
 
 
-def train_baseline(cfg: IdRunConfig, data: str | Path, log=print) -> BaselineResult:
-    """Train ``cfg.model.arch`` on ``data`` with early stopping on validation; test the best state."""
+def train_baseline(cfg: IdRunConfig, data: str | Path, log=print, text_vectors: np.ndarray | None = None
+                   ) -> BaselineResult:
+    """Train ``cfg.model.arch`` on ``data`` with early stopping on validation; test the best state. The hybrid
+    takes ``text_vectors``: one row per item of ``data`` (made above the families, e.g. by
+    ``lmrec.pipeline.text_vectors``)."""
     ds = PreparedDataset(data)
+    if (cfg.model.arch == "hybrid") != (text_vectors is not None):
+        raise LmrecError("the hybrid takes the items' text vectors (and only the hybrid does): see "
+                         "lmrec.pipeline.text_vectors")
+    if text_vectors is not None and len(text_vectors) != ds.num_items:
+        raise LmrecError(f"{len(text_vectors)} text vectors for the {ds.num_items} items of {data}")
     cfg = with_data_path(cfg, data)  # run_config.yaml names the data it ran on
     mc, tr, ev = cfg.model.resolved(), cfg.train, cfg.eval
     windows = training_windows(ds.train, mc.max_len)
@@ -97,7 +106,15 @@ def train_baseline(cfg: IdRunConfig, data: str | Path, log=print) -> BaselineRes
         f"targets per epoch")
     with Run(cfg, f"baseline_{mc.arch}", log) as run:
         torch.manual_seed(tr.seed)
-        model = IdSeqRec(IdRecConfig(num_items=ds.num_items, **mc.model_dump())).to(run.acc.device)
+        text_dim = 0 if text_vectors is None else text_vectors.shape[1]
+        model = IdSeqRec(IdRecConfig(num_items=ds.num_items, text_dim=text_dim, **mc.model_dump()))
+        if text_vectors is not None:
+            known = torch.zeros(ds.num_items, dtype=torch.bool)
+            known[torch.as_tensor(np.concatenate([*ds.train, np.zeros(0, np.int64)]))] = True
+            model.set_text(torch.as_tensor(text_vectors, dtype=torch.float32), known)
+            log(f"hybrid: {int(known.sum())} items with an ID vector, {ds.num_items - int(known.sum())} by their "
+                f"text alone; text vectors of width {text_dim}")
+        model = model.to(run.acc.device)
         kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=run.acc)
         best = run.dir / "model"
 
