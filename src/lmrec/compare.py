@@ -17,7 +17,7 @@ import numpy as np
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_file
 
-MODELS = ("recformer", "generative", "sasrec", "gru4rec")
+MODELS = ("recformer", "generative", "hybrid", "sasrec", "gru4rec")
 
 
 def _recformer(data, out: Path, seed: int, overrides: list[str], log) -> dict:
@@ -53,7 +53,19 @@ def _id_baseline(arch: str):
     return run
 
 
-RUNNERS: dict[str, Callable] = {"recformer": _recformer, "generative": _generative,
+def _hybrid(data, out: Path, seed: int, overrides: list[str], log) -> dict:
+    """SASRec with text: the item text vectors from ``model.text_from`` (default the MiniLM encoder)."""
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.idrec.train import train_baseline
+    from lmrec.pipeline import text_vectors
+
+    cfg = load_config(None, ["model.arch=hybrid", f"output_dir={out}", *overrides, f"train.seed={seed}"],
+                      schema=IdRunConfig)
+    text = text_vectors(cfg.model.text_from, data, log=log)
+    return train_baseline(cfg, data, log=log, text_vectors=text).metrics["test"]
+
+
+RUNNERS: dict[str, Callable] = {"recformer": _recformer, "generative": _generative, "hybrid": _hybrid,
                                 "sasrec": _id_baseline("sasrec"), "gru4rec": _id_baseline("gru4rec")}
 
 

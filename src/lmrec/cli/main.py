@@ -245,8 +245,9 @@ def baseline(
 def compare(
     data: Path = typer.Option(..., help="Prepared dataset directory."),
     models: str = typer.Option("sasrec,gru4rec,recformer", help="Comma-separated: recformer, generative (its "
-                                                                "semantic IDs from the same seed's RecFormer), "
-                                                                "sasrec, gru4rec."),
+                                                                "semantic IDs from the same seed's RecFormer or "
+                                                                "SASRec, whichever validates better), hybrid "
+                                                                "(SASRec + item text), sasrec, gru4rec."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (train.seed of every run)."),
     output_dir: Path = typer.Option(Path("runs/compare"), help="Runs go to OUT/<model>/seed-<s>; the summary "
                                                                "to OUT/compare.json."),
