@@ -125,6 +125,8 @@ def quickstart(
                                                "model's item vectors, embedded tiny Qwen3, stage 2)."),
     gen_override: list[str] = typer.Option(None, "--gen-set", help="Generative config override (repeatable)."),
     sasrec: bool = typer.Option(True, help="Also train the ID-based SASRec baseline (RecBole's defaults)."),
+    hybrid: bool = typer.Option(True, help="Also train the hybrid (SASRec whose items are ID + text vectors, the "
+                                           "text from the trained RecFormer's item table)."),
     sid_source: str = typer.Option("auto", help="The generative model's semantic IDs from: auto (the trained model "
                                                 "with the best validation NDCG@10) | recformer | sasrec | fused."),
 ):
@@ -144,28 +146,12 @@ def quickstart(
     _log(f"dataset: {data}")
     ov = [f"model.backbone={backbone}"] if backbone else []
     result = finetune(data, output_dir=output_dir, overrides=ov + list(override or []), log=_log)
-    extra, wall, added = {}, f"RecFormer {result.metrics['wall_time_s']:.0f} s", {}
-    if sasrec:
-        from lmrec.config import IdRunConfig
-        from lmrec.idrec.train import train_baseline
+    from lmrec.pipeline import quickstart_others
 
-        base = train_baseline(IdRunConfig(output_dir=str(output_dir / "sasrec")), data, log=_log)
-        extra["SASRec (item IDs)"] = base.metrics["test"]
-        wall += f", SASRec {base.metrics['wall_time_s']:.0f} s"
-        added["sasrec"] = {k: base.metrics[k] for k in ("test", "valid", "best_epoch", "wall_time_s")}
-    if generative:
-        from lmrec.pipeline import GEN_QUICKSTART, choose_sid_source, generative_pipeline
-
-        trained = {"recformer": (result.model_dir, result.metrics["valid"])}
-        if sasrec:
-            trained["sasrec"] = (base.model_dir, base.metrics["valid"])
-        sources = choose_sid_source(sid_source, trained, log=_log)
-        gen = generative_pipeline(data, output_dir / "generative", sources=sources, init="codebook",
-                                  overrides=GEN_QUICKSTART + list(gen_override or []), log=_log)
-        extra[f"generative (SID, {gen['beams']} beams)"] = gen["test"]
-        wall += f", generative {gen['wall_time_s']:.0f} s"
-        added["generative"] = {**{k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")},
-                               "sid_sources": [str(p) for p in sources]}
+    extra, walls, added = quickstart_others(data, output_dir, result, sasrec=sasrec, hybrid=hybrid,
+                                            generative=generative, sid_source=sid_source,
+                                            gen_overrides=list(gen_override or []), log=_log)
+    wall = ", ".join(f"{name} {s:.0f} s" for name, s in {"RecFormer": result.metrics["wall_time_s"], **walls}.items())
     if added:  # the quickstart's other models join RecFormer's metrics.json
         from lmrec.io import atomic_file
 
