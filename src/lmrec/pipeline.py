@@ -170,14 +170,18 @@ def generative_pipeline(data, out_dir, *, model=None, recommender=None, sources=
                         encoder=None, stages=("2",), init: str = "codebook", overrides: list[str] | None = None,
                         log=print) -> dict:
     """Semantic IDs → vocabulary expansion → the given training stages (each from the previous one's best
-    model) → the last stage's metrics. What `lmrec quickstart` runs for its generative row."""
+    model) → the last stage's metrics. What `lmrec quickstart` runs for its generative row. The run's
+    ``train.seed`` (from ``overrides``, else the config's default) also seeds k-means, the embedded default's
+    initialisation and the new rows' projection: another seed is another draw of the whole model."""
+    from lmrec.config import GenRunConfig, load_config
     from lmrec.generative.api import expand_model, train_stages
 
     out_dir = Path(out_dir)
     sids = out_dir / "sids"
+    seed = load_config(None, list(overrides or []), schema=GenRunConfig).train.seed
     semantic_ids(data, sids, recommender=recommender, sources=sources, collab_weight=collab_weight, encoder=encoder,
-                 log=log)
-    expand_model(model, sids, out_dir / "expanded", data=data, init=init, log=log)
+                 seed=seed, log=log)
+    expand_model(model, sids, out_dir / "expanded", data=data, init=init, seed=seed, log=log)
     return train_stages(data, sids, out_dir / "expanded", out_dir, stages=stages, overrides=overrides, log=log)
 
 

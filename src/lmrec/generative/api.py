@@ -34,7 +34,8 @@ def build_semantic_ids(data, out, *, encoder=None, embeddings: np.ndarray | None
 
 
 def expand_model(model, sids_dir, out, *, data=None, init: str = "codebook", pad_multiple: int = 256,
-                 log=print) -> dict:
+                 seed: int = 0, log=print) -> dict:
+    """``seed``: the embedded default's random initialisation and the codebook rows' projection."""
     from safetensors.numpy import load_file
 
     from lmrec.generative.default_model import build_default_lm
@@ -49,14 +50,14 @@ def expand_model(model, sids_dir, out, *, data=None, init: str = "codebook", pad
         tmp = Path(out).with_name(f".{Path(out).name}.base")
         texts = item_texts(ds.item_text) + [" ".join(v for _, v in t) for t in ds.item_text]
         log(f"building the embedded default (tiny Qwen3, tokenizer trained on {ds.num_items} items' text)")
-        model = build_default_lm(texts, tmp)
+        model = build_default_lm(texts, tmp, seed=seed)
     books_file = Path(sids_dir) / "codebooks.safetensors"
     books = None
     if books_file.exists():
         b = load_file(str(books_file))
         books = [b[f"level_{i}"] for i in range(len(b))]
     try:
-        return expand_vocab(model, sids, out, init=init, pad_multiple=pad_multiple, books=books, log=log)
+        return expand_vocab(model, sids, out, init=init, pad_multiple=pad_multiple, books=books, seed=seed, log=log)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
