@@ -92,3 +92,26 @@ def test_the_sid_source_is_chosen_on_validation_and_a_wrong_choice_stops_before_
         choose_sid_source("sasrec", {"recformer": trained["recformer"]})
     res = run_cli("quickstart", "--output-dir", tmp_path / "qs", "--sid-source", "best")
     assert res.returncode == 2 and "--sid-source best" in res.stderr and not (tmp_path / "qs").exists()
+
+
+def test_the_runs_seed_reaches_the_generative_models_initialisation(tmp_path):
+    """expand_model(seed=…): the embedded default's weights and the codebook rows' projection are drawn from the
+    run's seed — two seeds give two models, one seed the same model."""
+    from safetensors.torch import load_file
+
+    from lmrec.generative.api import expand_model
+    from lmrec.generative.sid import build_sids
+    from tests.training.test_distributed import synthetic_dataset
+
+    data = synthetic_dataset(tmp_path / "data", users=20, items=20)
+    emb = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    from lmrec.data.dataset import PreparedDataset
+
+    sids, books = build_sids(PreparedDataset(data).item_ids, emb, levels=2, codes=4)
+    sids.save(tmp_path / "sids", books)
+    weights = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        expand_model(None, tmp_path / "sids", tmp_path / name, data=data, seed=seed, log=lambda m: None)
+        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    key = "model.embed_tokens.weight"
+    assert weights["a"][key].equal(weights["b"][key]) and not weights["a"][key].equal(weights["c"][key])
