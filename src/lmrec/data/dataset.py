@@ -119,3 +119,26 @@ class PreparedDataset:
         if not out:
             raise DataError("empty history (expected at least one item id)", file=source)
         return out
+
+
+def history_indices(history, item_index: dict[str, int]) -> list[int]:
+    """Catalog indices of a history of item ids (oldest → newest), or one :class:`DataError` naming the first
+    unknown id and its position, or the empty history."""
+    from lmrec.errors import DataError
+
+    unknown = [(p, it) for p, it in enumerate(history, start=1) if it not in item_index]
+    if unknown:
+        p, it = unknown[0]
+        raise DataError(f"unknown item id {it!r} at position {p} of the history (not in this model's catalog of "
+                        f"{len(item_index)} items)", file="history")
+    if not history:
+        raise DataError("empty history (expected at least one item id)", file="history")
+    return [item_index[it] for it in history]
+
+
+def recommendations(rec, history, k: int, exclude_history: bool) -> list[tuple[str, list, float]]:
+    """``[(item_id, text, score)]`` of the k best items for one history, from any recommender with
+    ``item_index``, ``item_ids``, ``item_text`` and ``top_k`` (fewer than k when the history is excluded)."""
+    scores, items = rec.top_k([history_indices(history, rec.item_index)], k, exclude_history=exclude_history)
+    return [(rec.item_ids[i], rec.item_text[i], float(s)) for s, i in zip(scores[0].tolist(), items[0].tolist())
+            if s > float("-inf")]

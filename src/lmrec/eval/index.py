@@ -155,3 +155,16 @@ class ItemIndex:
             s, i = scores[b][keep][:k], ids[b][keep][:k]
             out_s[b, : len(s)], out_i[b, : len(i)] = s, i
         return out_s, out_i
+
+
+def top_k(index: ItemIndex, queries, k: int, histories, *, exclude_history: bool = True, exclude=None):
+    """The k best items per query row from ``index`` as tensors ``(scores, item indices)``, (B, k) each;
+    ``exclude`` (items per row) overrides ``exclude_history`` (each row's own history). Rows with fewer than k
+    items left end with score -inf and index -1. Shared by every recommender that retrieves through an index."""
+    import torch
+
+    if k < 1:
+        raise LmrecError(f"k must be at least 1, got {k}")
+    scores, items = index.search(queries.cpu().numpy(), min(k, index.size),
+                                 exclude=exclude if exclude is not None else histories if exclude_history else None)
+    return torch.from_numpy(scores), torch.from_numpy(items)

@@ -22,7 +22,7 @@ import torch
 from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import DataError, LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
-from lmrec.eval.index import ItemIndex
+from lmrec.eval.index import ItemIndex, top_k
 from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
 from lmrec.io import atomic_dir
@@ -130,23 +130,11 @@ class IdRecommender:
               exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores = dot products, item indices) of the k best items per history, (B, k) each; rows with fewer
         than k items left end with score -inf and index -1 (as RecFormer's)."""
-        if k < 1:
-            raise LmrecError(f"k must be at least 1, got {k}")
-        queries = self.encode_histories(histories).cpu().numpy()
-        scores, items = self.retrieval_index().search(queries, min(k, len(self.item_ids)),
-                                                      exclude=exclude if exclude is not None else
-                                                      histories if exclude_history else None)
-        return torch.from_numpy(scores), torch.from_numpy(items)
+        return top_k(self.retrieval_index(), self.encode_histories(histories), k, histories,
+                     exclude_history=exclude_history, exclude=exclude)
 
     def recommend(self, history: Sequence[str], k: int = 10, *, exclude_history: bool = True):
         """Item ids (oldest → newest) → [(item_id, text, score)] of the k best items."""
-        unknown = [(p, it) for p, it in enumerate(history, start=1) if it not in self.item_index]
-        if unknown:
-            p, it = unknown[0]
-            raise DataError(f"unknown item id {it!r} at position {p} of the history (not in this model's "
-                            f"catalog of {len(self.item_ids)} items)", file="history")
-        if not history:
-            raise DataError("empty history (expected at least one item id)", file="history")
-        scores, items = self.top_k([[self.item_index[it] for it in history]], k, exclude_history=exclude_history)
-        return [(self.item_ids[i], self.item_text[i], float(s)) for s, i in zip(scores[0].tolist(), items[0].tolist())
-                if s > float("-inf")]
+        from lmrec.data.dataset import recommendations
+
+        return recommendations(self, history, k, exclude_history)

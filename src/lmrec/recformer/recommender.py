@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
-from lmrec.eval.index import ItemIndex
+from lmrec.eval.index import ItemIndex, top_k
 from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.io import atomic_dir, atomic_file
 from lmrec.progress import progress
@@ -134,32 +134,18 @@ class Recommender:
 
     def recommend(self, history: Sequence[str], k: int = 10, *, exclude_history: bool = True):
         """Item ids (oldest → newest) → [(item_id, text, score)] of the k best items."""
-        from lmrec.errors import DataError
+        from lmrec.data.dataset import recommendations
 
-        unknown = [(p, it) for p, it in enumerate(history, start=1) if it not in self.item_index]
-        if unknown:
-            p, it = unknown[0]
-            raise DataError(f"unknown item id {it!r} at position {p} of the history (not in this model's "
-                            f"catalog of {len(self.item_ids)} items)", file="history")
-        if not history:
-            raise DataError("empty history (expected at least one item id)", file="history")
-        idx = [self.item_index[it] for it in history]
-        scores, items = self.top_k([idx], k, exclude_history=exclude_history)
-        return [(self.item_ids[i], self.item_text[i], float(s)) for s, i in zip(scores[0].tolist(), items[0].tolist())
-                if s > float("-inf")]  # with the history excluded, fewer than k items may remain
+        return recommendations(self, history, k, exclude_history)
 
     def top_k(self, histories: Sequence[Sequence[int]], k: int, *, exclude_history: bool = True,
               exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores = cosine / temperature, item indices) of the k best items for each history: (B, k) each,
         from the retrieval index. ``exclude`` (items per row) overrides ``exclude_history``. When fewer than
         k items remain, a row ends with score -inf and index -1."""
-        if k < 1:
-            raise LmrecError(f"k must be at least 1, got {k}")
-        queries = self.encode_histories(histories).cpu().numpy()
-        scores, items = self.retrieval_index().search(queries, min(k, len(self.item_ids)),
-                                                      exclude=exclude if exclude is not None else
-                                                      histories if exclude_history else None)
-        return torch.from_numpy(scores) / self.model.config.temperature, torch.from_numpy(items)
+        scores, items = top_k(self.retrieval_index(), self.encode_histories(histories), k, histories,
+                              exclude_history=exclude_history, exclude=exclude)
+        return scores / self.model.config.temperature, items
 
     def retrieval_index(self, log=None) -> ItemIndex:
         """The faiss index over the (unit-norm) item table, built on first use (``index_kind``: auto = exact

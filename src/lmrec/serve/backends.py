@@ -157,7 +157,30 @@ class Backend:
         return ids
 
 
-class RecformerBackend(Backend):
+class _RankingBackend(Backend):
+    """A backend over a recommender with ``item_ids``, ``item_text``, ``item_index`` and ``top_k`` (RecFormer,
+    the ID models): one index search per batch."""
+
+    def item_ids(self) -> list[str]:
+        return self.rec.item_ids
+
+    def item_text(self, index: int) -> ItemText:
+        return self.rec.item_text[index]
+
+    def index_of(self, item_id: str) -> int | None:
+        return self.rec.item_index.get(item_id)
+
+    def recommend(self, queries: list[Query]) -> list[list[Hit]]:
+        with self.lock:
+            hist = [[self.rec.item_index[it] for it in q.history] for q in queries]
+            excl = [h if q.exclude_history else [] for h, q in zip(hist, queries)]
+            scores, items = self.rec.top_k(hist, max(q.k for q in queries), exclude=excl)
+            return [[Hit(self.rec.item_ids[i], float(s), self.rec.item_text[i])
+                     for s, i in zip(scores[b, : q.k].tolist(), items[b, : q.k].tolist()) if i >= 0]
+                    for b, q in enumerate(queries)]
+
+
+class RecformerBackend(_RankingBackend):
     family = "recformer"
     max_k = 1000
 
@@ -175,21 +198,9 @@ class RecformerBackend(Backend):
             self.rec.encode_items(show_progress=False)
         self.index_report = self.rec.retrieval_index(log=log).report
 
-    def item_ids(self) -> list[str]:
-        return self.rec.item_ids
-
-    def item_text(self, index: int) -> ItemText:
-        return self.rec.item_text[index]
-
-    def index_of(self, item_id: str) -> int | None:
-        return self.rec.item_index.get(item_id)
-
     @property
     def max_history(self) -> int:
         return self.rec.model.config.max_item_embeddings - 1
-
-    def recommend(self, queries: list[Query]) -> list[list[Hit]]:
-        return _top_k_hits(self, queries)
 
     def add_items(self, items):
         ids = self._add_persisted(lambda: [self.rec.item_ids[i] for i in self.rec.add_items(
@@ -207,7 +218,7 @@ class RecformerBackend(Backend):
                                                "items": self.rec.retrieval_index().size}}
 
 
-class IdBackend(Backend):
+class IdBackend(_RankingBackend):
     """A trained ID baseline (``lmrec baseline``'s ``model/``): ranks its own catalog; cannot add items."""
 
     family = "idrec"
@@ -220,21 +231,9 @@ class IdBackend(Backend):
         self.rec = IdRecommender.from_pretrained(model_dir, device, index_kind=index, exact_max=exact_max)
         self.index_report = self.rec.retrieval_index(log=log).report
 
-    def item_ids(self) -> list[str]:
-        return self.rec.item_ids
-
-    def item_text(self, index: int) -> ItemText:
-        return self.rec.item_text[index]
-
-    def index_of(self, item_id: str) -> int | None:
-        return self.rec.item_index.get(item_id)
-
     @property
     def max_history(self) -> int:
         return self.rec.max_len
-
-    def recommend(self, queries: list[Query]) -> list[list[Hit]]:
-        return _top_k_hits(self, queries)
 
     def add_items(self, items):
         raise BadRequest("items", f"{self.model_dir} is an ID model ({self.rec.model.config.arch}): it has a vector "
@@ -246,18 +245,6 @@ class IdBackend(Backend):
 
     def metadata(self) -> dict:
         return {**super().metadata(), "arch": self.rec.model.config.arch}
-
-
-def _top_k_hits(backend, queries: list[Query]) -> list[list[Hit]]:
-    """One index search for a batch of checked queries (RecFormer and ID models)."""
-    rec = backend.rec
-    with backend.lock:
-        hist = [[rec.item_index[it] for it in q.history] for q in queries]
-        excl = [h if q.exclude_history else [] for h, q in zip(hist, queries)]
-        scores, items = rec.top_k(hist, max(q.k for q in queries), exclude=excl)
-        return [[Hit(rec.item_ids[i], float(s), rec.item_text[i])
-                 for s, i in zip(scores[b, : q.k].tolist(), items[b, : q.k].tolist()) if i >= 0]
-                for b, q in enumerate(queries)]
 
 
 class GenerativeBackend(Backend):
