@@ -1,12 +1,11 @@
-"""Pipelines across the two families (above both, so neither imports the other): the RecFormer →
-semantic-ID hand-off, and the quickstart's generative run.
+"""Pipelines across the families (above them, so none imports another): item vectors of any trained model
+(a RecFormer's item table, an ID model's embeddings, or both fused) → semantic IDs; text vectors for the
+hybrid; the quickstart's runs after RecFormer and the generative run they share with ``lmrec compare``.
 
-A trained RecFormer's item table is a good source of semantic IDs (items that the same users consume get
-close vectors; the text alone says little about who watches a movie): ``item_vectors`` takes it from a
-saved recommender, encoding the table first when the recommender was saved without one or for another
-catalog.
+Collaborative vectors are the better source of semantic IDs (items that the same users consume get close
+vectors; the text alone says little about who watches a movie); items an ID model never trained on get an
+ID-space vector predicted from their text, so new items still get codes.
 """
-
 from __future__ import annotations
 
 from pathlib import Path
