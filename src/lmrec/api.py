@@ -206,11 +206,13 @@ def train_generative(data: str | Path, sids: str | Path, model: str | Path, *, o
 
 
 def evaluate_generative(model_dir: str | Path, data: str | Path, sids: str | Path, *, split: str = "test",
-                        beams: int = 50, ks=(10, 20, 50), batch_size: int = 32, device: str = "auto") -> dict:
+                        beams: int = 50, ks=(10, 20, 50), batch_size: int = 32, device: str = "auto",
+                        exclude_history: bool = False) -> dict:
     """Constrained-beam-search metrics: ``{"test": ..., "baselines": {...}}``."""
     from lmrec.generative.api import evaluate_generative as _evaluate
 
-    return _evaluate(model_dir, data, sids, split=split, beams=beams, ks=ks, batch_size=batch_size, device=device)
+    return _evaluate(model_dir, data, sids, split=split, beams=beams, ks=ks, batch_size=batch_size, device=device,
+                     exclude_history=exclude_history)
 
 
 def recommend_generative(model_dir: str | Path, data: str | Path, sids: str | Path, history: list[str],

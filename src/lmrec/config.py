@@ -259,6 +259,7 @@ class GenTrainConfig(_TrainCommon):
 class GenEvalConfig(_Ranking):
     beams: Count = 50  # items beyond the beam count rank as misses
     batch_size: Count = 32
+    exclude_history: bool = False  # history items leave the beams' list before the target is ranked (as every family)
 
 
 class GenRunConfig(_Strict):

@@ -185,7 +185,8 @@ def generative_pipeline(data, out_dir, *, model=None, recommender=None, sources=
 
 
 def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid: bool, generative: bool,
-                      sid_source: str, gen_overrides: list[str], log=print) -> tuple[dict, dict, dict]:
+                      sid_source: str, gen_overrides: list[str], id_overrides: list[str] = (),
+                      log=print) -> tuple[dict, dict, dict]:
     """The quickstart's models after RecFormer (``recformer``: its finetune result): SASRec, the hybrid (its
     text from RecFormer's item table), the generative model (semantic IDs as ``sid_source`` says). Returns
     (test metrics by table row, wall seconds by model, what joins RecFormer's metrics.json)."""
@@ -196,13 +197,14 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
     trained = {"recformer": (recformer.model_dir, recformer.metrics["valid"])}
     keys = ("test", "valid", "best_epoch", "wall_time_s")
     if sasrec:
-        base = train_baseline(IdRunConfig(output_dir=str(output_dir / "sasrec")), data, log=log)
+        cfg = load_config(None, [f"output_dir={output_dir / 'sasrec'}", *id_overrides], schema=IdRunConfig)
+        base = train_baseline(cfg, data, log=log)
         rows["SASRec (item IDs)"], walls["SASRec"] = base.metrics["test"], base.metrics["wall_time_s"]
         added["sasrec"] = {k: base.metrics[k] for k in keys}
         trained["sasrec"] = (base.model_dir, base.metrics["valid"])
     if hybrid:
         cfg = load_config(None, [f"output_dir={output_dir / 'hybrid'}", "model.arch=hybrid",
-                                 f"model.text_from={recformer.model_dir}"], schema=IdRunConfig)
+                                 f"model.text_from={recformer.model_dir}", *id_overrides], schema=IdRunConfig)
         hyb = train_baseline(cfg, data, log=log, text_vectors=text_vectors(recformer.model_dir, data, log=log))
         rows["hybrid (SASRec + text)"], walls["hybrid"] = hyb.metrics["test"], hyb.metrics["wall_time_s"]
         added["hybrid"] = {k: hyb.metrics[k] for k in keys}

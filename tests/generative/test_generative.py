@@ -248,3 +248,17 @@ def test_sequence_windows_train_every_target_once_with_context():
     assert sequence_windows([5], 3, None) == [] and sequence_windows([5, 6], 3, None) == [([5, 6], 1)]
     enc = encode_sequence([[1, 2], [3, 4], [5, 6]], first_target=1)
     assert enc == {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6]}
+
+
+def test_excluding_the_history_takes_history_items_out_of_the_beams_before_ranking():
+    from lmrec.generative.recommender import GenerativeRecommender
+
+    rec = GenerativeRecommender.__new__(GenerativeRecommender)  # only rank_fn's arithmetic is under test
+    beams = torch.tensor([[5, 3, 7, 9], [3, 9, 1, 2], [4, 6, 8, 0]])
+    rec.beam_search = lambda histories, n: (beams, torch.zeros(beams.shape))
+    histories = [np.array([3, 9]), np.array([3, 9]), np.array([1])]
+    targets = np.array([7, 2, 5])  # found at 2 and 3 among the beams; the last one not at all
+    ranks, bad = rec.rank_fn(4)(histories, targets)
+    assert ranks.tolist() == [2, 3, np.inf] and not bad.any()
+    ranks, _ = rec.rank_fn(4, exclude_history=True)(histories, targets)
+    assert ranks.tolist() == [1, 1, np.inf]  # 3 (and 3, 9) ranked above the target were history items

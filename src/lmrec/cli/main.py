@@ -146,11 +146,15 @@ def quickstart(
     _log(f"dataset: {data}")
     ov = [f"model.backbone={backbone}"] if backbone else []
     result = finetune(data, output_dir=output_dir, overrides=ov + list(override or []), log=_log)
+    # eval.exclude_history (--set) applies to every row of the table, or to none
+    from lmrec.config import load_config
     from lmrec.pipeline import quickstart_others
 
+    excl = f"eval.exclude_history={load_config(None, ov + list(override or [])).eval.exclude_history}"
     extra, walls, added = quickstart_others(data, output_dir, result, sasrec=sasrec, hybrid=hybrid,
                                             generative=generative, sid_source=sid_source,
-                                            gen_overrides=list(gen_override or []), log=_log)
+                                            gen_overrides=[excl, *(gen_override or [])], id_overrides=[excl],
+                                            log=_log)
     wall = ", ".join(f"{name} {s:.0f} s" for name, s in {"RecFormer": result.metrics["wall_time_s"], **walls}.items())
     if added:  # the quickstart's other models join RecFormer's metrics.json
         from lmrec.io import atomic_file
@@ -642,13 +646,15 @@ def gen_evaluate(
     ks: str = typer.Option("10,20,50", help="Cut-offs."),
     batch_size: int = typer.Option(32, help="Users per beam-search call."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    exclude_history: bool = typer.Option(False, help="Take the user's history items out of the ranking."),
 ):
     """Constrained-beam-search metrics on a prepared dataset, next to popularity and random (the same
     evaluator as the end of `gen train`)."""
     from lmrec.generative.api import evaluate_generative
 
     r = evaluate_generative(model, data, sids, split=split, beams=_k(beams, "--beams"), ks=_ks(ks),
-                            batch_size=_k(batch_size, "--batch-size"), device=device)
+                            batch_size=_k(batch_size, "--batch-size"), device=device,
+                            exclude_history=exclude_history)
     print_metrics(r, title=f"{data} ({split}), constrained beam search ({beams} beams)", model_name="generative")
 
 

@@ -103,7 +103,7 @@ def load_recommender(model_dir, data, sids_dir, max_history: int | None = None, 
 
 
 def evaluate_generative(model_dir, data, sids_dir, *, split: str = "test", beams: int = 50, ks=(10, 20, 50),
-                        batch_size: int = 32, device: str = "auto") -> dict:
+                        batch_size: int = 32, device: str = "auto", exclude_history: bool = False) -> dict:
     """Constrained-beam-search metrics of a trained generative model (a stage's model, a LoRA adapter, or a
     merged model) on a prepared dataset, next to popularity and the random expectation:
     ``{"test": ..., "baselines": {...}}`` — the same evaluator and numbers as the end of ``gen train``."""
@@ -112,8 +112,8 @@ def evaluate_generative(model_dir, data, sids_dir, *, split: str = "test", beams
 
     rec = load_recommender(model_dir, data, sids_dir, device=device)
     kw = dict(ks=ks, batch_size=batch_size)
-    return {"test": evaluate(rec.rank_fn(beams), rec.ds.examples(split), desc=split, **kw),
-            "baselines": baselines(rec.ds, split, **kw)}
+    return {"test": evaluate(rec.rank_fn(beams, exclude_history), rec.ds.examples(split), desc=split, **kw),
+            "baselines": baselines(rec.ds, split, exclude_history=exclude_history, **kw)}
 
 
 def train_stages(data, sids_dir, model_dir, out_dir, *, stages=("2",), overrides: list[str] | None = None,

@@ -173,13 +173,21 @@ class GenerativeRecommender:
         self.model.train(was)
         return items, scores
 
-    def rank_fn(self, beams: int) -> RankFn:
+    def rank_fn(self, beams: int, exclude_history: bool = False) -> RankFn:
         """Each target's position among the beams (inf beyond them), and which users' beams carried
-        non-finite log-probabilities (a NaN score: see :mod:`lmrec.generative.beam`)."""
+        non-finite log-probabilities (a NaN score: see :mod:`lmrec.generative.beam`). ``exclude_history``:
+        the user's history items are taken out of the beams' list first (as the other families exclude them
+        from their ranking)."""
         def rank(histories, targets):
             items, scores = self.beam_search(histories, beams)
-            hit = items.numpy() == np.asarray(targets)[:, None]
+            items = items.numpy()
+            hit = items == np.asarray(targets)[:, None]
             ranks = np.where(hit.any(1), hit.argmax(1), np.inf).astype(np.float64)
+            if exclude_history:  # history items ranked above the target no longer count
+                seen = np.stack([np.isin(row, h) for row, h in zip(items, histories)])
+                before = np.cumsum(seen, 1) - seen  # history items strictly before each position
+                found = hit.any(1)
+                ranks[found] -= before[found, hit.argmax(1)[found]]
             return ranks, torch.isnan(scores).any(1).numpy()
 
         return rank

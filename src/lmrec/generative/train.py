@@ -82,7 +82,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
     """Train stage ``cfg.train.stage`` from ``model_dir`` (an expanded model or a previous stage's) on the
     chat samples of a prepared dataset (``data`` + ``sids_dir``), or on the packed stream a data config
     describes (``data_config``; with ``data`` + ``sids_dir`` too, validation and test by beam search)."""
-    stage, tr = cfg.train.stage, cfg.train
+    stage, tr, ev = cfg.train.stage, cfg.train, cfg.eval
     model_dir = Path(model_dir)
     mix = load_data_config(data_config) if data_config is not None else None
     if (data is None) != (sids_dir is None) or (mix is None and data is None):
@@ -117,8 +117,8 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
         else:
             make_loader, plan, tally = _stream_plan(cfg, mix, tok, meta, model, run, log, segmented(built.attn))
         if rec is not None:
-            plan.validate = lambda: evaluate(rec.rank_fn(cfg.eval.beams), ds.examples("valid"), ks=cfg.eval.ks,
-                                             batch_size=cfg.eval.batch_size, accelerator=run.acc, desc="validate")
+            plan.validate = lambda: evaluate(rec.rank_fn(ev.beams, ev.exclude_history), ds.examples("valid"), ks=ev.ks,
+                                             batch_size=ev.batch_size, accelerator=run.acc, desc="validate")
             plan.metric, plan.patience, plan.eval_every = cfg.eval.metric, tr.patience, tr.eval_every
             plan.on_best = lambda metrics, epoch: save(run.dir / "model")
         plan.after_step = built.after_step
@@ -253,8 +253,9 @@ def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) 
     model, tok = load_generative(best)
     rec = GenerativeRecommender(model.to(run.acc.device), tok, meta, sids, ds, fmt)
     kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=run.acc)
-    return {"test": evaluate(rec.rank_fn(ev.beams), ds.examples("test"), desc="test", **kw),
-            "baselines": baselines(ds, "test", **kw), "beams": ev.beams, "sid_report": sids.report}
+    return {"test": evaluate(rec.rank_fn(ev.beams, ev.exclude_history), ds.examples("test"), desc="test", **kw),
+            "baselines": baselines(ds, "test", exclude_history=ev.exclude_history, **kw), "beams": ev.beams,
+            "sid_report": sids.report, "exclude_history": ev.exclude_history}
 
 
 def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, tok, seq2seq: bool, log,
