@@ -31,12 +31,7 @@ def _generative(data, out: Path, seed: int, overrides: list[str], log) -> dict:
     first when missing) — then stage 2, as the quickstart does."""
     from lmrec.pipeline import GEN_QUICKSTART, choose_sid_source, generative_pipeline
 
-    trained = {}
-    for name, train in (("recformer", _recformer), ("sasrec", _id_baseline("sasrec"))):
-        run = out.parent.parent / name / f"seed-{seed}"
-        if not (run / "model" / "items.parquet").exists() or not (run / "metrics.json").exists():
-            train(data, run, seed, [], log)
-        trained[name] = (run / "model", json.loads((run / "metrics.json").read_text())["valid"])
+    trained = {name: _trained(data, out, seed, name, log) for name in ("recformer", "sasrec")}
     return generative_pipeline(data, out, sources=choose_sid_source("auto", trained, log=log), init="codebook",
                                overrides=[*GEN_QUICKSTART, *overrides, f"train.seed={seed}"], log=log)["test"]
 
@@ -53,14 +48,27 @@ def _id_baseline(arch: str):
     return run
 
 
+def _trained(data, out: Path, seed: int, name: str, log) -> tuple[Path, dict]:
+    """The same seed's run of ``name`` (recformer or sasrec) next to ``out``, trained first when missing:
+    (its model directory, its validation metrics)."""
+    run = out.parent.parent / name / f"seed-{seed}"
+    if not (run / "model" / "items.parquet").exists() or not (run / "metrics.json").exists():
+        RUNNERS[name](data, run, seed, [], log)
+    return run / "model", json.loads((run / "metrics.json").read_text())["valid"]
+
+
 def _hybrid(data, out: Path, seed: int, overrides: list[str], log) -> dict:
-    """SASRec with text: the item text vectors from ``model.text_from`` (default the MiniLM encoder)."""
+    """SASRec with text, the text from the same seed's RecFormer item table (trained first when missing; it
+    validated better than MiniLM's vectors), or from ``model.text_from`` when given."""
     from lmrec.config import IdRunConfig, load_config
     from lmrec.idrec.train import train_baseline
     from lmrec.pipeline import text_vectors
 
     cfg = load_config(None, ["model.arch=hybrid", f"output_dir={out}", *overrides, f"train.seed={seed}"],
                       schema=IdRunConfig)
+    if cfg.model.text_from is None:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"text_from": str(_trained(data, out, seed, "recformer", log)[0])})})
     text = text_vectors(cfg.model.text_from, data, log=log)
     return train_baseline(cfg, data, log=log, text_vectors=text).metrics["test"]
 

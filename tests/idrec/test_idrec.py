@@ -213,3 +213,24 @@ def test_the_hybrid_learns_and_ranks_new_items_by_their_text(tmp_path):
     with pytest.raises(Exception, match="text vectors"):
         train_baseline(load_config(None, [f"output_dir={tmp_path / 'x'}"], schema=IdRunConfig), data,
                        text_vectors=text)
+
+
+def test_compare_reuses_the_same_seeds_run_and_trains_it_only_when_missing(tmp_path, monkeypatch):
+    """The generative and hybrid rows of `lmrec compare` take the same seed's RecFormer / SASRec run: read back
+    when it finished, trained once when it is missing."""
+    from lmrec import compare
+
+    calls = []
+
+    def fake(data, run, seed, overrides, log):
+        calls.append((run.name, seed))
+        (run / "model").mkdir(parents=True)
+        (run / "model" / "items.parquet").write_text("")
+        (run / "metrics.json").write_text(json.dumps({"valid": {"ndcg@10": 0.5}}))
+
+    monkeypatch.setitem(compare.RUNNERS, "recformer", fake)
+    out = tmp_path / "cmp" / "hybrid" / "seed-3"
+    for _ in range(2):
+        model, valid = compare._trained(tmp_path / "data", out, 3, "recformer", print)
+        assert model == tmp_path / "cmp" / "recformer" / "seed-3" / "model" and valid == {"ndcg@10": 0.5}
+    assert calls == [("seed-3", 3)]
