@@ -109,25 +109,23 @@ QWEN3_LIKE = (  # drops the think block of replies before the last user turn, as
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+# two turns whose replies think; Qwen3's template drops the first reply's think block
+THINKING_ROW = ChatRow("u", "rec", [{"role": "user", "content": "hello"},
+                                   {"role": "assistant", "content": "<think>why</think> a red shoe"},
+                                   {"role": "user", "content": "what next"},
+                                   {"role": "assistant", "content": "<think>because</think> the blue hat"}])
+
+
 def test_replies_are_found_when_the_template_rewrites_earlier_turns(lm):
     """Qwen3's template drops the think block of replies before the last user turn, so the conversation
     rendered up to a reply is not a prefix of the whole: the replies are found by their markers."""
     _, tok = lm
     tok = copy.deepcopy(tok)
     tok.chat_template = QWEN3_LIKE
-    row = ChatRow("u", "rec", [{"role": "user", "content": "hello"},
-                               {"role": "assistant", "content": "<think>why</think> a red shoe"},
-                               {"role": "user", "content": "what next"},
-                               {"role": "assistant", "content": "<think>because</think> the blue hat"}])
+    row = THINKING_ROW
     enc = encode_chat(tok, row)
     assert tok.decode(enc["input_ids"]).count("<think>") == 1  # the first reply's thoughts were dropped
-    spans, cur = [], []
-    for t, lab in zip(enc["input_ids"], enc["labels"]):
-        if lab != -100:
-            cur.append(t)
-        elif cur:
-            spans, cur = spans + [cur], []
-    assert [tok.decode(s) for s in spans + ([cur] if cur else [])] == [
+    assert [tok.decode(s) for s in supervised_spans(enc)] == [
         "a red shoe<|im_end|>", "<think>because</think> the blue hat<|im_end|>"]
 
 
@@ -138,10 +136,7 @@ def test_the_end_of_turn_marker_comes_from_the_template_when_eos_differs(lm):
     _, tok = lm
     tok = copy.deepcopy(tok)
     tok.chat_template = QWEN3_LIKE
-    row = ChatRow("u", "rec", [{"role": "user", "content": "hello"},
-                               {"role": "assistant", "content": "<think>why</think> a red shoe"},
-                               {"role": "user", "content": "what next"},
-                               {"role": "assistant", "content": "<think>because</think> the blue hat"}])
+    row = THINKING_ROW
     same = encode_chat(tok, row)
     tok.eos_token = "<|endoftext|>"
     assert tok.eos_token_id != tok.convert_tokens_to_ids("<|im_end|>")
