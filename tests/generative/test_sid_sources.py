@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmrec.pipeline import fuse_vectors
-from tests.conftest import run_cli
+from tests.conftest import run_cli, walk_interactions
 
 
 def _unit(x):
@@ -51,13 +51,7 @@ def test_sid_build_from_an_id_baseline_on_a_cold_split(tmp_path):
     from lmrec.generative.sid import SemanticIds
     from lmrec.idrec.train import train_baseline
 
-    rng = np.random.default_rng(0)
-    u, i, t = [], [], []
-    for user in range(60):
-        cur = int(rng.integers(40))
-        for step in range(8):
-            u.append(f"u{user}"), i.append(f"i{cur}"), t.append(float(step))
-            cur = (cur + 1 + user % 3) % 40
+    u, i, t = walk_interactions()
     text = {f"i{k}": [("title", f"thing {k}"), ("kind", "red" if k % 2 else "blue")] for k in range(40)}
     data = prepare(RawData(u, i, t, text, "walks"), tmp_path / "data", PrepareOptions(split="cold", cold_ratio=0.2))
     ds = PreparedDataset(data)

@@ -93,6 +93,10 @@ class PreparedDataset:
         """Sorted indices of the items that occur in the training part (what a model may know of)."""
         return np.unique(np.concatenate(self.train)) if self.train else np.zeros(0, dtype=np.int64)
 
+    def train_item_text(self) -> list:
+        """The text of the training items only (what a tokenizer or codebook may be fit on before training)."""
+        return [self.item_text[i] for i in self.train_items()]
+
     def new_items(self) -> np.ndarray:
         """Sorted indices of the items never seen before test time: in no training sequence and no
         validation target (on a cold-start split, the cold items — and any item without interactions)."""

@@ -1,5 +1,5 @@
 """The embedded default language model: a tiny Qwen3-style decoder (random init, tied embeddings, explicit
-``head_dim``) with a byte-level BPE tokenizer trained on the dataset's item text with ``tokenizers`` and a
+``head_dim``) with a byte-level BPE tokenizer trained on the training items' text with ``tokenizers`` and a
 ChatML chat template, saved with ``save_pretrained`` so that it loads like any local Qwen3 checkpoint."""
 
 from __future__ import annotations

@@ -192,15 +192,23 @@ class SemanticIds:
 
 
 def build_sids(item_ids: list[str], embeddings: np.ndarray, *, levels: int = 3, codes: int | None = None,
-               seed: int = 0, encoder: str = "") -> tuple[SemanticIds, list[np.ndarray]]:
+               seed: int = 0, encoder: str = "", fit_rows: np.ndarray | None = None
+               ) -> tuple[SemanticIds, list[np.ndarray]]:
+    """Codes for every item; the codebooks are fit on ``fit_rows`` only (the items known at training time,
+    default all) and the other items are assigned to them level by level, as a new item would be."""
     codes = codes or default_codes(len(item_ids))
-    raw, books = residual_kmeans(embeddings, levels, codes, seed=seed)
+    if fit_rows is None or len(fit_rows) == len(item_ids):
+        raw, books = residual_kmeans(embeddings, levels, codes, seed=seed)
+    else:
+        _, books = residual_kmeans(np.asarray(embeddings)[fit_rows], levels, codes, seed=seed)
+        raw = assign_codes(embeddings, books)
     before = collision_rate(raw)
     buckets = Counter(tuple(r) for r in raw.tolist())
     unique, extra = disambiguate(raw)
     assert collision_rate(unique) == 0.0
     report = {
-        "items": len(item_ids), "levels": levels, "codes_per_level": codes, "extra_level": extra,
+        "items": len(item_ids), "fit_items": len(item_ids) if fit_rows is None else len(fit_rows),
+        "levels": levels, "codes_per_level": codes, "extra_level": extra,
         "usage_per_level": [int(len(np.unique(raw[:, lv]))) for lv in range(levels)],
         "usage_share_per_level": [round(len(np.unique(raw[:, lv])) / codes, 4) for lv in range(levels)],
         "collision_rate_before": round(before, 4), "collision_rate_after": collision_rate(unique),

@@ -31,7 +31,8 @@ def build_recommender(cfg, ds: PreparedDataset, run_dir: Path, accelerator, log=
         if rec.item_ids != ds.item_ids:
             rec.set_catalog(ds.item_ids, ds.item_text)
         return rec
-    backbone = backbone_or_default(m, ds.item_text, run_dir, accelerator, cfg.train.seed, log)
+    # the tokenizer sees the training items' text only: a new item (cold split) arrives as it would in serving
+    backbone = backbone_or_default(m, ds.train_item_text(), run_dir, accelerator, cfg.train.seed, log)
     model, tokenizer = build_checked(backbone, log, max_token_num=m.max_token_num, max_attr_num=m.max_attr_num,
                                      max_attr_length=m.max_attr_length, max_item_embeddings=ds.max_history_len + 1,
                                      temperature=m.temperature, pooler_type=m.pooler_type,
@@ -77,7 +78,8 @@ def backbone_or_default(m, item_text, run_dir: Path, accelerator, seed: int, log
     if backbone is None:
         backbone = run_dir / "backbone"
         if accelerator.is_main_process and not (backbone / "config.json").exists():
-            log(f"building the embedded default backbone in {backbone} (tokenizer trained on the item text)")
+            log(f"building the embedded default backbone in {backbone} (tokenizer trained on {len(item_text)} "
+                "items' text)")
             texts = [" ".join(f"{k} {v}" for k, v in t) for t in item_text]
             w = m.attention_window
             window = DEFAULT_WINDOW if w is None else w if isinstance(w, int) else w[0]
