@@ -161,9 +161,24 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
     assert other["models"]["sasrec"]["per_seed"][0] == json.loads(
         (out / "sasrec" / "seed-0" / "compare_run.json").read_text())["test"]
 
+    # a preset (here a YAML file) is where a model's runs start; the overrides still win over it
+    preset = tmp_path / "short.yaml"
+    preset.write_text("train:\n  epochs: 3\n  patience: 1\n")
+    compare(data, out, models=["sasrec"], seeds=[0], presets={"sasrec": str(preset)}, log=logs.append)
+    saved = json.loads((out / "sasrec" / "seed-0" / "compare_run.json").read_text())
+    assert saved["config"] == str(preset)
+    run_cfg = (out / "sasrec" / "seed-0" / "run_config.yaml").read_text()
+    assert "epochs: 3" in run_cfg and "patience: 1" in run_cfg
+
     with pytest.raises(LmrecError, match="bert4rec"):
         compare(data, tmp_path / "bad", models=["sasrec", "bert4rec"], seeds=[0])
+    with pytest.raises(LmrecError, match="not found"):
+        compare(data, tmp_path / "bad", models=["sasrec"], seeds=[0], presets={"sasrec": "no-such-preset"})
+    with pytest.raises(LmrecError, match="not among the compared models"):
+        compare(data, tmp_path / "bad", models=["sasrec"], seeds=[0], presets={"recformer": "recformer-30min"})
     assert not (tmp_path / "bad").exists()
+    res = run_cli("compare", "--data", data, "--models", "sasrec", "--preset", "sasrec", "--output-dir", tmp_path / "b")
+    assert res.returncode == 2 and "expected MODEL:NAME" in res.stderr and not (tmp_path / "b").exists()
 
 
 def _walks_with_positions(path, split: str, items: int = 40, users: int = 120):
@@ -207,9 +222,13 @@ def test_the_hybrid_learns_and_ranks_new_items_by_their_text(tmp_path):
     cold, text = _walks_with_positions(tmp_path / "cold", "cold", items=120, users=240)  # 24 new items
     cfg = load_config(None, [f"output_dir={tmp_path / 'c'}", "model.arch=hybrid", "model.id_dropout=0.5", *base],
                       schema=IdRunConfig)
-    train_baseline(cfg, cold, log=lambda s: None, text_vectors=text)
+    run = train_baseline(cfg, cold, log=lambda s: None, text_vectors=text).metrics
     new = lmrec.evaluate(tmp_path / "c" / "model", cold, ks=(10,), candidates="new", with_random=True, device="cpu")
     assert new["test"]["mrr"] > 3 * new["baselines"]["random"]["mrr"], new
+    # the run reports the same protocol itself (the quickstart's new-items table shows it)
+    assert run["test_new_items"]["test"]["mrr"] == pytest.approx(new["test"]["mrr"], abs=1e-9)
+    assert run["test_new_items"]["baselines"]["random"]["mrr"] == pytest.approx(new["baselines"]["random"]["mrr"])
+    assert run["test_new_items"]["candidates"] == 24
     with pytest.raises(Exception, match="text vectors"):
         train_baseline(load_config(None, [f"output_dir={tmp_path / 'x'}"], schema=IdRunConfig), data,
                        text_vectors=text)
@@ -222,11 +241,12 @@ def test_compare_reuses_the_same_seeds_run_and_trains_it_only_when_missing(tmp_p
 
     calls = []
 
-    def fake(data, run, seed, overrides, log):
+    def fake(data, run, seed, overrides, log, config=None):
         calls.append((run.name, seed))
         (run / "model").mkdir(parents=True)
         (run / "model" / "items.parquet").write_text("")
         (run / "metrics.json").write_text(json.dumps({"valid": {"ndcg@10": 0.5}}))
+        return {"ndcg@10": 0.25}
 
     monkeypatch.setitem(compare.RUNNERS, "recformer", fake)
     out = tmp_path / "cmp" / "hybrid" / "seed-3"
@@ -234,3 +254,42 @@ def test_compare_reuses_the_same_seeds_run_and_trains_it_only_when_missing(tmp_p
         model, valid = compare._trained(tmp_path / "data", out, 3, "recformer", print)
         assert model == tmp_path / "cmp" / "recformer" / "seed-3" / "model" and valid == {"ndcg@10": 0.5}
     assert calls == [("seed-3", 3)]
+    # the comparison's own recformer row (no overrides, no preset) reads that run back: not trained again
+    row = compare._run_once("recformer", tmp_path / "data", tmp_path / "cmp" / "recformer" / "seed-3", 3, [], print)
+    assert row == {"ndcg@10": 0.25} and calls == [("seed-3", 3)]
+
+
+def test_the_hybrid_starts_from_a_trained_sasrec_and_refuses_what_does_not_fit(tmp_path):
+    """model.init_from: the hybrid takes every weight of a trained SASRec (same sizes, same catalog) and only
+    its text projection is new; a wrong directory or other sizes stop before the run with one message."""
+    from safetensors.torch import load_file
+
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.errors import LmrecError
+    from lmrec.idrec.train import train_baseline
+
+    base = ["train.batch_size=16", "model.hidden_size=32", "model.dropout=0.1"]
+    data, text = _walks_with_positions(tmp_path / "loo", "loo")
+    sas = load_config(None, [f"output_dir={tmp_path / 's'}", "train.epochs=3", "train.lr=3e-3", *base],
+                      schema=IdRunConfig)
+    train_baseline(sas, data, log=lambda s: None)
+    said = []
+    cfg = load_config(None, [f"output_dir={tmp_path / 'h'}", "model.arch=hybrid",
+                             f"model.init_from={tmp_path / 's' / 'model'}", "train.epochs=1", "train.lr=1e-12",
+                             *base], schema=IdRunConfig)
+    train_baseline(cfg, data, log=said.append, text_vectors=text)
+    assert any("initialised from" in s and "new: text_proj.bias, text_proj.weight" in s for s in said), said
+    before, after = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("s", "h"))
+    assert set(after) - set(before) == {"text_proj.weight", "text_proj.bias", "text_vectors", "known"}
+    for k, v in before.items():  # an lr of 1e-12: the hybrid still holds the SASRec weights it started from
+        torch.testing.assert_close(after[k], v, atol=1e-6, rtol=0)
+    warm = load_config(None, [f"output_dir={tmp_path / 'w'}", "model.arch=hybrid", "train.epochs=4", "train.lr=3e-3",
+                              f"model.init_from={tmp_path / 's' / 'model'}", *base], schema=IdRunConfig)
+    m = train_baseline(warm, data, log=lambda s: None, text_vectors=text).metrics  # and it learns on from there
+    assert m["test"]["ndcg@10"] > 3 * m["baselines"]["popularity"]["ndcg@10"], m["test"]
+    for wrong, msg in ((tmp_path / "nothing", "not a trained ID model"), (tmp_path / "s" / "model", "sizes differ")):
+        bad = load_config(None, [f"output_dir={tmp_path / 'x'}", "model.arch=hybrid", f"model.init_from={wrong}",
+                                 "model.hidden_size=16", "train.epochs=1"], schema=IdRunConfig)
+        with pytest.raises(LmrecError, match=msg):
+            train_baseline(bad, data, log=lambda s: None, text_vectors=text)
+        assert not (tmp_path / "x").exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,3 +54,21 @@ def baselines(dataset: PreparedDataset, split: str = "test", *, ks: Sequence[int
                    batch_size=batch_size, accelerator=accelerator, desc="popularity")
     return {"popularity": pop, "random": random_expectation(examples, dataset.num_items, ks=ks,
                                                             exclude_history=exclude_history)}
+
+
+def new_items_protocol(dataset: PreparedDataset, make_rank_fn: Callable[[np.ndarray], RankFn], *,
+                       ks: Sequence[int] = DEFAULT_KS, exclude_history: bool = False, batch_size: int = 64,
+                       accelerator=None) -> dict | None:
+    """On a cold-start split, the new-item protocol next to full ranking, for any model: each test target
+    ranked among the items never seen before test time (``make_rank_fn(candidates)``), with the random
+    expectation for that candidate set. ``{"test": ..., "baselines": {"random": ...}, "candidates": n}``;
+    None on other splits."""
+    if dataset.manifest["options"].get("split") != "cold":
+        return None
+    examples, new = dataset.examples("test"), dataset.new_items()
+    if not len(examples) or not np.isin(examples.targets, new).all():
+        return None
+    test = evaluate(make_rank_fn(new), examples, ks=ks, batch_size=batch_size, accelerator=accelerator,
+                    desc="test (new items)")
+    rnd = random_expectation(examples, dataset.num_items, ks=ks, exclude_history=exclude_history, candidates=new)
+    return {"test": test, "baselines": {"random": rnd}, "candidates": int(len(new))}

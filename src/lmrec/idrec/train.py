@@ -19,7 +19,7 @@ import torch
 from lmrec.config import IdRunConfig, with_data_path
 from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
-from lmrec.eval.baselines import baselines
+from lmrec.eval.baselines import baselines, new_items_protocol
 from lmrec.eval.evaluator import RankFn, dot_rank_fn, evaluate
 from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
@@ -69,8 +69,9 @@ def _batch(windows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tens
     return {"input_ids": ids, "labels": labels}
 
 
-def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int = DEFAULT_CHUNK) -> RankFn:
-    """Full ranking of every item for each history (its last ``max_len`` items)."""
+def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int = DEFAULT_CHUNK,
+            candidates: np.ndarray | None = None) -> RankFn:
+    """Full ranking of every item (or of ``candidates``) for each history (its last ``max_len`` items)."""
     m = model.config.max_len
 
     @torch.no_grad()
@@ -85,7 +86,36 @@ def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int =
         return model.user_vectors(ids.to(dev), lengths.to(dev)).float()
 
     return dot_rank_fn(queries, model.item_vectors().detach().float(), exclude_history=exclude_history,
-                       chunk_size=chunk_size)
+                       chunk_size=chunk_size, candidates=candidates)
+
+
+def _init_state(source: str, config: IdRecConfig, item_ids: list[str]) -> dict[str, torch.Tensor]:
+    """``model.init_from``: every weight the saved model shares with a ``config`` model (same names, same
+    shapes), on the same catalog — checked before the run directory exists. What the model has beyond it (the
+    hybrid's text projection) starts as built; the hybrid's text buffers always come from this run's text."""
+    from safetensors.torch import load_file
+
+    from lmrec.data.prepare import read_items
+    from lmrec.idrec.recommender import is_id_model
+
+    src = Path(source)
+    if not is_id_model(src) or not (src / "model.safetensors").is_file() or not (src / "items.parquet").is_file():
+        raise LmrecError(f"model.init_from {source}: not a trained ID model (expected config.json of model_type "
+                         f"{IdRecConfig.model_type}, model.safetensors, items.parquet: `lmrec baseline`'s run/model)")
+    if read_items(src / "items.parquet")[0] != list(item_ids):
+        raise LmrecError(f"model.init_from {source}: its catalog is not this dataset's (train it on the same data)")
+    with torch.device("meta"):
+        own = IdSeqRec(config).state_dict()
+    state = {k: v for k, v in load_file(str(src / "model.safetensors")).items()
+             if k in own and k not in ("text_vectors", "known")}
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
+             if v.shape != own[k].shape]
+    if wrong:
+        raise LmrecError(f"model.init_from {source}: sizes differ from this model's: {', '.join(wrong[:3])} (give "
+                         "the same model.hidden_size, layers, heads, inner_size and max_len)")
+    if not state:
+        raise LmrecError(f"model.init_from {source}: no weight in common with a {config.arch} model")
+    return state
 
 
 def train_baseline(cfg: IdRunConfig, data: str | Path, log=print, text_vectors: np.ndarray | None = None
@@ -104,16 +134,22 @@ def train_baseline(cfg: IdRunConfig, data: str | Path, log=print, text_vectors: 
     windows = training_windows(ds.train, mc.max_len)
     log(f"{NAMES[mc.arch]}: {len(windows)} training windows, {sum(int((y >= 0).sum()) for _, y in windows)} "
         f"targets per epoch")
+    text_dim = 0 if text_vectors is None else text_vectors.shape[1]
+    model_config = IdRecConfig(num_items=ds.num_items, text_dim=text_dim, **mc.model_dump())
+    init = None if mc.init_from is None else _init_state(mc.init_from, model_config, ds.item_ids)
     with Run(cfg, f"baseline_{mc.arch}", log) as run:
         torch.manual_seed(tr.seed)
-        text_dim = 0 if text_vectors is None else text_vectors.shape[1]
-        model = IdSeqRec(IdRecConfig(num_items=ds.num_items, text_dim=text_dim, **mc.model_dump()))
+        model = IdSeqRec(model_config)
         if text_vectors is not None:
             known = torch.zeros(ds.num_items, dtype=torch.bool)
             known[torch.as_tensor(np.concatenate([*ds.train, np.zeros(0, np.int64)]))] = True
             model.set_text(torch.as_tensor(text_vectors, dtype=torch.float32), known)
             log(f"hybrid: {int(known.sum())} items with an ID vector, {ds.num_items - int(known.sum())} by their "
                 f"text alone; text vectors of width {text_dim}")
+        if init is not None:
+            model.load_state_dict(init, strict=False)
+            new = sorted(k for k in model.state_dict() if k not in init and k not in ("text_vectors", "known"))
+            log(f"initialised from {mc.init_from}: {len(init)} tensors" + (f"; new: {', '.join(new)}" if new else ""))
         model = model.to(run.acc.device)
         kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=run.acc)
         best = run.dir / "model"
@@ -134,5 +170,11 @@ def train_baseline(cfg: IdRunConfig, data: str | Path, log=print, text_vectors: 
                    "test": evaluate(rank_fn(trained, exclude_history=ev.exclude_history), ds.examples("test"),
                                     desc="test", **kw),
                    "baselines": baselines(ds, "test", exclude_history=ev.exclude_history, **kw)}
+        # a cold-start split: the new items ranked among themselves (the hybrid by their text; an ID model's
+        # vectors for them never trained, so it shows what a model without text can do there: about random)
+        new = new_items_protocol(ds, lambda c: rank_fn(trained, exclude_history=ev.exclude_history, candidates=c),
+                                 exclude_history=ev.exclude_history, **kw)
+        if new is not None:
+            metrics["test_new_items"] = new
         run.finish(metrics)
     return BaselineResult(run.dir, best, metrics)
