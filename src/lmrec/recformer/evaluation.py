@@ -3,10 +3,8 @@ the new-item protocol (each target ranked among the items never seen before test
 
 from __future__ import annotations
 
-import numpy as np
-
 from lmrec.data.dataset import PreparedDataset
-from lmrec.eval.baselines import baselines, random_expectation
+from lmrec.eval.baselines import baselines, new_items_protocol
 from lmrec.eval.evaluator import evaluate
 from lmrec.recformer.recommender import Recommender
 
@@ -29,15 +27,8 @@ def evaluate_all(rec: Recommender, ds: PreparedDataset, ev, acc=None, item_batch
 
 
 def evaluate_new_items(rec: Recommender, ds: PreparedDataset, ev, acc=None) -> dict | None:
-    """On a cold-start split, the new-item protocol next to full ranking: each test target ranked among
-    the items never seen before test time, with the random expectation for that candidate set.
-    ``{"test": ..., "baselines": {"random": ...}}``; None on other splits."""
-    if ds.manifest["options"].get("split") != "cold":
-        return None
-    examples, new = ds.examples("test"), ds.new_items()
-    if not len(examples) or not np.isin(examples.targets, new).all():
-        return None
-    fn = rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size, candidates=new)
-    test = evaluate(fn, examples, ks=ev.ks, batch_size=ev.batch_size, accelerator=acc, desc="test (new items)")
-    rnd = random_expectation(examples, ds.num_items, ks=ev.ks, exclude_history=ev.exclude_history, candidates=new)
-    return {"test": test, "baselines": {"random": rnd}, "candidates": int(len(new))}
+    """On a cold-start split, each test target ranked among the items never seen before test time
+    (:func:`~lmrec.eval.baselines.new_items_protocol`); None on other splits."""
+    return new_items_protocol(
+        ds, lambda new: rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size, candidates=new),
+        ks=ev.ks, exclude_history=ev.exclude_history, batch_size=ev.batch_size, accelerator=acc)
