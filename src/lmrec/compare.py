@@ -106,7 +106,8 @@ def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], l
         if {k: saved.get(k) for k in key} == key:
             log(f"{name} seed {seed}: finished before, read from {done}")
             return saved["test"]
-    test = RUNNERS[name](data, run_dir, seed, overrides, log, config)
+    # the comparison owns its run directories: a run killed before it was marked done is trained again
+    test = RUNNERS[name](data, run_dir, seed, [*overrides, "train.overwrite=true"], log, config)
     atomic_file(done, lambda tmp: tmp.write_text(json.dumps({**key, "test": test}, indent=2) + "\n"))
     return test
 

@@ -113,6 +113,7 @@ class _TrainCommon(_Strict):
     save_steps: NonNegInt = 0  # also checkpoint every N optimizer steps (always at the end of each epoch)
     save_total_limit: Count = 2  # checkpoints kept per stage under <output_dir>/checkpoints/
     resume_from: str | None = None  # "auto" (latest checkpoint of output_dir), a run dir or a checkpoint dir
+    overwrite: bool = False  # replace what a non-empty output_dir holds (refused otherwise, unless resuming)
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # after the warmup: to 0, to min_lr, or flat
     min_lr: Annotated[float, Field(ge=0)] = 0.0  # the cosine schedule's floor
     adam_betas: tuple[Probability, Probability] = (0.9, 0.999)

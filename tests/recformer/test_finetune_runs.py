@@ -42,9 +42,11 @@ def test_one_optimizer_step_per_stage_trains_and_is_warned(first):
 
 
 def test_the_same_command_into_the_same_directory_gives_the_same_model(first, data):
-    """The first run builds the embedded backbone, the re-run reloads it: the build drew from the global RNG
-    after the seed was set, so every later dropout mask differed (other weights, other metrics)."""
-    again = lmrec.finetune(data, output_dir=first["dir"], overrides=ONE_STEP, log=lambda m: None)
+    """The first run builds the embedded backbone, the re-run (--overwrite) builds it again: the build drew
+    from the global RNG after the seed was set, so every later dropout mask differed (other weights, other
+    metrics)."""
+    again = lmrec.finetune(data, output_dir=first["dir"], overrides=[*ONE_STEP, "train.overwrite=true"],
+                           log=lambda m: None)
     weights = load_file(str(first["dir"] / "model" / "model.safetensors"))
     assert weights.keys() == first["model"].keys() and all(weights[k].equal(first["model"][k]) for k in weights)
     assert again.metrics["test"] == first["metrics"]["test"] and again.metrics["valid"] == first["metrics"]["valid"]
@@ -71,15 +73,17 @@ def test_a_backbone_keeps_its_own_attention_window(data, tmp_path, tiny_backbone
 
 def test_run_config_yaml_reruns_the_run(data, tmp_path):
     """`run_config.yaml` recorded `data.path: null` (the dataset came from --data): `lmrec finetune -c
-    RUN/run_config.yaml` stopped with "no dataset". Now it re-runs, with the same metrics; the same for
-    `lmrec baseline`."""
+    RUN/run_config.yaml` stopped with "no dataset". Now it re-runs (with --overwrite: the directory holds that
+    run), with the same metrics; the same for `lmrec baseline`."""
     run = tmp_path / "run"
     res = run_cli("finetune", "--data", data, f"output_dir={run}", *ONE_STEP)
     assert res.returncode == 0, res.stderr[-3000:]
     saved = yaml.safe_load((run / "run_config.yaml").read_text())
     assert saved["data"]["path"] == str(data.resolve())
     before = json.loads((run / "metrics.json").read_text())
-    res = run_cli("finetune", "-c", run / "run_config.yaml")
+    res = run_cli("finetune", "-c", run / "run_config.yaml")  # into a directory that holds a run: refused
+    assert res.returncode == 2 and "--overwrite" in res.stderr
+    res = run_cli("finetune", "-c", run / "run_config.yaml", "--overwrite")
     assert res.returncode == 0, res.stderr[-3000:]
     after = json.loads((run / "metrics.json").read_text())
     assert after["test"] == before["test"] and after["valid"] == before["valid"]
@@ -89,7 +93,7 @@ def test_run_config_yaml_reruns_the_run(data, tmp_path):
     base = tmp_path / "sasrec"
     first = train_baseline(IdRunConfig(output_dir=str(base), train={"epochs": 2}), data, log=lambda m: None)
     assert yaml.safe_load((base / "run_config.yaml").read_text())["data"]["path"] == str(data.resolve())
-    res = run_cli("baseline", "sasrec", "-c", base / "run_config.yaml")  # no --data: the config's
+    res = run_cli("baseline", "sasrec", "-c", base / "run_config.yaml", "--overwrite")  # no --data: the config's
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((base / "metrics.json").read_text())["test"] == first.metrics["test"]
 
@@ -106,7 +110,7 @@ def test_pretraining_run_config_reruns_without_data_options(data, tmp_path, tiny
     first = pretrain(cfg, log=lambda m: None)
     saved = yaml.safe_load((run / "run_config.yaml").read_text())["data"]
     assert saved["paths"] == [str(data.resolve())]
-    res = run_cli("pretrain", "-c", run / "run_config.yaml")
+    res = run_cli("pretrain", "-c", run / "run_config.yaml", "--overwrite")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["test"] == first.metrics["test"]
 

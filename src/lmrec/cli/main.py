@@ -34,6 +34,8 @@ gen_app = typer.Typer(help="Generative recommendation: vocabulary expansion, tra
 app.add_typer(gen_app, name="gen")
 RESUME_HELP = ("Continue a killed run exactly: 'auto' (latest checkpoint in the output directory), a run "
                "directory, or one checkpoint directory (.../checkpoints/<stage>/step-N).")
+OVERWRITE_HELP = ("Replace what a non-empty output directory holds (refused otherwise). Same as "
+                  "train.overwrite=true.")
 BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODEL_NAME_OR_PATH, else the embedded "
                  "default).")
 
@@ -55,6 +57,11 @@ def _report(metrics: dict, title: str, model_dir: Path, run_dir: Path, model_nam
         print_metrics(metrics, title=title, model_name=model_name)
         _print_new_items(metrics, model_name)
         typer.echo(f"model in {model_dir}; metrics in {run_dir / 'metrics.json'}")
+
+
+def _run_flags(resume_from: str | None, overwrite: bool) -> list[str]:
+    """The overrides of the training commands' --resume-from and --overwrite."""
+    return [f"train.resume_from={resume_from}"] * bool(resume_from) + ["train.overwrite=true"] * overwrite
 
 
 def _k(value: int, name: str = "-k") -> int:
@@ -133,6 +140,8 @@ def quickstart(
                                            "trained SASRec)."),
     sid_source: str = typer.Option("auto", help="The generative model's semantic IDs from: auto (the trained model "
                                                 "with the best validation NDCG@10) | recformer | sasrec | fused."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier quickstart's models in OUTPUT_DIR (its prepared "
+                                               "data is kept)."),
 ):
     """Prepare MovieLens-100k, finetune RecFormer (and SASRec and the generative model), evaluate on test,
     and compare with popularity."""
@@ -145,11 +154,17 @@ def quickstart(
         raise LmrecError(f"--sid-source {sid_source}: expected one of {', '.join(SID_SOURCES)} (sasrec and fused "
                          "need the SASRec run: drop --no-sasrec)")
     data = output_dir / "data" / f"ml-100k-{split}"
+    earlier = sorted(p.name for p in output_dir.iterdir() if p.name != "data") if output_dir.is_dir() else []
+    if earlier and not overwrite:
+        raise LmrecError(f"{output_dir} holds an earlier run ({', '.join(earlier[:4])}"
+                         f"{', ...' if len(earlier) > 4 else ''}): pass --overwrite to replace it (the prepared data "
+                         "is kept), or another --output-dir")
     if not (data / "manifest.json").exists():
         prepare("ml-100k", data, split=split, log=_log)
     _log(f"dataset: {data}")
     ov = [f"model.backbone={backbone}"] if backbone else []
-    result = finetune(data, output_dir=output_dir, overrides=RECFORMER_QUICKSTART + ov + list(override or []),
+    result = finetune(data, output_dir=output_dir, overrides=RECFORMER_QUICKSTART + ov + list(override or [])
+                      + _run_flags(None, overwrite),
                       log=_log)
     # eval.exclude_history (--set) applies to every row of the table, or to none
     from lmrec.config import load_config
@@ -183,6 +198,7 @@ def finetune(
     init: str = typer.Option(None, help="Start from a RecFormer checkpoint (saved recommender, `backbone init` "
                                         "or `checkpoint convert` output). Same as model.init=DIR."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-4 model.backbone=/path."),
 ):
     """Two-stage RecFormer finetuning with validation, early stopping and a final test evaluation.
@@ -191,7 +207,7 @@ def finetune(
     from lmrec.recformer.finetune import finetune as run
 
     extra = ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
-    extra += [f"train.resume_from={resume_from}"] if resume_from else []
+    extra += _run_flags(resume_from, overwrite)
     cfg = load_config(config, extra + list(overrides or []))
     path = data or cfg.data.path
     if path is None:
@@ -207,6 +223,7 @@ def baseline(
     data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (model / train / eval sections)."),
     output_dir: Path = typer.Option(None, help="Run directory (default: runs/baseline-<arch>)."),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 model.layers=2."),
 ):
     """An ID-based sequential baseline (SASRec or GRU4Rec, RecBole's defaults) trained on every position of
@@ -217,7 +234,7 @@ def baseline(
 
     if arch not in NAMES:
         raise LmrecError(f"unknown baseline {arch!r}: expected one of {', '.join(NAMES)}")
-    extra = [f"model.arch={arch}"]
+    extra = [f"model.arch={arch}", *_run_flags(None, overwrite)]
     if output_dir is not None or config is None:  # a config file's own output_dir stands unless --output-dir
         extra.append(f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}")
     cfg = load_config(config, extra + list(overrides or []), schema=IdRunConfig)
@@ -292,6 +309,7 @@ def pretrain(
     backbone: str = typer.Option(None, help=BACKBONE_HELP + " Same as model.backbone=PATH."),
     init: str = typer.Option(None, help="Continue from a RecFormer checkpoint. Same as model.init=DIR."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
     overrides: list[str] = typer.Argument(None, help="Overrides like model.mlm_weight=0.1 train.epochs=5."),
 ):
     """RecFormer pretraining: item-item contrastive + whole-word MLM (English; Chinese through jieba) on one
@@ -304,7 +322,7 @@ def pretrain(
                                                                                     else [])
     ov += [f"output_dir={output_dir}"] if output_dir else []
     ov += ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
-    ov += [f"train.resume_from={resume_from}"] if resume_from else []
+    ov += _run_flags(resume_from, overwrite)
     cfg = load_config(config, ov + list(overrides or []), schema=PretrainRunConfig)
     r = run(cfg, log=_log)
     _report(r.metrics, f"zero-shot on {r.metrics['zero_shot']['dataset']} (test split, full ranking)", r.model_dir,
@@ -409,6 +427,7 @@ def backbone_pretrain_mlm(
     output_dir: Path = typer.Option(..., help="Run directory (model/, mlm_report.json, logs/, checkpoints/)."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML config (train.* keys)."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.epochs=3 train.max_length=256."),
 ):
     """Continued MLM pretraining with whole-word masking (jieba words for Chinese); reports validation
@@ -419,7 +438,7 @@ def backbone_pretrain_mlm(
     from lmrec.config import MlmRunConfig, load_config
     from lmrec.recformer.pretrain_mlm import pretrain_mlm
 
-    ov = [f"output_dir={output_dir}"] + ([f"train.resume_from={resume_from}"] if resume_from else [])
+    ov = [f"output_dir={output_dir}", *_run_flags(resume_from, overwrite)]
     cfg = load_config(config, ov + list(overrides or []), schema=MlmRunConfig)
     r = pretrain_mlm(backbone, train, valid, cfg, log=_log)
     if not _is_main_rank():
@@ -570,6 +589,7 @@ def gen_train(
     config: Path = typer.Option(None, "--config", "-c", help="YAML generative run config."),
     lora: bool = typer.Option(False, help="Train a peft LoRA adapter (stage 2 / sft)."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
     overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 eval.beams=20."),
 ):
     """Train one stage: on a prepared dataset's chat samples (validation by constrained beam search, test
@@ -579,7 +599,7 @@ def gen_train(
     from lmrec.generative.train import train_generative
 
     ov = [f"output_dir={output_dir}", f"train.stage={stage}"] + (["train.lora=true"] if lora else [])
-    ov += list(overrides or []) + ([f"train.resume_from={resume_from}"] if resume_from else [])
+    ov += list(overrides or []) + _run_flags(resume_from, overwrite)
     cfg = load_config(config, ov, schema=GenRunConfig)
     r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, data_config=data_config, log=_log)
     if "test" in r.metrics:

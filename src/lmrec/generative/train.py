@@ -92,7 +92,7 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
     if mix is not None:
         check_itemic_range(mix, meta)
     fmt = PromptFormat.from_config(cfg.data)
-    with Run(cfg, f"gen_stage{stage}", log) as run:
+    with Run(cfg, f"gen_stage{stage}", log, inputs=(model_dir, data, sids_dir, data_config)) as run:
         run.on_main(lambda: (run.dir / SOURCE).write_text(json.dumps({"model": str(model_dir.resolve())}) + "\n"))
         built = _build_model(cfg, model_dir, meta, run, mix is not None, log)
         model, lm, tok = built.model, built.lm, built.tok

@@ -137,7 +137,7 @@ def train_baseline(cfg: IdRunConfig, data: str | Path, log=print, text_vectors: 
     text_dim = 0 if text_vectors is None else text_vectors.shape[1]
     model_config = IdRecConfig(num_items=ds.num_items, text_dim=text_dim, **mc.model_dump())
     init = None if mc.init_from is None else _init_state(mc.init_from, model_config, ds.item_ids)
-    with Run(cfg, f"baseline_{mc.arch}", log) as run:
+    with Run(cfg, f"baseline_{mc.arch}", log, inputs=(data,)) as run:
         torch.manual_seed(tr.seed)
         model = IdSeqRec(model_config)
         if text_vectors is not None:

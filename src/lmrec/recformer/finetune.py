@@ -71,7 +71,7 @@ class ItemTable:
 def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneResult:
     ds = PreparedDataset(dataset_path)  # inputs are checked before the run directory exists
     cfg = with_data_path(cfg, dataset_path)  # run_config.yaml names the data it ran on
-    with Run(cfg, "finetune", log) as run:
+    with Run(cfg, "finetune", log, inputs=(dataset_path,)) as run:
         rec = build_recommender(cfg, ds, run.dir, run.acc, log)
         rec.model.to(run.acc.device)
         history = _train_two_stages(run, rec, ds)

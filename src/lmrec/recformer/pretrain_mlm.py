@@ -117,7 +117,7 @@ def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str |
                  log=print) -> dict:
     tr = cfg.train
     train_lines, valid_lines = read_lines(train_file), read_lines(valid_file)  # checked before the run opens
-    with Run(cfg, "pretrain_mlm", log) as run:
+    with Run(cfg, "pretrain_mlm", log, inputs=(backbone, train_file, valid_file)) as run:
         overrides = {"max_token_num": tr.max_length, "mlm_weight": 1.0, "attention_impl": tr.attention_impl}
         if tr.attention_window is not None:
             overrides["attention_window"] = tr.attention_window

@@ -9,6 +9,11 @@
 
 Inputs are validated before a ``Run`` is opened; if a user error (:class:`~lmrec.errors.LmrecError`) still
 ends a run that created its directory, the directory is removed: a failed command leaves nothing behind.
+
+A run never writes into a directory that holds something else (an earlier run, another dataset's models):
+that is refused unless the run resumes (``train.resume_from``) or replaces it (``train.overwrite``, the
+commands' ``--overwrite``), which first empties the directory — all but the run's own inputs (a dataset or
+a model the run reads that lies inside it, as the quickstart's ``data/``).
 """
 
 from __future__ import annotations
@@ -26,17 +31,63 @@ from lmrec.training.checkpoints import Checkpointing, Resume
 from lmrec.training.loop import FitResult, Optim, Stage, fit, make_accelerator
 
 
+def _config_paths(cfg) -> list[str]:
+    """Every string value of a run config (some are the paths it reads)."""
+    out, todo = [], [cfg.model_dump()]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, list | tuple):
+            todo.extend(x)
+        elif isinstance(x, str):
+            out.append(x)
+    return out
+
+
+def check_output_dir(cfg, inputs: tuple = ()) -> list[Path]:
+    """What an ``output_dir`` holds that a new run there would replace: [] when it is missing or empty, when
+    the run resumes, or when it holds only the run's own inputs (``inputs`` and any path the config names).
+    Otherwise, without ``train.overwrite``, a :class:`LmrecError` saying what is there and what to pass."""
+    out = Path(cfg.output_dir)
+    if not out.is_dir() or cfg.train.resume_from:
+        return []
+    keep = set()
+    for p in [*(str(x) for x in inputs if x is not None), *_config_paths(cfg)]:
+        try:
+            rel = Path(p).resolve().relative_to(out.resolve())
+        except (ValueError, OSError):
+            continue
+        if rel.parts:
+            keep.add(rel.parts[0])
+    held = sorted(p for p in out.iterdir() if p.name not in keep)
+    if held and not getattr(cfg.train, "overwrite", False):
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in held[:4]) + (", ..." if len(held) > 4 else "")
+        raise LmrecError(f"{out} is not empty (it holds {names}): pass --overwrite (train.overwrite=true) to replace "
+                         "what it holds, --resume-from auto to continue the run saved there, or another output "
+                         "directory")
+    return held
+
+
 class Run:
-    def __init__(self, cfg, tracker: str, log: Callable[[str], None] = print):
+    def __init__(self, cfg, tracker: str, log: Callable[[str], None] = print, inputs: tuple = ()):
         self.cfg, self.log, self.t0 = cfg, log, time.time()
         self.dir = Path(cfg.output_dir)
         tr = cfg.train
+        replaced = check_output_dir(cfg, inputs)  # on every rank, before any rank writes
         self.acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(self.dir / "logs"), tr.seed, tr.tf32)
+        self.acc.wait_for_everyone()
         self._created = not self.dir.exists()
         self._console = None
         if self.is_main:
+            for p in replaced:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if replaced:
+                log(f"--overwrite: replaced what {self.dir} held ({len(replaced)} entries)")
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.dir / "run_config.yaml")
+            # a re-run of run_config.yaml asks again before replacing anything
+            save_config(cfg.model_copy(update={"train": tr.model_copy(update={"overwrite": False})}),
+                        self.dir / "run_config.yaml")
             self._console = _ConsoleLog(self.dir / "train.log")
         self.acc.wait_for_everyone()
         self.acc.init_trackers(tracker)
