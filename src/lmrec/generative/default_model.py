@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from lmrec.io import atomic_dir
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -35,8 +37,8 @@ def build_default_lm(texts: list[str], out: str | Path, *, hidden_size: int = 12
                          pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=None)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    fast.save_pretrained(str(out))
-    return out
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        fast.save_pretrained(str(tmp))
+
+    return atomic_dir(out, write)

@@ -430,8 +430,8 @@ def build_default_backbone(texts: list[str], out_dir: str | Path, *, hidden_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LongformerForMaskedLM(config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    fast.save_pretrained(str(out_dir))
-    return out_dir
+    def write(tmp: Path) -> None:  # a run killed while building it leaves none, not half of one
+        model.save_pretrained(str(tmp))
+        fast.save_pretrained(str(tmp))
+
+    return atomic_dir(out_dir, write)

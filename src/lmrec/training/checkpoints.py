@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 
 from lmrec.errors import LmrecError
+from lmrec.io import share_like_user_files
 
 STATE_FILE = "trainer_state.json"
 
@@ -216,6 +217,7 @@ def save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, state
         if extra_state is not None and not local:
             save_extra_state(extra_state.state_dict(), tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"tag": tag, **state}, indent=1) + "\n")
+        share_like_user_files(tmp)
         if final.exists():  # same step saved again (an epoch end right after a periodic save)
             shutil.rmtree(final)
         tmp.rename(final)
