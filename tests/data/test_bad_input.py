@@ -92,3 +92,43 @@ def test_a_text_field_longer_than_the_csv_default_limit_is_read(tmp_path):
     assert res.returncode == 0, res.stderr
     ds = PreparedDataset(out)
     assert ds.item_text[ds.item_index["i1"]] == [("title", long.strip()), ("brand", "Acme")]
+
+
+def test_a_gbk_file_gets_a_hint_how_to_convert_it(tmp_path):
+    items = "item_id,title,brand\ni1,红色跑鞋,安踏\ni2,蓝色帽子,李宁\ni3,绿色袜子,安踏\n".encode("gbk")
+    res, out = _prepare(tmp_path, GOOD_INTER, items)
+    _assert_clean_error(res, out, "items.csv", "not valid UTF-8", "GBK/GB18030",
+                        "iconv -f GB18030 -t UTF-8 items.csv > items.utf8.csv")
+    res, out = _prepare(tmp_path, GOOD_INTER.encode() + b"u3,i1,\xff\xfe9\n")  # not Chinese: no such hint
+    _assert_clean_error(res, out, "not valid UTF-8")
+    assert "GBK" not in res.stderr
+
+
+def test_iso_8601_timestamps_order_events_like_numbers(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmrec.data.readers import read_interactions
+
+    # u1's events out of file order, in three ISO spellings (a date, UTC, another zone) and one number
+    inter = ("user_id,item_id,timestamp\nu1,i3,2023-01-05T12:00:00Z\nu1,i1,2023-01-05\n"
+             "u1,i2,2023-01-05 19:00:00+08:00\nu2,i2,1\nu2,i3,2\nu2,i1,3\n")
+    (tmp_path / "inter.csv").write_text(inter)
+    users, items, times, _ = read_interactions(tmp_path / "inter.csv", "user_id", "item_id", "timestamp")
+    assert times[:3] == [1672920000.0, 1672876800.0, 1672916400.0]  # 12:00Z, 00:00Z, 11:00Z
+    res, out = _prepare(tmp_path, inter)
+    assert res.returncode == 0, res.stderr
+    import lmrec.data.dataset as d
+
+    ds = d.PreparedDataset(out)
+    u1 = ds.user_ids.index("u1")
+    order = [*ds.train[u1], ds.valid_target[u1], ds.test_target[u1]]
+    assert [ds.item_ids[i] for i in order] == ["i1", "i2", "i3"]
+    # Parquet timestamp columns arrive as datetimes
+    t = [datetime.datetime(2023, 1, 5, h) for h in (12, 0, 11)]
+    pq.write_table(pa.table({"user_id": ["u1"] * 3, "item_id": ["i3", "i1", "i2"], "timestamp": t}),
+                   tmp_path / "inter.parquet")
+    _, _, times, _ = read_interactions(tmp_path / "inter.parquet", "user_id", "item_id", "timestamp")
+    assert times == [1672920000.0, 1672876800.0, 1672916400.0]

@@ -15,6 +15,7 @@ Row numbers are 1-based lines of the file (a CSV header is row 1); for Parquet t
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -56,13 +57,27 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"bytes {data[e.start:e.end]!r} at offset {e.start} are not valid UTF-8 (expected UTF-8 text)",
+            f"bytes {data[e.start:e.end]!r} at offset {e.start} are not valid UTF-8 (expected UTF-8 text)"
+            + _encoding_hint(data, path),
             file=path,
             row=line,
         ) from None
     if not text.strip():
         raise DataError("the file is empty (expected a header and at least one row)", file=path)
     return text
+
+
+def _encoding_hint(data: bytes, path: Path) -> str:
+    """How to convert a file that is not UTF-8, when it reads as Chinese in GB18030 (a superset of GBK and
+    GB2312, what Excel and many Chinese Windows tools save)."""
+    try:
+        text = data.decode("gb18030")
+    except UnicodeDecodeError:
+        return ""
+    if not any("\u4e00" <= ch <= "\u9fff" for ch in text):
+        return ""
+    return (f"; it reads as Chinese in GBK/GB18030: convert it to UTF-8, e.g. `iconv -f GB18030 -t UTF-8 "
+            f"{path.name} > {path.stem}.utf8{path.suffix}`")
 
 
 def _require_columns(path: Path, present: Sequence[str], needed: Sequence[str]) -> None:
@@ -169,14 +184,38 @@ def cell_str(path: Path, row: Row, column: str, *, required: bool = True) -> str
     return str(value).strip()
 
 
+TIME_FORMATS = "a number (e.g. Unix seconds) or an ISO 8601 date/time (e.g. 2023-11-14T22:13:20Z, 2023-11-14)"
+
+
+def _iso_seconds(value: object) -> float | None:
+    """Seconds since the Unix epoch of an ISO 8601 date/time (a string, or a datetime/date that Parquet
+    gives); one without a zone is read as UTC. None when it is not one."""
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        value = datetime.datetime(value.year, value.month, value.day)
+    if not isinstance(value, datetime.datetime):
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value.timestamp()
+
+
 def cell_time(path: Path, row: Row, column: str) -> float:
+    """A timestamp: a number, or an ISO 8601 date/time (only the order of a user's events matters)."""
     value = row.values.get(column)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError("missing timestamp (expected a number)", file=path, row=row.number, column=column)
+        raise DataError(f"missing timestamp (expected {TIME_FORMATS})", file=path, row=row.number, column=column)
     try:
         t = float(value)
     except (TypeError, ValueError):
-        raise DataError(f"timestamp {value!r} is not a number", file=path, row=row.number, column=column) from None
+        t = _iso_seconds(value)
+        if t is None:
+            raise DataError(f"timestamp {value!r} is not {TIME_FORMATS}", file=path, row=row.number,
+                            column=column) from None
     if not math.isfinite(t):
         raise DataError(f"timestamp {value!r} is not finite", file=path, row=row.number, column=column)
     return t
