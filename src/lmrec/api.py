@@ -1,5 +1,6 @@
 """The Python API, mirroring the CLI, for both families on one data layout.
 
+```python
 >>> import lmrec
 >>> data = lmrec.prepare("ml-100k", "data/ml-100k")
 >>> run = lmrec.finetune(data, output_dir="runs/ml-100k", overrides=["train.stage1_epochs=4"])   # RecFormer
@@ -10,6 +11,7 @@
 >>> g = lmrec.train_generative(data, "sids", "models/qwen-sid", output_dir="runs/g2", stage="2")
 >>> lmrec.evaluate_generative(g.model_dir, data, "sids")["test"]["ndcg@10"]
 >>> lmrec.recommend_generative(g.model_dir, data, "sids", ["50", "181", "258"], k=5)
+```
 """
 
 from __future__ import annotations
