@@ -37,7 +37,7 @@ METRIC = re.compile(r"^(recall|ndcg|mrr)@(\d+)$")
 class _Ranking(_Strict):
     """Cut-offs and the early-stopping metric, which must be one that the cut-offs produce."""
 
-    ks: list[Count] = Field([10, 20, 50], min_length=1)
+    ks: list[Count] = Field([10, 20, 50], min_length=1)  # cut-offs K of recall@K, ndcg@K, mrr@K
     metric: str = "ndcg@10"  # early-stopping metric: recall@K, ndcg@K, mrr@K (K in ks) or mrr
 
     @model_validator(mode="after")
@@ -52,7 +52,7 @@ class _Ranking(_Strict):
 class DataConfig(_Strict):
     path: str | None = None  # a prepared dataset directory; None = prepare ml-100k under the run directory
     split: Literal["loo", "cold"] = "loo"  # used when lmrec prepares ml-100k itself
-    max_history_len: Count = 50
+    max_history_len: Count = 50  # newest items of a history the model sees
 
 
 class ModelConfig(_Strict):
@@ -62,8 +62,8 @@ class ModelConfig(_Strict):
     backbone: str | None = None  # local checkpoint directory; None = $LMREC_BACKBONE, else the embedded default
     init: str | None = None  # a saved recommender (or pretraining checkpoint) to start from
     max_token_num: Count = 32  # the newest ≈2–3 items; longer windows measured worse on ml-100k
-    max_attr_num: Count = 3
-    max_attr_length: Count = 16
+    max_attr_num: Count = 3  # attributes per item, in the item's order (title, brand, ...)
+    max_attr_length: Count = 16  # tokens per attribute value (longer values are cut)
     # None = the backbone's own (e.g. 512 after `backbone convert-to-long --attention-window 512`; 64 for the
     # embedded default and for backbones without one); a value replaces it, and the run says so
     attention_window: Count | list[Count] | None = None
@@ -71,14 +71,14 @@ class ModelConfig(_Strict):
     # linear-memory blocked kernel on long ones; sdpa; blocked; longformer = HF's kernels. Applies to a
     # saved model given as init too.
     attention_impl: AttentionImpl = "auto"
-    temperature: Rate = 0.05
+    temperature: Rate = 0.05  # softmax temperature of the user-item similarity
     user_projection: bool = False  # a linear map on user vectors only (identity at init); off in RecFormer
     pooler_type: Literal["cls", "mean"] = "mean"  # RecFormer uses "cls" (see the "recformer" preset)
     # the embedded default backbone (used when no backbone is given): a small random-init Longformer
     default_hidden_size: Count = 128
-    default_layers: Count = 2
-    default_heads: Count = 2
-    default_vocab_size: Count = 8000
+    default_layers: Count = 2  # layers of the embedded default backbone
+    default_heads: Count = 2  # attention heads of the embedded default backbone
+    default_vocab_size: Count = 8000  # the embedded default's tokenizer size (trained on the items' text)
 
     def ignored_with_saved_init(self) -> list[str]:
         """The settings a saved recommender as ``init`` overrides (its architecture is fixed): those set to
@@ -104,11 +104,12 @@ class ModelConfig(_Strict):
 class _TrainCommon(_Strict):
     """What every training command shares: optimizer details, seed, precision, checkpoints and resume."""
 
-    weight_decay: Annotated[float, Field(ge=0)] = 0.01
-    warmup_ratio: Share = 0.05
-    grad_accum: Count = 1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01  # AdamW weight decay
+    warmup_ratio: Share = 0.05  # share of the optimizer steps with a linear warmup
+    grad_accum: Count = 1  # batches whose gradients are summed per optimizer step
     grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0 = no clipping
-    seed: int = 42
+    seed: int = 42  # seeds every draw of the run (initialisation, sampling, shuffling, dropout)
+    # auto = bf16 on an accelerator that supports it, else fp32; weights stay fp32
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     save_steps: NonNegInt = 0  # also checkpoint every N optimizer steps (always at the end of each epoch)
     save_total_limit: Count = 2  # checkpoints kept per stage under <output_dir>/checkpoints/
@@ -116,7 +117,7 @@ class _TrainCommon(_Strict):
     overwrite: bool = False  # replace what a non-empty output_dir holds (refused otherwise, unless resuming)
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # after the warmup: to 0, to min_lr, or flat
     min_lr: Annotated[float, Field(ge=0)] = 0.0  # the cosine schedule's floor
-    adam_betas: tuple[Probability, Probability] = (0.9, 0.999)
+    adam_betas: tuple[Probability, Probability] = (0.9, 0.999)  # AdamW's (beta1, beta2)
     no_decay_embeddings: bool = False  # embeddings (and a head tied to them) without weight decay
     tf32: bool = True  # on CUDA, fp32 matrix products in TF32 (the products bf16 autocast leaves in fp32)
     dataloader_workers: NonNegInt | None = None  # collating (tokenizing) processes; None: 2 on a GPU, 0 on CPU
@@ -137,18 +138,18 @@ class TrainConfig(_TrainCommon):
     # ml-100k, seed 42, 2 cores — 2 per user in batches of 256 (lr 1.5e-3): valid NDCG@10 0.0534, 171 s;
     # 4 in 512 (lr 2e-3): 0.0587, 227 s; 8 in 1,024 (lr 3e-3): 0.0537, 245 s
     samples_per_user: Count = 4
-    batch_size: Count = 512
-    lr: Rate = 2e-3
+    batch_size: Count = 512  # (history, target) samples per optimizer step and process
+    lr: Rate = 2e-3  # peak learning rate (AdamW) of stage 1
     stage1_epochs: NonNegInt = 20  # keeps the quickstart within its time (the best epoch above: 18)
     # RecFormer's stage 2 (the item table frozen) for a pretrained backbone: the "recformer" preset. With the
     # embedded random-init default it never won on validation (ml-100k, seed 42: 0.0581 vs stage 1's 0.0587,
     # 0.0506 vs 0.0534, 0.0535 vs 0.0537) and cost ~40 s, so it is off by default
     stage2_epochs: NonNegInt = 0
-    eval_every: Count = 1
-    patience: Count = 6
-    stage2_patience: Count = 2
+    eval_every: Count = 1  # epochs between validations
+    patience: Count = 6  # stage 1: validations without a better metric before stopping
+    stage2_patience: Count = 2  # stage 2: validations without a better metric before stopping
     stage2_lr: Rate | None = None  # None = lr / 2
-    item_batch_size: Count = 256
+    item_batch_size: Count = 256  # items per encoding batch when the item table is built
     # How the item side learns in stage 1. "none": only through the table re-encoded before each epoch
     # (RecFormer's finetuning exactly). "batch": plus an in-batch contrastive term on the batch's target
     # items encoded with gradient. "all": the whole catalog is encoded with gradient at every step (full
@@ -166,13 +167,13 @@ class TrainConfig(_TrainCommon):
 
 
 class EvalConfig(_Ranking):
-    batch_size: Count = 64
-    exclude_history: bool = False
+    batch_size: Count = 64  # users per scoring batch
+    exclude_history: bool = False  # never rank an item of the user's history (the target excepted)
     chunk_size: Count = 8192  # items per scoring block (lmrec.eval.ranking.DEFAULT_CHUNK)
 
 
 class RunConfig(_Strict):
-    output_dir: str = "runs/recformer"
+    output_dir: str = "runs/recformer"  # run directory: model/, metrics.json, logs/, checkpoints/
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -199,7 +200,7 @@ class GenDataConfig(_Strict):
     targets_per_user: Count = 50  # next-item samples per user: the last positions of the training sequence
     with_titles: bool = False  # history items as "<sid> title" instead of the semantic ID alone
     alignment: bool = False  # add sid→title and title→sid samples
-    max_length: Count = 512
+    max_length: Count = 512  # tokens per sample; longer samples are cut from the left
     # chat: one next-item conversation per sample (the prompt above). sequence: a user's items as one causal
     # sequence of semantic IDs with the loss on every item after the first — windows of max_history + 1 items,
     # sequence_stride apart, each target trained once per epoch (decoder-only models; inference prompts with
@@ -221,16 +222,16 @@ class GenDataConfig(_Strict):
 
 class GenTrainConfig(_TrainCommon):
     stage: Literal["1", "2", "sft"] = "2"  # see lmrec.generative.stages
-    epochs: NonNegInt = 10
-    batch_size: Count = 256
-    lr: Rate = 2e-3
-    patience: Count = 3
+    epochs: NonNegInt = 10  # passes over the samples (0: evaluate only)
+    batch_size: Count = 256  # samples (or packs, when streaming) per optimizer step and process
+    lr: Rate = 2e-3  # peak learning rate (AdamW)
+    patience: Count = 3  # validations without a better metric before stopping
     eval_every: Count = 1  # epochs between beam-search validations (always after the last epoch)
     lora: bool = False  # peft LoRA (stage 2 / sft); the new token rows stay trainable
-    lora_r: Count = 8
-    lora_alpha: Count = 16
-    lora_dropout: Share = 0.05
-    lora_target_modules: list[str] | str = "all-linear"
+    lora_r: Count = 8  # LoRA rank
+    lora_alpha: Count = 16  # LoRA scaling numerator (the update is scaled by alpha / r)
+    lora_dropout: Share = 0.05  # dropout on the LoRA branch's input
+    lora_target_modules: list[str] | str = "all-linear"  # modules that get adapters: a list of names, or "all-linear"
     # streaming (gen train --data-config): steps are optimizer steps of train.batch_size packs per rank
     num_training_steps: Count | None = None  # length of the learning-rate schedule (default: an estimate)
     max_steps: Count | None = None  # stop here even if the stream goes on
@@ -265,12 +266,12 @@ class GenTrainConfig(_TrainCommon):
 
 class GenEvalConfig(_Ranking):
     beams: Count = 50  # items beyond the beam count rank as misses
-    batch_size: Count = 32
+    batch_size: Count = 32  # users per beam-search batch
     exclude_history: bool = False  # history items leave the beams' list before the target is ranked (as every family)
 
 
 class GenRunConfig(_Strict):
-    output_dir: str = "runs/generative"
+    output_dir: str = "runs/generative"  # run directory: model/, metrics.json, logs/, checkpoints/
     data: GenDataConfig = GenDataConfig()
     train: GenTrainConfig = GenTrainConfig()
     eval: GenEvalConfig = GenEvalConfig()
@@ -281,13 +282,14 @@ class IdModelConfig(_Strict):
     the architecture: SASRec hidden 64, 2 layers, 2 heads, inner 256, dropout 0.5; GRU4Rec embedding 64,
     GRU hidden 128, 1 layer, dropout 0.3."""
 
+    # sasrec | gru4rec | hybrid (SASRec whose items are ID + text vectors)
     arch: Literal["sasrec", "gru4rec", "hybrid"] = "sasrec"
     hidden_size: Count = 64  # item embedding size (and SASRec's model width)
-    layers: Count | None = None
+    layers: Count | None = None  # None = the architecture's RecBole default (SASRec 2, GRU4Rec 1)
     heads: Count = 2  # SASRec
     inner_size: Count = 256  # SASRec's feed-forward width
     gru_hidden_size: Count = 128  # GRU4Rec
-    dropout: Share | None = None
+    dropout: Share | None = None  # None = the architecture's RecBole default (SASRec 0.5, GRU4Rec 0.3)
     max_len: Count = 50  # most recent items of a history
     # hybrid (SASRec whose item = learned ID vector + projected text vector; new items by their text alone):
     # where the text vectors come from — a trained RecFormer model directory, or null: the item text through
@@ -316,12 +318,12 @@ class IdTrainConfig(_TrainCommon):
     300 epochs with early stopping after 10 without a better validation NDCG@10. A batch is
     ``batch_size`` training windows, each trained on every position at once."""
 
-    epochs: NonNegInt = 300
-    batch_size: Count = 64
-    lr: Rate = 1e-3
-    patience: Count = 10
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    warmup_ratio: Share = 0.0
+    epochs: NonNegInt = 300  # at most this many passes (early stopping on validation ends most runs sooner)
+    batch_size: Count = 64  # training windows per step
+    lr: Rate = 1e-3  # learning rate (Adam, constant as in RecBole)
+    patience: Count = 10  # epochs without a better validation metric before stopping
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # AdamW weight decay (RecBole: none)
+    warmup_ratio: Share = 0.0  # share of the steps spent warming up (RecBole: none)
     grad_clip: Annotated[float, Field(ge=0)] = 0.0
     lr_schedule: Literal["linear", "cosine", "constant"] = "constant"
 
@@ -331,7 +333,7 @@ class IdDataConfig(_Strict):
 
 
 class IdRunConfig(_Strict):
-    output_dir: str = "runs/baseline"
+    output_dir: str = "runs/baseline"  # run directory: model/, metrics.json, logs/, checkpoints/
     data: IdDataConfig = IdDataConfig()
     model: IdModelConfig = IdModelConfig()
     train: IdTrainConfig = IdTrainConfig()
@@ -342,27 +344,27 @@ class PretrainDataConfig(_Strict):
     paths: list[str] = []  # prepared datasets forming the corpus (several domains)
     valid: str | None = None  # prepared dataset for validation (zero-shot ranking); None = the first corpus one
     valid_users: Count = 1000  # validation users (the first N of the valid split)
-    max_history_len: Count = 50
+    max_history_len: Count = 50  # newest items of a history the model sees
 
 
 class PretrainModelConfig(ModelConfig):
     mlm_weight: Annotated[float, Field(ge=0)] = 0.1  # loss = contrastive + mlm_weight × (MLM history + target)
     mlm_probability: Probability = 0.15  # share of words masked (whole-word masking)
-    freeze_word_embeddings: bool = False
+    freeze_word_embeddings: bool = False  # keep the backbone's word embeddings fixed
 
 
 class PretrainTrainConfig(_TrainCommon):
     batch_size: Annotated[int, Field(ge=2)] = 64  # a contrastive batch needs negatives
     pairs_per_user: Count = 1  # (history → target from the second half) pairs per user sequence per epoch
-    lr: Rate = 1e-3
-    epochs: NonNegInt = 10
-    eval_every: Count = 1
-    patience: Patience = None
-    item_batch_size: Count = 256
+    lr: Rate = 1e-3  # peak learning rate (AdamW)
+    epochs: NonNegInt = 10  # passes over the pairs
+    eval_every: Count = 1  # epochs between zero-shot validations
+    patience: Patience = None  # validations without a better metric before stopping; None = never stop early
+    item_batch_size: Count = 256  # items per encoding batch when the item table is built
 
 
 class PretrainRunConfig(_Strict):
-    output_dir: str = "runs/pretrain"
+    output_dir: str = "runs/pretrain"  # run directory: model/, metrics.json, logs/, checkpoints/
     data: PretrainDataConfig = PretrainDataConfig()
     model: PretrainModelConfig = PretrainModelConfig()
     train: PretrainTrainConfig = PretrainTrainConfig()
@@ -373,17 +375,17 @@ class MlmTrainConfig(_TrainCommon):
     """``lmrec backbone pretrain-mlm``: continued MLM pretraining on a raw text corpus."""
 
     max_length: Annotated[int, Field(ge=3)] = 128  # tokens per chunk (longer documents are cut into chunks)
-    mlm_probability: Probability = 0.15
-    batch_size: Count = 32
-    lr: Rate = 5e-4
-    epochs: NonNegInt = 3
-    patience: Patience = None
+    mlm_probability: Probability = 0.15  # share of words masked (whole-word masking; jieba words for Chinese)
+    batch_size: Count = 32  # chunks per optimizer step and process
+    lr: Rate = 5e-4  # peak learning rate (AdamW)
+    epochs: NonNegInt = 3  # passes over the corpus (0: report the validation MLM only)
+    patience: Patience = None  # epochs without a better validation loss before stopping; None = never stop early
     attention_window: Count | list[Count] | None = None  # None = the backbone's
     attention_impl: AttentionImpl = "auto"  # see ModelConfig
 
 
 class MlmRunConfig(_Strict):
-    output_dir: str = "runs/pretrain-mlm"
+    output_dir: str = "runs/pretrain-mlm"  # run directory: model/, mlm_report.json, logs/, checkpoints/
     train: MlmTrainConfig = MlmTrainConfig()
 
 
