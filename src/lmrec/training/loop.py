@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import math
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ import torch
 from accelerate import Accelerator
 
 from lmrec.errors import TrainingDiverged
-from lmrec.progress import progress, tqdm
+from lmrec.progress import progress, step_line, tqdm
 from lmrec.training.checkpoints import Checkpointing, Sharded, load_checkpoint, restore_loader, save_checkpoint
 from lmrec.training.fsdp import is_sharded
 
@@ -332,8 +333,10 @@ class _Steps:
         st, acc, ga = self.state, self.acc, self.acc.gradient_accumulation_steps
         self.loader, it, out = loader, iter(loader), None
         self.model.train()
-        bar = progress(None, f"{self.stage.tag}", acc.is_local_main_process, total=self.stage.steps_per_epoch,
-                       initial=st.result.global_step)
+        total = self.stage.steps_per_epoch
+        if self.stage.max_steps is not None:  # a stream stopped early ends there, whatever the schedule's length
+            total = min(total, self.stage.max_steps) if total else self.stage.max_steps
+        bar = self._bar(None, self.stage.tag, total, st.result.global_step, unit="step")
         while self.stage.max_steps is None or st.result.global_step < self.stage.max_steps:
             group = [b for _, b in zip(range(ga), it)]
             # the token count is read on the host (the labels are still there); one reduction for both numbers
@@ -366,8 +369,7 @@ class _Steps:
         if skip:
             loader = acc.skip_first_batches(loader, skip)
         self.model.train()
-        bar = progress(loader, f"{tag} epoch {epoch + 1}/{self.stage.epochs}", acc.is_local_main_process,
-                       initial=skip, total=n_batches)
+        bar = self._bar(loader, f"{tag} epoch {epoch + 1}/{self.stage.epochs}", n_batches, skip)
         for i, batch in enumerate(bar, start=skip):
             out, loss = self.step(batch)
             if self.stage.on_batch is not None:
@@ -379,6 +381,12 @@ class _Steps:
                 self.after_step(out, batch, bar, 1, last=i + 1 == n_batches)
         self.settle()
         return st.running / max(1, st.batches)
+
+    def _bar(self, iterable, desc: str, total: int | None, initial: int, unit: str = "batch"):
+        """A progress bar on a terminal (else a disabled one: :meth:`after_step` prints a line instead), and
+        the clock the printed rate and ETA are measured from."""
+        self._clock = (time.perf_counter(), initial, total, desc, unit)
+        return progress(iterable, desc, self.acc.is_local_main_process, total=total, initial=initial)
 
     def step(self, batch) -> tuple[Any, torch.Tensor]:
         acc = self.acc
@@ -405,7 +413,13 @@ class _Steps:
         step = self.state.result.global_step
         if step % self.stage.log_every == 0 or last:
             self.settle()
-            bar.set_postfix(loss=f"{self.state.running * ga / max(1, self.state.batches):.4f}", refresh=False)
+            loss = self.state.running * ga / max(1, self.state.batches)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if bar.disable and self.acc.is_local_main_process:  # a log file: one line, the bar's figures
+                t0, pos0, total, desc, unit = self._clock
+                pos = step if unit == "step" else self.state.batches
+                tqdm.write(step_line(desc, unit, pos, total, time.perf_counter() - t0, pos - pos0, loss=loss,
+                                     lr=self.sched.get_last_lr()[0]))
             self.log(out)
             self.metrics(batch, out)
         if self.ck is not None and self.ck.save_steps and step % self.ck.save_steps == 0 and not last:
