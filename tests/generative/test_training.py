@@ -95,6 +95,7 @@ def test_stage2_lora_and_merge_generate_the_same(gen):
                   "--history", "i0,i6", "-k", "3")
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("title:") == 3
+    assert "deprecated" not in res.stderr  # transformers' past_key_values → cache rename: beam search uses cache
     # `gen evaluate` on the trained adapter: the numbers `gen train` reported at its end
     from lmrec.generative.api import evaluate_generative
 

@@ -151,12 +151,26 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
+def _cache_argument(model) -> str:
+    """The key/value cache's keyword: ``cache`` since transformers 5.2x (``past_key_values``, which older
+    releases take, warns there and goes in 5.40)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out.get("cache", out.get("past_key_values"))
+
+
 def _tree_search(model, trie, ids, mask, beams, nodes, score):
     device, B = ids.device, ids.shape[0]
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    logits, cache = out.logits[:, -1], out.past_key_values
+    logits, cache = out.logits[:, -1], _cache_of(out)
+    cache_kw = _cache_argument(model)
     next_pos = pos[:, -1:] + 1
     W = beams
     prompt_keys = mask.bool()[:, None, None, :].expand(B, 1, W, mask.shape[1])
@@ -174,8 +188,8 @@ def _tree_search(model, trie, ids, mask, beams, nodes, score):
         ancestors.append(torch.arange(W, device=device).expand(B, W))
         out = model(input_ids=tok.view(B, W), attention_mask=_additive(attn, dtype),
                     position_ids=(next_pos + d).expand(B, W),
-                    past_key_values=cache, use_cache=True)
-        logits, cache = out.logits.reshape(B * W, -1), out.past_key_values
+                    use_cache=True, **{cache_kw: cache})
+        logits, cache = out.logits.reshape(B * W, -1), _cache_of(out)
     return _finish(trie, nodes, score, B, beams)
 
 

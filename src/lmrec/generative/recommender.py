@@ -29,7 +29,7 @@ from lmrec.generative.prompts import (
 )
 from lmrec.generative.samples import align_sids, pad_batch
 from lmrec.generative.sid import SemanticIds, assign_codes
-from lmrec.generative.vocab import META, load_lm, read_meta
+from lmrec.generative.vocab import META, load_lm, quiet_peft, read_meta
 from lmrec.io import atomic_dir, atomic_file
 
 ADDED_ITEMS = "added_items.parquet"
@@ -242,5 +242,6 @@ def load_generative(model_dir: str | Path, dtype: torch.dtype | str = "auto"):
         if not base_dir.exists():
             raise LmrecError(f"{model_dir} is a LoRA adapter without its base_model/ directory")
         base, tok = load_lm(base_dir, dtype=torch.float32 if dtype == "auto" else dtype)
-        return PeftModel.from_pretrained(base, str(model_dir)), tok
+        with quiet_peft():
+            return PeftModel.from_pretrained(base, str(model_dir)), tok
     return load_lm(model_dir, dtype=dtype)

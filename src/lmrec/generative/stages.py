@@ -110,7 +110,10 @@ def _all_or_lora(model: torch.nn.Module, meta: dict, lora) -> StageSetup:
     cfg = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                      target_modules=lora.lora_target_modules, trainable_token_indices=new_token_ids(meta),
                      task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
-    return StageSetup(get_peft_model(model, cfg))
+    from lmrec.generative.vocab import quiet_peft
+
+    with quiet_peft():
+        return StageSetup(get_peft_model(model, cfg))
 
 
 STAGES: dict[str, Callable[..., StageSetup]] = {"1": stage1_new_embeddings, "2": stage2_full, "sft": sft}

@@ -5,7 +5,9 @@ Works for decoder-only models (``Qwen3ForCausalLM``, tied embeddings) and encode
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,15 @@ from lmrec.io import atomic_dir
 
 SID_BEGIN, SID_END = "<|sid_begin|>", "<|sid_end|>"
 META = "sid_vocab.json"
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model: a
+    FutureWarning on every LoRA load that is neither the user's to act on nor ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def load_lm(path: str | Path, dtype: torch.dtype | str = "auto"):
