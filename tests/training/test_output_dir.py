@@ -70,7 +70,7 @@ def test_finetune_and_the_quickstart_refuse_an_earlier_run(tmp_path):
     data = synthetic_dataset(tmp_path / "data", users=10, items=12)
     out = tmp_path / "q"
     (out / "model").mkdir(parents=True)
-    res = run_cli("finetune", "--data", data, f"output_dir={out}")
+    res = run_cli("finetune", "--data", data, "--output-dir", out)
     assert res.returncode == 2 and "not empty (it holds model/)" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("quickstart", "--output-dir", out)
     assert res.returncode == 2 and "holds an earlier run (model): pass --overwrite" in " ".join(res.stderr.split())

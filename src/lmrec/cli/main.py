@@ -194,6 +194,8 @@ def quickstart(
 def finetune(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
     data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
+    output_dir: Path = typer.Option(None, help="Run directory (model/, metrics.json, logs/, checkpoints/; default "
+                                               "runs/recformer). Same as output_dir=DIR."),
     backbone: str = typer.Option(None, help=BACKBONE_HELP + " Same as model.backbone=PATH."),
     init: str = typer.Option(None, help="Start from a RecFormer checkpoint (saved recommender, `backbone init` "
                                         "or `checkpoint convert` output). Same as model.init=DIR."),
@@ -207,7 +209,7 @@ def finetune(
     from lmrec.recformer.finetune import finetune as run
 
     extra = ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
-    extra += _run_flags(resume_from, overwrite)
+    extra += ([f"output_dir={output_dir}"] if output_dir else []) + _run_flags(resume_from, overwrite)
     cfg = load_config(config, extra + list(overrides or []))
     path = data or cfg.data.path
     if path is None:
