@@ -146,5 +146,8 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
         result["models"][name] = {"per_seed": runs, **summarize(runs)}
     result["baselines"] = baselines(ds, "test")
     out.mkdir(parents=True, exist_ok=True)
+    from lmrec.provenance import provenance
+
+    result["provenance"] = provenance()
     atomic_file(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result

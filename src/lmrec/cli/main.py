@@ -125,6 +125,15 @@ def data_prepare(
     typer.echo(json.dumps(manifest["counts"], indent=2))
 
 
+def _refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
+    """The quickstart's directory holds only its prepared data unless --overwrite replaces the rest."""
+    earlier = sorted(p.name for p in output_dir.iterdir() if p.name != "data") if output_dir.is_dir() else []
+    if earlier and not overwrite:
+        raise LmrecError(f"{output_dir} holds an earlier run ({', '.join(earlier[:4])}"
+                         f"{', ...' if len(earlier) > 4 else ''}): pass --overwrite to replace it (the prepared data "
+                         "is kept), or another --output-dir")
+
+
 @app.command()
 def quickstart(
     output_dir: Path = typer.Option(Path("runs/quickstart"), help="Run directory."),
@@ -154,11 +163,7 @@ def quickstart(
         raise LmrecError(f"--sid-source {sid_source}: expected one of {', '.join(SID_SOURCES)} (sasrec and fused "
                          "need the SASRec run: drop --no-sasrec)")
     data = output_dir / "data" / f"ml-100k-{split}"
-    earlier = sorted(p.name for p in output_dir.iterdir() if p.name != "data") if output_dir.is_dir() else []
-    if earlier and not overwrite:
-        raise LmrecError(f"{output_dir} holds an earlier run ({', '.join(earlier[:4])}"
-                         f"{', ...' if len(earlier) > 4 else ''}): pass --overwrite to replace it (the prepared data "
-                         "is kept), or another --output-dir")
+    _refuse_an_earlier_run(output_dir, overwrite)
     if not (data / "manifest.json").exists():
         prepare("ml-100k", data, split=split, log=_log)
     _log(f"dataset: {data}")

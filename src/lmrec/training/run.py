@@ -27,6 +27,7 @@ from pathlib import Path
 from lmrec.config import save_config
 from lmrec.errors import LmrecError, TrainingDiverged
 from lmrec.io import atomic_file
+from lmrec.provenance import provenance
 from lmrec.training.checkpoints import Checkpointing, Resume
 from lmrec.training.loop import FitResult, Optim, Stage, fit, make_accelerator
 
@@ -146,6 +147,7 @@ class Run:
     def finish(self, metrics: dict, name: str = "metrics.json") -> dict:
         """Add the wall time, write ``name`` atomically on rank 0, close the trackers."""
         metrics["wall_time_s"] = round(time.time() - self.t0, 1)
+        metrics["provenance"] = provenance()
         if self.is_main:
             text = json.dumps(metrics, indent=2) + "\n"
             atomic_file(self.dir / name, lambda tmp: tmp.write_text(text))
