@@ -5,6 +5,8 @@ A page holds a marker comment; the build replaces it:
     <!-- lmrec:cli -->       every command and option of ``lmrec`` (from the typer app)
     <!-- lmrec:config -->    every run-configuration key: type, default, bounds, meaning (from the pydantic
                              models of ``lmrec.config``; the meaning is the comment written beside the field)
+    <!-- lmrec:results -->   the recorded results (``docs/results.py``: figures read from run outputs, each
+                             with its date, commit, hardware and command)
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def on_page_markdown(markdown: str, **_) -> str:
         markdown = markdown.replace("<!-- lmrec:cli -->", cli_reference())
     if "<!-- lmrec:config -->" in markdown:
         markdown = markdown.replace("<!-- lmrec:config -->", config_reference())
+    if "<!-- lmrec:results -->" in markdown:
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location("results", Path(__file__).parent / "results.py")
+        results = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(results)
+        markdown = markdown.replace("<!-- lmrec:results -->", results.render())
     return markdown
 
 

@@ -1,6 +1,7 @@
 """ID-based baselines: the training windows, causality, learning on sequential data, the command."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 from tests.conftest import run_cli
 from tests.training.test_distributed import synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_target_is_trained_once_per_epoch_with_context():
@@ -144,6 +147,20 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
         assert r["std"]["ndcg@10"] == pytest.approx(np.std(values, ddof=1))
         assert f"{r['mean']['ndcg@10']:.4f} ± {r['std']['ndcg@10']:.4f}" in res.stdout
     assert "popularity" in summary["baselines"] and "random (expected)" in res.stdout
+    # where the numbers come from, recorded with them; the results page reads them back
+    prov = summary["provenance"]
+    assert prov["command"].startswith("lmrec compare --data") and prov["hardware"].endswith(")")
+    assert prov["date"][:2] == "20" and json.loads((out / "sasrec" / "seed-0" / "metrics.json").read_text()
+                                                   )["provenance"]["command"] == prov["command"]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results", ROOT / "docs" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    rec = results.record_from(out / "compare.json", "t", "A comparison", {})
+    assert rec["rows"][0][0] == "sasrec" and rec["rows"][0][1] == (
+        f"{summary['models']['sasrec']['mean']['ndcg@10']:.4f} ± {summary['models']['sasrec']['std']['ndcg@10']:.4f}")
+    assert rec["provenance"]["commit"] == prov["commit"] and rec["provenance_recorded_by"] == "lmrec"
     from lmrec.compare import compare
     from lmrec.errors import LmrecError
 

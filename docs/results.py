@@ -1,0 +1,84 @@
+"""The results page, generated from run outputs: each figure with its date, commit, hardware and command.
+
+    python docs/results.py add RUN/compare.json --name compare-ml100k --title "..."   # or a run's metrics.json
+    python docs/results.py render                                                      # the page's markdown
+
+``add`` keeps a record in ``docs/results/NAME.json``: the figures read from the output and its provenance
+(written by lmrec into every ``metrics.json`` and ``compare.json``; for an output written before lmrec
+recorded it, ``--date --commit --hardware --command`` give it, and the record says so). The site's build
+hook renders ``<!-- lmrec:results -->`` from the records, so the page never holds a hand-copied number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RECORDS = Path(__file__).parent / "results"
+METRICS = ("ndcg@10", "recall@10", "mrr")
+PROVENANCE = ("date", "commit", "hardware", "command")
+
+
+def record_from(output: Path, name: str, title: str, given: dict) -> dict:
+    """A record of a ``compare.json`` (mean ± std per model over seeds) or a run's ``metrics.json``."""
+    data = json.loads(output.read_text())
+    prov = {**{k: v for k, v in given.items() if v}, **data.get("provenance", {})}
+    missing = [k for k in PROVENANCE if not prov.get(k)]
+    if missing:
+        raise SystemExit(f"{output}: no {', '.join(missing)} recorded; give --{' --'.join(missing)}")
+    rows = []
+    if "models" in data:  # lmrec compare
+        for model, m in data["models"].items():
+            rows.append([model, *(f"{m['mean'][k]:.4f} ± {m['std'][k]:.4f}" for k in METRICS)])
+        seeds = data.get("seeds")
+        columns = ["model", *METRICS]
+        note = f"mean ± std over seeds {seeds}" if seeds else ""
+    else:  # one run
+        rows.append([data.get("model", name), *(f"{data['test'][k]:.4f}" for k in METRICS)])
+        columns, note = ["model", *METRICS], "one run, test split"
+    for base, m in data.get("baselines", {}).items():
+        rows.append([base, *(f"{m[k]:.4f}" for k in METRICS)])
+    return {"title": title, "source": output.name, "columns": columns, "rows": rows, "note": note,
+            "provenance": {k: prov[k] for k in PROVENANCE},
+            "provenance_recorded_by": "lmrec" if "provenance" in data else "given when the record was added"}
+
+
+def render() -> str:
+    out = []
+    for path in sorted(RECORDS.glob("*.json")):
+        r = json.loads(path.read_text())
+        p = r["provenance"]
+        out += [f"## {r['title']}", "",
+                f"{p['date']}, commit `{p['commit']}`, {p['hardware']}" + (f"; {r['note']}" if r["note"] else ""),
+                "", "```bash", p["command"], "```", "",
+                "| " + " | ".join(r["columns"]) + " |", "|" + " --- |" * len(r["columns"])]
+        out += ["| " + " | ".join(map(str, row)) + " |" for row in r["rows"]]
+        out += ["", f"<small>Record `docs/results/{path.name}`, from `{r['source']}`; provenance "
+                    f"{r['provenance_recorded_by']}.</small>", ""]
+    return "\n".join(out) if out else "No results recorded yet."
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add = sub.add_parser("add", help="record the figures of a compare.json or a run's metrics.json")
+    add.add_argument("output", type=Path)
+    add.add_argument("--name", required=True)
+    add.add_argument("--title", required=True)
+    for k in PROVENANCE:
+        add.add_argument(f"--{k}")
+    sub.add_parser("render", help="print the results page's markdown")
+    a = ap.parse_args(argv)
+    if a.cmd == "add":
+        rec = record_from(a.output, a.name, a.title, {k: getattr(a, k) for k in PROVENANCE})
+        RECORDS.mkdir(exist_ok=True)
+        (RECORDS / f"{a.name}.json").write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
+        print(f"recorded {RECORDS / (a.name + '.json')}")
+    else:
+        sys.stdout.write(render() + "\n")
+
+
+if __name__ == "__main__":
+    main()
