@@ -21,6 +21,7 @@ import torch
 
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import write_marker
 from lmrec.progress import progress
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -177,6 +178,7 @@ class SemanticIds:
             save_file({f"level_{i}": b for i, b in enumerate(books)}, str(tmp / "codebooks.safetensors"))
             (tmp / "sid_config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
             (tmp / "sid_report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+            write_marker(tmp, "sids")
 
         return atomic_dir(out, write)
 

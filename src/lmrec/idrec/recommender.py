@@ -26,6 +26,7 @@ from lmrec.eval.index import ItemIndex, top_k
 from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import write_marker
 
 ItemText = list[tuple[str, str]]
 
@@ -45,6 +46,7 @@ def save_id_model(model: IdSeqRec, item_ids: list[str], item_text: list[ItemText
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         write_items(tmp / "items.parquet", item_ids, item_text)
+        write_marker(tmp, "idrec")
 
     return atomic_dir(out, write)
 

@@ -19,6 +19,7 @@ import torch
 
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import check_tokenizer, loading, safetensors_header
 from lmrec.recformer.backbones import (
     InitReport,
     build_recformer,
@@ -80,9 +81,15 @@ def retokenize_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out
     if cfg.get("model_type") != "recformer":
         raise LmrecError(f"{checkpoint} is not a RecFormer checkpoint (model_type {cfg.get('model_type')!r}); "
                          "for a backbone use `lmrec backbone init`")
-    old_tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    new_tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = RecformerConfig.from_pretrained(str(checkpoint))
+    check_tokenizer(checkpoint)
+    if not Path(tokenizer_dir).is_dir():
+        raise LmrecError(f"TOKENIZER {tokenizer_dir}: no such directory")
+    check_tokenizer(Path(tokenizer_dir))
+    with loading(checkpoint):
+        old_tok = AutoTokenizer.from_pretrained(str(checkpoint))
+        config = RecformerConfig.from_pretrained(str(checkpoint))
+    with loading(tokenizer_dir):
+        new_tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config.vocab_size = len(new_tok)
     config.pad_token_id = new_tok.pad_token_id
     torch.manual_seed(seed)
@@ -135,7 +142,9 @@ def _load_any_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        safetensors_header(path)  # a truncated file: one message naming it
+        with loading(path):
+            return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lmrec.errors import LmrecError
+from lmrec.modelfiles import check_format, check_weights, read_json
 
 # A small mixed batch: English, Chinese (full-width punctuation), mixed Chinese/Latin titles.
 SAMPLE_ITEMS = [
@@ -86,6 +87,8 @@ def run_doctor(backbone: str | Path, *, pretrain_steps: int = 0, finetune_epochs
                                                        "not a model directory (no config.json)"))
     if data is not None and not (Path(data) / "manifest.json").is_file():
         raise LmrecError(f"--data {data}: not a prepared dataset (no manifest.json; see `lmrec data prepare`)")
+    check_format(backbone)  # damaged files are bad input too: one message naming the file, exit 2
+    check_weights(backbone, read_json(backbone / "config.json"))
     overrides = {"max_token_num": max_token_num or 256, "max_item_embeddings": 51}
     # 1. static load + one forward
     try:
