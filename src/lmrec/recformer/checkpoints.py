@@ -68,28 +68,31 @@ def _shared_rows(old_tok, new_tok) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor([o for _, o in shared], dtype=torch.long))
 
 
+def _tokenizer(path: Path, option: str):
+    """A local tokenizer directory, its files checked before it loads."""
+    from transformers import AutoTokenizer
+
+    if not path.is_dir():
+        raise LmrecError(f"{option} {path}: no such directory")
+    check_tokenizer(path)
+    with loading(path):
+        return AutoTokenizer.from_pretrained(str(path))
+
+
 def retokenize_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out: str | Path, seed: int = 0
                           ) -> dict:
     """Reuse a RecFormer checkpoint with another tokenizer: every tensor but the vocabulary-sized ones is
     loaded as is; the word embeddings and the MLM decoder/bias are resized to the new vocabulary, with the
     rows of tokens present in both vocabularies (same token string) copied and the others re-initialised
     (normal, std = initializer_range). Returns the report (also saved as ``retokenize_report.json``)."""
-    from transformers import AutoTokenizer
-
     checkpoint = Path(checkpoint)
     cfg, state = read_backbone(checkpoint)
     if cfg.get("model_type") != "recformer":
         raise LmrecError(f"{checkpoint} is not a RecFormer checkpoint (model_type {cfg.get('model_type')!r}); "
                          "for a backbone use `lmrec backbone init`")
-    check_tokenizer(checkpoint)
-    if not Path(tokenizer_dir).is_dir():
-        raise LmrecError(f"TOKENIZER {tokenizer_dir}: no such directory")
-    check_tokenizer(Path(tokenizer_dir))
+    old_tok, new_tok = _tokenizer(checkpoint, "CHECKPOINT"), _tokenizer(Path(tokenizer_dir), "TOKENIZER")
     with loading(checkpoint):
-        old_tok = AutoTokenizer.from_pretrained(str(checkpoint))
         config = RecformerConfig.from_pretrained(str(checkpoint))
-    with loading(tokenizer_dir):
-        new_tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config.vocab_size = len(new_tok)
     config.pad_token_id = new_tok.pad_token_id
     torch.manual_seed(seed)
