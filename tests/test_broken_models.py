@@ -300,12 +300,14 @@ def test_a_truncated_recformer_checkpoint_or_backbone_is_one_message(sources, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_checkpoint_convert_of_a_truncated_state_dict_is_one_message(sources, tmp_path):
-    f = tmp_path / "pretrained.safetensors"
+@pytest.mark.parametrize("defect", ["truncated state dict", "config not JSON"])
+def test_checkpoint_convert_of_a_broken_input_is_one_message(sources, tmp_path, defect):
+    f, config = tmp_path / "pretrained.safetensors", tmp_path / "config"
     shutil.copy(sources["recformer_ckpt"] / "model.safetensors", f)
-    _truncate(tmp_path, f.name)
-    r = lmrec("checkpoint", "convert", f, tmp_path / "out", "--config", sources["recformer_ckpt"])
-    refused(r, f, "truncated safetensors")
+    shutil.copytree(sources["recformer_ckpt"], config)
+    broken = _truncate(tmp_path, f.name) if defect == "truncated state dict" else _garbage(config, "config.json")
+    r = lmrec("checkpoint", "convert", f, tmp_path / "out", "--config", config)
+    refused(r, broken, "truncated safetensors" if defect == "truncated state dict" else "not JSON")
     assert not (tmp_path / "out").exists()
 
 

@@ -314,11 +314,13 @@ def check_sids(path: str | Path, option: str = "--sids") -> Path:
     return d
 
 
-def check_checkpoint(path: str | Path) -> Path:
-    """A training checkpoint (``.../checkpoints/<stage>/step-N``): loop state and whole weight files."""
+def check_checkpoint(path: str | Path, resume: bool = True) -> Path:
+    """A training checkpoint (``.../checkpoints/<stage>/step-N``): whole weight files, and the loop state a
+    resume needs (an export reads only the weights)."""
     d = Path(path)
     check_format(d)
-    read_json(d / "trainer_state.json")
+    if resume or (d / "trainer_state.json").exists():
+        read_json(d / "trainer_state.json")
     for f in sorted(d.glob("*.safetensors")):
         safetensors_header(f)
     return d

@@ -84,7 +84,7 @@ def load_source(ckpt: str | Path, base: str | Path | None = None, command: str =
     if not weights.exists() and not (ckpt / SHARDED).is_dir():
         raise LmrecError(f"{ckpt}: neither a model directory (config.json) nor a checkpoint (model.safetensors, "
                          f"or {SHARDED}/ of a sharded run)")
-    check_checkpoint(ckpt)
+    check_checkpoint(ckpt, resume=False)
     src = check_generative(_source_of(ckpt, Path(base) if base else None), command, option="--base")
     with loading(src):
         model, tok = load_lm(src, dtype=torch.float32)  # the checkpoint's fp32 master weights are loaded into it

@@ -19,7 +19,7 @@ import torch
 
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
-from lmrec.modelfiles import check_tokenizer, loading, safetensors_header
+from lmrec.modelfiles import check_format, check_tokenizer, loading, read_json, safetensors_header, write_marker
 from lmrec.recformer.backbones import (
     InitReport,
     build_recformer,
@@ -54,6 +54,7 @@ def init_checkpoint(backbone: str | Path, out: str | Path, *, allow_partial: boo
         tokenizer.save_pretrained(tmp)
         (tmp / "init_report.json").write_text(json.dumps({"backbone": str(backbone), **report.to_json()},
                                                          indent=2) + "\n")
+        write_marker(tmp, "recformer-checkpoint")
 
     atomic_dir(Path(out), write)
     return report
@@ -133,6 +134,7 @@ def retokenize_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)
         (tmp / "retokenize_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_marker(tmp, "recformer-checkpoint")
 
     atomic_dir(Path(out), write)
     return report
@@ -175,7 +177,10 @@ def _config_for(checkpoint: Path, state: dict, config, backbone) -> tuple[Recfor
     cfg_dir = Path(config) if config else (checkpoint if (checkpoint.is_dir() and
                                                           (checkpoint / "config.json").exists()) else None)
     if cfg_dir is not None:
-        return RecformerConfig.from_pretrained(str(cfg_dir)), cfg_dir
+        check_format(cfg_dir)
+        read_json(cfg_dir / "config.json")  # not JSON: one message naming it
+        with loading(cfg_dir):
+            return RecformerConfig.from_pretrained(str(cfg_dir)), cfg_dir
     if backbone is not None:
         shape = state.get("longformer.embeddings.item_position_embeddings.weight")
         tokens = {"max_item_embeddings": int(shape.shape[0])} if shape is not None else {}
@@ -232,6 +237,8 @@ def convert_checkpoint(checkpoint: str | Path, out: str | Path, *, config: str |
         model.save_pretrained(str(tmp / "recommender"))
         tokenizer.save_pretrained(tmp / "recommender")
         (tmp / "convert_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        for part in ("encoder", "recommender"):
+            write_marker(tmp / part, "recformer-checkpoint")
 
     atomic_dir(Path(out), write)
     return report
