@@ -129,7 +129,7 @@ GEN_DEFECTS = {
     "sid_vocab not JSON": ("gen", _garbage, "sid_vocab.json", "not JSON"),
     "from the future": ("gen", _future, "lmrec.json", "written by a newer lmrec"),
     "RecFormer given": ("recformer", lambda d, n: d, "", "a RecFormer model given to"),
-    "ID model given": ("idrec", lambda d, n: d, "", "a ID baseline model given to"),
+    "ID model given": ("idrec", lambda d, n: d, "", "an ID baseline model given to"),
 }
 
 

@@ -226,13 +226,13 @@ def check_weights(directory: Path, cfg: dict) -> dict[str, list[int]]:
 
 def _wrong_family(d: Path, fam: str, wanted: str, command: str) -> ModelFileError:
     hint = USE.get(fam.removesuffix("-checkpoint"), "").format(p=d)
-    return ModelFileError(f"{d}: a {_NAMES.get(fam, fam + ' model')} given to `{command}`, which takes "
+    return ModelFileError(f"{d}: {_NAMES.get(fam, f'a {fam} model')} given to `{command}`, which takes "
                           f"{wanted}" + (f"; {hint}" if hint else ""))
 
 
 GENERATIVE = "a generative model (a language model with itemic tokens and sid_vocab.json)"
-_NAMES = {"recformer": "RecFormer model", "recformer-checkpoint": "RecFormer checkpoint",
-          "idrec": "ID baseline model", "generative": "generative model"}
+_NAMES = {"recformer": "a RecFormer model", "recformer-checkpoint": "a RecFormer checkpoint",
+          "idrec": "an ID baseline model", "generative": "a generative model"}
 
 
 def check_recommender(path: str | Path, command: str = "lmrec evaluate", option: str = "--model") -> str:
@@ -352,7 +352,7 @@ def check_encoder(path: str | Path, option: str = "--encoder") -> Path:
     fam = family(d)
     if fam in _NAMES:
         hint = "; give it as --from DIR (its item vectors)" if fam in ("recformer", "idrec") else ""
-        raise ModelFileError(f"{d}: a {_NAMES[fam]} given to `lmrec sid build {option}`, which takes a Hugging "
+        raise ModelFileError(f"{d}: {_NAMES[fam]} given to `lmrec sid build {option}`, which takes a Hugging "
                              f"Face text encoder (e.g. a sentence-transformers directory){hint}")
     check_weights(d, model_config(d))
     check_tokenizer(d)

@@ -31,7 +31,7 @@ from lmrec.generative.samples import align_sids, pad_batch
 from lmrec.generative.sid import SemanticIds, assign_codes
 from lmrec.generative.vocab import META, load_lm, read_meta
 from lmrec.io import atomic_dir, atomic_file
-from lmrec.modelfiles import check_generative, check_sids, loading, write_marker
+from lmrec.modelfiles import check_format, check_generative, check_sids, loading, write_marker
 
 ADDED_ITEMS = "added_items.parquet"
 
@@ -245,6 +245,7 @@ def load_generative(model_dir: str | Path, dtype: torch.dtype | str = "auto"):
     is stored in its source's dtype but loaded in float32 under "auto": the adapter was trained (and
     validated) on an fp32 base, fp32 holds the stored values exactly, and a merge then keeps every update."""
     model_dir = Path(model_dir)
+    check_format(model_dir)
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
 

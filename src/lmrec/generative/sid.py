@@ -21,7 +21,7 @@ import torch
 
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
-from lmrec.modelfiles import write_marker
+from lmrec.modelfiles import check_sids, write_marker
 from lmrec.progress import progress
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -187,6 +187,7 @@ class SemanticIds:
         path = Path(path)
         if not (path / "sids.parquet").exists():
             raise LmrecError(f"{path} is not a semantic-ID directory (no sids.parquet); run `lmrec sid build`")
+        check_sids(path)  # its format, its files readable, before they are read
         t = pq.read_table(path / "sids.parquet").to_pydict()
         cfg = SidConfig(**json.loads((path / "sid_config.json").read_text()))
         report = json.loads((path / "sid_report.json").read_text())

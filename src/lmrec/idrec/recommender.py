@@ -26,7 +26,7 @@ from lmrec.eval.index import ItemIndex, top_k
 from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
 from lmrec.io import atomic_dir
-from lmrec.modelfiles import write_marker
+from lmrec.modelfiles import check_format, write_marker
 
 ItemText = list[tuple[str, str]]
 
@@ -71,6 +71,7 @@ class IdRecommender:
         if not is_id_model(path) or not (path / "items.parquet").exists():
             raise LmrecError(f"{path} is not a saved ID model (expected config.json of model_type "
                              f"{IdRecConfig.model_type} and items.parquet; `lmrec baseline` writes run/model)")
+        check_format(path)
         model = IdSeqRec.from_pretrained(str(path)).to(device)
         return cls(model, *read_items(path / "items.parquet"), **kw)
 
