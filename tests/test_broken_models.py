@@ -112,6 +112,7 @@ DEFECTS = {
     "no tokenizer": ("recformer", _no_tokenizer, "", "no tokenizer files"),
     "garbage items": ("recformer", _garbage, "items.parquet", "not a readable parquet file"),
     "items without attrs": ("recformer", _no_attrs, "items.parquet", "missing column(s) attrs"),
+    "garbage added items": ("recformer", _garbage, "added_items.parquet", "not a readable parquet file"),
     "from the future": ("recformer", _future, "lmrec.json", "written by a newer lmrec (format 99"),
     "generative given": ("gen", lambda d, n: d, "", "a generative model given to"),
     "ID truncated weights": ("idrec", _truncate, "model.safetensors", "truncated safetensors"),

@@ -252,7 +252,14 @@ def check_recommender(path: str | Path, command: str = "lmrec evaluate", option:
     if fam != "idrec":
         check_tokenizer(d)
         _check_item_table(d, cfg)
+        _check_added(d, "vector")
     return fam
+
+
+def _check_added(d: Path, column: str) -> None:
+    """Items added while serving (``added_items.parquet``), appended on load."""
+    if (d / "added_items.parquet").exists():
+        check_parquet(d / "added_items.parquet", (*ITEM_COLUMNS, column))
 
 
 def _check_item_table(d: Path, cfg: dict) -> None:
@@ -299,6 +306,7 @@ def check_generative(path: str | Path, command: str, option: str = "--model") ->
         raise ModelFileError(f"{d}: no sid_vocab.json, so not a generative model: expand a model's vocabulary first "
                              "(`lmrec gen expand-vocab`)")
     read_json(meta)
+    _check_added(d, "codes")
     return d
 
 
