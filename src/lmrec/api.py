@@ -128,7 +128,7 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
     if k < 1:
         raise LmrecError(f"k must be at least 1, got {k}")
     ds = PreparedDataset(data)
-    rec = load_recommender(model_dir, device).ready_for(ds.item_ids, ds.item_text)
+    rec = load_recommender(model_dir, device, "lmrec recommend-all").ready_for(ds.item_ids, ds.item_text)
     seqs = pq.read_table(ds.path / "sequences.parquet", columns=["user_id", "items"]).to_pydict()
     m = ds.max_history_len
     users, ranks, item_ids, scores = [], [], [], []
@@ -153,19 +153,23 @@ def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k
 def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude_history: bool = True,
               device: str = "auto"):
     """[(item_id, [(key, value), ...], score), ...] for a history of item ids (oldest → newest)."""
-    return load_recommender(model_dir, device).recommend(history, k, exclude_history=exclude_history)
+    return load_recommender(model_dir, device, "lmrec recommend").recommend(history, k,
+                                                                            exclude_history=exclude_history)
 
 
-def load_recommender(model_dir: str | Path, device: str = "auto"):
+def load_recommender(model_dir: str | Path, device: str = "auto", command: str = "lmrec evaluate"):
     """The saved recommender in ``model_dir`` on ``device``: a RecFormer model (``model_type`` recformer) or a
     trained ID baseline (``lmrec baseline``'s ``model/``, model_type lmrec-idrec); both rank, recommend
     and serve through the same calls."""
-    from lmrec.idrec.recommender import IdRecommender, is_id_model
+    from lmrec.idrec.recommender import IdRecommender
+    from lmrec.modelfiles import check_recommender, loading
     from lmrec.recformer.recommender import Recommender
 
-    if is_id_model(model_dir):
-        return IdRecommender.from_pretrained(model_dir, _device(device))
-    return Recommender.from_pretrained(model_dir, _device(device))
+    fam = check_recommender(model_dir, command=command)  # every file checked before any is loaded
+    with loading(model_dir):
+        if fam == "idrec":
+            return IdRecommender.from_pretrained(model_dir, _device(device))
+        return Recommender.from_pretrained(model_dir, _device(device))
 
 
 def _device(spec: str):

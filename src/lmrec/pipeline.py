@@ -112,9 +112,12 @@ def semantic_ids(data, out, *, recommender=None, sources=(), encoder=None, colla
     of the squared norm (``fuse_vectors``). The source is recorded in the SID metadata (``encoder``)."""
     from lmrec.generative.api import build_semantic_ids
     from lmrec.generative.sid import default_encoder, embed_texts, item_texts
+    from lmrec.modelfiles import check_encoder, check_recommender, loading
 
     sources = [Path(s) for s in (*sources, *([recommender] if recommender is not None else []))]
     if not sources:
+        if encoder is not None:
+            check_encoder(encoder)
         return build_semantic_ids(data, out, encoder=encoder, levels=levels, codes=codes, seed=seed, log=log)
     if not 0.0 <= collab_weight <= 1.0:
         raise LmrecError(f"--collab-weight must be in [0, 1], got {collab_weight}")
@@ -122,7 +125,13 @@ def semantic_ids(data, out, *, recommender=None, sources=(), encoder=None, colla
         if not (s / "config.json").is_file():
             raise LmrecError(f"--from {s}: not a saved model (no config.json): give a RecFormer recommender "
                              "(…/model) or a trained ID baseline (`lmrec baseline`'s …/model)")
-    got = [source_vectors(s, data) for s in sources]
+        check_recommender(s, "lmrec sid build --from", option="--from")
+    if encoder is not None:
+        check_encoder(encoder)
+    got = []
+    for s in sources:
+        with loading(s):
+            got.append(source_vectors(s, data))
     collab = [kind != "recformer" for _, _, kind in got]
     n_c = sum(collab)
     if n_c == 0 or n_c == len(got):

@@ -252,11 +252,11 @@ def test_export_a_checkpoint_and_check_it(corpus, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export-fp32")
     weights = load_file(str(ckpt / "model.safetensors"))
     assert torch.equal(exported.model.layers[0].mlp.up_proj.weight, weights["lm.model.layers.0.mlp.up_proj.weight"])
-    # a broken export (a shard missing) fails with a message, exit 1
+    # a broken export (a shard missing) is bad input: one message naming the shard, exit 2
     shard = sorted((tmp_path / "export-fp32").glob("model-*.safetensors"))[0]
     shard.unlink()
     res = run_cli("gen", "check-model", tmp_path / "export-fp32", "--source", ckpt)
-    assert res.returncode == 1 and "FAIL" in res.stdout and "Traceback" not in res.stderr
+    assert res.returncode == 2 and f"{shard}: missing" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_stage1_sharded_under_torchrun_in_bf16_keeps_every_old_row(corpus, tmp_path):

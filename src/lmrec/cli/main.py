@@ -713,7 +713,7 @@ def gen_recommend(
     from lmrec.cli.report import print_recommendations
     from lmrec.generative.api import load_recommender
 
-    rec = load_recommender(model, data, sids, device=device)
+    rec = load_recommender(model, data, sids, device=device, command="lmrec gen recommend")
     print_recommendations(rec.recommend([h.strip() for h in history.split(",") if h.strip()], _k(k),
                                         None if beams is None else _k(beams, "--beams")))
 
@@ -740,10 +740,12 @@ def serve(
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, /recommend/batch, /items;
     GET /items/{id}, /metadata, /health/live, /health/ready; OpenAPI docs at /docs."""
     from lmrec.eval.index import KINDS
+    from lmrec.modelfiles import check_served
     from lmrec.serve.app import serve as _serve
     from lmrec.serve.backends import detect_family, worker_count
     from lmrec.training.distributed import inference_device
 
+    check_served(model, sids)  # a broken model: one message and exit 2 now, not a failed readiness probe later
     family = detect_family(model, data, sids)
     device = str(inference_device(device))
     if not 0 < port < 65536:

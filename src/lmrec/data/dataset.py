@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 
 from lmrec.data.prepare import FORMAT_VERSION, read_items
 from lmrec.errors import DataError, LmrecError
+from lmrec.modelfiles import read_json
 
 ItemText = list[tuple[str, str]]
 
@@ -36,10 +36,13 @@ class PreparedDataset:
         manifest = self.path / "manifest.json"
         if not manifest.exists():
             raise LmrecError(f"{self.path} is not a prepared dataset (no manifest.json); run `lmrec data prepare`")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"format_version {self.manifest.get('format_version')} is not supported "
-                            f"(expected {FORMAT_VERSION})", file=manifest)
+        self.manifest = read_json(manifest)
+        version = self.manifest.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise DataError(f"written by a newer lmrec (format {version}; this lmrec reads ≤ {FORMAT_VERSION}): "
+                            "upgrade lmrec", file=manifest)
+        if version != FORMAT_VERSION:
+            raise DataError(f"format_version {version} is not supported (expected {FORMAT_VERSION})", file=manifest)
         self.item_ids, self.item_text = read_items(self.path / "items.parquet")
         self.item_index = {it: i for i, it in enumerate(self.item_ids)}
         seq = pq.read_table(self.path / "sequences.parquet", columns=["user_id"]).to_pydict()

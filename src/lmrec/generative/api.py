@@ -42,8 +42,13 @@ def expand_model(model, sids_dir, out, *, data=None, init: str = "codebook", pad
 
     from lmrec.generative.default_model import build_default_lm
     from lmrec.generative.vocab import expand_vocab
+    from lmrec.modelfiles import check_language_model, check_sids, loading
 
-    sids = SemanticIds.load(sids_dir)
+    check_sids(sids_dir)
+    if model is not None:
+        check_language_model(model, "lmrec gen expand-vocab")
+    with loading(sids_dir):
+        sids = SemanticIds.load(sids_dir)
     tmp = None
     if model is None:
         if data is None:
@@ -57,7 +62,8 @@ def expand_model(model, sids_dir, out, *, data=None, init: str = "codebook", pad
     books_file = Path(sids_dir) / "codebooks.safetensors"
     books = None
     if books_file.exists():
-        b = load_file(str(books_file))
+        with loading(books_file):
+            b = load_file(str(books_file))
         books = [b[f"level_{i}"] for i in range(len(b))]
     try:
         return expand_vocab(model, sids, out, init=init, pad_multiple=pad_multiple, books=books, seed=seed, log=log)
@@ -89,20 +95,25 @@ def write_chat_samples(data, sids_dir, out, overrides: list[str], rows_per_file:
 
 def merge_lora(adapter, out) -> Path:
     from lmrec.generative.recommender import load_generative, save_generative
+    from lmrec.modelfiles import check_generative, loading
 
-    model, tok = load_generative(adapter)
-    if not hasattr(model, "merge_and_unload"):
-        raise LmrecError(f"{adapter} is not a LoRA adapter directory")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise LmrecError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
+    check_generative(adapter, "lmrec gen merge", option="ADAPTER")
+    with loading(adapter):
+        model, tok = load_generative(adapter)
     return save_generative(model.merge_and_unload(), tok, Path(adapter), Path(out))
 
 
-def load_recommender(model_dir, data, sids_dir, max_history: int | None = None, device: str = "auto"):
+def load_recommender(model_dir, data, sids_dir, max_history: int | None = None, device: str = "auto",
+                     command: str = "lmrec gen evaluate"):
     """A trained generative model with the prompt format it was trained with (``prompt_config.json``), on
     ``device`` (``auto``: the accelerator when one is present)."""
     from lmrec.generative.recommender import GenerativeRecommender
     from lmrec.training.distributed import inference_device
 
-    return GenerativeRecommender.load(model_dir, data, sids_dir, max_history, device=inference_device(device))
+    return GenerativeRecommender.load(model_dir, data, sids_dir, max_history, device=inference_device(device),
+                                      command=command)
 
 
 def evaluate_generative(model_dir, data, sids_dir, *, split: str = "test", beams: int = 50, ks=(10, 20, 50),

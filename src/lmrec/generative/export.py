@@ -34,6 +34,7 @@ from lmrec.errors import LmrecError
 from lmrec.generative.prompts import PROMPT_CONFIG
 from lmrec.generative.vocab import META, load_lm, read_meta
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import check_checkpoint, check_generative, loading, read_json, write_marker
 from lmrec.training.checkpoints import SHARDED
 from lmrec.training.fsdp import load_sharded_weights
 
@@ -57,34 +58,42 @@ def _source_of(ckpt: Path, base: Path | None) -> Path:
         return base
     for d in (ckpt, *ckpt.parents):
         if (d / SOURCE).exists():
-            return Path(json.loads((d / SOURCE).read_text())["model"])
+            model = read_json(d / SOURCE).get("model")
+            if not isinstance(model, str):
+                raise LmrecError(f"{d / SOURCE}: no 'model' (the directory the run started from); give --base DIR")
+            return Path(model)
     raise LmrecError(f"{ckpt}: cannot tell which model this checkpoint's run started from; give --base DIR "
                      "(the expanded model or the previous stage's model)")
 
 
-def load_source(ckpt: str | Path, base: str | Path | None = None):
+def load_source(ckpt: str | Path, base: str | Path | None = None, command: str = "lmrec gen export",
+                option: str = "CHECKPOINT"):
     """(model, tokenizer, directory with sid_vocab.json) of a trained model directory or a checkpoint."""
     ckpt = Path(ckpt)
-    if (ckpt / "config.json").exists():
-        if (ckpt / "adapter_config.json").exists():
-            from lmrec.generative.recommender import load_generative
+    if (ckpt / "config.json").exists() or (ckpt / "adapter_config.json").exists():
+        check_generative(ckpt, command, option=option)  # every file checked before any is loaded
+        with loading(ckpt):
+            if (ckpt / "adapter_config.json").exists():
+                from lmrec.generative.recommender import load_generative
 
-            model, tok = load_generative(ckpt, dtype=torch.float32)
-            return model.merge_and_unload(), tok, ckpt
-        model, tok = load_lm(ckpt, dtype=torch.float32)
+                model, tok = load_generative(ckpt, dtype=torch.float32)
+                return model.merge_and_unload(), tok, ckpt
+            model, tok = load_lm(ckpt, dtype=torch.float32)
         return model, tok, ckpt
     weights = ckpt / "model.safetensors"
-    if (ckpt / SHARDED).is_dir():  # a train.fsdp checkpoint: read its shards in this one process
-        src = _source_of(ckpt, Path(base) if base else None)
-        model, tok = load_lm(src, dtype=torch.float32)
-        load_sharded_weights(ckpt / SHARDED, model)
-        return model, tok, src
-    if not weights.exists():
+    if not weights.exists() and not (ckpt / SHARDED).is_dir():
         raise LmrecError(f"{ckpt}: neither a model directory (config.json) nor a checkpoint (model.safetensors, "
                          f"or {SHARDED}/ of a sharded run)")
-    src = _source_of(ckpt, Path(base) if base else None)
-    model, tok = load_lm(src, dtype=torch.float32)  # the checkpoint's fp32 master weights are loaded into it
-    state = {k.removeprefix("lm."): v for k, v in load_file(str(weights)).items()}  # ChunkedLossLM wraps as lm.
+    check_checkpoint(ckpt, resume=False)
+    src = check_generative(_source_of(ckpt, Path(base) if base else None), command, option="--base")
+    with loading(src):
+        model, tok = load_lm(src, dtype=torch.float32)  # the checkpoint's fp32 master weights are loaded into it
+    if (ckpt / SHARDED).is_dir():  # a train.fsdp checkpoint: read its shards in this one process
+        with loading(ckpt / SHARDED):
+            load_sharded_weights(ckpt / SHARDED, model)
+        return model, tok, src
+    with loading(weights):
+        state = {k.removeprefix("lm."): v for k, v in load_file(str(weights)).items()}  # ChunkedLossLM: lm.*
     missing, unexpected = model.load_state_dict(state, strict=False)
     # only a tied head may be absent (it is the embedding matrix); an untied one would silently stay the base's
     missing = [k for k in missing if k not in (getattr(model, "all_tied_weights_keys", None) or {})]
@@ -99,7 +108,7 @@ def export_model(ckpt: str | Path, out: str | Path, *, base: str | Path | None =
                  max_shard_size: str = "2GB") -> Path:
     if dtype not in DTYPES:
         raise LmrecError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, tok, meta_dir = load_source(ckpt, base)
+    model, tok, meta_dir = load_source(ckpt, base)  # checked file by file before anything is written
     read_meta(meta_dir)  # an export without its token layout could not decode items
 
     def write(tmp: Path) -> None:
@@ -110,6 +119,7 @@ def export_model(ckpt: str | Path, out: str | Path, *, base: str | Path | None =
         if prompt.exists():
             (tmp / PROMPT_CONFIG).write_text(prompt.read_text())
         (tmp / "export_info.json").write_text(json.dumps({"source": str(ckpt), "dtype": dtype}) + "\n")
+        write_marker(tmp, "generative")
 
     return atomic_dir(out, write)
 
@@ -140,6 +150,7 @@ def check_model(export_dir: str | Path, *, source: str | Path | None = None, bas
                                               "not a model directory (no config.json)"))
     if metric_tolerance < 0:
         raise LmrecError(f"--metric-tolerance must be at least 0, got {metric_tolerance}")
+    check_generative(export_dir, "lmrec gen check-model", option="EXPORT")  # a broken export: one message, exit 2
     try:  # in the export's own dtype ("auto"): what an engine reading it computes
         model = AutoModelForCausalLM.from_pretrained(str(export_dir)).eval()
         tok = AutoTokenizer.from_pretrained(str(export_dir))
@@ -148,7 +159,8 @@ def check_model(export_dir: str | Path, *, source: str | Path | None = None, bas
         return [Check("load with AutoModelForCausalLM", False, f"{type(e).__name__}: {str(e)[:300]}")]
     checks = [Check("load with AutoModelForCausalLM", True, f"{type(model).__name__}, {model.dtype}, "
                     f"vocabulary {model.get_input_embeddings().weight.shape[0]:,}")]
-    reference = load_source(source, base)[0].eval() if source is not None else None
+    reference = (load_source(source, base, "lmrec gen check-model", "--source")[0].eval() if source is not None
+                 else None)
     ranking: list[Check] = []
     if sids is not None and data is None:
         ranking.append(Check("constrained beam search", False, "--sids needs --data (the items' ids)"))

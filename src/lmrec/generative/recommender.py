@@ -31,6 +31,7 @@ from lmrec.generative.samples import align_sids, pad_batch
 from lmrec.generative.sid import SemanticIds, assign_codes
 from lmrec.generative.vocab import META, load_lm, quiet_peft, read_meta
 from lmrec.io import atomic_dir, atomic_file
+from lmrec.modelfiles import check_format, check_generative, check_sids, loading, write_marker
 
 ADDED_ITEMS = "added_items.parquet"
 
@@ -46,24 +47,32 @@ class GenerativeRecommender:
         self.books: list[np.ndarray] | None = None  # the residual k-means codebooks, for new items
 
     @classmethod
-    def load(cls, model_dir, data, sids_dir, max_history: int | None = None, device="cpu") -> GenerativeRecommender:
+    def load(cls, model_dir, data, sids_dir, max_history: int | None = None, device="cpu",
+             command: str = "lmrec gen evaluate") -> GenerativeRecommender:
         """A saved model with the prompt format it was trained with (``max_history`` overrides it), on
-        ``device`` (beam search runs there, its prefix tree too)."""
+        ``device`` (beam search runs there, its prefix tree too). Its files are checked before any is loaded."""
         ds = PreparedDataset(data)
-        model, tok = load_generative(model_dir)
+        check_generative(model_dir, command)
+        check_sids(sids_dir)
+        with loading(model_dir):
+            model, tok = load_generative(model_dir)
+            fmt = PromptFormat.load(model_dir)
         model = model.to(device)
-        fmt = PromptFormat.load(model_dir)
         if max_history is not None:
             fmt = dataclasses.replace(fmt, max_history=max_history)
-        rec = cls(model, tok, read_meta(model_dir), align_sids(ds, SemanticIds.load(sids_dir)), ds, fmt)
+        with loading(sids_dir):
+            sids = SemanticIds.load(sids_dir)
+        rec = cls(model, tok, read_meta(model_dir), align_sids(ds, sids), ds, fmt)
         books = Path(sids_dir) / "codebooks.safetensors"
         if books.exists():
             from safetensors.numpy import load_file
 
-            b = load_file(str(books))
+            with loading(books):
+                b = load_file(str(books))
             rec.books = [b[f"level_{i}"] for i in range(len(b))]
         if (Path(model_dir) / ADDED_ITEMS).exists():
-            rec._load_added_items(Path(model_dir) / ADDED_ITEMS)
+            with loading(Path(model_dir) / ADDED_ITEMS):
+                rec._load_added_items(Path(model_dir) / ADDED_ITEMS)
         return rec
 
     # ------------------------------------------------------------------------------------------ new items
@@ -223,6 +232,7 @@ def save_generative(model, tokenizer, meta_dir: Path, out: Path, *, fmt: PromptF
         tokenizer.save_pretrained(str(tmp))
         shutil.copy2(Path(meta_dir) / META, tmp / META)
         fmt.save(tmp)
+        write_marker(tmp, "generative")
         if base is not None:
             shutil.copytree(base, tmp / "base_model")
 
@@ -235,6 +245,7 @@ def load_generative(model_dir: str | Path, dtype: torch.dtype | str = "auto"):
     is stored in its source's dtype but loaded in float32 under "auto": the adapter was trained (and
     validated) on an fp32 base, fp32 holds the stored values exactly, and a merge then keeps every update."""
     model_dir = Path(model_dir)
+    check_format(model_dir)
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
 

@@ -21,6 +21,7 @@ import torch
 
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import check_sids, write_marker
 from lmrec.progress import progress
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -177,6 +178,7 @@ class SemanticIds:
             save_file({f"level_{i}": b for i, b in enumerate(books)}, str(tmp / "codebooks.safetensors"))
             (tmp / "sid_config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
             (tmp / "sid_report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+            write_marker(tmp, "sids")
 
         return atomic_dir(out, write)
 
@@ -185,6 +187,7 @@ class SemanticIds:
         path = Path(path)
         if not (path / "sids.parquet").exists():
             raise LmrecError(f"{path} is not a semantic-ID directory (no sids.parquet); run `lmrec sid build`")
+        check_sids(path)  # its format, its files readable, before they are read
         t = pq.read_table(path / "sids.parquet").to_pydict()
         cfg = SidConfig(**json.loads((path / "sid_config.json").read_text()))
         report = json.loads((path / "sid_report.json").read_text())

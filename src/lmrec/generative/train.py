@@ -35,6 +35,7 @@ from lmrec.generative.streaming import (
     token_metrics,
 )
 from lmrec.generative.vocab import read_meta, stored_dtype
+from lmrec.modelfiles import check_generative
 from lmrec.training.attention import segmented, with_segments
 from lmrec.training.fsdp import build_on_meta, full_state_dict, materialize_and_load, shard, unsharded
 from lmrec.training.loop import Stage, data_loader
@@ -64,6 +65,7 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
 
 def _check_inputs(model_dir: Path, ds: PreparedDataset | None, sids_dir, stage: str
                   ) -> tuple[dict, SemanticIds | None]:
+    check_generative(model_dir, "lmrec gen train")
     meta = read_meta(model_dir)
     if stage == "1" and (model_dir / "adapter_config.json").exists():
         raise LmrecError("stage 1 needs a full model, not a LoRA adapter")

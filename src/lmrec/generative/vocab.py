@@ -16,6 +16,7 @@ import torch
 from lmrec.errors import LmrecError
 from lmrec.generative.sid import SemanticIds
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import write_marker
 
 SID_BEGIN, SID_END = "<|sid_begin|>", "<|sid_end|>"
 META = "sid_vocab.json"
@@ -72,8 +73,11 @@ def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, 
     ``sid_vocab.json`` and logged): a bf16 checkpoint stays half the size of fp32 on disk, and nothing is
     lost — training loads it in fp32 (bf16 → fp32 is exact), and the only values computed here, the new
     rows' initialisation, are computed in fp32 and rounded once."""
-    dtype = stored_dtype(model_path)
-    model, tok = load_lm(model_path, dtype=dtype)
+    from lmrec.modelfiles import loading
+
+    with loading(model_path):
+        dtype = stored_dtype(model_path)
+        model, tok = load_lm(model_path, dtype=dtype)
     old_rows = model.get_input_embeddings().weight.shape[0]
     new_tokens = [SID_BEGIN, SID_END] + sids.all_tokens()
     present = [t for t in new_tokens if t in tok.get_vocab()]
@@ -107,6 +111,7 @@ def expand_vocab(model_path: str | Path, sids: SemanticIds, out: str | Path, *, 
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / META).write_text(json.dumps(meta) + "\n")
+        write_marker(tmp, "generative")
 
     atomic_dir(out, write)
     log(f"added {added} tokens: ids {meta['first_new_id']}..{meta['last_new_id']} "

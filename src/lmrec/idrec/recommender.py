@@ -26,6 +26,7 @@ from lmrec.eval.index import ItemIndex, top_k
 from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import check_format, write_marker
 
 ItemText = list[tuple[str, str]]
 
@@ -45,6 +46,7 @@ def save_id_model(model: IdSeqRec, item_ids: list[str], item_text: list[ItemText
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         write_items(tmp / "items.parquet", item_ids, item_text)
+        write_marker(tmp, "idrec")
 
     return atomic_dir(out, write)
 
@@ -69,6 +71,7 @@ class IdRecommender:
         if not is_id_model(path) or not (path / "items.parquet").exists():
             raise LmrecError(f"{path} is not a saved ID model (expected config.json of model_type "
                              f"{IdRecConfig.model_type} and items.parquet; `lmrec baseline` writes run/model)")
+        check_format(path)
         model = IdSeqRec.from_pretrained(str(path)).to(device)
         return cls(model, *read_items(path / "items.parquet"), **kw)
 

@@ -97,11 +97,13 @@ def _init_state(source: str, config: IdRecConfig, item_ids: list[str]) -> dict[s
 
     from lmrec.data.prepare import read_items
     from lmrec.idrec.recommender import is_id_model
+    from lmrec.modelfiles import check_recommender
 
     src = Path(source)
     if not is_id_model(src) or not (src / "model.safetensors").is_file() or not (src / "items.parquet").is_file():
         raise LmrecError(f"model.init_from {source}: not a trained ID model (expected config.json of model_type "
                          f"{IdRecConfig.model_type}, model.safetensors, items.parquet: `lmrec baseline`'s run/model)")
+    check_recommender(src, "lmrec baseline", option="model.init_from")
     if read_items(src / "items.parquet")[0] != list(item_ids):
         raise LmrecError(f"model.init_from {source}: its catalog is not this dataset's (train it on the same data)")
     with torch.device("meta"):

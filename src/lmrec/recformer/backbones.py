@@ -35,6 +35,7 @@ import torch
 
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import check_format, check_tokenizer, check_weights, loading, read_json
 from lmrec.recformer.configuration_recformer import RecformerConfig
 
 BACKBONE_ENV = "LMREC_BACKBONE"
@@ -116,16 +117,17 @@ def read_backbone(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                          "downloaded)")
     if not cfg_file.exists():
         raise LmrecError(f"{path} is not a model directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmrecError(f"{cfg_file}: not valid JSON ({e})") from None
+    check_format(path)
+    cfg = read_json(cfg_file)
+    check_weights(path, cfg)  # whole files, of the config's hidden size and vocabulary, before they are read
     if (path / "model.safetensors").exists():
         from safetensors.torch import load_file
 
-        state = load_file(str(path / "model.safetensors"))
+        with loading(path / "model.safetensors"):
+            state = load_file(str(path / "model.safetensors"))
     elif (path / "pytorch_model.bin").exists():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        with loading(path / "pytorch_model.bin"):
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise LmrecError(f"{path} has no model.safetensors or pytorch_model.bin")
     return cfg, state
@@ -287,7 +289,9 @@ def build_recformer(backbone: str | Path, model_cls=None, **overrides):
         config.tie_word_embeddings = False
     model = (model_cls or RecformerForSeqRec)(config)
     report = init_from_backbone(model, state, layout)
-    tokenizer = RecformerTokenizer.from_pretrained(backbone, config)
+    check_tokenizer(Path(backbone))
+    with loading(backbone):
+        tokenizer = RecformerTokenizer.from_pretrained(backbone, config)
     if len(tokenizer) > config.vocab_size:
         raise LmrecError(f"the tokenizer of {backbone} has {len(tokenizer)} tokens but the model only "
                          f"{config.vocab_size} embeddings")

@@ -10,6 +10,7 @@ from pathlib import Path
 from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import write_marker
 from lmrec.recformer.backbones import build_default_backbone, build_recformer, resolve_backbone
 from lmrec.recformer.recommender import Recommender
 
@@ -98,5 +99,6 @@ def save_pretraining_model(model, tokenizer, out: Path, extra: dict | None = Non
         tokenizer.save_pretrained(tmp)
         if extra:
             (tmp / "pretrain_info.json").write_text(json.dumps(extra, indent=2) + "\n")
+        write_marker(tmp, "recformer-checkpoint")
 
     return atomic_dir(out, write)

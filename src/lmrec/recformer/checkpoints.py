@@ -19,6 +19,7 @@ import torch
 
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import check_format, check_tokenizer, loading, read_json, safetensors_header, write_marker
 from lmrec.recformer.backbones import (
     InitReport,
     build_recformer,
@@ -53,6 +54,7 @@ def init_checkpoint(backbone: str | Path, out: str | Path, *, allow_partial: boo
         tokenizer.save_pretrained(tmp)
         (tmp / "init_report.json").write_text(json.dumps({"backbone": str(backbone), **report.to_json()},
                                                          indent=2) + "\n")
+        write_marker(tmp, "recformer-checkpoint")
 
     atomic_dir(Path(out), write)
     return report
@@ -67,22 +69,31 @@ def _shared_rows(old_tok, new_tok) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor([o for _, o in shared], dtype=torch.long))
 
 
+def _tokenizer(path: Path, option: str):
+    """A local tokenizer directory, its files checked before it loads."""
+    from transformers import AutoTokenizer
+
+    if not path.is_dir():
+        raise LmrecError(f"{option} {path}: no such directory")
+    check_tokenizer(path)
+    with loading(path):
+        return AutoTokenizer.from_pretrained(str(path))
+
+
 def retokenize_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out: str | Path, seed: int = 0
                           ) -> dict:
     """Reuse a RecFormer checkpoint with another tokenizer: every tensor but the vocabulary-sized ones is
     loaded as is; the word embeddings and the MLM decoder/bias are resized to the new vocabulary, with the
     rows of tokens present in both vocabularies (same token string) copied and the others re-initialised
     (normal, std = initializer_range). Returns the report (also saved as ``retokenize_report.json``)."""
-    from transformers import AutoTokenizer
-
     checkpoint = Path(checkpoint)
     cfg, state = read_backbone(checkpoint)
     if cfg.get("model_type") != "recformer":
         raise LmrecError(f"{checkpoint} is not a RecFormer checkpoint (model_type {cfg.get('model_type')!r}); "
                          "for a backbone use `lmrec backbone init`")
-    old_tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    new_tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = RecformerConfig.from_pretrained(str(checkpoint))
+    old_tok, new_tok = _tokenizer(checkpoint, "CHECKPOINT"), _tokenizer(Path(tokenizer_dir), "TOKENIZER")
+    with loading(checkpoint):
+        config = RecformerConfig.from_pretrained(str(checkpoint))
     config.vocab_size = len(new_tok)
     config.pad_token_id = new_tok.pad_token_id
     torch.manual_seed(seed)
@@ -123,6 +134,7 @@ def retokenize_checkpoint(checkpoint: str | Path, tokenizer_dir: str | Path, out
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)
         (tmp / "retokenize_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_marker(tmp, "recformer-checkpoint")
 
     atomic_dir(Path(out), write)
     return report
@@ -135,7 +147,9 @@ def _load_any_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        safetensors_header(path)  # a truncated file: one message naming it
+        with loading(path):
+            return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
@@ -163,7 +177,10 @@ def _config_for(checkpoint: Path, state: dict, config, backbone) -> tuple[Recfor
     cfg_dir = Path(config) if config else (checkpoint if (checkpoint.is_dir() and
                                                           (checkpoint / "config.json").exists()) else None)
     if cfg_dir is not None:
-        return RecformerConfig.from_pretrained(str(cfg_dir)), cfg_dir
+        check_format(cfg_dir)
+        read_json(cfg_dir / "config.json")  # not JSON: one message naming it
+        with loading(cfg_dir):
+            return RecformerConfig.from_pretrained(str(cfg_dir)), cfg_dir
     if backbone is not None:
         shape = state.get("longformer.embeddings.item_position_embeddings.weight")
         tokens = {"max_item_embeddings": int(shape.shape[0])} if shape is not None else {}
@@ -220,6 +237,8 @@ def convert_checkpoint(checkpoint: str | Path, out: str | Path, *, config: str |
         model.save_pretrained(str(tmp / "recommender"))
         tokenizer.save_pretrained(tmp / "recommender")
         (tmp / "convert_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        for part in ("encoder", "recommender"):
+            write_marker(tmp / part, "recformer-checkpoint")
 
     atomic_dir(Path(out), write)
     return report

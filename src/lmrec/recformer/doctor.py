@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lmrec.errors import LmrecError
+from lmrec.modelfiles import check_format, check_weights, read_json
 
 # A small mixed batch: English, Chinese (full-width punctuation), mixed Chinese/Latin titles.
 SAMPLE_ITEMS = [
@@ -74,6 +75,17 @@ def pretrain_smoke(model, tokenizer, steps: int, lr: float = 1e-4, seed: int = 0
     return losses[0], losses[-1]
 
 
+def _check_inputs(backbone: Path, data) -> None:
+    """A wrong path or a damaged file is bad input (exit 2, one message naming it), not a failed check."""
+    if not (backbone / "config.json").is_file():
+        raise LmrecError(f"--backbone {backbone}: " + ("no such directory" if not backbone.exists() else
+                                                       "not a model directory (no config.json)"))
+    if data is not None and not (Path(data) / "manifest.json").is_file():
+        raise LmrecError(f"--data {data}: not a prepared dataset (no manifest.json; see `lmrec data prepare`)")
+    check_format(backbone)
+    check_weights(backbone, read_json(backbone / "config.json"))
+
+
 def run_doctor(backbone: str | Path, *, pretrain_steps: int = 0, finetune_epochs: int = 0,
                data: str | Path | None = None, max_token_num: int | None = None, log=print) -> list[Check]:
     from lmrec.recformer.backbones import build_recformer, detect_layout, read_backbone
@@ -81,11 +93,7 @@ def run_doctor(backbone: str | Path, *, pretrain_steps: int = 0, finetune_epochs
 
     checks: list[Check] = []
     backbone = Path(backbone)
-    if not (backbone / "config.json").is_file():  # a wrong path is bad input (exit 2), not a failed check
-        raise LmrecError(f"--backbone {backbone}: " + ("no such directory" if not backbone.exists() else
-                                                       "not a model directory (no config.json)"))
-    if data is not None and not (Path(data) / "manifest.json").is_file():
-        raise LmrecError(f"--data {data}: not a prepared dataset (no manifest.json; see `lmrec data prepare`)")
+    _check_inputs(backbone, data)
     overrides = {"max_token_num": max_token_num or 256, "max_item_embeddings": 51}
     # 1. static load + one forward
     try:

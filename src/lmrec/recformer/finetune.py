@@ -22,6 +22,7 @@ from lmrec.config import RunConfig, with_data_path
 from lmrec.data.dataset import PreparedDataset
 from lmrec.eval.evaluator import evaluate
 from lmrec.io import atomic_dir
+from lmrec.modelfiles import check_recformer
 from lmrec.recformer.build import build_recommender
 from lmrec.recformer.collator import FinetuneCollator
 from lmrec.recformer.evaluation import evaluate_all
@@ -70,6 +71,8 @@ class ItemTable:
 
 def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneResult:
     ds = PreparedDataset(dataset_path)  # inputs are checked before the run directory exists
+    if cfg.model.init:
+        check_recformer(cfg.model.init, "lmrec finetune --init")
     cfg = with_data_path(cfg, dataset_path)  # run_config.yaml names the data it ran on
     with Run(cfg, "finetune", log, inputs=(dataset_path,)) as run:
         rec = build_recommender(cfg, ds, run.dir, run.acc, log)

@@ -21,6 +21,7 @@ from lmrec.data.dataset import PreparedDataset
 from lmrec.errors import LmrecError
 from lmrec.eval.baselines import baselines
 from lmrec.eval.evaluator import evaluate
+from lmrec.modelfiles import check_recformer
 from lmrec.recformer.build import backbone_or_default, build_checked, save_pretraining_model
 from lmrec.recformer.collator import PretrainCollator
 from lmrec.recformer.evaluation import evaluate_new_items
@@ -87,6 +88,8 @@ def pretrain(cfg: PretrainRunConfig, log=print) -> PretrainResult:
         raise LmrecError("no pretraining corpus: give one or more prepared datasets (--data DIR, repeatable)")
     corpus = [PreparedDataset(p) for p in dc.paths]  # inputs are checked before the run directory exists
     valid_ds = PreparedDataset(dc.valid) if dc.valid else corpus[0]
+    if m.init:
+        check_recformer(m.init, "lmrec pretrain --init")
     # run_config.yaml names the data it ran on, absolute: `lmrec pretrain -c RUN/run_config.yaml` re-runs it
     cfg = cfg.model_copy(update={"data": dc.model_copy(update={
         "paths": [str(Path(p).resolve()) for p in dc.paths], "valid": str(Path(dc.valid).resolve()) if dc.valid

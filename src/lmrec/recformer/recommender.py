@@ -30,6 +30,7 @@ from lmrec.eval.evaluator import RankFn, dot_rank_fn
 from lmrec.eval.index import ItemIndex, top_k
 from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.io import atomic_dir, atomic_file
+from lmrec.modelfiles import check_format, write_marker
 from lmrec.progress import progress
 from lmrec.recformer.collator import history_inputs
 from lmrec.recformer.configuration_recformer import RecformerConfig
@@ -236,6 +237,7 @@ class Recommender:
                 save_file({"item_embeddings": self.model.item_embeddings.detach().float().cpu().contiguous()},
                           str(tmp / "item_table.safetensors"))
             write_items(tmp / "items.parquet", self.item_ids, self.item_text)
+            write_marker(tmp, "recformer")
 
         path = atomic_dir(path, write)
         return path
@@ -243,6 +245,7 @@ class Recommender:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
         path = Path(path)
+        check_format(path)  # a directory of a newer lmrec is refused, not misread
         if (path / "config.json").exists() and not (path / "items.parquet").exists():
             cfg = json.loads((path / "config.json").read_text())
             if cfg.get("model_type") == "recformer":  # pretraining / `backbone init` output: no catalog yet

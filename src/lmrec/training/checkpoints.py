@@ -28,6 +28,7 @@ from accelerate import Accelerator
 
 from lmrec.errors import LmrecError
 from lmrec.io import share_like_user_files
+from lmrec.modelfiles import check_checkpoint, loading, write_marker
 
 STATE_FILE = "trainer_state.json"
 
@@ -50,6 +51,7 @@ class Resume:
             return
         p = Path(spec)
         if (p / STATE_FILE).exists():
+            check_checkpoint(p)  # before the run directory is made: a broken checkpoint is one message
             self.exact, self.root = p, p.parent.parent
         elif (p / "checkpoints").is_dir():
             self.root = p / "checkpoints"
@@ -64,7 +66,7 @@ class Resume:
             self.passed = True
             return self.exact
         found = checkpoint_dirs(self.root / tag)
-        return found[-1] if found else None
+        return check_checkpoint(found[-1]) if found else None
 
 
 @dataclass
@@ -217,6 +219,7 @@ def save_checkpoint(accelerator: Accelerator, ck: Checkpointing, tag: str, state
         if extra_state is not None and not local:
             save_extra_state(extra_state.state_dict(), tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"tag": tag, **state}, indent=1) + "\n")
+        write_marker(tmp, "checkpoint")
         share_like_user_files(tmp)
         if final.exists():  # same step saved again (an epoch end right after a periodic save)
             shutil.rmtree(final)
@@ -299,7 +302,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, tag: str, extra_state:
     elif (path / SHARDED).is_dir():
         raise LmrecError(f"{path} is a sharded (train.fsdp) checkpoint: resume it with train.fsdp: true")
     else:
-        accelerator.load_state(str(path))
+        with loading(path):  # a damaged optimizer / RNG file: one message naming the checkpoint
+            accelerator.load_state(str(path))
     saved.pop("tag")
     saved.setdefault("processes", accelerator.num_processes)
     rank, processes = accelerator.process_index, accelerator.num_processes

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,10 +67,10 @@ def read_run(path: str | Path) -> RunData:
     if not f.exists():
         raise LmrecError(f"{path} is not a run directory (no metrics.json): give the directory a training "
                          "command wrote (its --output-dir)")
-    try:
-        metrics = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise LmrecError(f"{f}: not valid JSON ({e})") from None
+    from lmrec.modelfiles import check_format, read_json
+
+    check_format(path)
+    metrics = read_json(f)  # not JSON, or not an object: one message naming the file
     command, scalars = _scalars(path / "logs")
     config = (path / "run_config.yaml").read_text() if (path / "run_config.yaml").exists() else ""
     return RunData(path, command, metrics, scalars, config)

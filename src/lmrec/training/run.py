@@ -27,6 +27,7 @@ from pathlib import Path
 from lmrec.config import save_config
 from lmrec.errors import LmrecError, TrainingDiverged
 from lmrec.io import atomic_file
+from lmrec.modelfiles import write_marker
 from lmrec.provenance import provenance
 from lmrec.training.checkpoints import Checkpointing, Resume
 from lmrec.training.loop import FitResult, Optim, Stage, fit, make_accelerator
@@ -77,6 +78,8 @@ class Run:
         tr = cfg.train
         replaced = check_output_dir(cfg, inputs)  # on every rank, before any rank writes
         self.acc = make_accelerator(tr.mixed_precision, tr.grad_accum, str(self.dir / "logs"), tr.seed, tr.tf32)
+        root = self.dir / "checkpoints"
+        resume = Resume(root, tr.resume_from)  # a bad --resume-from is refused before the directory is made
         self.acc.wait_for_everyone()
         self._created = not self.dir.exists()
         self._console = None
@@ -86,14 +89,14 @@ class Run:
             if replaced:
                 log(f"--overwrite: replaced what {self.dir} held ({len(replaced)} entries)")
             self.dir.mkdir(parents=True, exist_ok=True)
+            write_marker(self.dir, "run")
             # a re-run of run_config.yaml asks again before replacing anything
             save_config(cfg.model_copy(update={"train": tr.model_copy(update={"overwrite": False})}),
                         self.dir / "run_config.yaml")
             self._console = _ConsoleLog(self.dir / "train.log")
         self.acc.wait_for_everyone()
         self.acc.init_trackers(tracker)
-        root = self.dir / "checkpoints"
-        self.checkpointing = Checkpointing(root, tr.save_steps, tr.save_total_limit, Resume(root, tr.resume_from))
+        self.checkpointing = Checkpointing(root, tr.save_steps, tr.save_total_limit, resume)
         self.optim = Optim.from_train(tr)
 
     @property
