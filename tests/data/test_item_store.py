@@ -37,7 +37,8 @@ def test_records_round_trip_and_a_second_reader_catches_up_with_only_what_is_new
     assert b.poll() == [] and not b.changed()  # nothing new: one stat call
     assert [it.item_id for it in _add(b, _items("r1", 1))] == []
     got = a.poll()
-    assert [(it.item_id, it.text, it.payload) for it in got] == [("r1-0", [("title", "item r1 0")], {"vector": "x" * 40})]
+    assert [(it.item_id, it.text, it.payload) for it in got] == [("r1-0", [("title", "item r1 0")],
+                                                                   {"vector": "x" * 40})]
     assert [it.item_id for it in ItemStore(tmp_path / "s").all()] == ["r0-0", "r0-1", "r1-0"]
     assert default_store_path(tmp_path / "model") == (tmp_path / "model.items").resolve()
 

@@ -12,7 +12,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 
 from lmrec.serve.app import build_app, create_app
@@ -68,27 +67,6 @@ class Server:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def recformer_model(tmp_path_factory, tiny_backbone):
-    """A RecFormer recommender directory (tiny random-init model: serving correctness needs no training)."""
-    from lmrec.data.dataset import PreparedDataset
-    from lmrec.recformer.backbones import build_recformer
-    from lmrec.recformer.recommender import Recommender
-
-    root = tmp_path_factory.mktemp("serve")
-    data = synthetic_dataset(root / "data", users=40, items=30)
-    ds = PreparedDataset(data)
-    model, tok, _ = build_recformer(tiny_backbone, max_token_num=64, max_item_embeddings=11)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a random function with spread-out item vectors: at the init scale (std 0.02)
-        for p in model.parameters():  # every item scores within 1e-4 of the others and near-ties flip order
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    rec = Recommender(model, tok, ds.item_ids, ds.item_text)
-    rec.encode_items(show_progress=False)
-    return rec.save_pretrained(root / "model"), data
 
 
 def _histories(n: int, items: int = 30, seed: int = 0) -> list[list[str]]:
@@ -385,7 +363,9 @@ def test_serve_command_checks_its_inputs(recformer_model, generative_model, tmp_
                       ((gen,), "give --data and --sids"),
                       ((model, "--index", "flat"), "--index must be one of"),
                       ((model, "--port", "70000"), "--port must be"),
-                      ((model, "--workers", "0"), "--workers must be")]:
+                      ((model, "--workers", "0"), "--workers must be"),
+                      ((model, "--host", "0.0.0.0"), "--host 0.0.0.0 without an API key"),
+                      ((model, "--api-key-file", tmp_path / "nokey"), "--api-key-file")]:
         res = run_cli("serve", "--model", *args, timeout=60)
         assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr
