@@ -713,8 +713,7 @@ def serve(
                                                "takes); longer gets 422."),
     max_batch_requests: int = typer.Option(256, help="Requests in one POST /recommend/batch at most; more gets 422."),
     deadline_ms: float = typer.Option(10_000, help="A request not answered within this (queue + model) gets 504."),
-    max_queue: int = typer.Option(1024, help="Requests waiting for the model at most; more get 503 with "
-                                             "Retry-After."),
+    max_queue: int = typer.Option(1024, help="Requests waiting for the model at most; more get 503 + Retry-After."),
     shutdown_timeout: float = typer.Option(30, help="SIGTERM: seconds to answer in-flight and queued requests "
                                                     "before exiting."),
     drain_seconds: float = typer.Option(0, help="SIGTERM: keep answering this long first, with /health/ready at "
@@ -732,7 +731,6 @@ def serve(
 ):
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, /recommend/batch, /items;
     GET /items/{id}, /metadata, /health/live, /health/ready; OpenAPI docs at /docs. Production: docs/serving.md."""
-    from lmrec.eval.index import KINDS
     from lmrec.serve.app import read_api_key
     from lmrec.serve.app import serve as _serve
     from lmrec.serve.backends import detect_family, worker_count
@@ -740,6 +738,30 @@ def serve(
 
     family = detect_family(model, data, sids)
     device = str(inference_device(device))
+    _check_serve_options(port=port, index=index, max_wait_ms=max_wait_ms, log_level=log_level, auth=auth,
+                         deadline_ms=deadline_ms, shutdown_timeout=shutdown_timeout, drain_seconds=drain_seconds)
+    _open_mutation(host, read_api_key(_str(api_key_file)), allow_open_mutation, auth)
+    limits = {"max_k": _k(max_k, "--max-k"), "max_batch_requests": _k(max_batch_requests, "--max-batch-requests"),
+              "max_history": None if max_history is None else _k(max_history, "--max-history"),
+              "max_body_bytes": _k(max_body_kb, "--max-body-kb") * 1024, "deadline_ms": deadline_ms,
+              "max_queue": _k(max_queue, "--max-queue"), "drain_s": drain_seconds,
+              "shutdown_timeout_s": shutdown_timeout}
+    _log(f"serving the {family} model {model} on http://{host}:{port} (docs: /docs; ready: /health/ready)")
+    _serve(host=host, port=port, workers=worker_count(workers, device), log_level=log_level, model=str(model),
+           device=device, data=_str(data), sids=_str(sids), index=index, exact_max=_k(exact_max, "--exact-max"),
+           beams=None if beams is None else _k(beams, "--beams"), max_batch=_k(max_batch, "--max-batch"),
+           max_wait_ms=max_wait_ms, limits=limits, item_store=_str(item_store), api_key_file=_str(api_key_file),
+           auth=auth)
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _check_serve_options(*, port, index, max_wait_ms, log_level, auth, deadline_ms, shutdown_timeout,
+                         drain_seconds) -> None:
+    from lmrec.eval.index import KINDS
+
     if not 0 < port < 65536:
         raise LmrecError(f"--port must be 1..65535, got {port}")
     if index not in KINDS:
@@ -755,21 +777,6 @@ def serve(
             raise LmrecError(f"{name} must be > 0, got {v}")
     if drain_seconds < 0:
         raise LmrecError(f"--drain-seconds must be ≥ 0, got {drain_seconds}")
-    key = read_api_key(None if api_key_file is None else str(api_key_file))
-    _open_mutation(host, key, allow_open_mutation, auth)
-    limits = {"max_k": _k(max_k, "--max-k"), "max_batch_requests": _k(max_batch_requests, "--max-batch-requests"),
-              "max_history": None if max_history is None else _k(max_history, "--max-history"),
-              "max_body_bytes": _k(max_body_kb, "--max-body-kb") * 1024, "deadline_ms": deadline_ms,
-              "max_queue": _k(max_queue, "--max-queue"), "drain_s": drain_seconds,
-              "shutdown_timeout_s": shutdown_timeout}
-    _log(f"serving the {family} model {model} on http://{host}:{port} (docs: /docs; ready: /health/ready)")
-    _serve(host=host, port=port, workers=worker_count(workers, device), log_level=log_level, model=str(model),
-           device=device,
-           data=None if data is None else str(data), sids=None if sids is None else str(sids), index=index,
-           exact_max=_k(exact_max, "--exact-max"), beams=None if beams is None else _k(beams, "--beams"),
-           max_batch=_k(max_batch, "--max-batch"), max_wait_ms=max_wait_ms, limits=limits,
-           item_store=None if item_store is None else str(item_store),
-           api_key_file=None if api_key_file is None else str(api_key_file), auth=auth)
 
 
 def _open_mutation(host: str, key: str | None, allowed: bool, auth: str) -> None:

@@ -372,6 +372,9 @@ def load_backend(model_dir: str | Path, *, data: str | Path | None = None, sids:
     added at run time live in ``item_store`` (default ``<model_dir>.items``)."""
     family = detect_family(model_dir, data, sids)
     store = None if item_store is None else Path(item_store)
+    if (Path(model_dir) / "added_items.parquet").exists():
+        log(f"warning: {Path(model_dir) / 'added_items.parquet'} (items added by an older lmrec) is no longer read: "
+            f"added items now live in {store or default_store_path(model_dir)}; add them again (docs/serving.md)")
     if family == "generative":
         return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, device=device, log=log,
                                  item_store=store)
