@@ -249,6 +249,7 @@ def test_two_workers_store_200_concurrent_adds_once_and_kill_9_leaves_no_torn_st
     model = shutil.copytree(recformer_model[0], tmp_path / "model")
     proc, url = _start(model, _free_port(), "--workers", "2")
     acked: list[str] = []
+    kill_after = -1
 
     async def adds(ids, concurrency=16):
         sem = asyncio.Semaphore(concurrency)
@@ -263,6 +264,8 @@ def test_two_workers_store_200_concurrent_adds_once_and_kill_9_leaves_no_torn_st
                     return None
                 if r.status_code == 201:
                     acked.extend(r.json()["added"])
+                    if i.startswith("k") and len(acked) == kill_after:  # others are mid-request now
+                        os.killpg(proc.pid, signal.SIGKILL)
                 return r.status_code
 
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=32)) as c:
@@ -270,10 +273,9 @@ def test_two_workers_store_200_concurrent_adds_once_and_kill_9_leaves_no_torn_st
 
     try:
         assert asyncio.run(adds([f"c{i}" for i in range(100)])) == [201] * 100  # 200 items
-        killer = threading.Timer(random.Random(0).uniform(0.2, 0.8), os.killpg, (proc.pid, signal.SIGKILL))
-        killer.start()
+        kill_after = 200 + 2 * random.Random(0).randint(5, 40)  # SIGKILL once that many items are acknowledged
         asyncio.run(adds([f"k{i}" for i in range(1000)], concurrency=4))
-        killer.join()
+        assert proc.wait(10) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
