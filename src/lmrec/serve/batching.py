@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
@@ -47,8 +46,6 @@ class DynamicBatcher:
 
     async def start(self) -> None:
         self.queue = asyncio.Queue()
-        # the model's own thread: forward passes never wait for the shared pool that item additions use
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="lmrec-batch")
         self.task = asyncio.create_task(self._loop())
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -69,8 +66,6 @@ class DynamicBatcher:
             _, fut = self.queue.get_nowait()
             if not fut.done():
                 fut.set_exception(Overloaded("the service is stopping"))
-        if self.task is not None:
-            self.executor.shutdown(wait=False)
 
     def _admit(self, n: int) -> None:
         if self.stopping:
@@ -124,7 +119,7 @@ class DynamicBatcher:
             self._last = len(batch)
             self.running = True
             try:
-                results = await loop.run_in_executor(self.executor, self.run, [x for x, _ in batch])
+                results = await asyncio.to_thread(self.run, [x for x, _ in batch])
             except Exception as e:  # one failure answers the whole batch; the loop goes on
                 for _, f in batch:
                     if not f.done():
