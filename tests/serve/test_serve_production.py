@@ -288,3 +288,28 @@ def test_two_workers_store_200_concurrent_adds_once_and_kill_9_leaves_no_torn_st
     assert {i[:-2] for i in killed} == {i[:-2] for i in killed if f"{i[:-2]}-a" in killed and f"{i[:-2]}-b" in killed}
     backend = load_backend(model, log=lambda m: None)  # a restart
     assert len(backend.item_ids()) == 30 + len(stored) and len(set(backend.item_ids())) == len(backend.item_ids())
+
+
+def test_items_an_older_lmrec_kept_in_the_model_directory_start_the_item_store_once(recformer_model, tmp_path):
+    """`added_items.parquet` (what lmrec wrote inside the model directory before the item store): copied into
+    an empty store on the first start, with its vectors; read from the store after that, never twice."""
+    import pyarrow as pa
+
+    from lmrec.data.item_store import ItemStore
+    from lmrec.data.prepare import write_items
+    from lmrec.recformer.recommender import Recommender
+
+    model = shutil.copytree(recformer_model[0], tmp_path / "model")
+    text = [[("title", "toy story")], [("title", "a new film"), ("genres", "drama")]]
+    vectors = Recommender.from_pretrained(model).encode_texts(text, normalize=False).numpy()
+    write_items(model / "added_items.parquet", ["old-1", "old-2"], text,
+                extra={"vector": pa.array(list(vectors), pa.list_(pa.float32()))})
+    logged: list[str] = []
+    for _ in range(2):  # two starts
+        backend = load_backend(model, log=logged.append)
+        assert backend.item_ids()[-2:] == ["old-1", "old-2"] and len(backend.item_ids()) == 32
+        assert backend.item_text(backend.index_of("old-2")) == text[1]
+        np_table = backend.rec.model.item_embeddings[-2:].numpy()
+        assert abs(np_table - vectors).max() == 0  # the stored vectors, not re-encoded
+    assert [it.item_id for it in ItemStore(tmp_path / "model.items").all()] == ["old-1", "old-2"]
+    assert any("older lmrec" in m for m in logged)

@@ -44,6 +44,23 @@ class StoredItem:
     payload: dict = field(default_factory=dict)
 
 
+def encode_vector(v) -> str:
+    """A float32 vector as base64 text (a payload field): exact, and a third of its decimal JSON."""
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode()
+
+
+def decode_vector(text: str):
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").copy()
+
+
 def default_store_path(model_dir: str | Path) -> Path:
     """``<model_dir>.items`` beside the model directory."""
     model_dir = Path(model_dir).resolve()

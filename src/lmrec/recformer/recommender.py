@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lmrec.data.item_store import StoredItem
+from lmrec.data.item_store import StoredItem, decode_vector, encode_vector
 from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
@@ -183,7 +183,7 @@ class Recommender:
                 raise DataError(f"item {it!r} has no text (expected key/value attributes)", file="items")
             seen.add(it)
         vectors = self.encode_texts(item_text, batch_size, normalize=False).float().cpu().numpy()
-        return [StoredItem(it, t, {"vector": _b64(v)}) for it, t, v in zip(item_ids, item_text, vectors)]
+        return [StoredItem(it, t, {"vector": encode_vector(v)}) for it, t, v in zip(item_ids, item_text, vectors)]
 
     def append_stored(self, items: Sequence[StoredItem]) -> int:
         """Append stored items (with their vectors) to the catalog, the item table and the index, without
@@ -191,7 +191,7 @@ class Recommender:
         items = [it for it in items if it.item_id not in self.item_index]
         if not items:
             return 0
-        vectors = torch.from_numpy(np.stack([_unb64(it.payload["vector"]) for it in items]))
+        vectors = torch.from_numpy(np.stack([decode_vector(it.payload["vector"]) for it in items]))
         if vectors.shape[1] != self.model.config.hidden_size:
             raise LmrecError(f"stored item {items[0].item_id!r}: a vector of width {vectors.shape[1]} for a model "
                              f"of hidden size {self.model.config.hidden_size} (an item store of another model?)")
@@ -266,15 +266,3 @@ class Recommender:
             model.set_item_embeddings(load_file(str(path / "item_table.safetensors"))["item_embeddings"])
         return rec
 
-
-def _b64(v: np.ndarray) -> str:
-    """A float32 vector as base64 text: exact and a third of its decimal JSON."""
-    import base64
-
-    return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode()
-
-
-def _unb64(s: str) -> np.ndarray:
-    import base64
-
-    return np.frombuffer(base64.b64decode(s), dtype="<f4").copy()

@@ -29,6 +29,7 @@ from lmrec.data.unknown_text import unknown_text_warning
 from lmrec.errors import DataError, LmrecError
 
 ItemText = list[tuple[str, str]]
+LEGACY_ADDED = "added_items.parquet"  # where lmrec kept added items before the item store
 UNREADABLE_HINT = ("The items are added, but their vectors say little: serve a model whose tokenizer covers this "
                    "text (a backbone for its language).")
 
@@ -65,6 +66,21 @@ def _version(model_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def _legacy_records(path: Path) -> list[StoredItem]:
+    """The items of an ``added_items.parquet`` (id, attrs, and a ``vector`` or ``codes`` column) as records."""
+    import pyarrow.parquet as pq
+
+    from lmrec.data.item_store import encode_vector
+    from lmrec.data.prepare import read_items
+
+    ids, text = read_items(path)
+    key = "vector" if "vector" in pq.read_schema(path).names else "codes"
+    values = pq.read_table(path, columns=[key]).column(0).to_pylist()
+    if key == "vector":
+        values = [encode_vector(np.asarray(v, dtype=np.float32)) for v in values]
+    return [StoredItem(i, t, {key: v}) for i, t, v in zip(ids, text, values)]
+
+
 class Backend:
     family: str
     max_k: int
@@ -77,8 +93,18 @@ class Backend:
         self.store = ItemStore(item_store or default_store_path(self.model_dir))
 
     def _load_store(self) -> None:
-        """Append the store's items (the families call it once their catalog is loaded)."""
+        """Append the store's items (the families call it once their catalog is loaded). An empty store
+        starts with the items an older lmrec kept in ``<model_dir>/added_items.parquet`` (copied once; the
+        model directory is left as it is)."""
+        legacy = self.model_dir / LEGACY_ADDED
         with self.lock:
+            if legacy.exists() and self.store.size() == 0:
+                with self.store.writer() as w:
+                    found = self.store.poll()  # another worker may have copied them meanwhile
+                    if not found:
+                        found = _legacy_records(legacy)
+                        w.append(found)
+                self.rec.append_stored(found)
             self.rec.append_stored(self.store.poll())
 
     # ------------------------------------------------------------------------------------------ catalog
@@ -372,9 +398,9 @@ def load_backend(model_dir: str | Path, *, data: str | Path | None = None, sids:
     added at run time live in ``item_store`` (default ``<model_dir>.items``)."""
     family = detect_family(model_dir, data, sids)
     store = None if item_store is None else Path(item_store)
-    if (Path(model_dir) / "added_items.parquet").exists():
-        log(f"warning: {Path(model_dir) / 'added_items.parquet'} (items added by an older lmrec) is no longer read: "
-            f"added items now live in {store or default_store_path(model_dir)}; add them again (docs/serving.md)")
+    if (Path(model_dir) / LEGACY_ADDED).exists():
+        log(f"{Path(model_dir) / LEGACY_ADDED}: items added by an older lmrec; the item store "
+            f"{store or default_store_path(model_dir)} starts with them when empty, and is what is read from now on")
     if family == "generative":
         return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, device=device, log=log,
                                  item_store=store)
