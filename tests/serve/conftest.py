@@ -27,3 +27,9 @@ def recformer_model(tmp_path_factory, tiny_backbone):
     rec = Recommender(model, tok, ds.item_ids, ds.item_text)
     rec.encode_items(show_progress=False)
     return rec.save_pretrained(root / "model"), data
+
+
+@pytest.fixture(autouse=True)
+def _no_api_key_from_the_environment(monkeypatch):
+    """A developer's own $LMREC_API_KEY must not change what these tests see (they set keys explicitly)."""
+    monkeypatch.delenv("LMREC_API_KEY", raising=False)
