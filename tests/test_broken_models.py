@@ -112,7 +112,6 @@ DEFECTS = {
     "no tokenizer": ("recformer", _no_tokenizer, "", "no tokenizer files"),
     "garbage items": ("recformer", _garbage, "items.parquet", "not a readable parquet file"),
     "items without attrs": ("recformer", _no_attrs, "items.parquet", "missing column(s) attrs"),
-    "garbage added items": ("recformer", _garbage, "added_items.parquet", "not a readable parquet file"),
     "from the future": ("recformer", _future, "lmrec.json", "written by a newer lmrec (format 99"),
     "generative given": ("gen", lambda d, n: d, "", "a generative model given to"),
     "ID truncated weights": ("idrec", _truncate, "model.safetensors", "truncated safetensors"),
@@ -187,15 +186,18 @@ def test_an_id_model_given_to_finetune_init_names_the_command_to_use(sources, tm
 
 
 @pytest.mark.parametrize("defect", ["truncated weights", "config not JSON", "no tokenizer", "from the future",
-                                    "generative given"])
+                                    "generative given", "garbage added items"])
 def test_serve_refuses_a_broken_model_before_the_server_starts(sources, tmp_path, monkeypatch, defect):
+    """(and a legacy added_items.parquet it would copy into its item store: "garbage added items")"""
     import importlib
 
     def started(**kw):
         raise AssertionError("the server started with a broken model")
 
     monkeypatch.setattr(importlib.import_module("lmrec.serve.app"), "serve", started)
-    spec = DEFECTS[defect] if defect != "generative given" else GEN_DEFECTS["truncated weights"]
+    spec = {"generative given": GEN_DEFECTS["truncated weights"],
+            "garbage added items": ("recformer", _garbage, "added_items.parquet", "not a readable parquet file")
+            }.get(defect) or DEFECTS[defect]
     model, file = _broken(sources, tmp_path, spec)
     r = lmrec("serve", "--model", model, "--data", sources["data"], "--sids", sources["sids"])
     refused(r, file, spec[3])

@@ -252,12 +252,12 @@ def check_recommender(path: str | Path, command: str = "lmrec evaluate", option:
     if fam != "idrec":
         check_tokenizer(d)
         _check_item_table(d, cfg)
-        _check_added(d, "vector")
     return fam
 
 
 def _check_added(d: Path, column: str) -> None:
-    """Items added while serving (``added_items.parquet``), appended on load."""
+    """Items an older lmrec's service kept in the model directory (``added_items.parquet``), which ``serve``
+    copies into its item store once; offline commands never read them."""
     if (d / "added_items.parquet").exists():
         check_parquet(d / "added_items.parquet", (*ITEM_COLUMNS, column))
 
@@ -306,7 +306,6 @@ def check_generative(path: str | Path, command: str, option: str = "--model") ->
         raise ModelFileError(f"{d}: no sid_vocab.json, so not a generative model: expand a model's vocabulary first "
                              "(`lmrec gen expand-vocab`)")
     read_json(meta)
-    _check_added(d, "codes")
     return d
 
 
@@ -374,5 +373,7 @@ def check_served(model: str | Path, sids: str | Path | None = None) -> None:
         check_generative(d, "lmrec serve")
         if sids is not None and (Path(sids) / "sids.parquet").exists():
             check_sids(sids)
+        _check_added(d, "codes")
     elif (d / "config.json").is_file():
         check_recommender(d, "lmrec serve")
+        _check_added(d, "vector")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.generative.test_streaming import corpus  # noqa: F401  (fixtures the GPU tests share with the CPU ones)
-from tests.serve.test_serve import recformer_model  # noqa: F401
+from tests.serve.conftest import recformer_model  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):

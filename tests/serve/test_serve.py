@@ -12,13 +12,13 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 
 from lmrec.serve.app import build_app, create_app
 from lmrec.serve.backends import load_backend
 from tests.conftest import ITEM_TEXTS, run_cli
 
+JSON = {"content-type": "application/json"}
 WORDS = sorted({w.lower() for t in ITEM_TEXTS for _, v in t for w in v.split()})
 
 
@@ -69,27 +69,6 @@ class Server:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="module")
-def recformer_model(tmp_path_factory, tiny_backbone):
-    """A RecFormer recommender directory (tiny random-init model: serving correctness needs no training)."""
-    from lmrec.data.dataset import PreparedDataset
-    from lmrec.recformer.backbones import build_recformer
-    from lmrec.recformer.recommender import Recommender
-
-    root = tmp_path_factory.mktemp("serve")
-    data = synthetic_dataset(root / "data", users=40, items=30)
-    ds = PreparedDataset(data)
-    model, tok, _ = build_recformer(tiny_backbone, max_token_num=64, max_item_embeddings=11)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a random function with spread-out item vectors: at the init scale (std 0.02)
-        for p in model.parameters():  # every item scores within 1e-4 of the others and near-ties flip order
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    rec = Recommender(model, tok, ds.item_ids, ds.item_text)
-    rec.encode_items(show_progress=False)
-    return rec.save_pretrained(root / "model"), data
-
-
 def _histories(n: int, items: int = 30, seed: int = 0) -> list[list[str]]:
     rng = np.random.default_rng(seed)
     return [[f"i{j}" for j in rng.choice(items, int(rng.integers(1, 8)), replace=False)] for _ in range(n)]
@@ -136,7 +115,7 @@ def test_200_concurrent_requests_equal_the_cli_and_are_batched(recformer_model, 
 
 def test_bad_requests_get_their_4xx_naming_the_field(recformer_model):
     model, _ = recformer_model
-    with Server(build_app(model=str(model), max_body_bytes=4096, log=lambda m: None)) as srv:
+    with Server(build_app(model=str(model), limits={"max_body_bytes": 4096}, log=lambda m: None)) as srv:
         srv.wait_ready()
         post = lambda body, path="/recommend", **kw: httpx.post(srv.url + path, json=body, **kw)  # noqa: E731
         cases = [
@@ -151,8 +130,8 @@ def test_bad_requests_get_their_4xx_naming_the_field(recformer_model):
             (post({"history": ["i1"], "kk": 3}), 422, "kk"),
             (post({}), 422, "history"),
             (post({"history": [f"i{j % 30}" for j in range(11)]}), 422, "history"),  # the model takes 10
-            (httpx.post(srv.url + "/recommend", content=b"{not json"), 422, ""),
-            (httpx.post(srv.url + "/recommend", content=b""), 422, ""),
+            (httpx.post(srv.url + "/recommend", content=b"{not json", headers=JSON), 422, ""),
+            (httpx.post(srv.url + "/recommend", content=b"", headers=JSON), 422, ""),
             (post({"history": ["i1"] * 2000}), 413, "body"),
             (post({"requests": [{"history": ["i1"]}, {"history": ["x"]}]}, "/recommend/batch"), 404,
              "requests[1].history[0]"),
@@ -170,9 +149,6 @@ def test_bad_requests_get_their_4xx_naming_the_field(recformer_model):
         # numbers are item ids too (MovieLens users send them), a good request still works after all that
         r = post({"history": ["i1", "i2"], "k": 3, "exclude_history": False})
         assert r.status_code == 200 and len(r.json()["items"]) == 3
-        r = httpx.post(srv.url + "/recommend", content=b'{"history": ["i1"]}',  # what `curl -d` sends
-                       headers={"content-type": "application/x-www-form-urlencoded"})
-        assert r.status_code == 200, r.text
         assert httpx.get(srv.url + "/docs").status_code == 200
         assert "/recommend/batch" in httpx.get(srv.url + "/openapi.json").json()["paths"]
 
@@ -227,15 +203,16 @@ def test_an_added_item_is_recommended_at_once_and_survives_a_restart(recformer_m
         assert httpx.get(srv.url + "/items/new-1").json()["text"] == twin
         # a history may hold the new item
         assert httpx.post(srv.url + "/recommend", json={"history": ["new-1", "990"], "k": 3}).status_code == 200
-    assert (model / "added_items.parquet").exists()
-    assert not list(model.glob(".*partial*"))
+    # the items live in the store beside the model; the model directory is as it was
+    assert (tmp_path / "model.items" / "items.log").exists()
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in src.iterdir())
     with Server(build_app(model=str(model), log=lambda m: None)) as srv:  # a restart
         srv.wait_ready()
         assert httpx.get(srv.url + "/metadata").json()["catalog_size"] == 32
         top = httpx.post(srv.url + "/recommend", json={"history": ["i7"], "k": 1}).json()["items"]
         assert top[0]["item_id"] == "new-1"
-    # the CLI reads the added items too, with the same answer
-    assert recommend(model, ["i7"], k=1)[0][0] == "new-1"
+    # offline commands read the model's own catalog: the served additions are the service's
+    assert {it for it, _, _ in recommend(model, ["i7"], k=30, exclude_history=False)} == {f"i{j}" for j in range(30)}
 
 
 def _add(url: str, item_id: str, title: str) -> int:
@@ -340,8 +317,17 @@ def test_generative_service_returns_only_real_items_and_new_items_join_the_trie(
         # a beam as wide as the catalog enumerates the whole trie: the new item is a reachable sequence
         r = httpx.post(srv.url + "/recommend", json={"history": hist, "k": 31, "exclude_history": False}).json()
         assert {x["item_id"] for x in r["items"]} == catalog | {"g-new"}
-    again = GenerativeRecommender.load(model, data, sids)  # restart: the codes come back from the model dir
-    assert again.ds.item_ids[-1] == "g-new" and again.trie.leaf_item.numel() == 31
+    # a restart: the codes come back from the item store beside the model
+    with Server(build_app(model=str(model), data=str(data), sids=str(sids), log=lambda m: None)) as srv:
+        srv.wait_ready()
+        assert httpx.get(srv.url + "/metadata").json()["catalog_size"] == 31
+        r = httpx.post(srv.url + "/recommend", json={"history": hist, "k": 31, "exclude_history": False}).json()
+        assert {x["item_id"] for x in r["items"]} == catalog | {"g-new"}
+    # offline (`lmrec gen evaluate`, `gen recommend`) the catalog is the dataset's: the model dir is unchanged
+    again = GenerativeRecommender.load(model, data, sids)
+    assert len(again.ds.item_ids) == 30 and set(again.ds.item_ids) == catalog
+    assert again.trie.leaf_item.numel() == 30
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in src.iterdir())
 
 
 def test_an_id_baseline_is_served_like_any_model_and_refuses_new_items(tmp_path):
@@ -377,7 +363,9 @@ def test_serve_command_checks_its_inputs(recformer_model, generative_model, tmp_
                       ((gen,), "give --data and --sids"),
                       ((model, "--index", "flat"), "--index must be one of"),
                       ((model, "--port", "70000"), "--port must be"),
-                      ((model, "--workers", "0"), "--workers must be")]:
+                      ((model, "--workers", "0"), "--workers must be"),
+                      ((model, "--host", "0.0.0.0"), "--host 0.0.0.0 without an API key"),
+                      ((model, "--api-key-file", tmp_path / "nokey"), "--api-key-file")]:
         res = run_cli("serve", "--model", *args, timeout=60)
         assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr

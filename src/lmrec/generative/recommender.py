@@ -3,8 +3,10 @@ prompt format it was trained with; constrained beam search, ranks for the evalua
 
 On disk a model directory is a ``save_pretrained`` directory of the model and its tokenizer, plus
 ``sid_vocab.json`` (which token is which code) and ``prompt_config.json`` (the prompt format); a LoRA
-adapter directory also holds its ``base_model/``. Items added after training (:meth:`add_items`, the
-serving ``POST /items``) are kept in ``added_items.parquet`` beside them: id, text and codes.
+adapter directory also holds its ``base_model/``. Items added after training (:meth:`add_items`) live in
+memory; the service keeps them in an item store beside the model (:mod:`lmrec.data.item_store`, payload:
+the semantic-ID codes) and appends them with :meth:`GenerativeRecommender.append_stored`. Loading reads the
+dataset's catalog only, so offline evaluation ranks the dataset's items.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from lmrec.data.dataset import PreparedDataset
+from lmrec.data.item_store import StoredItem
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn
 from lmrec.generative.beam import SidTrie, constrained_beam_search
@@ -30,10 +33,8 @@ from lmrec.generative.prompts import (
 from lmrec.generative.samples import align_sids, pad_batch
 from lmrec.generative.sid import SemanticIds, assign_codes
 from lmrec.generative.vocab import META, load_lm, quiet_peft, read_meta
-from lmrec.io import atomic_dir, atomic_file
+from lmrec.io import atomic_dir
 from lmrec.modelfiles import check_format, check_generative, check_sids, loading, write_marker
-
-ADDED_ITEMS = "added_items.parquet"
 
 
 class GenerativeRecommender:
@@ -41,8 +42,10 @@ class GenerativeRecommender:
 
     def __init__(self, model, tokenizer, meta: dict, sids: SemanticIds, ds: PreparedDataset, fmt: PromptFormat):
         self.model, self.tokenizer, self.meta = model, tokenizer, meta
-        self.sids, self.ds, self.fmt = sids, ds, fmt
-        self.trie = SidTrie(sids.codes, meta["level_token_ids"])
+        self._sids, self.ds, self.fmt = sids, ds, fmt
+        self._trie = SidTrie(sids.codes, meta["level_token_ids"])
+        self._pending: list[np.ndarray] = []  # codes of added items not yet in sids / the trie
+        self._taken: dict[tuple, set[int]] | None = None  # occupied last-level buckets (codes_for)
         self.added = 0  # items appended by add_items (the last ``added`` of the catalog)
         self.books: list[np.ndarray] | None = None  # the residual k-means codebooks, for new items
 
@@ -70,10 +73,32 @@ class GenerativeRecommender:
             with loading(books):
                 b = load_file(str(books))
             rec.books = [b[f"level_{i}"] for i in range(len(b))]
-        if (Path(model_dir) / ADDED_ITEMS).exists():
-            with loading(Path(model_dir) / ADDED_ITEMS):
-                rec._load_added_items(Path(model_dir) / ADDED_ITEMS)
         return rec
+
+    @property
+    def sids(self) -> SemanticIds:
+        self._flush()
+        return self._sids
+
+    @sids.setter
+    def sids(self, value: SemanticIds) -> None:
+        self._sids, self._pending, self._taken = value, [], None
+        self._trie = SidTrie(value.codes, self.meta["level_token_ids"]) if getattr(self, "meta", None) else None
+
+    @property
+    def trie(self) -> SidTrie:
+        self._flush()
+        return self._trie
+
+    def _flush(self) -> None:
+        """Added items join the codes and the decoding trie once, before the next use (one rebuild per
+        batch of additions, not per added item)."""
+        if getattr(self, "_pending", None):
+            s = self._sids
+            self._sids = SemanticIds(list(self.ds.item_ids), np.concatenate([s.codes, *self._pending]), s.config,
+                                     s.report)
+            self._pending = []
+            self._trie = SidTrie(self._sids.codes, self.meta["level_token_ids"])
 
     # ------------------------------------------------------------------------------------------ new items
     def codes_for(self, vectors: np.ndarray) -> np.ndarray:
@@ -84,19 +109,17 @@ class GenerativeRecommender:
         if self.books is None:
             raise LmrecError("the semantic-ID directory has no codebooks.safetensors: new items cannot get codes")
         raw = assign_codes(vectors, self.books)
-        km, extra = len(self.books), self.sids.config.extra_level
+        km, extra = len(self.books), self._sids.config.extra_level
         residual = np.asarray(vectors, dtype=np.float32).copy()
         for level in range(km - 1):
             residual -= self.books[level][raw[:, level]]
         last = self.books[-1]
         order = np.argsort((residual ** 2).sum(1, keepdims=True) - 2 * residual @ last.T + (last ** 2).sum(1)[None],
                            axis=1)
-        taken: dict[tuple, set[int]] = {}
-        for row in self.sids.codes.tolist():
-            taken.setdefault(tuple(row[:km]), set()).add(row[km] if extra else 0)
+        taken = self._taken_buckets()
         out = []
         for j, row in enumerate(raw.tolist()):
-            code = [-1] * self.sids.num_levels
+            code = [-1] * self._sids.num_levels
             for c in order[j].tolist():
                 used = taken.setdefault(tuple(row[:-1]) + (c,), set())
                 free = next((n for n in range(max(extra, 1)) if n not in used), None)
@@ -107,10 +130,26 @@ class GenerativeRecommender:
             out.append(code)
         return np.asarray(out, dtype=np.int64)
 
+    def _taken_buckets(self) -> dict[tuple, set[int]]:
+        """Which disambiguation numbers each last-level bucket holds: built once, then kept up to date."""
+        if getattr(self, "_taken", None) is None:
+            km, extra = len(self.books), self._sids.config.extra_level
+            self._taken = {}
+            for row in self.sids.codes.tolist():
+                self._taken.setdefault(tuple(row[:km]), set()).add(row[km] if extra else 0)
+        return self._taken
+
     def add_items(self, item_ids: list[str], item_text: list, vectors: np.ndarray) -> list[int]:
         """Append items the language model never saw: codes from the saved codebooks (:meth:`codes_for`),
         added to the decoding trie, so beam search can emit them. How often the model does depends on how
         close their codes are to trained ones: it never saw these items in a sequence."""
+        start = len(self.ds.item_ids)
+        self.append_stored(self.new_records(item_ids, item_text, vectors))
+        return list(range(start, len(self.ds.item_ids)))
+
+    def new_records(self, item_ids: list[str], item_text: list, vectors: np.ndarray) -> list[StoredItem]:
+        """New items checked (ids not in the catalog) with their codes, ready for the item store and
+        :meth:`append_stored`; the catalog is unchanged (the codes' buckets are reserved: append them next)."""
         from lmrec.errors import DataError
 
         seen: set[str] = set()
@@ -121,44 +160,33 @@ class GenerativeRecommender:
         codes = self.codes_for(vectors)
         full = [it for it, c in zip(item_ids, codes.tolist()) if c[-1] < 0]
         if full:
+            self._taken = None  # codes_for reserved buckets for the others: forget them
             raise DataError(f"no free semantic ID for item {full[0]!r}: every bucket under its first-level codes "
                             "is full; rebuild the semantic IDs with these items", file="items")
-        self._append(list(item_ids), [list(t) for t in item_text], codes)
-        return list(range(len(self.ds.item_ids) - len(item_ids), len(self.ds.item_ids)))
+        return [StoredItem(str(it), [tuple(kv) for kv in t], {"codes": c})
+                for it, t, c in zip(item_ids, item_text, codes.tolist())]
 
-    def _append(self, item_ids: list[str], item_text: list, codes: np.ndarray) -> None:
+    def append_stored(self, items: list[StoredItem]) -> int:
+        """Append stored items (with their codes); ids already in the catalog are skipped (the dataset's own
+        entry wins). O(added): the trie is rebuilt once before the next beam search. Returns how many."""
+        items = [it for it in items if it.item_id not in self.ds.item_index]
+        if not items:
+            return 0
+        codes = np.asarray([it.payload["codes"] for it in items], dtype=np.int64).reshape(len(items), -1)
+        if codes.shape[1] != self._sids.num_levels:
+            raise LmrecError(f"stored item {items[0].item_id!r}: {codes.shape[1]} code levels for semantic IDs of "
+                             f"{self._sids.num_levels} (an item store of another model?)")
         start = len(self.ds.item_ids)
-        self.ds.item_ids += item_ids
-        self.ds.item_text += item_text
-        self.ds.item_index.update({it: start + j for j, it in enumerate(item_ids)})
-        self.sids = SemanticIds(list(self.ds.item_ids), np.concatenate([self.sids.codes, codes]), self.sids.config,
-                                self.sids.report)
-        self.trie = SidTrie(self.sids.codes, self.meta["level_token_ids"])
-        self.added += len(item_ids)
-
-    def save_added_items(self, model_dir) -> Path:
-        """``model_dir/added_items.parquet`` (id, text, codes), written atomically; :meth:`load` appends them."""
-        import pyarrow as pa
-
-        from lmrec.data.prepare import write_items
-
-        n = len(self.ds.item_ids)
-        rows = range(n - self.added, n)
-        extra = {"codes": pa.array([self.sids.codes[i].tolist() for i in rows], pa.list_(pa.int64()))}
-        return atomic_file(Path(model_dir) / ADDED_ITEMS, lambda tmp: write_items(
-            tmp, [self.ds.item_ids[i] for i in rows], [self.ds.item_text[i] for i in rows], extra=extra))
-
-    def _load_added_items(self, path: Path) -> None:
-        import pyarrow.parquet as pq
-
-        from lmrec.data.prepare import read_items
-
-        ids, text = read_items(path)
-        codes = pq.read_table(path, columns=["codes"]).column(0).to_pylist()
-        keep = [j for j, it in enumerate(ids) if it not in self.ds.item_index]  # the dataset's own entry wins
-        if keep:
-            self._append([ids[j] for j in keep], [text[j] for j in keep],
-                         np.asarray([codes[j] for j in keep], dtype=np.int64).reshape(len(keep), -1))
+        self.ds.item_ids += [it.item_id for it in items]
+        self.ds.item_text += [list(it.text) for it in items]
+        self.ds.item_index.update({it.item_id: start + j for j, it in enumerate(items)})
+        self._pending.append(codes)
+        if self._taken is not None and self.books is not None:
+            km, extra = len(self.books), self._sids.config.extra_level
+            for row in codes.tolist():
+                self._taken.setdefault(tuple(row[:km]), set()).add(row[km] if extra else 0)
+        self.added += len(items)
+        return len(items)
 
     def prompts(self, histories) -> dict[str, torch.Tensor]:
         seq2seq = getattr(self.model.config, "is_encoder_decoder", False)

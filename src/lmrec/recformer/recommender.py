@@ -4,8 +4,11 @@
     tokenizer files                    the backbone's tokenizer (any AutoTokenizer)
     item_table.safetensors             the frozen item table, one row per item of the catalog
     items.parquet                      the catalog: item_index, item_id, attrs (key/value text)
-    added_items.parquet                items added after training (``add_items``; the serving
-                                       ``POST /items``): item_id, attrs and the encoded vector
+
+Items added after training (``add_items``) live in memory; the service keeps them in an item store beside
+the model (:mod:`lmrec.data.item_store`, payload: the encoded vector) and appends them with
+:meth:`Recommender.append_stored`. Loading a directory reads its own catalog only, so offline evaluation
+ranks the dataset's items.
 
 Inference only: it encodes items and histories in batches, ranks all items for the evaluator (exact, in
 chunks), and recommends through a faiss index (exact below ``exact_max`` items, approximate above; see
@@ -24,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lmrec.data.item_store import StoredItem, decode_vector, encode_vector
 from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
 from lmrec.eval.index import ItemIndex, top_k
 from lmrec.eval.ranking import DEFAULT_CHUNK
-from lmrec.io import atomic_dir, atomic_file
+from lmrec.io import atomic_dir
 from lmrec.modelfiles import check_format, write_marker
 from lmrec.progress import progress
 from lmrec.recformer.collator import history_inputs
@@ -38,7 +42,6 @@ from lmrec.recformer.modeling_recformer import RecformerForSeqRec
 from lmrec.recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
 
 ItemText = list[tuple[str, str]]
-ADDED_ITEMS = "added_items.parquet"
 
 
 class Recommender:
@@ -151,8 +154,8 @@ class Recommender:
     def retrieval_index(self, log=None) -> ItemIndex:
         """The faiss index over the (unit-norm) item table, built on first use (``index_kind``: auto = exact
         up to ``exact_max`` items, IVF above, its recall@10 against exact ranking measured at build)."""
-        table = self._items_normalized()
-        if self._index is None or self._index.size != len(table):
+        if self._index is None or self._index.size != len(self.item_ids) or not self.has_item_table:
+            table = self._items_normalized()  # O(catalog): only when the index is (re)built, never per query
             self._index = ItemIndex(table.cpu().numpy(), kind=self.index_kind, exact_max=self.exact_max, log=log)
         return self._index
 
@@ -160,6 +163,14 @@ class Recommender:
     def add_items(self, item_ids: Sequence[str], item_text: Sequence[ItemText], batch_size: int = 256) -> list[int]:
         """Encode items the model never saw from their key/value text and append them to the catalog, the
         item table and the index: recommendable at once, no retraining. Returns their catalog indices."""
+        start = len(self.item_ids)
+        self.append_stored(self.new_records(item_ids, item_text, batch_size))
+        return list(range(start, len(self.item_ids)))
+
+    def new_records(self, item_ids: Sequence[str], item_text: Sequence[ItemText], batch_size: int = 256
+                    ) -> list[StoredItem]:
+        """New items checked (ids not in the catalog, text present) and encoded, ready for the item store and
+        :meth:`append_stored`; the catalog is unchanged."""
         from lmrec.errors import DataError
 
         item_ids, item_text = [str(i) for i in item_ids], [list(t) for t in item_text]
@@ -172,60 +183,53 @@ class Recommender:
             if not item_text[p] or not any(v.strip() for _, v in item_text[p]):
                 raise DataError(f"item {it!r} has no text (expected key/value attributes)", file="items")
             seen.add(it)
+        vectors = self.encode_texts(item_text, batch_size, normalize=False).float().cpu().numpy()
+        return [StoredItem(it, t, {"vector": encode_vector(v)}) for it, t, v in zip(item_ids, item_text, vectors)]
+
+    def append_stored(self, items: Sequence[StoredItem]) -> int:
+        """Append stored items (with their vectors) to the catalog, the item table and the index, without
+        encoding; ids already in the catalog are skipped (the catalog's entry wins). Returns how many."""
+        items = [it for it in items if it.item_id not in self.item_index]
+        if not items:
+            return 0
+        vectors = torch.from_numpy(np.stack([decode_vector(it.payload["vector"]) for it in items]))
+        if vectors.shape[1] != self.model.config.hidden_size:
+            raise LmrecError(f"stored item {items[0].item_id!r}: a vector of width {vectors.shape[1]} for a model "
+                             f"of hidden size {self.model.config.hidden_size} (an item store of another model?)")
         if not self.has_item_table:
-            self.encode_items(batch_size, show_progress=False)
-        start = len(self.item_ids)
-        self._append(item_ids, item_text, self.encode_texts(item_text, batch_size, normalize=False))
-        self.added += len(item_ids)
-        return list(range(start, len(self.item_ids)))
+            self.encode_items(show_progress=False)
+        self._append([it.item_id for it in items], [list(it.text) for it in items], vectors)
+        self.added += len(items)
+        return len(items)
 
     def _append(self, item_ids: list[str], item_text: list[ItemText], vectors: torch.Tensor) -> None:
-        """Catalog, item table and index grow by these items (their table rows: ``vectors``)."""
+        """Catalog, item table and index grow by these items (their table rows: ``vectors``), in O(added)
+        amortised: the table is a view of a buffer that doubles when full."""
         start = len(self.item_ids)
         self.item_ids += item_ids
         self.item_text += item_text
         self.item_index.update({it: start + j for j, it in enumerate(item_ids)})
         self.item_tokens += self.tokenizer.encode_items(item_text)
-        self.model.set_item_embeddings(torch.cat([self.model.item_embeddings, vectors.to(self.model.device)]))
+        self.model.set_item_embeddings(self._grown_table(vectors))
         if self._index is not None and len(item_ids):
             self._index.add(F.normalize(vectors.float(), dim=-1).cpu().numpy())
+
+    def _grown_table(self, vectors: torch.Tensor) -> torch.Tensor:
+        table = self.model.item_embeddings
+        n, m = table.shape[0], vectors.shape[0]
+        buf = getattr(self, "_table_buffer", None)
+        if buf is None or buf.shape[0] < n + m or buf.data_ptr() != table.data_ptr() or buf.dtype != table.dtype:
+            buf = torch.empty(max(2 * (n + m), 64), table.shape[1], dtype=table.dtype, device=table.device)
+            buf[:n] = table
+            self._table_buffer = buf
+        buf[n : n + m] = vectors.to(buf.device, buf.dtype)
+        return buf[: n + m]
 
     def encode_texts(self, item_text: Sequence[ItemText], batch_size: int = 256, normalize: bool = True
                      ) -> torch.Tensor:
         """Item vectors of key/value texts, as the item table encodes them, without touching the catalog. (N, H)"""
         out = self._encode_tokens(self.tokenizer.encode_items([list(t) for t in item_text]), batch_size)
         return F.normalize(out, dim=-1) if normalize else out
-
-    def save_added_items(self, path: str | Path) -> Path:
-        """Write the added items (id, text, vector) to ``path/added_items.parquet`` atomically; a restart
-        (:meth:`from_pretrained`) appends them again without re-encoding."""
-        import pyarrow as pa
-
-        n = len(self.item_ids)
-        rows = range(n - self.added, n)
-        vectors = self.model.item_embeddings[n - self.added :].float().cpu().numpy()
-        extra = {"vector": pa.array(list(vectors), pa.list_(pa.float32()))}
-        return atomic_file(Path(path) / ADDED_ITEMS, lambda tmp: write_items(
-            tmp, [self.item_ids[i] for i in rows], [self.item_text[i] for i in rows], extra=extra))
-
-    def _load_added_items(self, path: Path) -> None:
-        import pyarrow.parquet as pq
-
-        ids, text = read_items(path)
-        vectors = torch.tensor(np.asarray(pq.read_table(path, columns=["vector"]).column(0).to_pylist(),
-                                          dtype=np.float32).reshape(len(ids), -1))
-        if vectors.shape[1] != self.model.config.hidden_size or not self.has_item_table:
-            raise LmrecError(f"{path}: vectors of width {vectors.shape[1]} for a model of hidden size "
-                             f"{self.model.config.hidden_size}, or no item table to append them to")
-        total = len(ids)
-        keep = [j for j, it in enumerate(ids) if it not in self.item_index]  # another process's additions
-        self._append([ids[j] for j in keep], [text[j] for j in keep], vectors[keep])
-        self.added = total
-
-    def refresh_added_items(self, path: str | Path) -> None:
-        """Append the items another process added to ``path/added_items.parquet`` since this one loaded."""
-        if (Path(path) / ADDED_ITEMS).exists():
-            self._load_added_items(Path(path) / ADDED_ITEMS)
 
     # ------------------------------------------------------------------------------------------ files
     def save_pretrained(self, path: str | Path) -> Path:
@@ -263,6 +267,5 @@ class Recommender:
         rec = cls(model, tokenizer, *read_items(path / "items.parquet"))
         if (path / "item_table.safetensors").exists():
             model.set_item_embeddings(load_file(str(path / "item_table.safetensors"))["item_embeddings"])
-            if (path / ADDED_ITEMS).exists():
-                rec._load_added_items(path / ADDED_ITEMS)
         return rec
+

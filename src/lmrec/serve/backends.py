@@ -5,29 +5,31 @@ search; generative: one constrained beam search per beam width), adds items with
 describes itself. Requests are validated against it before they are queued (:meth:`Backend.check`), so a
 bad id never reaches a batch that other requests share.
 
-Several server processes (``--workers``) each hold a copy; the items one of them adds are written to the
-model directory (``added_items.parquet``, atomically, under a file lock) and the others append them before
-their next batch (:meth:`Backend.sync`).
+Items added at run time are kept in an item store beside the model (:mod:`lmrec.data.item_store`; by default
+``<model_dir>.items/``), never in the model directory: offline evaluation of the model is unchanged by them.
+Several server processes (``--workers``) each hold a copy of the catalog; an addition is checked and appended
+under the store's file lock after catching up with the others' (so every id is stored once), and each process
+appends what the others added before its next batch (:meth:`Backend.sync`, in the batch thread: the event
+loop never waits for it). Each step costs O(added), not O(catalog).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lmrec.data.item_store import ItemStore, StoredItem, default_store_path
 from lmrec.data.unknown_text import unknown_text_warning
-from lmrec.errors import LmrecError
+from lmrec.errors import DataError, LmrecError
 
 ItemText = list[tuple[str, str]]
+LEGACY_ADDED = "added_items.parquet"  # where lmrec kept added items before the item store
 UNREADABLE_HINT = ("The items are added, but their vectors say little: serve a model whose tokenizer covers this "
                    "text (a backbone for its language).")
 
@@ -58,21 +60,52 @@ def _version(model_dir: Path) -> str:
     """A short fingerprint of the weights on disk: config, file names, sizes and modification times."""
     h = hashlib.sha256()
     for f in sorted(model_dir.iterdir()):
-        if f.is_file() and f.name != "added_items.parquet":
+        if f.is_file():
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
 
 
+def _legacy_records(path: Path) -> list[StoredItem]:
+    """The items of an ``added_items.parquet`` (id, attrs, and a ``vector`` or ``codes`` column) as records."""
+    import pyarrow.parquet as pq
+
+    from lmrec.data.item_store import encode_vector
+    from lmrec.data.prepare import read_items
+
+    ids, text = read_items(path)
+    key = "vector" if "vector" in pq.read_schema(path).names else "codes"
+    values = pq.read_table(path, columns=[key]).column(0).to_pylist()
+    if key == "vector":
+        values = [encode_vector(np.asarray(v, dtype=np.float32)) for v in values]
+    return [StoredItem(i, t, {key: v}) for i, t, v in zip(ids, text, values)]
+
+
 class Backend:
     family: str
     max_k: int
+    rec: object
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, item_store: Path | None = None):
         self.model_dir = Path(model_dir)
         self.lock = threading.RLock()  # one forward pass or one catalog change at a time
         self.version = _version(self.model_dir)
-        self._added_mtime = self._mtime()
+        self.store = ItemStore(item_store or default_store_path(self.model_dir))
+
+    def _load_store(self) -> None:
+        """Append the store's items (the families call it once their catalog is loaded). An empty store
+        starts with the items an older lmrec kept in ``<model_dir>/added_items.parquet`` (copied once; the
+        model directory is left as it is)."""
+        legacy = self.model_dir / LEGACY_ADDED
+        with self.lock:
+            if legacy.exists() and self.store.size() == 0:
+                with self.store.writer() as w:
+                    found = self.store.poll()  # another worker may have copied them meanwhile
+                    if not found:
+                        found = _legacy_records(legacy)
+                        w.append(found)
+                self.rec.append_stored(found)
+            self.rec.append_stored(self.store.poll())
 
     # ------------------------------------------------------------------------------------------ catalog
     def item_ids(self) -> list[str]:
@@ -89,15 +122,19 @@ class Backend:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ requests
-    def check(self, q: Query, where: str = "") -> list[int]:
-        """Item indices of a query's history, or a :class:`BadRequest` naming the field and value."""
+    def check(self, q: Query, where: str = "", max_k: int | None = None, max_history: int | None = None
+              ) -> list[int]:
+        """Item indices of a query's history, or a :class:`BadRequest` naming the field and value (``max_k``,
+        ``max_history``: the service's own limits, below the model's)."""
+        max_k, max_history = min(self.max_k, max_k or self.max_k), min(self.max_history,
+                                                                       max_history or self.max_history)
         if not q.history:
             raise BadRequest(f"{where}history", "empty (expected at least one item id)")
-        if len(q.history) > self.max_history:
-            raise BadRequest(f"{where}history", f"{len(q.history)} items; this model takes at most "
-                                                f"{self.max_history} (send the newest)")
-        if not 1 <= q.k <= self.max_k:
-            raise BadRequest(f"{where}k", f"{q.k} is out of range (expected 1..{self.max_k})")
+        if len(q.history) > max_history:
+            raise BadRequest(f"{where}history", f"{len(q.history)} items; this service takes at most "
+                                                f"{max_history} (send the newest)")
+        if not 1 <= q.k <= max_k:
+            raise BadRequest(f"{where}k", f"{q.k} is out of range (expected 1..{max_k})")
         out = []
         for p, it in enumerate(q.history):
             i = self.index_of(it)
@@ -111,50 +148,42 @@ class Backend:
         raise NotImplementedError
 
     def add_items(self, items: list[tuple[str, ItemText]]) -> tuple[list[str], str | None]:
-        """Append items, persist them next to the model; returns (ids, warning or None)."""
+        """Append items and store them beside the model; returns (ids, warning or None)."""
         raise NotImplementedError
 
     def metadata(self) -> dict:
         return {"family": self.family, "model_dir": str(self.model_dir), "model_version": self.version,
                 "catalog_size": len(self.item_ids()), "added_items": self.added, "max_history": self.max_history,
-                "max_k": self.max_k}
+                "max_k": self.max_k, "item_store": str(self.store.root)}
 
     @property
     def added(self) -> int:
         return self.rec.added
 
     # ------------------------------------------------------------------------------------------ processes
-    def _mtime(self) -> int:
-        f = self.model_dir / "added_items.parquet"
-        return f.stat().st_mtime_ns if f.exists() else 0
+    def needs_sync(self) -> bool:
+        """Whether another process added items this one has not appended yet (one stat call)."""
+        return self.store.changed()
 
     def sync(self) -> None:
-        """Append what another server process added since (a stat call when nothing changed)."""
-        m = self._mtime()
-        if m != self._added_mtime:
-            with self.lock, self._file_lock():
-                self._refresh()
-                self._added_mtime = self._mtime()
+        """Append what other server processes added since (O(added); nothing but a stat call when nothing
+        changed). Called from the batch thread and worker threads, never on the event loop."""
+        if self.store.changed():
+            with self.lock:
+                self.rec.append_stored(self.store.poll())
 
-    def _refresh(self) -> None:
-        raise NotImplementedError
-
-    @contextmanager
-    def _file_lock(self):
-        with open(self.model_dir / ".added_items.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+    def _add_stored(self, make) -> list[str]:
+        """Under the store's file lock: catch up with every process's additions, build the records
+        (``make()``: checks ids against the now complete catalog), append them durably, then to the catalog."""
+        with self.store.writer() as w, self.lock:
+            self.rec.append_stored(self.store.poll())
             try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def _add_persisted(self, add: Callable[[], list[str]]) -> list[str]:
-        with self.lock, self._file_lock():
-            self._refresh()  # the file is the union of every process's additions
-            ids = add()
-            self.rec.save_added_items(self.model_dir)
-            self._added_mtime = self._mtime()
-        return ids
+                records: list[StoredItem] = make()
+            except DataError as e:  # another process added the id after the service's own check
+                raise BadRequest("items", str(e), status=409) from None
+            w.append(records)
+            self.rec.append_stored(records)
+        return [r.item_id for r in records]
 
 
 class _RankingBackend(Backend):
@@ -184,10 +213,11 @@ class RecformerBackend(_RankingBackend):
     family = "recformer"
     max_k = 1000
 
-    def __init__(self, model_dir: Path, *, index: str = "auto", exact_max: int = 200_000, device="cpu", log=print):
+    def __init__(self, model_dir: Path, *, index: str = "auto", exact_max: int = 200_000, device="cpu", log=print,
+                 item_store: Path | None = None):
         from lmrec.recformer.recommender import Recommender
 
-        super().__init__(model_dir)
+        super().__init__(model_dir, item_store)
         self.rec = Recommender.from_pretrained(model_dir, device)
         if not self.rec.item_ids:
             raise LmrecError(f"{model_dir} has no item catalog (a pretraining or `backbone init` output); serve a "
@@ -196,6 +226,7 @@ class RecformerBackend(_RankingBackend):
         if not self.rec.has_item_table:
             log(f"encoding the {len(self.rec.item_ids)} catalog items")
             self.rec.encode_items(show_progress=False)
+        self._load_store()
         self.index_report = self.rec.retrieval_index(log=log).report
 
     @property
@@ -203,19 +234,15 @@ class RecformerBackend(_RankingBackend):
         return self.rec.model.config.max_item_embeddings - 1
 
     def add_items(self, items):
-        ids = self._add_persisted(lambda: [self.rec.item_ids[i] for i in self.rec.add_items(
-            [it for it, _ in items], [t for _, t in items])])
+        ids = self._add_stored(lambda: self.rec.new_records([it for it, _ in items], [t for _, t in items]))
         return ids, unknown_text_warning(self.rec.tokenizer.tokenizer, [" ".join(f"{k} {v}" for k, v in t)
                                                                         for _, t in items],
                                          what="the new items' text", hint=UNREADABLE_HINT)
 
-    def _refresh(self) -> None:
-        self.rec.refresh_added_items(self.model_dir)
-
     def metadata(self) -> dict:
-        r = self.index_report
+        r, index = self.index_report, self.rec._index  # the index as built: no table work here
         return {**super().metadata(), "index": {"kind": r.kind, "param": r.param, "recall_at_10": r.recall_at_10,
-                                               "items": self.rec.retrieval_index().size}}
+                                               "items": index.size if index is not None else 0}}
 
 
 class IdBackend(_RankingBackend):
@@ -227,7 +254,7 @@ class IdBackend(_RankingBackend):
     def __init__(self, model_dir: Path, *, index: str = "auto", exact_max: int = 200_000, device="cpu", log=print):
         from lmrec.idrec.recommender import IdRecommender
 
-        super().__init__(model_dir)
+        super().__init__(model_dir, None)
         self.rec = IdRecommender.from_pretrained(model_dir, device, index_kind=index, exact_max=exact_max)
         self.index_report = self.rec.retrieval_index(log=log).report
 
@@ -240,7 +267,10 @@ class IdBackend(_RankingBackend):
                                   "only for the items it was trained with and cannot add items from their text; "
                                   "serve a RecFormer or generative model to add items", status=409)
 
-    def _refresh(self) -> None:
+    def needs_sync(self) -> bool:
+        return False
+
+    def sync(self) -> None:
         pass
 
     def metadata(self) -> dict:
@@ -252,13 +282,14 @@ class GenerativeBackend(Backend):
     max_k = 100
 
     def __init__(self, model_dir: Path, data: Path, sids: Path, *, beams: int | None = None, device="cpu",
-                 log=print):
+                 log=print, item_store: Path | None = None):
         from lmrec.generative.recommender import GenerativeRecommender
 
-        super().__init__(model_dir)
+        super().__init__(model_dir, item_store)
         self.sids_dir, self.beams = Path(sids), beams
         self.rec = GenerativeRecommender.load(model_dir, data, sids, device=device)
         self._embedder = None
+        self._load_store()
 
     def item_ids(self) -> list[str]:
         return self.rec.ds.item_ids
@@ -316,17 +347,12 @@ class GenerativeBackend(Backend):
 
     def add_items(self, items):
         warnings: list[str] = []
-        vectors = self._embed([t for _, t in items], warnings.append)
-        ids = self._add_persisted(lambda: [self.rec.ds.item_ids[i] for i in self.rec.add_items(
-            [it for it, _ in items], [t for _, t in items], vectors)])
+        vectors = self._embed([t for _, t in items], warnings.append)  # outside the locks: its own encoder
+        ids = self._add_stored(lambda: self.rec.new_records([it for it, _ in items], [t for _, t in items],
+                                                            vectors))
         warnings.append("the language model never saw these items: they get codes from the saved codebooks and "
                         "can be generated, but how often depends on how close their codes are to trained items'")
         return ids, " ".join(warnings)
-
-    def _refresh(self) -> None:
-        f = self.model_dir / "added_items.parquet"
-        if f.exists():
-            self.rec._load_added_items(f)
 
     def metadata(self) -> dict:
         return {**super().metadata(), "sids": str(self.sids_dir), "semantic_id_levels": self.rec.sids.num_levels,
@@ -365,16 +391,23 @@ def detect_family(model_dir: str | Path, data: str | Path | None = None, sids: s
 
 def load_backend(model_dir: str | Path, *, data: str | Path | None = None, sids: str | Path | None = None,
                  index: str = "auto", exact_max: int = 200_000, beams: int | None = None, device: str = "cpu",
-                 log=print) -> Backend:
+                 log=print, item_store: str | Path | None = None) -> Backend:
     """The backend for a model directory: a RecFormer recommender or a trained ID baseline (``items.parquet``),
     or a generative model
-    (``sid_vocab.json``; it needs the prepared dataset and the semantic-ID directory), on ``device``."""
+    (``sid_vocab.json``; it needs the prepared dataset and the semantic-ID directory), on ``device``; items
+    added at run time live in ``item_store`` (default ``<model_dir>.items``)."""
     family = detect_family(model_dir, data, sids)
+    store = None if item_store is None else Path(item_store)
+    if (Path(model_dir) / LEGACY_ADDED).exists():
+        log(f"{Path(model_dir) / LEGACY_ADDED}: items added by an older lmrec; the item store "
+            f"{store or default_store_path(model_dir)} starts with them when empty, and is what is read from now on")
     if family == "generative":
-        return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, device=device, log=log)
+        return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, device=device, log=log,
+                                 item_store=store)
     if family == "idrec":
         return IdBackend(Path(model_dir), index=index, exact_max=exact_max, device=device, log=log)
-    return RecformerBackend(Path(model_dir), index=index, exact_max=exact_max, device=device, log=log)
+    return RecformerBackend(Path(model_dir), index=index, exact_max=exact_max, device=device, log=log,
+                            item_store=store)
 
 
 def worker_count(value: int, device: str = "cpu") -> int:
