@@ -21,7 +21,7 @@ METRICS = ("ndcg@10", "recall@10", "mrr")
 PROVENANCE = ("date", "commit", "hardware", "command")
 
 
-def record_from(output: Path, name: str, title: str, given: dict) -> dict:
+def record_from(output: Path, name: str, title: str, given: dict, label: str | None = None) -> dict:
     """A record of a ``compare.json`` (mean ± std per model over seeds) or a run's ``metrics.json``."""
     data = json.loads(output.read_text())
     prov = {**{k: v for k, v in given.items() if v}, **data.get("provenance", {})}
@@ -36,7 +36,7 @@ def record_from(output: Path, name: str, title: str, given: dict) -> dict:
         columns = ["model", *METRICS]
         note = f"mean ± std over seeds {seeds}" if seeds else ""
     else:  # one run
-        rows.append([data.get("model", name), *(f"{data['test'][k]:.4f}" for k in METRICS)])
+        rows.append([label or name, *(f"{data['test'][k]:.4f}" for k in METRICS)])
         columns, note = ["model", *METRICS], "one run, test split"
     for base, m in data.get("baselines", {}).items():
         rows.append([base, *(f"{m[k]:.4f}" for k in METRICS)])
@@ -67,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("output", type=Path)
     add.add_argument("--name", required=True)
     add.add_argument("--title", required=True)
+    add.add_argument("--label", help="the table row of a single run (default: --name)")
     for k in PROVENANCE:
         add.add_argument(f"--{k}")
     sub.add_parser("render", help="print the results page's markdown")
     a = ap.parse_args(argv)
     if a.cmd == "add":
-        rec = record_from(a.output, a.name, a.title, {k: getattr(a, k) for k in PROVENANCE})
+        rec = record_from(a.output, a.name, a.title, {k: getattr(a, k) for k in PROVENANCE}, a.label)
         RECORDS.mkdir(exist_ok=True)
         (RECORDS / f"{a.name}.json").write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
         print(f"recorded {RECORDS / (a.name + '.json')}")
