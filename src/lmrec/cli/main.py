@@ -758,38 +758,41 @@ def serve(
 ):
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, /recommend/batch, /items;
     GET /items/{id}, /metadata, /health/live, /health/ready; OpenAPI docs at /docs. Production: docs/serving.md."""
-    from lmrec.modelfiles import check_served
-    from lmrec.serve.app import read_api_key
-    from lmrec.serve.app import serve as _serve
+    from lmrec.serve import app as service
     from lmrec.serve.backends import detect_family, worker_count
     from lmrec.training.distributed import inference_device
 
-    check_served(model, sids)  # a broken model: one message and exit 2 now, not a failed readiness probe later
+    _check_serve_options(model=model, sids=sids, port=port, index=index, max_wait_ms=max_wait_ms,
+                         log_level=log_level, auth=auth, deadline_ms=deadline_ms, shutdown_timeout=shutdown_timeout,
+                         drain_seconds=drain_seconds)
     family = detect_family(model, data, sids)
     device = str(inference_device(device))
-    _check_serve_options(port=port, index=index, max_wait_ms=max_wait_ms, log_level=log_level, auth=auth,
-                         deadline_ms=deadline_ms, shutdown_timeout=shutdown_timeout, drain_seconds=drain_seconds)
-    _open_mutation(host, read_api_key(_str(api_key_file)), allow_open_mutation, auth)
+    _open_mutation(host, service.read_api_key(_str(api_key_file)), allow_open_mutation, auth)
     limits = {"max_k": _k(max_k, "--max-k"), "max_batch_requests": _k(max_batch_requests, "--max-batch-requests"),
               "max_history": None if max_history is None else _k(max_history, "--max-history"),
               "max_body_bytes": _k(max_body_kb, "--max-body-kb") * 1024, "deadline_ms": deadline_ms,
               "max_queue": _k(max_queue, "--max-queue"), "drain_s": drain_seconds,
               "shutdown_timeout_s": shutdown_timeout}
     _log(f"serving the {family} model {model} on http://{host}:{port} (docs: /docs; ready: /health/ready)")
-    _serve(host=host, port=port, workers=worker_count(workers, device), log_level=log_level, model=str(model),
-           device=device, data=_str(data), sids=_str(sids), index=index, exact_max=_k(exact_max, "--exact-max"),
-           beams=None if beams is None else _k(beams, "--beams"), max_batch=_k(max_batch, "--max-batch"),
-           max_wait_ms=max_wait_ms, limits=limits, item_store=_str(item_store), api_key_file=_str(api_key_file),
-           auth=auth)
+    service.serve(host=host, port=port, workers=worker_count(workers, device), log_level=log_level,
+                  model=str(model), device=device, data=_str(data), sids=_str(sids), index=index,
+                  exact_max=_k(exact_max, "--exact-max"), beams=None if beams is None else _k(beams, "--beams"),
+                  max_batch=_k(max_batch, "--max-batch"), max_wait_ms=max_wait_ms, limits=limits,
+                  item_store=_str(item_store), api_key_file=_str(api_key_file), auth=auth)
 
 
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def _check_serve_options(*, port, index, max_wait_ms, log_level, auth, deadline_ms, shutdown_timeout,
+def _check_serve_options(*, model, sids, port, index, max_wait_ms, log_level, auth, deadline_ms, shutdown_timeout,
                          drain_seconds) -> None:
+    """What serve is given, checked before the server starts: a broken model is one message and exit 2 now,
+    not a readiness probe that never passes later (the server loads the model in the background)."""
     from lmrec.eval.index import KINDS
+    from lmrec.modelfiles import check_served
+
+    check_served(model, sids)
 
     if not 0 < port < 65536:
         raise LmrecError(f"--port must be 1..65535, got {port}")

@@ -161,7 +161,8 @@ def _cache_argument(model) -> str:
 
 
 def _cache_of(out):
-    return out.get("cache", out.get("past_key_values"))
+    """The output's cache, by its field's name (reading the old name on a new release warns)."""
+    return out.get("cache") if "cache" in getattr(out, "__dataclass_fields__", {}) else out.get("past_key_values")
 
 
 def _tree_search(model, trie, ids, mask, beams, nodes, score):
