@@ -62,6 +62,10 @@ def test_help_on_every_command():
                 ["recommend-all"], ["pretrain"], ["gen", "evaluate"], ["gen", "train"], ["backbone", "pretrain-mlm"]):
         res = run_cli(*cmd, "--help")
         assert res.returncode == 0 and "Usage" in res.stdout, cmd
+    from importlib.metadata import version
+
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"lmrec {version('lmrec')}"
 
 
 @pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])

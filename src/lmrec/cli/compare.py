@@ -1,0 +1,203 @@
+"""Commands that train several models: ``quickstart``, ``baseline`` (SASRec, GRU4Rec, the hybrid) and
+``compare`` (models × seeds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lmrec.cli.common import (
+    BACKBONE_HELP,
+    OVERWRITE_HELP,
+    RESUME_HELP,
+    _is_main_rank,
+    _log,
+    _print_new_items,
+    _report,
+    _run_flags,
+    app,
+)
+from lmrec.cli.report import print_metrics
+from lmrec.errors import LmrecError
+
+
+def _refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
+    """The quickstart's directory holds only its prepared data unless --overwrite replaces the rest."""
+    earlier = sorted(p.name for p in output_dir.iterdir() if p.name != "data") if output_dir.is_dir() else []
+    if earlier and not overwrite:
+        raise LmrecError(f"{output_dir} holds an earlier run ({', '.join(earlier[:4])}"
+                         f"{', ...' if len(earlier) > 4 else ''}): pass --overwrite to replace it (the prepared data "
+                         "is kept), or another --output-dir")
+
+
+@app.command()
+def quickstart(
+    output_dir: Path = typer.Option(Path("runs/quickstart"), help="Run directory."),
+    backbone: str = typer.Option(None, help=BACKBONE_HELP),
+    split: str = typer.Option("loo", help="loo | cold"),
+    override: list[str] = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
+    generative: bool = typer.Option(True, help="Also train the generative model (semantic IDs from a trained "
+                                               "model's item vectors, embedded tiny Qwen3, stage 2)."),
+    gen_override: list[str] = typer.Option(None, "--gen-set", help="Generative config override (repeatable)."),
+    sasrec: bool = typer.Option(True, help="Also train the ID-based SASRec baseline (RecBole's defaults)."),
+    hybrid: bool = typer.Option(True, help="Also train the hybrid (SASRec whose items are ID + text vectors, the "
+                                           "text from the trained RecFormer's item table, started from the "
+                                           "trained SASRec)."),
+    sid_source: str = typer.Option("auto", help="The generative model's semantic IDs from: auto (the trained model "
+                                                "with the best validation NDCG@10) | recformer | sasrec | fused."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier quickstart's models in OUTPUT_DIR (its prepared "
+                                               "data is kept)."),
+):
+    """Prepare MovieLens-100k, finetune RecFormer (and SASRec and the generative model), evaluate on test,
+    and compare with popularity."""
+
+    from lmrec.api import finetune, prepare
+    from lmrec.pipeline import RECFORMER_QUICKSTART, SID_SOURCES, quickstart_others
+
+    if sid_source not in SID_SOURCES or (sid_source in ("sasrec", "fused") and not sasrec):
+        raise LmrecError(f"--sid-source {sid_source}: expected one of {', '.join(SID_SOURCES)} (sasrec and fused "
+                         "need the SASRec run: drop --no-sasrec)")
+    data = output_dir / "data" / f"ml-100k-{split}"
+    _refuse_an_earlier_run(output_dir, overwrite)
+    if not (data / "manifest.json").exists():
+        prepare("ml-100k", data, split=split, log=_log)
+    _log(f"dataset: {data}")
+    ov = [f"model.backbone={backbone}"] if backbone else []
+    result = finetune(data, output_dir=output_dir, overrides=RECFORMER_QUICKSTART + ov + list(override or [])
+                      + _run_flags(None, overwrite),
+                      log=_log)
+    # eval.exclude_history (--set) applies to every row of the table, or to none
+    from lmrec.config import load_config
+
+    excl = f"eval.exclude_history={load_config(None, ov + list(override or [])).eval.exclude_history}"
+    extra, walls, added = quickstart_others(data, output_dir, result, sasrec=sasrec, hybrid=hybrid,
+                                            generative=generative, sid_source=sid_source,
+                                            gen_overrides=[excl, *(gen_override or [])], id_overrides=[excl],
+                                            log=_log)
+    wall = ", ".join(f"{name} {s:.0f} s" for name, s in {"RecFormer": result.metrics["wall_time_s"], **walls}.items())
+    if added:  # the quickstart's other models join RecFormer's metrics.json
+        from lmrec.io import atomic_file
+
+        metrics = {**json.loads((result.run_dir / "metrics.json").read_text()), **added}
+        atomic_file(result.run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+    print_metrics(result.metrics, title=f"MovieLens-100k ({split}), test split", extra=extra)
+    _print_new_items(result.metrics, others={"SASRec (item IDs)": added.get("sasrec", {}),
+                                             "hybrid (SASRec + text)": added.get("hybrid", {})})
+    from lmrec.training.run import write_run_report
+
+    report = write_run_report(result.run_dir, _log)  # again, with the other models' runs
+    typer.echo(f"wall time {wall}; metrics in {result.run_dir / 'metrics.json'}; model in {result.model_dir}"
+               + (f"; report in {report}" if report else ""))
+
+
+@app.command()
+def finetune(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
+    data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
+    output_dir: Path = typer.Option(None, help="Run directory (model/, metrics.json, logs/, checkpoints/; default "
+                                               "runs/recformer). Same as output_dir=DIR."),
+    backbone: str = typer.Option(None, help=BACKBONE_HELP + " Same as model.backbone=PATH."),
+    init: str = typer.Option(None, help="Start from a RecFormer checkpoint (saved recommender, `backbone init` "
+                                        "or `checkpoint convert` output). Same as model.init=DIR."),
+    resume_from: str = typer.Option(None, help=RESUME_HELP),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
+    overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-4 model.backbone=/path."),
+):
+    """Two-stage RecFormer finetuning with validation, early stopping and a final test evaluation.
+    Checkpoints go to OUTPUT_DIR/checkpoints/ at each epoch end (and every train.save_steps steps)."""
+    from lmrec.config import load_config
+    from lmrec.recformer.finetune import finetune as run
+
+    extra = ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
+    extra += ([f"output_dir={output_dir}"] if output_dir else []) + _run_flags(resume_from, overwrite)
+    cfg = load_config(config, extra + list(overrides or []))
+    path = data or cfg.data.path
+    if path is None:
+        raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
+    result = run(cfg, path, log=_log)
+    _report(result.metrics, f"{path}: test split, full ranking", result.model_dir, result.run_dir)
+
+
+@app.command()
+def baseline(
+    arch: str = typer.Argument(..., help="sasrec | gru4rec | hybrid (SASRec whose items are ID + text vectors: "
+                                         "model.text_from=RECFORMER_MODEL, default the MiniLM sentence encoder)"),
+    data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (model / train / eval sections)."),
+    output_dir: Path = typer.Option(None, help="Run directory (default: runs/baseline-<arch>)."),
+    overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
+    overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 model.layers=2."),
+):
+    """An ID-based sequential baseline (SASRec or GRU4Rec, RecBole's defaults) trained on every position of
+    every training sequence, early-stopped on validation, tested on the same split and evaluator as the
+    language-model families, next to popularity."""
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.idrec.train import NAMES, train_baseline
+
+    if arch not in NAMES:
+        raise LmrecError(f"unknown baseline {arch!r}: expected one of {', '.join(NAMES)}")
+    extra = [f"model.arch={arch}", *_run_flags(None, overwrite)]
+    if output_dir is not None or config is None:  # a config file's own output_dir stands unless --output-dir
+        extra.append(f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}")
+    cfg = load_config(config, extra + list(overrides or []), schema=IdRunConfig)
+    path = data or cfg.data.path
+    if path is None:
+        raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
+    text = None
+    if arch == "hybrid":
+        from lmrec.data.dataset import PreparedDataset
+        from lmrec.pipeline import text_vectors
+
+        PreparedDataset(path)  # a wrong path is one message before anything is encoded
+        text = text_vectors(cfg.model.text_from, path, log=_log)
+    result = train_baseline(cfg, path, log=_log, text_vectors=text)
+    _report(result.metrics, f"{path}: test split, full ranking", result.model_dir, result.run_dir,
+            model_name=NAMES[arch])
+
+
+@app.command()
+def compare(
+    data: Path = typer.Option(..., help="Prepared dataset directory."),
+    models: str = typer.Option("sasrec,gru4rec,recformer", help="Comma-separated: recformer, generative (its "
+                                                                "semantic IDs from the same seed's RecFormer or "
+                                                                "SASRec, whichever validates better), hybrid "
+                                                                "(SASRec + item text), sasrec, gru4rec."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (train.seed of every run)."),
+    output_dir: Path = typer.Option(Path("runs/compare"), help="Runs go to OUT/<model>/seed-<s>; the summary "
+                                                               "to OUT/compare.json."),
+    override: list[str] = typer.Option(None, "--set", help="MODEL:key=value, an override for one model's runs "
+                                                          "(repeatable), e.g. sasrec:train.patience=5."),
+    preset: list[str] = typer.Option(None, "--preset", help="MODEL:NAME, a preset (or YAML file) one model's runs "
+                                                            "start from (repeatable), e.g. "
+                                                            "generative:generative-30min."),
+):
+    """Several models × several seeds: mean ± standard deviation of the test metrics next to popularity and
+    the random expectation, as a table and OUT/compare.json."""
+    from lmrec.cli.report import print_comparison
+    from lmrec.compare import compare as run
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise LmrecError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    per_model: dict[str, list[str]] = {}
+    for ov in override or []:
+        name, sep, kv = ov.partition(":")
+        if not sep or "=" not in kv:
+            raise LmrecError(f"--set {ov!r}: expected MODEL:key=value, e.g. sasrec:train.patience=5")
+        per_model.setdefault(name, []).append(kv)
+    presets: dict[str, str] = {}
+    for p in preset or []:
+        name, sep, value = p.partition(":")
+        if not sep or not value:
+            raise LmrecError(f"--preset {p!r}: expected MODEL:NAME, e.g. recformer:recformer-30min")
+        presets[name] = value
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if set(per_model) - set(names):
+        raise LmrecError(f"--set names models not compared: {sorted(set(per_model) - set(names))}")
+    result = run(data, output_dir, models=names, seeds=seed_list, overrides=per_model, presets=presets, log=_log)
+    if _is_main_rank():
+        print_comparison(result)
+        typer.echo(f"summary in {output_dir / 'compare.json'}")
