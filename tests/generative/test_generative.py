@@ -262,3 +262,36 @@ def test_excluding_the_history_takes_history_items_out_of_the_beams_before_ranki
     assert ranks.tolist() == [2, 3, np.inf] and not bad.any()
     ranks, _ = rec.rank_fn(4, exclude_history=True)(histories, targets)
     assert ranks.tolist() == [1, 1, np.inf]  # 3 (and 3, 9) ranked above the target were history items
+
+
+def _paths(trie) -> dict[tuple[int, ...], int]:
+    """Every token path of a trie → its item (what constrained decoding can emit)."""
+    out, todo = {}, [(0, 0, ())]
+    while todo:
+        d, node, path = todo.pop()
+        s, e = int(trie.start[d][node]), int(trie.end[d][node])
+        for child in range(s, e):
+            p = (*path, int(trie.token[d][child]))
+            if d + 1 == trie.depth:
+                out[p] = int(trie.leaf_item[child])
+            else:
+                todo.append((d + 1, child, p))
+    return out
+
+
+def test_items_inserted_into_the_trie_decode_as_in_a_rebuilt_one():
+    """The service adds items by inserting them into the decoding trie (no rebuild): the paths, their items
+    and the fan-outs equal a trie built from every item at once, in any insertion order."""
+    rng = np.random.default_rng(0)
+    codes = np.unique(rng.integers(0, 5, size=(300, 3)), axis=0)  # shared prefixes at every level
+    codes = codes[rng.permutation(len(codes))]
+    levels = [list(range(100 * i, 100 * i + 5)) for i in range(3)]
+    full = SidTrie(codes, levels)
+    part = SidTrie(codes[:40], levels)
+    rest = rng.permutation(np.arange(40, len(codes)))
+    for chunk in np.array_split(rest, 7):
+        part.insert(codes[chunk], chunk)
+    assert _paths(part) == _paths(full) and len(_paths(full)) == len(codes)
+    assert part.fanout == full.fanout
+    with pytest.raises(ValueError, match="not unique"):
+        part.insert(codes[:1], np.array([0]))

@@ -91,14 +91,13 @@ class GenerativeRecommender:
         return self._trie
 
     def _flush(self) -> None:
-        """Added items join the codes and the decoding trie once, before the next use (one rebuild per
-        batch of additions, not per added item)."""
+        """Added items join the codes and the decoding trie before the next use: inserted into the trie
+        (:meth:`SidTrie.insert`, O(added) nodes), not a rebuild of it."""
         if getattr(self, "_pending", None):
-            s = self._sids
-            self._sids = SemanticIds(list(self.ds.item_ids), np.concatenate([s.codes, *self._pending]), s.config,
-                                     s.report)
+            s, new = self._sids, np.concatenate(self._pending)
+            self._sids = SemanticIds(list(self.ds.item_ids), np.concatenate([s.codes, new]), s.config, s.report)
             self._pending = []
-            self._trie = SidTrie(self._sids.codes, self.meta["level_token_ids"])
+            self._trie.insert(new, np.arange(len(s.codes), len(s.codes) + len(new)))
 
     # ------------------------------------------------------------------------------------------ new items
     def codes_for(self, vectors: np.ndarray) -> np.ndarray:
@@ -168,7 +167,7 @@ class GenerativeRecommender:
 
     def append_stored(self, items: list[StoredItem]) -> int:
         """Append stored items (with their codes); ids already in the catalog are skipped (the dataset's own
-        entry wins). O(added): the trie is rebuilt once before the next beam search. Returns how many."""
+        entry wins). O(added): inserted into the trie before the next beam search. Returns how many."""
         items = [it for it in items if it.item_id not in self.ds.item_index]
         if not items:
             return 0
