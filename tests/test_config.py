@@ -41,6 +41,13 @@ def test_precedence_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(None, ["train.batch_size=many"])
     assert load_config("recformer").model.pooler_type == "cls"
+    # a typo gets the keys it is close to; a misspelt preset the preset and the list of them
+    with pytest.raises(ConfigError, match=r"train\.lrr: unknown key \(did you mean lr\?\)"):
+        load_config(None, ["train.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"trian: unknown key \(did you mean train\?\)"):
+        load_config(None, ["trian.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"did you mean the preset recformer\?\); the packaged presets: .*-30min"):
+        load_config("recformr")
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -403,7 +403,7 @@ PRESETS = Path(__file__).parent / "presets"
 
 
 def preset_path(name: str) -> Path | None:
-    """``"quickstart"`` → the packaged ``presets/quickstart.yaml`` (None if there is no such preset)."""
+    """``"recformer"`` → the packaged ``presets/recformer.yaml`` (None if there is no such preset)."""
     p = PRESETS / f"{name}.yaml"
     return p if "/" not in name and p.exists() else None
 
@@ -417,7 +417,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = preset_path(str(path)) or Path(path)
         source = str(path)
         if not path.exists():
-            raise ConfigError(f"config file {path} not found")
+            import difflib
+
+            names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+            near = difflib.get_close_matches(path.stem, names, n=1)
+            raise ConfigError(f"config file {path} not found" + (f" (did you mean the preset {near[0]}?)" if near
+                              else "") + f"; the packaged presets: {', '.join(names)}")
         try:
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -435,9 +440,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         lines = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            msg = (_unknown_key(schema, err["loc"]) if err["type"] == "extra_forbidden"
+                   else err["msg"].removeprefix("Value error, "))
             lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
         raise ConfigError(f"invalid configuration ({source} and overrides):\n" + "\n".join(lines)) from None
+
+
+def _unknown_key(schema, loc: tuple) -> str:
+    """"unknown key", and the closest keys of its section when one is near (a typo: ``train.lrr``)."""
+    import difflib
+
+    model = schema
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        model = getattr(field, "annotation", None) if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return "unknown key"
+    near = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=3, cutoff=0.6)
+    return "unknown key" + (f" (did you mean {' or '.join(near)}?)" if near else "")
 
 
 def with_data_path(cfg, path: str | Path):
