@@ -22,7 +22,8 @@ def data_prepare(
     items: Path = typer.Option(None, help="Item metadata file (.item, Amazon meta, or a table)."),
     user_col: str = typer.Option("user_id", help="User column."),
     item_col: str = typer.Option("item_id", help="Item column."),
-    time_col: str = typer.Option("timestamp", help="Timestamp column (numbers)."),
+    time_col: str = typer.Option("timestamp", help="Timestamp column: numbers, or ISO 8601 date/times such as "
+                                                   "2024-03-01T12:00:00Z."),
     text: str = typer.Option(None, help="Item text attributes in order: 'title=movie_title,brand' "
                                         "(KEY=COLUMN or a bare column name)."),
     k_core: int = typer.Option(0, help="Keep users/items with at least k interactions (0 = off)."),
