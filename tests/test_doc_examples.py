@@ -44,7 +44,7 @@ def test_the_examples_of_a_page_run_as_written(page, tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "LMREC_PROGRESS": "0", "COLUMNS": "200"}
+           "LMREC_PROGRESS": "0", "LMREC_REPORT": "0", "COLUMNS": "200"}  # (reports: tests/test_report.py)
     for n, (lang, code, why) in enumerate(blocks(page)):
         if why is not None:
             continue

@@ -81,9 +81,7 @@ def test_run_config_yaml_reruns_the_run(data, tmp_path):
     saved = yaml.safe_load((run / "run_config.yaml").read_text())
     assert saved["data"]["path"] == str(data.resolve())
     before = json.loads((run / "metrics.json").read_text())
-    res = run_cli("finetune", "-c", run / "run_config.yaml")  # into a directory that holds a run: refused
-    assert res.returncode == 2 and "--overwrite" in res.stderr
-    res = run_cli("finetune", "-c", run / "run_config.yaml", "--overwrite")
+    res = run_cli("finetune", "-c", run / "run_config.yaml", "--overwrite")  # (without: refused, test_output_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     after = json.loads((run / "metrics.json").read_text())
     assert after["test"] == before["test"] and after["valid"] == before["valid"]

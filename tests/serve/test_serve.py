@@ -355,6 +355,11 @@ def test_an_id_baseline_is_served_like_any_model_and_refuses_new_items(tmp_path)
 
 
 def test_serve_command_checks_its_inputs(recformer_model, generative_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmrec.cli.main import app
+    from lmrec.errors import LmrecError
+
     model, data = recformer_model
     gen, gdata, sids = generative_model
     for args, msg in [((tmp_path / "missing",), "no such directory"),
@@ -366,9 +371,11 @@ def test_serve_command_checks_its_inputs(recformer_model, generative_model, tmp_
                       ((model, "--workers", "0"), "--workers must be"),
                       ((model, "--host", "0.0.0.0"), "--host 0.0.0.0 without an API key"),
                       ((model, "--api-key-file", tmp_path / "nokey"), "--api-key-file")]:
-        res = run_cli("serve", "--model", *args, timeout=60)
-        assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
-        assert "Traceback" not in res.stderr
+        # in-process (the console script turns the same LmrecError into one line and exit 2, as below)
+        r = CliRunner().invoke(app, ["serve", "--model", *map(str, args)])
+        assert isinstance(r.exception, LmrecError) and msg in str(r.exception), (args, r.exception, r.output)
+    res = run_cli("serve", "--model", tmp_path / "missing", timeout=60)
+    assert res.returncode == 2 and "no such directory" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_added_items_in_a_script_the_tokenizer_lacks_get_a_warning_with_the_share(recformer_model,
