@@ -76,12 +76,15 @@ def test_bpc_and_perplexity_match_a_hand_computation(zh):
 def test_chinese_pretrain_mlm_lowers_validation_bpc(zh, tmp_path):
     backbone, train, valid = zh
     res = run_cli("backbone", "pretrain-mlm", backbone, "--train", train, "--valid", valid, "--output-dir",
-                  tmp_path / "run", "train.epochs=3", "train.max_length=64", "train.lr=2e-3")
+                  tmp_path / "run", "train.epochs=3", "train.max_length=64", "train.lr=2e-3", env={"LMREC_REPORT": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "mlm_report.json").read_text())
     bpcs = [report["before"]["bpc"]] + [h["valid_bpc"] for h in report["history"]]
     assert bpcs[-1] < bpcs[0] - 0.5, bpcs
     assert "BPC" in res.stdout and "perplexity" in res.stdout
+    # like every training command, it writes its report (the loss, the learning rate, the validation BPC)
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "MLM pretraining" in html and "best epoch 3" in html and html.count('<img alt="plot"') == 1
     # the result is a backbone lmrec reads: RecFormer layout, BertTokenizer kept
     res = run_cli("doctor", "--backbone", tmp_path / "run" / "model")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -61,10 +61,17 @@ def _scalars(log_dir: Path) -> tuple[str, dict[str, list[tuple[int, float]]]]:
     return command, out
 
 
+RESULT_FILES = ("metrics.json", "mlm_report.json")  # what a run writes at its end (`backbone pretrain-mlm`: the latter)
+
+
+def _result_file(path: Path) -> Path | None:
+    return next((path / n for n in RESULT_FILES if (path / n).exists()), None)
+
+
 def read_run(path: str | Path) -> RunData:
     path = Path(path)
-    f = path / "metrics.json"
-    if not f.exists():
+    f = _result_file(path)
+    if f is None:
         raise LmrecError(f"{path} is not a run directory (no metrics.json): give the directory a training "
                          "command wrote (its --output-dir)")
     from lmrec.modelfiles import check_format, read_json
@@ -81,7 +88,7 @@ def find_runs(path: str | Path, depth: int = 2) -> list[RunData]:
     path = Path(path)
     if not path.is_dir():
         raise LmrecError(f"{path}: no such run directory")
-    runs = [read_run(path)] if (path / "metrics.json").exists() else []
+    runs = [read_run(path)] if _result_file(path) is not None else []
     if depth > 0:
         for sub in sorted(p for p in path.iterdir() if p.is_dir() and p.name not in ("logs", "checkpoints", "model")):
             runs += find_runs(sub, depth - 1)
@@ -118,7 +125,7 @@ def curves(run: RunData) -> list[str]:
     for st in stages:
         s = {t.split("/", 1)[1]: v for t, v in run.scalars.items() if t.startswith(st + "/")}
         valid = [k for k in s if k.startswith("valid_") and k.split("valid_")[1] in ("ndcg@10", "recall@10", "accuracy",
-                                                                                   "loss", "mlm_accuracy")]
+                                                                                   "loss", "mlm_accuracy", "bpc")]
         panels = [p for p in (("loss", ["loss"]), ("learning rate", ["lr"]), ("validation", valid)) if
                   any(k in s for k in p[1])]
         if not panels:

@@ -158,7 +158,7 @@ class Run:
         # collective (or about to close its own) has aborted in gloo's teardown
         self.acc.wait_for_everyone()
         self.acc.end_training()
-        if self.is_main and name == "metrics.json":
+        if self.is_main:
             write_run_report(self.dir, self.log)
         return metrics
 
