@@ -57,3 +57,13 @@ def test_no_function_in_src_is_longer_than_60_lines(tmp_path):
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
     sample.write_text(f"def too_long():\n{body}\n\n\n# long: one table, read top to bottom\ndef kept():\n{body}\n")
     assert long_functions(tmp_path) == ["m.py:1 too_long (61 lines)"]
+
+
+def test_every_command_is_defined_once():
+    """The CLI is split over modules by command group: a command defined in two of them registers twice and
+    the later one wins silently."""
+    import re
+
+    names = [m for f in (ROOT / "src" / "lmrec" / "cli").glob("*.py")
+             for m in re.findall(r"^@\w+\.command\((?:\"([\w-]+)\")?\)\ndef (\w+)", f.read_text(), re.M)]
+    assert len(names) >= 25 and len(set(names)) == len(names), sorted(names)

@@ -11,7 +11,6 @@ import typer
 from lmrec.cli.common import (
     BACKBONE_HELP,
     OVERWRITE_HELP,
-    RESUME_HELP,
     _is_main_rank,
     _log,
     _print_new_items,
@@ -90,34 +89,6 @@ def quickstart(
     report = write_run_report(result.run_dir, _log)  # again, with the other models' runs
     typer.echo(f"wall time {wall}; metrics in {result.run_dir / 'metrics.json'}; model in {result.model_dir}"
                + (f"; report in {report}" if report else ""))
-
-
-@app.command()
-def finetune(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
-    data: Path = typer.Option(None, help="Prepared dataset directory (overrides data.path)."),
-    output_dir: Path = typer.Option(None, help="Run directory (model/, metrics.json, logs/, checkpoints/; default "
-                                               "runs/recformer). Same as output_dir=DIR."),
-    backbone: str = typer.Option(None, help=BACKBONE_HELP + " Same as model.backbone=PATH."),
-    init: str = typer.Option(None, help="Start from a RecFormer checkpoint (saved recommender, `backbone init` "
-                                        "or `checkpoint convert` output). Same as model.init=DIR."),
-    resume_from: str = typer.Option(None, help=RESUME_HELP),
-    overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
-    overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-4 model.backbone=/path."),
-):
-    """Two-stage RecFormer finetuning with validation, early stopping and a final test evaluation.
-    Checkpoints go to OUTPUT_DIR/checkpoints/ at each epoch end (and every train.save_steps steps)."""
-    from lmrec.config import load_config
-    from lmrec.recformer.finetune import finetune as run
-
-    extra = ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
-    extra += ([f"output_dir={output_dir}"] if output_dir else []) + _run_flags(resume_from, overwrite)
-    cfg = load_config(config, extra + list(overrides or []))
-    path = data or cfg.data.path
-    if path is None:
-        raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
-    result = run(cfg, path, log=_log)
-    _report(result.metrics, f"{path}: test split, full ranking", result.model_dir, result.run_dir)
 
 
 @app.command()
