@@ -147,3 +147,32 @@ def test_a_bf16_checkpoint_is_read_as_stored_and_upcast_on_the_shard(tmp_path, o
     for name, p in model.named_parameters():
         full = p.full_tensor()
         assert full.dtype == torch.float32 and torch.equal(full, stored[name].float()), name
+
+
+def test_a_damaged_sharded_checkpoint_is_one_message_naming_it(tmp_path, one_process_group):
+    """--resume-from a sharded checkpoint whose files were cut short (a copy synced half-way): one user
+    error naming the directory, not torch's CheckpointException."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from lmrec.errors import LmrecError
+    from lmrec.training.checkpoints import SHARDED, Sharded
+    from lmrec.training.fsdp import shard
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    shard(model, model, torch.device("cpu"), param_dtype=None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(input_ids=torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    opt.step()
+    ck = Sharded(model, opt, sched)
+    ck.save(tmp_path, 0)
+    ck.load(tmp_path, 0)  # intact: loads
+    files = sorted((tmp_path / SHARDED).glob("*.distcp"))
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(LmrecError, match=f"{SHARDED}: .*cannot be read") as e:
+        ck.load(tmp_path, 0)
+    assert str(tmp_path / SHARDED) in str(e.value) and len(str(e.value).splitlines()) == 1

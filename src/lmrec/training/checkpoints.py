@@ -151,7 +151,16 @@ class Sharded:
                              "saved without train.fsdp)")
         model_sd, optim_sd = get_state_dict(self.model, self._optim())
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory / SHARDED))  # reshards to this run's processes
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            with loading(directory / SHARDED):
+                dcp.load(state, checkpoint_id=str(directory / SHARDED))  # reshards to this run's processes
+        except CheckpointException as e:  # what a rank met reading its files, gathered on every rank
+            inner = next(iter(getattr(e, "failures", {}).values()), e)  # rank → what it raised
+            first = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:300]
+            raise LmrecError(f"{directory / SHARDED}: a sharded checkpoint that cannot be read ({first}); resume "
+                             "from an earlier checkpoint (--resume-from .../step-N)") from None
         set_state_dict(self.model, self._optim(), model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(json.loads((directory / SCHED_FILE).read_text()))
         rng = directory / RNG_FILE.format(rank)
