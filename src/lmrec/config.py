@@ -61,7 +61,7 @@ class ModelConfig(_Strict):
 
     backbone: str | None = None  # local checkpoint directory; None = $LMREC_BACKBONE, else the embedded default
     init: str | None = None  # a saved recommender (or pretraining checkpoint) to start from
-    max_token_num: Count = 32  # the newest ≈2–3 items; longer windows measured worse on ml-100k
+    max_token_num: Count = 32  # tokens of history: the newest ≈2–3 items (longer windows validated worse)
     max_attr_num: Count = 3  # attributes per item, in the item's order (title, brand, ...)
     max_attr_length: Count = 16  # tokens per attribute value (longer values are cut)
     # None = the backbone's own (e.g. 512 after `backbone convert-to-long --attention-window 512`; 64 for the
@@ -134,16 +134,14 @@ class _TrainCommon(_Strict):
 
 class TrainConfig(_TrainCommon):
     # (prefix → next item) samples per user per epoch (RecFormer draws 1). With item_grad "all" the catalog is
-    # encoded once per step whatever the batch, so more samples in larger batches cost little more per epoch:
-    # ml-100k, seed 42, 2 cores — 2 per user in batches of 256 (lr 1.5e-3): valid NDCG@10 0.0534, 171 s;
-    # 4 in 512 (lr 2e-3): 0.0587, 227 s; 8 in 1,024 (lr 3e-3): 0.0537, 245 s
+    # encoded once per step whatever the batch, so more samples in larger batches cost little more per epoch;
+    # 4 in batches of 512 validated best of 2/4/8 (the measurements: docs/baselines.md)
     samples_per_user: Count = 4
     batch_size: Count = 512  # (history, target) samples per optimizer step and process
     lr: Rate = 2e-3  # peak learning rate (AdamW) of stage 1
-    stage1_epochs: NonNegInt = 20  # keeps the quickstart within its time (the best epoch above: 18)
+    stage1_epochs: NonNegInt = 20  # stage 1's epochs at most (early stopping on validation ends most runs)
     # RecFormer's stage 2 (the item table frozen) for a pretrained backbone: the "recformer" preset. With the
-    # embedded random-init default it never won on validation (ml-100k, seed 42: 0.0581 vs stage 1's 0.0587,
-    # 0.0506 vs 0.0534, 0.0535 vs 0.0537) and cost ~40 s, so it is off by default
+    # embedded random-init default it never won on validation and cost time, so it is off by default
     stage2_epochs: NonNegInt = 0
     eval_every: Count = 1  # epochs between validations
     patience: Count = 6  # stage 1: validations without a better metric before stopping
@@ -190,8 +188,8 @@ class RunConfig(_Strict):
 
 
 class GenDataConfig(_Strict):
-    """Defaults measured with the embedded tiny Qwen3 on ml-100k (valid NDCG@10 after 2 epochs: 0.0405 with
-    3 history items × all positions, no alignment, vs 0.0225 best with 10 items × 5 positions + alignment)."""
+    """Defaults chosen on validation with the embedded tiny Qwen3 on ml-100k: 3 history items, every
+    position, no alignment samples (10 items × 5 positions with alignment validated worse)."""
 
     max_history: Count = 3  # items of history in a prompt (the one default: training and inference)
     # the user turn of a next-item prompt; {history} = the items, comma-separated. A terse one ("{history}")

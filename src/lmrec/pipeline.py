@@ -15,13 +15,13 @@ import numpy as np
 from lmrec.errors import LmrecError
 
 # The quickstart's generative run: every position of each user's sequence as one causal sequence of semantic
-# IDs (windows of 10 items; chosen on validation: ml-100k seed 42, SASRec-sourced IDs, 3 epochs, valid NDCG@10
-# 0.0667 vs 0.0641 with one next-item conversation per sample), 3 epochs on the quickstart's time budget (6 gave
-# valid 0.0763), validated once at the end, the LM head only on the supervised tokens (the chunked loss).
+# IDs (windows of 10 items; it validated better than one next-item conversation per sample), 3 epochs — the
+# quickstart's time budget; more validate better (the generative-30min preset) —, validated once at the end,
+# the LM head only on the supervised tokens (the chunked loss).
 GEN_QUICKSTART = ["train.epochs=3", "train.eval_every=3", "train.loss_chunk_tokens=4096", "train.log_every=50",
                   "data.format=sequence", "data.max_history=9", "train.batch_size=64"]
 # The quickstart's RecFormer: the defaults with stage 1 capped at 12 epochs, the 8-minute budget of the
-# whole quickstart (ml-100k, seed 42: the best validation 0.0559 at epoch 10; 0.0587 at 20, about 70 s more).
+# whole quickstart (20 validate a little better, about 70 s more: docs/getting-started.md).
 RECFORMER_QUICKSTART = ["train.stage1_epochs=12"]
 # `lmrec compare`'s: the same recipe on a budget comparable to the ID baselines' (which train until their
 # validation stops improving): up to 8 epochs, validated every 2, the best validated state kept, stopped after
@@ -222,9 +222,8 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
         trained["sasrec"] = (base.model_dir, base.metrics["valid"])
     if hybrid:
         # within the quickstart's budget: it starts from the SASRec just trained (when there is one) and stops
-        # after 3 epochs without a better validation (ml-100k, seed 42, patience 10: valid NDCG@10 0.0668 in
-        # 72 s and 0.0687 in 149 s from SASRec, with two RecFormer tables as text; 0.0702 in ~150 s from
-        # scratch; SASRec 0.0648)
+        # after 3 epochs without a better validation (from scratch it validates a little better in twice the
+        # time: docs/baselines.md)
         warm = [f"model.init_from={trained['sasrec'][0]}", "train.patience=3"] if "sasrec" in trained else []
         cfg = load_config(None, [f"output_dir={output_dir / 'hybrid'}", "model.arch=hybrid",
                                  f"model.text_from={recformer.model_dir}", *warm, *id_overrides], schema=IdRunConfig)
