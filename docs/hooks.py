@@ -82,11 +82,12 @@ def _param_row(p) -> str:
     else:
         name = ", ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
         meaning = p.help or ""
-    default = "" if p.default in (None, (), []) or p.required else f"`{p.default}`"
-    if getattr(p, "is_flag", False) and p.secondary_opts:
-        default = f"`{p.opts[0] if p.default else p.secondary_opts[0]}`"
     if p.required:
         default = "required"
+    elif getattr(p, "is_flag", False) and p.secondary_opts:
+        default = f"`{p.opts[0] if p.default else p.secondary_opts[0]}`"
+    else:
+        default = "" if p.default in (None, (), []) else f"`{p.default}`"
     return f"| {name} | {_cell(meaning)} | {default} |"
 
 
@@ -118,7 +119,7 @@ def _rows(model: type[BaseModel], prefix: str, notes: dict) -> list[str]:
             rows += _rows(sub, f"{prefix}{key}.", notes)
             continue
         default = field.get_default(call_default_factory=True)
-        bounds = [f"{_OPS[type(m).__name__]} {getattr(m, m.__dataclass_fields__.__iter__().__next__())}"
+        bounds = [f"{_OPS[type(m).__name__]} {getattr(m, next(iter(m.__dataclass_fields__)))}"
                   for m in field.metadata if type(m).__name__ in _OPS]
         kind = _type_name(field.annotation) + (f" ({', '.join(bounds)})" if bounds else "")
         note = notes.get((model.__name__, key)) or _inherited(model, key, notes) or field.description or ""
