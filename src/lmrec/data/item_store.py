@@ -61,6 +61,18 @@ def decode_vector(text: str):
     return np.frombuffer(base64.b64decode(text), dtype="<f4").copy()
 
 
+def check_new_ids(item_ids, catalog) -> None:
+    """New items' ids, as a family adds them: none already in the catalog (``catalog``: id → index), none
+    twice in one request."""
+    from lmrec.errors import DataError
+
+    seen: set[str] = set()
+    for p, it in enumerate(item_ids):
+        if it in catalog or it in seen:
+            raise DataError(f"item id {it!r} (item {p + 1} of the request) is already in the catalog", file="items")
+        seen.add(it)
+
+
 def default_store_path(model_dir: str | Path) -> Path:
     """``<model_dir>.items`` beside the model directory."""
     model_dir = Path(model_dir).resolve()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lmrec.data.dataset import PreparedDataset
-from lmrec.data.item_store import StoredItem
+from lmrec.data.item_store import StoredItem, check_new_ids
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn
 from lmrec.generative.beam import SidTrie, constrained_beam_search
@@ -151,11 +151,7 @@ class GenerativeRecommender:
         :meth:`append_stored`; the catalog is unchanged (the codes' buckets are reserved: append them next)."""
         from lmrec.errors import DataError
 
-        seen: set[str] = set()
-        for p, it in enumerate(item_ids):
-            if it in self.ds.item_index or it in seen:
-                raise DataError(f"item id {it!r} (item {p + 1} of the request) is already in the catalog", file="items")
-            seen.add(it)
+        check_new_ids(item_ids, self.ds.item_index)
         codes = self.codes_for(vectors)
         full = [it for it, c in zip(item_ids, codes.tolist()) if c[-1] < 0]
         if full:

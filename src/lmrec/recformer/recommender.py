@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lmrec.data.item_store import StoredItem, decode_vector, encode_vector
+from lmrec.data.item_store import StoredItem, check_new_ids, decode_vector, encode_vector
 from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
@@ -176,13 +176,10 @@ class Recommender:
         item_ids, item_text = [str(i) for i in item_ids], [list(t) for t in item_text]
         if len(item_ids) != len(item_text):
             raise LmrecError(f"{len(item_ids)} item ids for {len(item_text)} item texts")
-        seen: set[str] = set()
-        for p, it in enumerate(item_ids):
-            if it in self.item_index or it in seen:
-                raise DataError(f"item id {it!r} (item {p + 1} of the request) is already in the catalog", file="items")
-            if not item_text[p] or not any(v.strip() for _, v in item_text[p]):
+        check_new_ids(item_ids, self.item_index)
+        for it, text in zip(item_ids, item_text):
+            if not text or not any(v.strip() for _, v in text):
                 raise DataError(f"item {it!r} has no text (expected key/value attributes)", file="items")
-            seen.add(it)
         vectors = self.encode_texts(item_text, batch_size, normalize=False).float().cpu().numpy()
         return [StoredItem(it, t, {"vector": encode_vector(v)}) for it, t, v in zip(item_ids, item_text, vectors)]
 
