@@ -20,6 +20,14 @@ from lmrec.io import atomic_file
 MODELS = ("recformer", "generative", "hybrid", "sasrec", "gru4rec")
 
 
+def schemas(models) -> dict[str, type]:
+    """Each model's run-configuration type, by name (what its ``--set`` overrides are checked against)."""
+    from lmrec.config import GenRunConfig, IdRunConfig, RunConfig
+
+    types = {"recformer": RunConfig, "generative": GenRunConfig}
+    return {m: types.get(m, IdRunConfig) for m in models}
+
+
 def _recformer(data, out: Path, seed: int, overrides: list[str], log, config=None) -> dict:
     from lmrec.api import finetune
 

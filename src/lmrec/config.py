@@ -444,6 +444,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"invalid configuration ({source} and overrides):\n" + "\n".join(lines)) from None
 
 
+def has_key(schema, dotted: str) -> bool:
+    """Whether ``dotted`` (``train.lr``) names a field of ``schema`` (a command that trains several models
+    gives an override without a model prefix to every model whose configuration has that key)."""
+    model = schema
+    for part in dotted.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return False
+        model = model.model_fields[part].annotation
+    return True
+
+
 def _unknown_key(schema, loc: tuple) -> str:
     """"unknown key", and the closest keys of its section when one is near (a typo: ``train.lrr``)."""
     import difflib

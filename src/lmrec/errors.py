@@ -43,3 +43,15 @@ class TrainingDiverged(LmrecError):
 
 class ConfigError(LmrecError):
     """A bad run configuration (unknown key, wrong type, missing value)."""
+
+
+def optional(module: str, extra: str, what: str):
+    """Import an optional dependency (``pip install 'lmrec[EXTRA]'`` installs it), or stop with one message
+    naming the extra: ``pip install lmrec`` stays light, and what needs more says so when it is used."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LmrecError(f"{what} needs {module.split('.')[0]}, an optional dependency of lmrec: "
+                         f"pip install 'lmrec[{extra}]'") from None

@@ -202,20 +202,22 @@ def generative_pipeline(data, out_dir, *, model=None, recommender=None, sources=
 
 
 def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid: bool, generative: bool,
-                      sid_source: str, gen_overrides: list[str], id_overrides: list[str] = (),
+                      sid_source: str, overrides: dict[str, list[str]] | None = None,
                       log=print) -> tuple[dict, dict, dict]:
     """The quickstart's models after RecFormer (``recformer``: its finetune result): SASRec, the hybrid (its
     text from RecFormer's item table, its weights from that SASRec), the generative model (semantic IDs as
     ``sid_source`` says). Returns (test metrics by table row, wall seconds by model, what joins RecFormer's
-    metrics.json)."""
+    metrics.json). ``overrides``: each model's (``sasrec``, ``hybrid``, ``generative``)."""
     from lmrec.config import IdRunConfig, load_config
     from lmrec.idrec.train import train_baseline
 
     rows, walls, added = {}, {}, {}
+    overrides = overrides or {}
     trained = {"recformer": (recformer.model_dir, recformer.metrics["valid"])}
     keys = ("test", "valid", "best_epoch", "wall_time_s")
     if sasrec:
-        cfg = load_config(None, [f"output_dir={output_dir / 'sasrec'}", *id_overrides], schema=IdRunConfig)
+        cfg = load_config(None, [f"output_dir={output_dir / 'sasrec'}", *overrides.get("sasrec", [])],
+                          schema=IdRunConfig)
         base = train_baseline(cfg, data, log=log)
         rows["SASRec (item IDs)"], walls["SASRec"] = base.metrics["test"], base.metrics["wall_time_s"]
         added["sasrec"] = {k: base.metrics[k] for k in keys + ("test_new_items",) if k in base.metrics}
@@ -226,14 +228,15 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
         # time: docs/baselines.md)
         warm = [f"model.init_from={trained['sasrec'][0]}", "train.patience=3"] if "sasrec" in trained else []
         cfg = load_config(None, [f"output_dir={output_dir / 'hybrid'}", "model.arch=hybrid",
-                                 f"model.text_from={recformer.model_dir}", *warm, *id_overrides], schema=IdRunConfig)
+                                 f"model.text_from={recformer.model_dir}", *warm, *overrides.get("hybrid", [])],
+                          schema=IdRunConfig)
         hyb = train_baseline(cfg, data, log=log, text_vectors=text_vectors(recformer.model_dir, data, log=log))
         rows["hybrid (SASRec + text)"], walls["hybrid"] = hyb.metrics["test"], hyb.metrics["wall_time_s"]
         added["hybrid"] = {k: hyb.metrics[k] for k in keys + ("test_new_items",) if k in hyb.metrics}
     if generative:
         sources = choose_sid_source(sid_source, trained, log=log)
         gen = generative_pipeline(data, output_dir / "generative", sources=sources, init="codebook",
-                                  overrides=GEN_QUICKSTART + gen_overrides, log=log)
+                                  overrides=GEN_QUICKSTART + overrides.get("generative", []), log=log)
         rows[f"generative (SID, {gen['beams']} beams)"], walls["generative"] = gen["test"], gen["wall_time_s"]
         added["generative"] = {**{k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")},
                                "sid_sources": [str(p) for p in sources]}

@@ -10,8 +10,10 @@ import typer
 from lmrec.cli.common import (
     OVERWRITE_HELP,
     RESUME_HELP,
+    SET_HELP,
     _is_main_rank,
     _log,
+    _overrides,
     _run_flags,
     backbone_app,
     ckpt_app,
@@ -64,7 +66,8 @@ def backbone_pretrain_mlm(
     config: Path = typer.Option(None, "--config", "-c", help="YAML config (train.* keys)."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
     overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
-    overrides: list[str] = typer.Argument(None, help="Overrides like train.epochs=3 train.max_length=256."),
+    sets: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE overrides, the same as --set.", hidden=True),
 ):
     """Continued MLM pretraining with whole-word masking (jieba words for Chinese); reports validation
     perplexity and bits per character before training and after each epoch."""
@@ -75,7 +78,7 @@ def backbone_pretrain_mlm(
     from lmrec.recformer.pretrain_mlm import pretrain_mlm
 
     ov = [f"output_dir={output_dir}", *_run_flags(resume_from, overwrite)]
-    cfg = load_config(config, ov + list(overrides or []), schema=MlmRunConfig)
+    cfg = load_config(config, ov + _overrides(sets, overrides), schema=MlmRunConfig)
     r = pretrain_mlm(backbone, train, valid, cfg, log=_log)
     if not _is_main_rank():
         return

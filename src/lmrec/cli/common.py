@@ -74,6 +74,66 @@ def _run_flags(resume_from: str | None, overwrite: bool) -> list[str]:
     return [f"train.resume_from={resume_from}"] * bool(resume_from) + ["train.overwrite=true"] * overwrite
 
 
+SET_HELP = ("KEY=VALUE: a configuration override (repeatable), e.g. --set train.lr=1e-4 (the keys: "
+            "`lmrec config` in the docs' configuration reference). Plain KEY=VALUE arguments do the same.")
+SET_MODELS_HELP = ("[MODEL:]KEY=VALUE: a configuration override (repeatable). MODEL:KEY=VALUE for one model's "
+                   "runs (e.g. sasrec:train.patience=5); KEY=VALUE for every model of the run whose configuration "
+                   "has KEY (e.g. eval.exclude_history=true).")
+
+
+def _split_override(ov: str) -> tuple[str, str, str]:
+    """``[MODEL:]KEY=VALUE`` → (model or "", key, value); the model prefix is read before the ``=`` only, so a
+    value may hold colons (``model.backbone=C:/models/x``)."""
+    head, sep, value = ov.partition("=")
+    model, _, key = head.strip().rpartition(":")
+    if not sep or not key:
+        raise LmrecError(f"--set {ov!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    return model, key, value
+
+
+def _overrides(sets: list[str] | None, args: list[str] | None = None) -> list[str]:
+    """The overrides of a command that trains one model: ``--set KEY=VALUE`` options, then plain KEY=VALUE
+    arguments (the older spelling, the same meaning)."""
+    out = []
+    for ov in [*(sets or []), *(args or [])]:
+        model, key, value = _split_override(ov)
+        if model:
+            raise LmrecError(f"--set {ov!r}: MODEL:KEY=VALUE is for the commands that train several models "
+                             f"(quickstart, compare); this one trains one: --set {key}={value}")
+        out.append(f"{key}={value}")
+    return out
+
+
+def _per_model(sets: list[str] | None, schemas: dict[str, type]) -> dict[str, list[str]]:
+    """``--set [MODEL:]KEY=VALUE`` of a command that trains several models (``schemas``: each model's run
+    configuration type, by name) → each model's overrides, in the order given (the last of a key wins)."""
+    from lmrec.config import has_key
+
+    per: dict[str, list[str]] = {name: [] for name in schemas}
+    for ov in sets or []:
+        model, key, value = _split_override(ov)
+        if model and model not in schemas:
+            raise LmrecError(f"--set {ov!r}: {model!r} is not a model of this run ({', '.join(schemas)})")
+        takers = [model] if model else [name for name, schema in schemas.items() if has_key(schema, key)]
+        if not takers:
+            raise LmrecError(f"--set {ov!r}: no model of this run ({', '.join(schemas)}) has the key {key!r}; "
+                             "see the configuration reference")
+        for name in takers:
+            per[name].append(f"{key}={value}")
+    return per
+
+
+def _one_protocol_check(per_model: dict[str, list[str]]) -> None:
+    """One table, one protocol: ``eval.exclude_history`` holds for every model of a table or for none."""
+    import yaml
+
+    given = {m: yaml.safe_load(v) for m, ovs in per_model.items() for k, _, v in (o.partition("=") for o in ovs)
+             if k == "eval.exclude_history"}
+    if given and (set(given) != set(per_model) or len(set(given.values())) > 1):
+        raise LmrecError(f"eval.exclude_history must be the same for every model of one table (got {given}): "
+                         "give it once, without a model prefix (--set eval.exclude_history=true)")
+
+
 def _k(value: int, name: str = "-k") -> int:
     """A count the user gave: at least 1."""
     if value < 1:

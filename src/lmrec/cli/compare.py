@@ -11,8 +11,13 @@ import typer
 from lmrec.cli.common import (
     BACKBONE_HELP,
     OVERWRITE_HELP,
+    SET_HELP,
+    SET_MODELS_HELP,
     _is_main_rank,
     _log,
+    _one_protocol_check,
+    _overrides,
+    _per_model,
     _print_new_items,
     _report,
     _run_flags,
@@ -36,10 +41,12 @@ def quickstart(
     output_dir: Path = typer.Option(Path("runs/quickstart"), help="Run directory."),
     backbone: str = typer.Option(None, help=BACKBONE_HELP),
     split: str = typer.Option("loo", help="loo | cold"),
-    override: list[str] = typer.Option(None, "--set", help="Config override key.sub=value (repeatable)."),
+    override: list[str] = typer.Option(None, "--set", help=SET_MODELS_HELP + " Models: recformer, sasrec, hybrid, "
+                                                                          "generative."),
     generative: bool = typer.Option(True, help="Also train the generative model (semantic IDs from a trained "
                                                "model's item vectors, embedded tiny Qwen3, stage 2)."),
-    gen_override: list[str] = typer.Option(None, "--gen-set", help="Generative config override (repeatable)."),
+    gen_override: list[str] = typer.Option(None, "--gen-set", hidden=True,
+                                           help="The same as --set generative:KEY=VALUE (the older spelling)."),
     sasrec: bool = typer.Option(True, help="Also train the ID-based SASRec baseline (RecBole's defaults)."),
     hybrid: bool = typer.Option(True, help="Also train the hybrid (SASRec whose items are ID + text vectors, the "
                                            "text from the trained RecFormer's item table, started from the "
@@ -53,28 +60,25 @@ def quickstart(
     and compare with popularity."""
 
     from lmrec.api import finetune, prepare
+    from lmrec.compare import schemas
     from lmrec.pipeline import RECFORMER_QUICKSTART, SID_SOURCES, quickstart_others
 
     if sid_source not in SID_SOURCES or (sid_source in ("sasrec", "fused") and not sasrec):
         raise LmrecError(f"--sid-source {sid_source}: expected one of {', '.join(SID_SOURCES)} (sasrec and fused "
                          "need the SASRec run: drop --no-sasrec)")
+    models = ["recformer", *["sasrec"] * sasrec, *["hybrid"] * hybrid, *["generative"] * generative]
+    per = _per_model([*(override or []), *(f"generative:{g}" for g in gen_override or [])], schemas(models))
+    _one_protocol_check(per)
     data = output_dir / "data" / f"ml-100k-{split}"
     _refuse_an_earlier_run(output_dir, overwrite)
     if not (data / "manifest.json").exists():
         prepare("ml-100k", data, split=split, log=_log)
     _log(f"dataset: {data}")
     ov = [f"model.backbone={backbone}"] if backbone else []
-    result = finetune(data, output_dir=output_dir, overrides=RECFORMER_QUICKSTART + ov + list(override or [])
-                      + _run_flags(None, overwrite),
-                      log=_log)
-    # eval.exclude_history (--set) applies to every row of the table, or to none
-    from lmrec.config import load_config
-
-    excl = f"eval.exclude_history={load_config(None, ov + list(override or [])).eval.exclude_history}"
+    result = finetune(data, output_dir=output_dir, overrides=RECFORMER_QUICKSTART + ov + per.pop("recformer")
+                      + _run_flags(None, overwrite), log=_log)
     extra, walls, added = quickstart_others(data, output_dir, result, sasrec=sasrec, hybrid=hybrid,
-                                            generative=generative, sid_source=sid_source,
-                                            gen_overrides=[excl, *(gen_override or [])], id_overrides=[excl],
-                                            log=_log)
+                                            generative=generative, sid_source=sid_source, overrides=per, log=_log)
     wall = ", ".join(f"{name} {s:.0f} s" for name, s in {"RecFormer": result.metrics["wall_time_s"], **walls}.items())
     if added:  # the quickstart's other models join RecFormer's metrics.json
         from lmrec.io import atomic_file
@@ -99,7 +103,8 @@ def baseline(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (model / train / eval sections)."),
     output_dir: Path = typer.Option(None, help="Run directory (default: runs/baseline-<arch>)."),
     overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
-    overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 model.layers=2."),
+    sets: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE overrides, the same as --set.", hidden=True),
 ):
     """An ID-based sequential baseline (SASRec or GRU4Rec, RecBole's defaults) trained on every position of
     every training sequence, early-stopped on validation, tested on the same split and evaluator as the
@@ -112,7 +117,7 @@ def baseline(
     extra = [f"model.arch={arch}", *_run_flags(None, overwrite)]
     if output_dir is not None or config is None:  # a config file's own output_dir stands unless --output-dir
         extra.append(f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}")
-    cfg = load_config(config, extra + list(overrides or []), schema=IdRunConfig)
+    cfg = load_config(config, extra + _overrides(sets, overrides), schema=IdRunConfig)
     path = data or cfg.data.path
     if path is None:
         raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
@@ -138,8 +143,7 @@ def compare(
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (train.seed of every run)."),
     output_dir: Path = typer.Option(Path("runs/compare"), help="Runs go to OUT/<model>/seed-<s>; the summary "
                                                                "to OUT/compare.json."),
-    override: list[str] = typer.Option(None, "--set", help="MODEL:key=value, an override for one model's runs "
-                                                          "(repeatable), e.g. sasrec:train.patience=5."),
+    override: list[str] = typer.Option(None, "--set", help=SET_MODELS_HELP),
     preset: list[str] = typer.Option(None, "--preset", help="MODEL:NAME, a preset (or YAML file) one model's runs "
                                                             "start from (repeatable), e.g. "
                                                             "generative:generative-30min."),
@@ -153,12 +157,6 @@ def compare(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise LmrecError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
-    per_model: dict[str, list[str]] = {}
-    for ov in override or []:
-        name, sep, kv = ov.partition(":")
-        if not sep or "=" not in kv:
-            raise LmrecError(f"--set {ov!r}: expected MODEL:key=value, e.g. sasrec:train.patience=5")
-        per_model.setdefault(name, []).append(kv)
     presets: dict[str, str] = {}
     for p in preset or []:
         name, sep, value = p.partition(":")
@@ -166,8 +164,12 @@ def compare(
             raise LmrecError(f"--preset {p!r}: expected MODEL:NAME, e.g. recformer:recformer-30min")
         presets[name] = value
     names = [m.strip() for m in models.split(",") if m.strip()]
-    if set(per_model) - set(names):
-        raise LmrecError(f"--set names models not compared: {sorted(set(per_model) - set(names))}")
+    from lmrec.compare import MODELS, schemas
+
+    if set(names) - set(MODELS):  # before the overrides are read against each model's configuration
+        raise LmrecError(f"--models: unknown {sorted(set(names) - set(MODELS))}; expected some of {', '.join(MODELS)}")
+    per_model = _per_model(override, schemas(names))
+    _one_protocol_check(per_model)
     result = run(data, output_dir, models=names, seeds=seed_list, overrides=per_model, presets=presets, log=_log)
     if _is_main_rank():
         print_comparison(result)

@@ -12,10 +12,12 @@ from lmrec.cli.common import (
     DEVICE_HELP,
     OVERWRITE_HELP,
     RESUME_HELP,
+    SET_HELP,
     _is_main_rank,
     _k,
     _ks,
     _log,
+    _overrides,
     _report,
     _run_flags,
     gen_app,
@@ -76,12 +78,15 @@ def gen_samples(
     sids: Path = typer.Option(..., help="Semantic-ID directory."),
     out: Path = typer.Option(..., help="Output directory: train/, valid/, test/ of part-*.parquet + file_list.json."),
     rows_per_file: int = typer.Option(1000, help="Rows per parquet file."),
-    overrides: list[str] = typer.Argument(None, help="data.* overrides, e.g. data.with_titles=true"),
+    sets: list[str] = typer.Option(None, "--set", help="data.* overrides (repeatable), e.g. --set "
+                                                       "data.with_titles=true."),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE overrides, the same as --set.", hidden=True),
 ):
     """Chat samples in OpenOneRec's unified parquet format (uuid, source, metadata, messages), sharded."""
     from lmrec.generative.api import write_chat_samples
 
-    counts = write_chat_samples(data, sids, out, overrides or [], rows_per_file=_k(rows_per_file, "--rows-per-file"))
+    counts = write_chat_samples(data, sids, out, _overrides(sets, overrides),
+                                rows_per_file=_k(rows_per_file, "--rows-per-file"))
     for split, n in counts.items():
         typer.echo(f"{split}: {n} samples in {out / split}")
 
@@ -99,7 +104,8 @@ def gen_train(
     lora: bool = typer.Option(False, help="Train a peft LoRA adapter (stage 2 / sft)."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
     overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
-    overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-3 eval.beams=20."),
+    sets: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE overrides, the same as --set.", hidden=True),
 ):
     """Train one stage: on a prepared dataset's chat samples (validation by constrained beam search, test
     next to popularity), or on a packed stream of chat parquet (--data-config). Checkpoints go to
@@ -108,7 +114,7 @@ def gen_train(
     from lmrec.generative.train import train_generative
 
     ov = [f"output_dir={output_dir}", f"train.stage={stage}"] + (["train.lora=true"] if lora else [])
-    ov += list(overrides or []) + _run_flags(resume_from, overwrite)
+    ov += _overrides(sets, overrides) + _run_flags(resume_from, overwrite)
     cfg = load_config(config, ov, schema=GenRunConfig)
     r = train_generative(cfg, model_dir=model, data=data, sids_dir=sids, data_config=data_config, log=_log)
     if "test" in r.metrics:

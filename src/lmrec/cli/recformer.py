@@ -13,9 +13,11 @@ from lmrec.cli.common import (
     DEVICE_HELP,
     OVERWRITE_HELP,
     RESUME_HELP,
+    SET_HELP,
     _k,
     _ks,
     _log,
+    _overrides,
     _report,
     _run_flags,
     app,
@@ -35,7 +37,8 @@ def finetune(
                                         "or `checkpoint convert` output). Same as model.init=DIR."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
     overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
-    overrides: list[str] = typer.Argument(None, help="Overrides like train.lr=1e-4 model.backbone=/path."),
+    sets: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE overrides, the same as --set.", hidden=True),
 ):
     """Two-stage RecFormer finetuning with validation, early stopping and a final test evaluation.
     Checkpoints go to OUTPUT_DIR/checkpoints/ at each epoch end (and every train.save_steps steps)."""
@@ -44,7 +47,7 @@ def finetune(
 
     extra = ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
     extra += ([f"output_dir={output_dir}"] if output_dir else []) + _run_flags(resume_from, overwrite)
-    cfg = load_config(config, extra + list(overrides or []))
+    cfg = load_config(config, extra + _overrides(sets, overrides))
     path = data or cfg.data.path
     if path is None:
         raise LmrecError("no dataset: give --data DIR or data.path in the config (see `lmrec data prepare`)")
@@ -63,7 +66,8 @@ def pretrain(
     init: str = typer.Option(None, help="Continue from a RecFormer checkpoint. Same as model.init=DIR."),
     resume_from: str = typer.Option(None, help=RESUME_HELP),
     overwrite: bool = typer.Option(False, help=OVERWRITE_HELP),
-    overrides: list[str] = typer.Argument(None, help="Overrides like model.mlm_weight=0.1 train.epochs=5."),
+    sets: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE overrides, the same as --set.", hidden=True),
 ):
     """RecFormer pretraining: item-item contrastive + whole-word MLM (English; Chinese through jieba) on one
     or more datasets, zero-shot validation; the best model goes to OUTPUT_DIR/model (use it with
@@ -76,7 +80,7 @@ def pretrain(
     ov += [f"output_dir={output_dir}"] if output_dir else []
     ov += ([f"model.backbone={backbone}"] if backbone else []) + ([f"model.init={init}"] if init else [])
     ov += _run_flags(resume_from, overwrite)
-    cfg = load_config(config, ov + list(overrides or []), schema=PretrainRunConfig)
+    cfg = load_config(config, ov + _overrides(sets, overrides), schema=PretrainRunConfig)
     r = run(cfg, log=_log)
     _report(r.metrics, f"zero-shot on {r.metrics['zero_shot']['dataset']} (test split, full ranking)", r.model_dir,
             r.run_dir, model_name="RecFormer (pretrained, zero-shot)")

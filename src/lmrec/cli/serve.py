@@ -56,7 +56,7 @@ def serve(
 ):
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, /recommend/batch, /items;
     GET /items/{id}, /metadata, /health/live, /health/ready; OpenAPI docs at /docs. Production: docs/serving.md."""
-    from lmrec.serve import app as service
+    from lmrec.serve import app as service  # first: without the serve extra, one message naming it
     from lmrec.serve.backends import detect_family, worker_count
     from lmrec.training.distributed import inference_device
 

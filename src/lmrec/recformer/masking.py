@@ -26,8 +26,9 @@ CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df
 def _jieba():
     import logging
 
-    import jieba
+    from lmrec.errors import optional
 
+    jieba = optional("jieba", "zh", "Chinese whole-word masking (jieba's words)")
     jieba.setLogLevel(logging.WARNING)
     return jieba
 

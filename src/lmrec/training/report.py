@@ -107,9 +107,17 @@ def _png(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _plt():
-    import matplotlib
+NO_PLOTS = ("<p class='meta'>No figures: they need matplotlib, an optional dependency "
+            "(<code>pip install 'lmrec[report]'</code>).</p>")
 
+
+def _plt():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (the report keeps
+    its tables and says why it has no figures: a finished training run is never failed by its report)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -120,6 +128,8 @@ def curves(run: RunData) -> list[str]:
     """Per stage: training loss and learning rate against the step, validation metrics against the step
     (TensorBoard) or the epoch (history)."""
     plt = _plt()
+    if plt is None:
+        return []
     stages = sorted({t.split("/")[0] for t in run.scalars if "/" in t})
     images = []
     for st in stages:
@@ -160,6 +170,8 @@ def curves(run: RunData) -> list[str]:
 
 def comparison_plot(rows: list[tuple[str, dict]]) -> str:
     plt = _plt()
+    if plt is None:
+        return ""
     names = [n for n, _ in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.5), sharey=True)
     fig.subplots_adjust(wspace=0.25)
@@ -177,6 +189,8 @@ def comparison_plot(rows: list[tuple[str, dict]]) -> str:
 
 def validation_overlay(runs: list[RunData]) -> str | None:
     plt = _plt()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(6, 3.2))
     drawn = 0
     for run in runs:
@@ -252,6 +266,8 @@ def render(runs: list[RunData], title: str = "lmrec run report") -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              "<p class='meta'>" + ", ".join(html.escape(str(r.path)) for r in runs) + "</p>"]
+    if _plt() is None:
+        parts.append(NO_PLOTS)
     compared = [(f"{n} · {r.path.name}" if len(runs) > 1 and n == r.name else n, row)
                 for r in runs for n, row in metric_rows(r)]
     baseline = ("popularity", "random (expected)")
