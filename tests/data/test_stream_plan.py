@@ -105,7 +105,7 @@ def test_a_resume_on_another_number_of_workers_names_both(tmp_path):
     from transformers.modeling_outputs import CausalLMOutput
 
     from lmrec.training.checkpoints import Checkpointing, Resume, checkpoint_dirs
-    from lmrec.training.loop import Stage, fit, make_accelerator
+    from lmrec.training.loop import StreamStage, fit, make_accelerator
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -122,7 +122,7 @@ def test_a_resume_on_another_number_of_workers_names_both(tmp_path):
         return lambda epoch: StatefulDataLoader(ChatStream([paths], ["rec"], cfg, encode), batch_size=1,
                                                 num_workers=workers, collate_fn=lambda b: collate_packs(b, 0, 32))
 
-    stage = Stage("s", 1, 1e-3, steps_per_epoch=8, max_steps=3)
+    stage = StreamStage("s", 1e-3, num_training_steps=8, max_steps=3)
     root = tmp_path / "ck"
     fit(make_accelerator("no", seed=0), Tiny(), loader(1), stage, checkpointing=Checkpointing(root, save_steps=1),
         log=lambda m: None)

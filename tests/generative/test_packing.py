@@ -175,7 +175,7 @@ def test_a_stream_step_normalises_by_the_supervised_tokens_of_all_its_micro_batc
     (sum of the token losses) / 27 — not the mean of the two per-pack means."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from lmrec.training.loop import Optim, Stage, fit, make_accelerator
+    from lmrec.training.loop import Optim, StreamStage, fit, make_accelerator
 
     model, _ = lm
     model = copy.deepcopy(model)
@@ -203,8 +203,8 @@ def test_a_stream_step_normalises_by_the_supervised_tokens_of_all_its_micro_batc
 
     acc = make_accelerator("no", grad_accum=2, seed=0)
     loader = lambda epoch: StatefulDataLoader(Two(), batch_size=1, collate_fn=lambda b: collate_packs(b, 0, 32))  # noqa: E731
-    fit(acc, model, loader, Stage("s", 1, 1e-9, steps_per_epoch=1, after_step=capture), optim=Optim(grad_clip=None),
-        log=lambda m: None)
+    fit(acc, model, loader, StreamStage("s", 1e-9, num_training_steps=1, after_step=capture),
+        optim=Optim(grad_clip=None), log=lambda m: None)
     assert (seen["grad"] - expected).abs().max() < 1e-6 * expected.abs().max().clamp(min=1)
     assert expected.abs().max() > 0
 

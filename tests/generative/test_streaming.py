@@ -184,7 +184,7 @@ def test_start_up_reads_every_parquet_footer_once(corpus, monkeypatch):
     make_loader, stage, _ = stream_start_up(corpus, load_data_config(corpus / "data_config.json"))
     files = [*(corpus / "samples" / "train").glob("*.parquet"), *(corpus / "wiki").glob("*.parquet")]
     assert opened == Counter(str(f) for f in files)  # every file once, nothing else
-    assert stage.steps_per_epoch >= 1
+    assert stage.num_training_steps >= 1
 
 
 def test_a_glob_that_reaches_the_valid_and_test_samples_is_refused(corpus):

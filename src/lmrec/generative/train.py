@@ -38,7 +38,7 @@ from lmrec.generative.vocab import read_meta, stored_dtype
 from lmrec.modelfiles import check_generative
 from lmrec.training.attention import segmented, with_segments
 from lmrec.training.fsdp import build_on_meta, full_state_dict, materialize_and_load, shard, unsharded
-from lmrec.training.loop import Stage, data_loader
+from lmrec.training.loop import Stage, StreamStage, data_loader
 from lmrec.training.run import Run
 
 
@@ -216,7 +216,7 @@ def _parameters(model: torch.nn.Module) -> int:
 
 
 def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log, segments: bool = False):
-    """The loader factory and the loop's stage for a stream: one epoch of ``num_training_steps`` (or the
+    """The loader factory and the loop's :class:`StreamStage`: a schedule of ``num_training_steps`` (or the
     estimate from the sampled token lengths), ``max_steps``, and the token metrics."""
     tr = cfg.train
     require_decoder_only(model)
@@ -232,22 +232,22 @@ def _stream_plan(cfg: GenRunConfig, mix, tok, meta: dict, model, run: Run, log, 
     steps = tr.num_training_steps or max(1, steps)  # 0: the run ends at once, and _check_stream_end says why
     itemic = sum(meta["level_token_ids"], [])
     tally = StreamTally(names)
-    plan = Stage(f"stage{cfg.train.stage}", 1, tr.lr, steps_per_epoch=steps, max_steps=tr.max_steps,
-                 step_metrics=token_metrics(names, itemic, run.acc, tr.log_every * tr.grad_accum,
-                                            _parameters(model), tr.peak_tflops),
-                 log_every=tr.log_every, on_batch=tally.on_batch, extra_state=tally)
+    plan = StreamStage(f"stage{cfg.train.stage}", tr.lr, num_training_steps=steps, max_steps=tr.max_steps,
+                       step_metrics=token_metrics(names, itemic, run.acc, tr.log_every * tr.grad_accum,
+                                                  _parameters(model), tr.peak_tflops),
+                       log_every=tr.log_every, on_batch=tally.on_batch, extra_state=tally)
     return make_loader, plan, tally
 
 
-def _check_stream_end(steps: int, plan: Stage, cfg: GenRunConfig, log) -> None:
+def _check_stream_end(steps: int, plan: StreamStage, cfg: GenRunConfig, log) -> None:
     """A stream that ended before its first optimizer step would save the model it started from."""
     if steps == 0:
         raise LmrecError("the stream ended before the first optimizer step (a rank had fewer than "
                          f"train.batch_size × train.grad_accum = {cfg.train.batch_size * cfg.train.grad_accum} packs): "
                          "nothing was trained; lower train.batch_size or train.grad_accum, or add data")
-    if steps > plan.steps_per_epoch and cfg.train.lr_schedule != "constant":
-        log(f"the stream ran {steps - plan.steps_per_epoch} steps past the learning-rate schedule's "
-            f"{plan.steps_per_epoch} (at its final learning rate); set train.num_training_steps to {steps}")
+    if steps > plan.num_training_steps and cfg.train.lr_schedule != "constant":
+        log(f"the stream ran {steps - plan.num_training_steps} steps past the learning-rate schedule's "
+            f"{plan.num_training_steps} (at its final learning rate); set train.num_training_steps to {steps}")
 
 
 def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) -> dict:

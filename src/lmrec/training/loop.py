@@ -1,5 +1,8 @@
 """The one training loop, on Accelerate (so ``torchrun`` and ``accelerate launch`` work unchanged).
 
+    fit(accelerator, model, make_loader, Stage(tag, epochs, lr, ...))                  # epochs of a map-style loader
+    fit(accelerator, model, make_loader, StreamStage(tag, lr, num_training_steps=...))  # one pass over a stream
+
 Contract: every batch is a dict of tensors and ``model(**batch).loss`` is the loss. The loop does AdamW
 steps with warmup + linear decay, gradient accumulation and clipping, mixed precision when a GPU is
 present, a progress bar, TensorBoard logging, periodic validation, early stopping on a metric, and calls
@@ -9,14 +12,16 @@ RecFormer's item table before an epoch, for instance) comes in through ``before_
 Checkpoints (``lmrec.training.checkpoints``) hold the model, optimizer, scheduler and RNG states, the
 loop's position (``LoopState``: epoch, batches done, running loss, best metrics, early-stopping counter)
 and the caller's ``extra_state``. A run resumed from a checkpoint on CPU with a fixed seed ends with the
-same weights as an uninterrupted one: batches come from
-``make_loader(epoch)`` (deterministic per epoch; build it with ``data_loader``) and the consumed ones are
-skipped.
+same weights as an uninterrupted one.
 
-A stream (a ``StatefulDataLoader`` over an iterable dataset that shards itself across ranks and workers,
-such as ``lmrec.data.stream.ChatStream``) runs as one epoch: steps stay in lockstep across ranks until the
-first rank's stream ends, each step's loss is normalised by the supervised tokens of all its micro-batches
-on all ranks, and the loader's own state goes into every checkpoint instead of a count of batches to skip.
+``fit`` prepares (optimizer, schedule, placement), resumes (or starts afresh), then runs the loop the stage's
+type names. A :class:`Stage` runs epochs: batches come from ``make_loader(epoch)`` (deterministic per epoch;
+build it with ``data_loader``) and a resumed epoch skips the consumed ones. A :class:`StreamStage` runs a
+stream (a ``StatefulDataLoader`` over an iterable dataset that shards itself across ranks and workers, such
+as ``lmrec.data.stream.ChatStream``) as one epoch: steps stay in lockstep across ranks until the first rank's
+stream ends, each step's loss is normalised by the supervised tokens of all its micro-batches on all ranks,
+and the loader's own state goes into every checkpoint instead of a count of batches to skip. Both loops share
+one optimizer step, logging and checkpointing (``_Steps``).
 """
 
 from __future__ import annotations
@@ -142,34 +147,48 @@ class Optim:
 
 @dataclass
 class Stage:
-    """One call of :func:`fit`: what to train for how long, how to validate, and the hooks of the caller.
+    """One call of :func:`fit` over a map-style loader: ``epochs`` passes over ``make_loader(epoch)``, resumed
+    mid-epoch by skipping the batches the checkpoint had consumed. The fields after ``epochs`` are shared with
+    :class:`StreamStage` (a stream runs as one epoch)."""
 
-    ``before_epoch(epoch)`` runs before a fresh epoch (RecFormer re-encodes its item table there);
-    ``after_step()`` after every optimizer step (generative stage 1 restores the frozen rows there);
-    ``on_best(metrics, epoch)`` when validation reaches a new best (the caller saves the model);
-    ``extra_state`` (``state_dict()`` of tensors and JSON values / ``load_state_dict``) goes into every
-    checkpoint and is restored on resume: rank 0's, or each rank's own when it has ``rank_local = True``
-    (counts of what this rank trained on)."""
-
-    tag: str
+    tag: str  # names the stage in logs and trackers, and its checkpoints' directory
     epochs: int
-    lr: float
-    validate: Callable[[], dict[str, float]] | None = None
-    metric: str = "ndcg@10"
+    lr: float  # the peak learning rate
+    validate: Callable[[], dict[str, float]] | None = None  # metrics on the validation data, at an epoch's end
+    metric: str = "ndcg@10"  # the one of them that picks the best epoch
     greater_is_better: bool = True
-    eval_every: int = 1
-    patience: int | None = None
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    patience: int | None = None  # validations without a new best that end the stage early (None: never)
+    # (metrics, epoch) when validation reaches a new best: the caller keeps that model
     on_best: Callable[[dict[str, float], int], None] | None = None
+    # (epoch) before a fresh epoch, not one resumed mid-way: RecFormer re-encodes its item table there
     before_epoch: Callable[[int], None] | None = None
+    # after every optimizer step: generative stage 1 restores its frozen embedding rows there
     after_step: Callable[[], None] | None = None
+    # ``state_dict()`` (tensors and JSON values) / ``load_state_dict``: in every checkpoint, restored on resume;
+    # rank 0's, or each rank's own when it has ``rank_local = True`` (counts of what this rank trained on)
     extra_state: Any = None
-    # streams (a StatefulDataLoader over an IterableDataset that shards itself across ranks and workers)
-    steps_per_epoch: int | None = None  # sizes the schedule when the loader has no length
-    max_steps: int | None = None  # stop after this many optimizer steps
     step_metrics: Callable[[dict, Any], dict[str, float]] | None = None  # (batch, output) → logged scalars
-    log_every: int = 10  # optimizer steps between step_metrics (a stream's or an epoch's)
-    on_batch: Callable[[dict], None] | None = None  # every micro-batch trained on, with its side keys
-    side_keys: tuple[str, ...] = ("sources", "skipped")  # batch keys that are not model inputs
+    log_every: int = 10  # optimizer steps between read-backs of the loss (and step_metrics)
+    on_batch: Callable[[dict], None] | None = None  # every micro-batch trained on (a stream's with its side keys)
+
+
+@dataclass(kw_only=True)
+class StreamStage(Stage):
+    """One call of :func:`fit` over a stream: a ``StatefulDataLoader`` (``make_loader(0)``) over an iterable
+    dataset that shards itself across ranks and workers, such as ``lmrec.data.stream.ChatStream``. It has no
+    length and is read once: one epoch, validated at its end, of as many optimizer steps as the shortest rank's
+    share lasts (or ``max_steps``); resumed from the loader's own state."""
+
+    epochs: int = field(default=1, init=False)  # a stream is read once
+    num_training_steps: int  # the learning-rate schedule's length in optimizer steps (the stream may run longer)
+    max_steps: int | None = None  # stop after this many optimizer steps, wherever the stream is
+    side_keys: tuple[str, ...] = ("sources", "skipped")  # batch keys that are not model inputs (for on_batch)
+
+    def __post_init__(self) -> None:
+        if not self.num_training_steps or self.num_training_steps < 1:
+            raise ValueError(f"[{self.tag}] a stream has no length: its schedule needs num_training_steps >= 1, "
+                             f"not {self.num_training_steps}")
 
 
 def _lr_factor(schedule: str, warmup: int, total: int, floor: float):
@@ -194,18 +213,6 @@ def _lr_factor(schedule: str, warmup: int, total: int, floor: float):
     return factor
 
 
-# A stage of fewer optimizer steps than this is warned about: the model barely moves from where it starts.
-FEW_STEPS = 10
-
-
-def _warn_few_steps(stage: Stage, steps_per_epoch: int, log: Callable[[str], None]) -> None:
-    steps = stage.epochs * steps_per_epoch
-    steps = min(steps, stage.max_steps) if stage.max_steps else steps
-    if 0 < steps < FEW_STEPS:
-        log(f"warning: [{stage.tag}] only {steps} optimizer step(s) ({stage.epochs} epoch(s) of {steps_per_epoch}): "
-            "the model will barely move from where it starts; train more epochs or use a smaller train.batch_size")
-
-
 def optimizer_groups(model: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool = False
                      ) -> list[dict]:
     """Two AdamW groups: with weight decay, and without it for biases, the weights of normalisation modules
@@ -227,60 +234,91 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float, no_decay_embed
 def fit(accelerator: Accelerator, model: torch.nn.Module, make_loader: Callable[[int], torch.utils.data.DataLoader],
         stage: Stage, *, optim: Optim | None = None, checkpointing: Checkpointing | None = None,
         global_step: int = 0, log: Callable[[str], None] = print) -> FitResult:
-    """Train ``model`` for up to ``stage.epochs`` epochs on ``make_loader(epoch)``: prepare (optimizer, schedule,
-    placement), resume (or start afresh), then one epoch after another — a stream is one epoch."""
+    """Train ``model`` as ``stage`` says: prepare (optimizer, schedule, placement), resume (or start afresh),
+    then the epoch loop over ``make_loader(epoch)`` — or, for a :class:`StreamStage`, the stream loop over
+    ``make_loader(0)``."""
     first = make_loader(0)
-    stream = hasattr(first, "load_state_dict")  # shards itself; resumes from its own state, not by skipping
-    if stream and (stage.epochs != 1 or not stage.steps_per_epoch):
-        raise ValueError("a stream is one epoch of the loop, with steps_per_epoch given")
+    _check_loader(stage, first)
     optim = optim or Optim()
-    model, optimizer, scheduler, sharded = _prepare(accelerator, model, len(first) if not stream else 0, stage,
-                                                    optim, stream)
-    ga, n = accelerator.gradient_accumulation_steps, accelerator.num_processes
-    _warn_few_steps(stage, stage.steps_per_epoch or math.ceil(math.ceil(len(first) / n) / ga), log)
-    state = _resume(accelerator, stage, checkpointing, first if stream else None, sharded, global_step, log)
+    model, optimizer, scheduler, sharded = _prepare(accelerator, model, stage, first, optim)
+    _warn_few_steps(accelerator, stage, first, log)
+    state = _resume(accelerator, stage, checkpointing, first, sharded, global_step, log)
     if state.finished:
         return state.result
-    steps = _Steps(accelerator, model, optimizer, scheduler, stage, optim.grad_clip, checkpointing, state, sharded)
-    for epoch in range(state.epoch, stage.epochs):
-        if stage.before_epoch is not None and state.batches == 0:  # mid-epoch, its state came from the checkpoint
-            stage.before_epoch(epoch)
-        loader = first if epoch == 0 else make_loader(epoch)
-        loss = steps.stream(loader) if stream else steps.epoch(epoch, accelerator.prepare(loader))
-        loss = _mean_over_ranks(accelerator, loss)  # the epoch's loss on all the data, not rank 0's share
-        stop = _end_epoch(accelerator, stage, state, loss)
-        steps.save(finished=stop or epoch + 1 == stage.epochs)
-        if stop:
-            break
+    parts = (accelerator, model, optimizer, scheduler, stage, optim.grad_clip, checkpointing, state, sharded)
+    if isinstance(stage, StreamStage):
+        _StreamLoop(*parts).run(first)
+    else:
+        _EpochLoop(*parts).run(first, make_loader)
     accelerator.wait_for_everyone()
     return state.result
 
 
-def _prepare(accelerator: Accelerator, model, batches: int, stage: Stage, optim: Optim, stream: bool):
-    """(model, optimizer, scheduler, Sharded or None). The schedule is sized from the loader: optimizer steps
-    per epoch = its batches (over all processes) / gradient accumulation, or ``stage.steps_per_epoch``."""
-    ga, n = accelerator.gradient_accumulation_steps, accelerator.num_processes
-    if is_sharded(model):  # FSDP: already distributed; checkpointed shard by shard (training.fsdp)
-        # the loop steps this scheduler once per optimizer step: its steps are the same on any process count
-        steps_per_epoch = stage.steps_per_epoch or math.ceil(math.ceil(batches / n) / ga)
-        optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch),
-                                           accelerator.device)
+def _check_loader(stage: Stage, loader) -> None:
+    """The stage's type says how the loop reads and resumes its loader; refuse a loader of the other kind."""
+    stateful = hasattr(loader, "load_state_dict")  # a stream resumes from its own state, not by skipping batches
+    kind = type(loader).__name__
+    if isinstance(stage, StreamStage) and not stateful:
+        raise ValueError(f"[{stage.tag}] a StreamStage reads a stream that keeps its own position (a torchdata "
+                         f"StatefulDataLoader over an iterable dataset), and this {kind} has no load_state_dict: "
+                         "train a map-style loader epoch by epoch with Stage")
+    if not isinstance(stage, StreamStage) and stateful:
+        raise ValueError(f"[{stage.tag}] a Stage trains epoch by epoch on a map-style loader, resumed by skipping "
+                         f"batches, and this {kind} keeps its own position (load_state_dict), as a stream does: "
+                         "train a stream with StreamStage(tag, lr, num_training_steps=...)")
+
+
+def _prepare(accelerator: Accelerator, model, stage: Stage, loader, optim: Optim):
+    """(model, optimizer, scheduler, Sharded or None): the model placed (DDP) or left sharded (FSDP: already
+    distributed, checkpointed shard by shard), with a schedule of :func:`_schedule_steps`."""
+    sharded = is_sharded(model)
+    optimizer, scheduler = optim.build(model, stage.lr, max(1, _schedule_steps(accelerator, stage, loader, sharded)),
+                                       accelerator.device)
+    if sharded:
         optimizer = accelerator.prepare(optimizer)
         return model, optimizer, scheduler, Sharded(model, optimizer, scheduler)
-    # Accelerate steps a prepared scheduler once per process at every optimizer step (it assumes steps counted
-    # on the global data, as the loader's length is); a stream's steps are each process's own.
-    steps_per_epoch = stage.steps_per_epoch or math.ceil(batches / ga)
-    units = n if stream else 1
-    optimizer, scheduler = optim.build(model, stage.lr, max(1, stage.epochs * steps_per_epoch * units),
-                                       accelerator.device)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return model, optimizer, scheduler, None
 
 
-def _resume(accelerator: Accelerator, stage: Stage, ck: Checkpointing | None, stream_loader, sharded,
+def _schedule_steps(accelerator: Accelerator, stage: Stage, loader, sharded: bool) -> int:
+    """The schedule's length in scheduler steps. The loop steps a sharded run's scheduler once per optimizer
+    step, the same on any process count. Accelerate steps a prepared scheduler once per process at every
+    optimizer step: it assumes steps counted on the global data, as a map-style loader's length is, while a
+    stream's steps are each process's own."""
+    if isinstance(stage, StreamStage):
+        return stage.num_training_steps * (1 if sharded else accelerator.num_processes)
+    per_epoch = (_epoch_steps(accelerator, loader) if sharded else  # the loader's length: batches of all processes
+                 math.ceil(len(loader) / accelerator.gradient_accumulation_steps))
+    return stage.epochs * per_epoch
+
+
+def _epoch_steps(accelerator: Accelerator, loader) -> int:
+    """Optimizer steps of an epoch on each process: its 1/N of the loader's batches, ``ga`` to a step."""
+    return math.ceil(math.ceil(len(loader) / accelerator.num_processes) / accelerator.gradient_accumulation_steps)
+
+
+# A stage of fewer optimizer steps than this is warned about: the model barely moves from where it starts.
+FEW_STEPS = 10
+
+
+def _warn_few_steps(accelerator: Accelerator, stage: Stage, loader, log: Callable[[str], None]) -> None:
+    """Warn about a stage of fewer than ``FEW_STEPS`` optimizer steps (on each process)."""
+    if isinstance(stage, StreamStage):
+        per_epoch = stage.num_training_steps
+        steps = min(per_epoch, stage.max_steps) if stage.max_steps else per_epoch
+    else:
+        per_epoch = _epoch_steps(accelerator, loader)
+        steps = stage.epochs * per_epoch
+    if 0 < steps < FEW_STEPS:
+        log(f"warning: [{stage.tag}] only {steps} optimizer step(s) ({stage.epochs} epoch(s) of {per_epoch}): "
+            "the model will barely move from where it starts; train more epochs or use a smaller train.batch_size")
+
+
+def _resume(accelerator: Accelerator, stage: Stage, ck: Checkpointing | None, loader, sharded,
             global_step: int, log) -> LoopState:
-    """The loop's state: from this stage's checkpoint when resuming (model, optimizer, RNG and the stream's
-    position restored), else a fresh one (and this stage's old checkpoints removed)."""
+    """The loop's state: from this stage's checkpoint when resuming (model, optimizer, RNG and the position in
+    the data restored), else a fresh one (and this stage's old checkpoints removed)."""
     state = LoopState(result=FitResult(global_step=global_step))
     start = ck.resume.checkpoint_for(stage.tag) if ck is not None and ck.resume is not None else None
     if start is None:
@@ -290,12 +328,12 @@ def _resume(accelerator: Accelerator, stage: Stage, ck: Checkpointing | None, st
         return state
     saved = load_checkpoint(accelerator, start, stage.tag, stage.extra_state, sharded, log)
     state = LoopState(**{**saved, "result": FitResult(**saved["result"])})
-    if saved["processes"] != accelerator.num_processes and state.batches and stream_loader is None:
+    if isinstance(stage, StreamStage):  # where the stream is: its loader's own state
+        restore_loader(loader, start, accelerator.process_index)
+    elif saved["processes"] != accelerator.num_processes and state.batches:
         state.batches, state.running = _rescaled(state, saved["processes"], accelerator.num_processes)
         log(f"[{stage.tag}] saved by {saved['processes']} processes, resumed on {accelerator.num_processes}: "
             f"continuing at batch {state.batches} of each process's part of the epoch")
-    if stream_loader is not None:
-        restore_loader(stream_loader, start, accelerator.process_index)
     log(f"[{stage.tag}] resumed from {start} (epoch {state.epoch + 1}, batch {state.batches}, "
         f"step {state.result.global_step})")
     state.processes = accelerator.num_processes
@@ -310,11 +348,15 @@ def _rescaled(state: LoopState, saved_by: int, processes: int) -> tuple[int, flo
 
 
 class _Steps:
-    """The optimizer steps of one :func:`fit`: forward, backward, clipping, logging, periodic checkpoints.
+    """What both loops share: the optimizer step (forward, backward, clipping), the read-backs and logging at
+    the log interval, periodic checkpoints, and an epoch's start and end. :class:`_EpochLoop` and
+    :class:`_StreamLoop` feed it batches.
 
     The host never waits for the device inside a step: the running loss is a device tensor, read (with the
     gradient norm and the health check) every ``log_every`` optimizer steps, before a checkpoint and at the end
     of an epoch — as torchtitan and nanoGPT read their values at the log interval only."""
+
+    unit: str  # what the progress bar counts
 
     def __init__(self, accelerator, model, optimizer, scheduler, stage: Stage, grad_clip, ck, state: LoopState,
                  sharded: Sharded | None = None):
@@ -324,68 +366,31 @@ class _Steps:
         self.grad_norm = None  # of the last optimizer step, before clipping (a device tensor)
         self.pending = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # losses not yet in state
         self.health = Health(accelerator)
-        self.host = HostReduce(accelerator)
 
-    def stream(self, loader) -> float:
-        """Optimizer steps over a stream until it ends on any rank (or ``max_steps``). The loss of a step is
-        normalised by the supervised tokens of all its micro-batches on all ranks, so every token weighs the
-        same however the tokens fall into packs, micro-batches and ranks."""
-        st, acc, ga = self.state, self.acc, self.acc.gradient_accumulation_steps
-        self.loader, it, out = loader, iter(loader), None
-        self.model.train()
-        total = self.stage.steps_per_epoch
-        if self.stage.max_steps is not None:  # a stream stopped early ends there, whatever the schedule's length
-            total = min(total, self.stage.max_steps) if total else self.stage.max_steps
-        bar = self._bar(None, self.stage.tag, total, st.result.global_step, unit="step")
-        while self.stage.max_steps is None or st.result.global_step < self.stage.max_steps:
-            group = [b for _, b in zip(range(ga), it)]
-            # the token count is read on the host (the labels are still there); one reduction for both numbers
-            tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-            short, tokens = self.host.sum([int(len(group) != ga), tokens])
-            if short:  # a partial last step (on any rank) is dropped
-                break
-            share = tokens / (ga * acc.num_processes)  # accelerate divides by ga, DDP by world
-            for b in group:
-                b = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-                aux = {k: b.pop(k) for k in self.stage.side_keys if k in b}
-                out, loss = self.step({**b, "num_items_in_batch": max(share, 1e-8)})
-                if self.stage.on_batch is not None:
-                    self.stage.on_batch({**b, **aux})
-                self.pending += loss / ga
-            st.batches += ga  # the stream's own position is in the loader's state, saved with every checkpoint
-            st.result.global_step += 1
-            bar.update(1)
-            self.after_step(out, {**b, **aux}, bar, ga)
-        bar.close()
-        if out is not None and st.result.global_step % self.stage.log_every:  # the last steps' values, logged too
-            self.after_step(out, {**b, **aux}, bar, ga, last=True)
-        self.settle()
-        return st.running * ga / max(1, st.batches)
+    def mean_loss(self) -> float:
+        """The mean loss of what this epoch trained on so far: the running sum over the batches done."""
+        return self.state.running / max(1, self.state.batches)
 
-    def epoch(self, epoch: int, loader) -> float:
-        """Run the rest of epoch ``epoch`` (skipping the batches a resumed state consumed); mean loss."""
-        st, acc, tag = self.state, self.acc, self.stage.tag
-        skip, n_batches = st.batches, len(loader)
-        if skip:
-            loader = acc.skip_first_batches(loader, skip)
-        self.model.train()
-        bar = self._bar(loader, f"{tag} epoch {epoch + 1}/{self.stage.epochs}", n_batches, skip)
-        for i, batch in enumerate(bar, start=skip):
-            out, loss = self.step(batch)
-            if self.stage.on_batch is not None:
-                self.stage.on_batch(batch)
-            self.pending += loss
-            st.batches = i + 1
-            if acc.sync_gradients:
-                st.result.global_step += 1
-                self.after_step(out, batch, bar, 1, last=i + 1 == n_batches)
-        self.settle()
-        return st.running / max(1, st.batches)
+    def position(self) -> int:
+        """Where the progress bar is, in its ``unit``."""
+        raise NotImplementedError
 
-    def _bar(self, iterable, desc: str, total: int | None, initial: int, unit: str = "batch"):
+    def begin_epoch(self, epoch: int) -> None:
+        # mid-epoch (resumed), what before_epoch would have made came from the checkpoint
+        if self.stage.before_epoch is not None and self.state.batches == 0:
+            self.stage.before_epoch(epoch)
+
+    def end_epoch(self, loss: float) -> bool:
+        """Record the epoch (validating when due) and checkpoint it; whether early stopping ends the stage."""
+        loss = _mean_over_ranks(self.acc, loss)  # the epoch's loss on all the data, not rank 0's share
+        stop = _end_epoch(self.acc, self.stage, self.state, loss)
+        self.save(finished=stop or self.state.epoch == self.stage.epochs)
+        return stop
+
+    def _bar(self, iterable, desc: str, total: int | None, initial: int):
         """A progress bar on a terminal (else a disabled one: :meth:`after_step` prints a line instead), and
         the clock the printed rate and ETA are measured from."""
-        self._clock = (time.perf_counter(), initial, total, desc, unit)
+        self._clock = (time.perf_counter(), initial, total, desc)
         return progress(iterable, desc, self.acc.is_local_main_process, total=total, initial=initial)
 
     def step(self, batch) -> tuple[Any, torch.Tensor]:
@@ -407,18 +412,18 @@ class _Steps:
         self.health.observe(loss, self.state.result.global_step + 1)
         return out, loss
 
-    def after_step(self, out, batch, bar, ga: int, last: bool = False) -> None:
+    def after_step(self, out, batch, bar, last: bool = False) -> None:
         """After an optimizer step: every ``log_every`` steps read the values back (loss, health, metrics);
         checkpoint every ``save_steps``."""
         step = self.state.result.global_step
         if step % self.stage.log_every == 0 or last:
             self.settle()
-            loss = self.state.running * ga / max(1, self.state.batches)
+            loss = self.mean_loss()
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if bar.disable and self.acc.is_local_main_process:  # a log file: one line, the bar's figures
-                t0, pos0, total, desc, unit = self._clock
-                pos = step if unit == "step" else self.state.batches
-                tqdm.write(step_line(desc, unit, pos, total, time.perf_counter() - t0, pos - pos0, loss=loss,
+                t0, pos0, total, desc = self._clock
+                pos = self.position()
+                tqdm.write(step_line(desc, self.unit, pos, total, time.perf_counter() - t0, pos - pos0, loss=loss,
                                      lr=self.sched.get_last_lr()[0]))
             self.log(out)
             self.metrics(batch, out)
@@ -456,6 +461,98 @@ class _Steps:
             self.state.finished = finished
             save_checkpoint(self.acc, self.ck, self.stage.tag, asdict(self.state), self.stage.extra_state,
                             self.loader, self.sharded)
+
+
+class _EpochLoop(_Steps):
+    """Epoch after epoch over ``make_loader(epoch)``; a resumed epoch skips the batches its checkpoint had
+    consumed. ``state.batches`` counts this epoch's batches, ``state.running`` sums their losses."""
+
+    unit = "batch"
+
+    def run(self, first, make_loader: Callable[[int], torch.utils.data.DataLoader]) -> None:
+        for epoch in range(self.state.epoch, self.stage.epochs):
+            self.begin_epoch(epoch)
+            loader = first if epoch == 0 else make_loader(epoch)
+            if self.end_epoch(self.epoch(epoch, self.acc.prepare(loader))):
+                break
+
+    def position(self) -> int:
+        return self.state.batches
+
+    def epoch(self, epoch: int, loader) -> float:
+        """Run the rest of epoch ``epoch`` (skipping the batches a resumed state consumed); mean loss."""
+        st, acc, tag = self.state, self.acc, self.stage.tag
+        skip, n_batches = st.batches, len(loader)
+        if skip:
+            loader = acc.skip_first_batches(loader, skip)
+        self.model.train()
+        bar = self._bar(loader, f"{tag} epoch {epoch + 1}/{self.stage.epochs}", n_batches, skip)
+        for i, batch in enumerate(bar, start=skip):
+            out, loss = self.step(batch)
+            if self.stage.on_batch is not None:
+                self.stage.on_batch(batch)
+            self.pending += loss
+            st.batches = i + 1
+            if acc.sync_gradients:
+                st.result.global_step += 1
+                self.after_step(out, batch, bar, last=i + 1 == n_batches)
+        self.settle()
+        return self.mean_loss()
+
+
+class _StreamLoop(_Steps):
+    """Optimizer steps over a stream until it ends on any rank (or ``max_steps``): one epoch. The loss of a step
+    is normalised by the supervised tokens of all its micro-batches on all ranks, so every token weighs the
+    same however the tokens fall into packs, micro-batches and ranks. ``state.batches`` counts micro-batches and
+    ``state.running`` sums step losses (each micro-batch adds its 1/ga share); the stream's own position is in
+    the loader's state, saved with every checkpoint."""
+
+    unit = "step"
+    stage: StreamStage
+
+    def run(self, loader) -> None:
+        self.host = HostReduce(self.acc)  # every rank builds it at the same point (a collective call)
+        self.begin_epoch(0)
+        self.end_epoch(self.stream(loader))
+
+    def position(self) -> int:
+        return self.state.result.global_step
+
+    def mean_loss(self) -> float:  # running sums step losses, batches counts micro-batches
+        return self.state.running * self.acc.gradient_accumulation_steps / max(1, self.state.batches)
+
+    def stream(self, loader) -> float:
+        """Run the stream to its end (on any rank) or ``max_steps``; mean loss of its steps."""
+        st, acc, ga, stage = self.state, self.acc, self.acc.gradient_accumulation_steps, self.stage
+        self.loader, it, out = loader, iter(loader), None
+        self.model.train()
+        # a stream stopped early ends there, whatever the schedule's length
+        total = stage.num_training_steps if stage.max_steps is None else min(stage.num_training_steps, stage.max_steps)
+        bar = self._bar(None, stage.tag, total, st.result.global_step)
+        while stage.max_steps is None or st.result.global_step < stage.max_steps:
+            group = [b for _, b in zip(range(ga), it)]
+            # the token count is read on the host (the labels are still there); one reduction for both numbers
+            tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+            short, tokens = self.host.sum([int(len(group) != ga), tokens])
+            if short:  # a partial last step (on any rank) is dropped
+                break
+            share = tokens / (ga * acc.num_processes)  # accelerate divides by ga, DDP by world
+            for b in group:
+                b = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+                aux = {k: b.pop(k) for k in stage.side_keys if k in b}
+                out, loss = self.step({**b, "num_items_in_batch": max(share, 1e-8)})
+                if stage.on_batch is not None:
+                    stage.on_batch({**b, **aux})
+                self.pending += loss / ga
+            st.batches += ga
+            st.result.global_step += 1
+            bar.update(1)
+            self.after_step(out, {**b, **aux}, bar)
+        bar.close()
+        if out is not None and st.result.global_step % stage.log_every:  # the last steps' values, logged too
+            self.after_step(out, {**b, **aux}, bar, last=True)
+        self.settle()
+        return self.mean_loss()
 
 
 class Health:

@@ -3,8 +3,9 @@
 
     with Run(cfg, "finetune") as run:              # accelerator, run directory, resolved config, barrier,
         ...                                        # TensorBoard trackers
-        r = run.fit(model, make_loader, Stage(...)) # the one loop, with this run's optimizer options and
-                                                    # checkpoints (one resume plan for every stage)
+        r = run.fit(model, make_loader, Stage(...)) # the one loop (StreamStage(...) for a stream), with this
+                                                    # run's optimizer options and checkpoints (one resume plan
+                                                    # for every stage)
         run.finish(metrics)                        # metrics.json written atomically by rank 0
 
 Inputs are validated before a ``Run`` is opened; if a user error (:class:`~lmrec.errors.LmrecError`) still
@@ -123,9 +124,10 @@ class Run:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def fit(self, model, make_loader, stage: Stage, global_step: int = 0, fallback: str | None = None) -> FitResult:
-        """The loop with this run's optimizer options and checkpoints. A stage that validated and kept no
-        epoch (every validation non-finite: the model diverged) stops the run, there being no model to save,
-        unless the caller has a ``fallback`` (what it keeps instead, said in the log)."""
+        """The loop (epochs for a :class:`Stage`, one pass for a :class:`StreamStage`) with this run's optimizer
+        options and checkpoints. A stage that validated and kept no epoch (every validation non-finite: the model
+        diverged) stops the run, there being no model to save, unless the caller has a ``fallback`` (what it
+        keeps instead, said in the log)."""
         r = fit(self.acc, model, make_loader, stage, optim=self.optim, checkpointing=self.checkpointing,
                 global_step=global_step, log=self.log)
         if stage.validate is not None and r.epochs_run > 0 and r.best_epoch < 0:
