@@ -55,3 +55,14 @@ def test_the_examples_of_a_page_run_as_written(page, tmp_path):
             cmd = [sys.executable, "-c", code]
         res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{page.name}, block {n + 1}:\n{code}\n--- stderr:\n{res.stderr[-3000:]}"
+
+
+def test_the_example_shops_are_what_their_script_writes(tmp_path):
+    """`examples/make_shop.py` is deterministic and the committed shops are its output."""
+    import runpy
+
+    make = runpy.run_path(str(ROOT / "examples" / "make_shop.py"))["main"]
+    for name, zh in (("shop", False), ("shop_zh", True)):
+        make(tmp_path / name, zh=zh)
+        for f in ("clicks.csv", "items.csv"):
+            assert (tmp_path / name / f).read_bytes() == (ROOT / "examples" / name / f).read_bytes(), (name, f)
