@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from lmrec.serve.app import build_app, create_app
-from lmrec.serve.backends import load_backend
+from lmrec.serve.families import load_backend
 from tests.conftest import ITEM_TEXTS, run_cli
 
 JSON = {"content-type": "application/json"}

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from lmrec.serve.app import Limits, build_app, create_app
-from lmrec.serve.backends import load_backend
+from lmrec.serve.families import load_backend
 from tests.serve.test_serve import Server
 
 KEY = "s3cret-key"

@@ -57,7 +57,7 @@ def serve(
     """Serve recommendations over HTTP (FastAPI + uvicorn): POST /recommend, /recommend/batch, /items;
     GET /items/{id}, /metadata, /health/live, /health/ready; OpenAPI docs at /docs. Production: docs/serving.md."""
     from lmrec.serve import app as service  # first: without the serve extra, one message naming it
-    from lmrec.serve.backends import detect_family, worker_count
+    from lmrec.serve.families import detect_family, worker_count
     from lmrec.training.distributed import inference_device
 
     _check_serve_options(model=model, sids=sids, port=port, index=index, max_wait_ms=max_wait_ms,

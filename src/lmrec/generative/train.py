@@ -27,13 +27,8 @@ from lmrec.generative.recommender import GenerativeRecommender, load_generative,
 from lmrec.generative.samples import align_sids, build_samples, pad_batch
 from lmrec.generative.sid import SemanticIds
 from lmrec.generative.stages import STAGES, ChunkedLossLM, loss_impl
-from lmrec.generative.streaming import (
-    StreamTally,
-    check_itemic_range,
-    require_decoder_only,
-    stream_loader_factory,
-    token_metrics,
-)
+from lmrec.generative.stream_loader import check_itemic_range, require_decoder_only, stream_loader_factory
+from lmrec.generative.train_metrics import StreamTally, token_metrics
 from lmrec.generative.vocab import read_meta, stored_dtype
 from lmrec.modelfiles import check_generative
 from lmrec.training.attention import segmented, with_segments

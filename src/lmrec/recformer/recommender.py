@@ -5,15 +5,15 @@
     item_table.safetensors             the frozen item table, one row per item of the catalog
     items.parquet                      the catalog: item_index, item_id, attrs (key/value text)
 
-Items added after training (``add_items``) live in memory; the service keeps them in an item store beside
-the model (:mod:`lmrec.data.item_store`, payload: the encoded vector) and appends them with
-:meth:`Recommender.append_stored`. Loading a directory reads its own catalog only, so offline evaluation
-ranks the dataset's items.
-
 Inference only: it encodes items and histories in batches, ranks all items for the evaluator (exact, in
 chunks), and recommends through a faiss index (exact below ``exact_max`` items, approximate above; see
 :mod:`lmrec.eval.index`). New items are encoded from their text and appended without retraining: what a
-text-based recommender is for. Training batches are built by ``lmrec.recformer.collator``.
+text-based recommender is for. The items it ranks, and how they grow, are its
+:class:`~lmrec.recformer.catalog.Catalog` (:mod:`lmrec.recformer.catalog`): items added after training live
+in memory; the service keeps them in an item store beside the model (:mod:`lmrec.data.item_store`, payload:
+the encoded vector) and appends them with :meth:`Recommender.append_stored`. Loading a directory reads its
+own catalog only, so offline evaluation ranks the dataset's items. Training batches are built by
+``lmrec.recformer.collator``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lmrec.data.item_store import StoredItem, check_new_ids, decode_vector, encode_vector
+from lmrec.data.item_store import StoredItem
 from lmrec.data.prepare import read_items, write_items
 from lmrec.errors import LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
@@ -36,12 +36,11 @@ from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.io import atomic_dir
 from lmrec.modelfiles import check_format, write_marker
 from lmrec.progress import progress
+from lmrec.recformer.catalog import Catalog, ItemText, TableBuffer, store_records, stored_vectors
 from lmrec.recformer.collator import history_inputs
 from lmrec.recformer.configuration_recformer import RecformerConfig
 from lmrec.recformer.modeling_recformer import RecformerForSeqRec
 from lmrec.recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
-
-ItemText = list[tuple[str, str]]
 
 
 class Recommender:
@@ -51,17 +50,33 @@ class Recommender:
         self.tokenizer = tokenizer
         self.index_kind, self.exact_max = index_kind, exact_max
         self.added = 0  # items appended by add_items (the last ``added`` of the catalog)
+        self._table = TableBuffer()
         self.set_catalog(item_ids, item_text)
 
     # ------------------------------------------------------------------------------------------ catalog
     def set_catalog(self, item_ids: list[str], item_text: list[ItemText]) -> None:
         """Use another catalog (zero-shot on new items); the item table must be re-encoded."""
-        self.item_ids = list(item_ids)
-        self.item_text = list(item_text)
-        self.item_index = {it: i for i, it in enumerate(self.item_ids)}
-        self.item_tokens: list[ItemTokens] = self.tokenizer.encode_items(self.item_text)
+        self.catalog = Catalog(self.tokenizer, item_ids, item_text)
         self.model.set_item_embeddings(torch.zeros(0, self.model.config.hidden_size))
         self._index: ItemIndex | None = None
+
+    # the catalog's lists under the names every family's recommender has: the evaluator, the service and the
+    # collators read them from any of them
+    @property
+    def item_ids(self) -> list[str]:
+        return self.catalog.item_ids
+
+    @property
+    def item_text(self) -> list[ItemText]:
+        return self.catalog.item_text
+
+    @property
+    def item_index(self) -> dict[str, int]:
+        return self.catalog.item_index
+
+    @property
+    def item_tokens(self) -> list[ItemTokens]:
+        return self.catalog.item_tokens
 
     def ready_for(self, item_ids: list[str], item_text: list[ItemText], batch_size: int = 256) -> Recommender:
         """Ready to rank ``item_ids``: switch to that catalog when it differs, encode the item table when it
@@ -171,56 +186,25 @@ class Recommender:
                     ) -> list[StoredItem]:
         """New items checked (ids not in the catalog, text present) and encoded, ready for the item store and
         :meth:`append_stored`; the catalog is unchanged."""
-        from lmrec.errors import DataError
-
-        item_ids, item_text = [str(i) for i in item_ids], [list(t) for t in item_text]
-        if len(item_ids) != len(item_text):
-            raise LmrecError(f"{len(item_ids)} item ids for {len(item_text)} item texts")
-        check_new_ids(item_ids, self.item_index)
-        for it, text in zip(item_ids, item_text):
-            if not text or not any(v.strip() for _, v in text):
-                raise DataError(f"item {it!r} has no text (expected key/value attributes)", file="items")
+        item_ids, item_text = self.catalog.checked_new(item_ids, item_text)
         vectors = self.encode_texts(item_text, batch_size, normalize=False).float().cpu().numpy()
-        return [StoredItem(it, t, {"vector": encode_vector(v)}) for it, t, v in zip(item_ids, item_text, vectors)]
+        return store_records(item_ids, item_text, vectors)
 
     def append_stored(self, items: Sequence[StoredItem]) -> int:
         """Append stored items (with their vectors) to the catalog, the item table and the index, without
         encoding; ids already in the catalog are skipped (the catalog's entry wins). Returns how many."""
-        items = [it for it in items if it.item_id not in self.item_index]
+        items = self.catalog.unseen(items)
         if not items:
             return 0
-        vectors = torch.from_numpy(np.stack([decode_vector(it.payload["vector"]) for it in items]))
-        if vectors.shape[1] != self.model.config.hidden_size:
-            raise LmrecError(f"stored item {items[0].item_id!r}: a vector of width {vectors.shape[1]} for a model "
-                             f"of hidden size {self.model.config.hidden_size} (an item store of another model?)")
+        vectors = stored_vectors(items, self.model.config.hidden_size)
         if not self.has_item_table:
             self.encode_items(show_progress=False)
-        self._append([it.item_id for it in items], [list(it.text) for it in items], vectors)
+        self.catalog.extend([it.item_id for it in items], [list(it.text) for it in items])
+        self.model.set_item_embeddings(self._table.grown(self.model.item_embeddings, vectors))
+        if self._index is not None:
+            self._index.add(F.normalize(vectors.float(), dim=-1).cpu().numpy())
         self.added += len(items)
         return len(items)
-
-    def _append(self, item_ids: list[str], item_text: list[ItemText], vectors: torch.Tensor) -> None:
-        """Catalog, item table and index grow by these items (their table rows: ``vectors``), in O(added)
-        amortised: the table is a view of a buffer that doubles when full."""
-        start = len(self.item_ids)
-        self.item_ids += item_ids
-        self.item_text += item_text
-        self.item_index.update({it: start + j for j, it in enumerate(item_ids)})
-        self.item_tokens += self.tokenizer.encode_items(item_text)
-        self.model.set_item_embeddings(self._grown_table(vectors))
-        if self._index is not None and len(item_ids):
-            self._index.add(F.normalize(vectors.float(), dim=-1).cpu().numpy())
-
-    def _grown_table(self, vectors: torch.Tensor) -> torch.Tensor:
-        table = self.model.item_embeddings
-        n, m = table.shape[0], vectors.shape[0]
-        buf = getattr(self, "_table_buffer", None)
-        if buf is None or buf.shape[0] < n + m or buf.data_ptr() != table.data_ptr() or buf.dtype != table.dtype:
-            buf = torch.empty(max(2 * (n + m), 64), table.shape[1], dtype=table.dtype, device=table.device)
-            buf[:n] = table
-            self._table_buffer = buf
-        buf[n : n + m] = vectors.to(buf.device, buf.dtype)
-        return buf[: n + m]
 
     def encode_texts(self, item_text: Sequence[ItemText], batch_size: int = 256, normalize: bool = True
                      ) -> torch.Tensor:

@@ -35,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lmrec.errors import LmrecError
-from lmrec.serve.backends import Backend, BadRequest, Hit, Query
+from lmrec.serve.backend import Backend, BadRequest, Hit, Query
 from lmrec.serve.batching import DynamicBatcher, Overloaded
 from lmrec.serve.http import Gate, bad_request, invalid, lmrec_error
 from lmrec.serve.schemas import (
@@ -290,7 +290,7 @@ def build_app(*, model: str, data: str | None = None, sids: str | None = None, i
               limits: dict | None = None, item_store: str | None = None, api_key: str | None = None,
               api_key_file: str | None = None, auth: str = "mutate", device: str = "cpu",
               log: Callable[[str], None] = print):
-    from lmrec.serve.backends import load_backend
+    from lmrec.serve.families import load_backend
 
     key = api_key or read_api_key(api_key_file)
     delay = float(os.environ.get("LMREC_SERVE_TEST_BATCH_DELAY_MS", "0")) / 1000  # tests only: slow forwards

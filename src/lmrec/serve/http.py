@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lmrec.errors import LmrecError
-from lmrec.serve.backends import BadRequest
+from lmrec.serve.backend import BadRequest
 
 RETRY_AFTER_S = 1  # what a 503 tells a client to wait: a queue drains in well under a second at capacity
 
