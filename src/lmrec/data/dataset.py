@@ -12,8 +12,6 @@ from lmrec.data.prepare import FORMAT_VERSION, read_items
 from lmrec.errors import DataError, LmrecError
 from lmrec.modelfiles import read_json
 
-ItemText = list[tuple[str, str]]
-
 
 @dataclass
 class Examples:

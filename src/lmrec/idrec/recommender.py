@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lmrec.data.prepare import read_items, write_items
+from lmrec.data.readers import ItemText
 from lmrec.errors import DataError, LmrecError
 from lmrec.eval.evaluator import RankFn, dot_rank_fn
 from lmrec.eval.index import ItemIndex, top_k
@@ -27,8 +28,6 @@ from lmrec.eval.ranking import DEFAULT_CHUNK
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
 from lmrec.io import atomic_dir
 from lmrec.modelfiles import check_format, write_marker
-
-ItemText = list[tuple[str, str]]
 
 
 def is_id_model(path: str | Path) -> bool:

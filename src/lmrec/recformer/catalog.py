@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from lmrec.data.item_store import StoredItem, check_new_ids, decode_vector, encode_vector
+from lmrec.data.readers import ItemText
 from lmrec.errors import DataError, LmrecError
 from lmrec.recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
-
-ItemText = list[tuple[str, str]]
 
 
 class Catalog:

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from lmrec.data.item_store import ItemStore, StoredItem, default_store_path
+from lmrec.data.readers import ItemText
 from lmrec.errors import DataError, LmrecError
 
-ItemText = list[tuple[str, str]]
 LEGACY_ADDED = "added_items.parquet"  # where lmrec kept added items before the item store
 
 
