@@ -115,9 +115,11 @@ def test_shipped_data_config_loads():
     assert [s.name for s in cfg.sources] == ["rec", "general_text"] and cfg.sources[1].weight == 0.3
 
 
-@pytest.mark.parametrize("name,think", [("stg1.json", False), ("sft.json", True)])
-def test_the_stage_data_configs_the_readme_names_load(name, think):
+@pytest.mark.parametrize("name,source,think", [("stg1.json", "rec_align", False), ("sft.json", "rec", True)])
+def test_the_stage_data_configs_the_docs_name_load(name, source, think):
     from lmrec.data.data_config import load_data_config
 
     cfg = load_data_config(ROOT / "configs" / name)
-    assert [s.name for s in cfg.sources] == ["rec"] and cfg.add_think_pattern is think
+    assert [s.name for s in cfg.sources] == [source] and cfg.add_think_pattern is think
+    # the docs' recipe writes what each config reads (stage 1: the samples with alignment)
+    assert f"--out {cfg.sources[0].path.removesuffix('/train')}" in (ROOT / "docs" / "scale.md").read_text()
