@@ -92,7 +92,10 @@ def _param_row(p) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """A help text as one table cell: on one line, its pipes escaped, and its angle brackets outside code
+    spans written as entities (``checkpoints/<stage>/`` would otherwise be read as an HTML tag and vanish)."""
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    return "`".join(part if i % 2 else part.replace("<", "&lt;").replace(">", "&gt;") for i, part in enumerate(parts))
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -43,6 +43,7 @@ def test_the_cli_reference_names_every_command_and_option(site):
                     assert p.opts[0] in html, (full, p.opts[0])
             seen += 1
     assert seen >= 25
+    assert "checkpoints/&lt;stage&gt;/step-N" in html  # a help text's <placeholder> is text, not a lost tag
 
 
 def test_the_config_reference_has_every_key_with_its_default(site):

@@ -44,7 +44,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 RESUME_HELP = ("Continue a killed run exactly: 'auto' (latest checkpoint in the output directory), a run "
                "directory, or one checkpoint directory (.../checkpoints/<stage>/step-N).")
-OVERWRITE_HELP = ("Replace what a non-empty output directory holds (refused otherwise). Same as "
+OVERWRITE_HELP = ("Replace what a non-empty output directory holds (refused otherwise). Same as --set "
                   "train.overwrite=true.")
 BACKBONE_HELP = ("Local backbone directory (default: $LMREC_BACKBONE, else $MODEL_NAME_OR_PATH, else the embedded "
                  "default).")
@@ -74,8 +74,8 @@ def _run_flags(resume_from: str | None, overwrite: bool) -> list[str]:
     return [f"train.resume_from={resume_from}"] * bool(resume_from) + ["train.overwrite=true"] * overwrite
 
 
-SET_HELP = ("KEY=VALUE: a configuration override (repeatable), e.g. --set train.lr=1e-4 (the keys: "
-            "`lmrec config` in the docs' configuration reference). Plain KEY=VALUE arguments do the same.")
+SET_HELP = ("KEY=VALUE: a configuration override (repeatable), e.g. --set train.lr=1e-4 (every key: the "
+            "documentation's run-configuration reference). Plain KEY=VALUE arguments do the same.")
 SET_MODELS_HELP = ("[MODEL:]KEY=VALUE: a configuration override (repeatable). MODEL:KEY=VALUE for one model's "
                    "runs (e.g. sasrec:train.patience=5); KEY=VALUE for every model of the run whose configuration "
                    "has KEY (e.g. eval.exclude_history=true).")
