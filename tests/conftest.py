@@ -44,6 +44,12 @@ def walk_interactions(users: int = 60, items: int = 40, steps: int = 8):
     return u, i, t
 
 
+# What `one_thread` (below) does for this process, for a subprocess that trains: run_cli(..., env=ONE_THREAD).
+# On a busy machine a second thread of a tiny model waits for the other process's cores: a `gen train` run
+# took twice as long on two threads as on one (on an idle machine, about the same).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One thread: models this small train faster on it (a second one costs more in hand-offs than it adds,

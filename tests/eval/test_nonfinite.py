@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmrec.eval.ranking import target_ranks, top_k
-from tests.conftest import run_cli
+from tests.conftest import ONE_THREAD, run_cli
 from tests.training.test_distributed import synthetic_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -214,7 +216,7 @@ def test_a_nan_recformer_evaluates_to_zero_as_a_new_user_sees_it(trained, tmp_pa
     """The acceptance of point 1: the quickstart-style RecFormer with every weight NaN printed recall@10,
     NDCG@10 and MRR 1.0000 through `lmrec evaluate`; now ~0, with a warning naming the users."""
     model = _nan_copy(trained / "run" / "model", tmp_path / "nan")
-    res = run_cli("evaluate", "--model", model, "--data", trained / "ml")
+    res = run_cli("evaluate", "--model", model, "--data", trained / "ml", env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-2000:]
     row = next(line for line in res.stdout.splitlines() if "RecFormer" in line)
     values = [float(x) for x in row.replace("│", " ").split()[1:5]]  # recall@10, ndcg@10, mrr@10, mrr

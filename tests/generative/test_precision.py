@@ -6,6 +6,7 @@ an untied head is refused, and check-model compares the export's ranking metrics
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,8 +18,11 @@ from lmrec.errors import LmrecError
 from lmrec.generative.default_model import build_default_lm
 from lmrec.generative.sid import build_sids
 from lmrec.generative.vocab import expand_vocab, load_lm, read_meta
-from tests.conftest import run_cli
+from tests.conftest import ONE_THREAD, run_cli
 from tests.training.test_distributed import synthetic_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+cli = partial(run_cli, env=ONE_THREAD)  # the commands on one thread too (conftest.ONE_THREAD)
 
 TEXTS = ["title: thing 1 red; kind: kind 1", "title: thing 2 blue; kind: kind 2", "hello world"] * 10
 NORM = "model.layers.0.input_layernorm.weight"  # all 1.0 at init: an update below 2**-8 vanishes in bf16
@@ -80,14 +84,19 @@ def test_expand_vocab_keeps_the_stored_dtype_and_says_so(setup, tmp_path):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_small_update_survives_training_from_a_bf16_checkpoint(setup, tmp_path, lora):
     """lr 1e-6: every step moves a weight by about 1e-6, far below bf16's spacing at 1.0 (2**-7); with bf16
-    weights (no fp32 master copy) the saved model would equal the start."""
+    weights (no fp32 master copy) the saved model would equal the start. (Trained in this process: what
+    `gen train` calls; the command runs in tests/generative/test_training.py.)"""
+    from lmrec.config import GenRunConfig, load_config
+    from lmrec.generative.train import train_generative
+
     root, *_ = setup
     run = tmp_path / "run"
-    res = run_cli("gen", "train", "--stage", "sft" if lora else "2", "--model", root / "x16", "--data",
-                  root / "data", "--sids", root / "sids", "--output-dir", run, *(["--lora"] if lora else []),
-                  "train.epochs=1", "train.batch_size=32", "train.lr=1e-6", "train.warmup_ratio=0",
-                  "train.lr_schedule=constant", "eval.beams=4", "eval.ks=[5,10]")
-    assert res.returncode == 0, res.stderr[-3000:]
+    said: list[str] = []
+    cfg = load_config(None, [f"output_dir={run}", f"train.stage={'sft' if lora else '2'}",
+                             f"train.lora={str(lora).lower()}", "train.epochs=1", "train.batch_size=32",
+                             "train.lr=1e-6", "train.warmup_ratio=0", "train.lr_schedule=constant", "eval.beams=4",
+                             "eval.ks=[5,10]"], schema=GenRunConfig)
+    train_generative(cfg, model_dir=root / "x16", data=root / "data", sids_dir=root / "sids", log=said.append)
     before = load_file(str(root / "x16" / "model.safetensors"))
     if lora:  # the frozen base is saved as it came (exact), the trained part in fp32
         assert _dtypes(run / "model" / "base_model") == {"BF16"}
@@ -108,8 +117,8 @@ def test_a_small_update_survives_training_from_a_bf16_checkpoint(setup, tmp_path
         assert ((norm - 1).abs() < 2 ** -9).all() and (norm.to(torch.bfloat16) == 1).all()  # ... below bf16's step
         changed = after[PROJ] != before[PROJ].float()
     assert changed.float().mean() > 0.9
-    assert "float32 master weights" in res.stdout + res.stderr
-    assert f"{root / 'x16'} stores bfloat16" in res.stdout + res.stderr
+    assert any("float32 master weights" in m for m in said), said
+    assert any(f"{root / 'x16'} stores bfloat16" in m for m in said), said
 
 
 def _checkpoint(root, model_dir, state: dict) -> object:
@@ -172,7 +181,7 @@ def test_export_is_fp32_by_default_and_check_model_compares_the_rankings(setup, 
     from lmrec.generative.export import check_model, export_model
 
     root, *_ = setup
-    res = run_cli("gen", "export", fragile, tmp_path / "fp32")
+    res = cli("gen", "export", fragile, tmp_path / "fp32")
     assert res.returncode == 0 and "(fp32)" in res.stdout, res.stderr[-2000:]
     assert _dtypes(tmp_path / "fp32") == {"F32"}
     checks = check_model(tmp_path / "fp32", source=fragile, data=root / "data", sids=root / "sids", beams=10)
@@ -182,8 +191,8 @@ def test_export_is_fp32_by_default_and_check_model_compares_the_rankings(setup, 
     assert "0 of 40 test users' target rank changed" in ranking.detail
     # bf16 on request: the rows the model tells items apart by collapse, and check-model says what changed
     export_model(fragile, tmp_path / "bf16", dtype="bf16")
-    res = run_cli("gen", "check-model", tmp_path / "bf16", "--source", fragile, "--data", root / "data", "--sids",
-                  root / "sids", "--beams", "10")
+    res = cli("gen", "check-model", tmp_path / "bf16", "--source", fragile, "--data", root / "data", "--sids",
+              root / "sids", "--beams", "10")
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-2000:]
     line = next(x for x in res.stdout.splitlines() if "ranking metrics equal the source" in x)
     assert "FAIL" in line and "→" in line and "source (fp32)" in res.stdout and "Traceback" not in res.stderr

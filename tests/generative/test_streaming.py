@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import ONE_THREAD, run_cli
 from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
 from tests.training.test_distributed import synthetic_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+cli = partial(run_cli, env=ONE_THREAD)  # the commands on one thread too (conftest.ONE_THREAD)
 STREAM = ["train.batch_size=2", "train.num_training_steps=12", "train.lr=3e-3", "train.log_every=2"]
 
 
@@ -47,12 +50,34 @@ def corpus(tmp_path_factory):
     return root
 
 
-def test_stream_stage_trains_validates_and_logs_its_metrics(corpus, tmp_path):
-    run = tmp_path / "run"
-    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config",
-                  corpus / "data_config.json", "--data", corpus / "data", "--sids", corpus / "sids",
-                  "--output-dir", run, *STREAM, "eval.beams=5", "eval.ks=[5]", "eval.metric=ndcg@5",
-                  "train.peak_tflops=1")
+def train_in_process(corpus: Path, run: Path, *overrides: str, stage: str = "2"):
+    """``gen train --stage STAGE --data-config`` in this process, where the command itself is not what a test
+    is about: the function the command calls."""
+    from lmrec.config import GenRunConfig, load_config
+    from lmrec.generative.train import train_generative
+
+    cfg = load_config(None, [f"output_dir={run}", f"train.stage={stage}", *overrides], schema=GenRunConfig)
+    return train_generative(cfg, model_dir=corpus / "model", data_config=corpus / "data_config.json",
+                            log=lambda m: None)
+
+
+def stream_args(corpus: Path) -> list:
+    """`gen train --data-config` with validation and test on the prepared dataset, a checkpoint every 2 steps."""
+    return ["gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config", corpus / "data_config.json",
+            "--data", corpus / "data", "--sids", corpus / "sids", *STREAM, "eval.beams=5", "eval.ks=[5]",
+            "eval.metric=ndcg@5", "train.peak_tflops=1", "train.save_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def stream_run(corpus, tmp_path_factory):
+    """One uninterrupted stream stage through the command: its output is checked, and the killed-and-resumed
+    run must equal it."""
+    run = tmp_path_factory.mktemp("stream_run") / "run"
+    return run, cli(*stream_args(corpus), "--output-dir", run)
+
+
+def test_stream_stage_trains_validates_and_logs_its_metrics(corpus, stream_run):
+    run, res = stream_run
     assert res.returncode == 0, res.stderr[-3000:]
     assert "streaming" in res.stderr and "generative" in res.stdout
     metrics = json.loads((run / "metrics.json").read_text())
@@ -73,28 +98,32 @@ def test_itemic_range_is_derived_and_a_wrong_one_is_an_error(corpus, tmp_path):
     cfg = json.loads((corpus / "data_config.json").read_text())
     cfg["itemic_id_range"] = [1, 2]
     (tmp_path / "c.json").write_text(json.dumps(cfg))
-    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config", tmp_path / "c.json",
-                  "--output-dir", tmp_path / "run", *STREAM)
+    res = cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config", tmp_path / "c.json",
+              "--output-dir", tmp_path / "run", *STREAM)
     assert res.returncode == 2 and "does not match the model's sid_vocab.json" in res.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_sigkill_mid_stream_then_resume_gives_identical_weights(corpus, tmp_path):
-    args = ["gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config", corpus / "data_config.json",
-            *STREAM, "train.save_steps=2"]
-    ref = run_cli(*args, "--output-dir", tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_sigkill_mid_stream_then_resume_gives_identical_weights(corpus, stream_run, tmp_path):
+    """Killed after a checkpoint in the middle of the stream and resumed: the weights, the step count, the
+    history (the validation at the stream's end included), the stream's counts and the test metrics equal
+    those of the uninterrupted run with the same arguments (`stream_run`)."""
+    ref, res = stream_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    args = stream_args(corpus)
     run = tmp_path / "killed"
-    run_and_kill([*args, "--output-dir", run], lambda: len(checkpoints(run, "stage2")) >= 1, tmp_path / "k.log")
+    run_and_kill([*args, "--output-dir", run], lambda: len(checkpoints(run, "stage2")) >= 1, tmp_path / "k.log",
+                 env=ONE_THREAD)
     assert not (run / "model").exists()
     saved = checkpoints(run, "stage2")[-1]
     assert (saved / "loader_state_rank0.json").exists()
-    res = run_cli(*args, "--output-dir", run, "--resume-from", "auto")
+    res = cli(*args, "--output-dir", run, "--resume-from", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr
-    assert_same_weights(tmp_path / "ref" / "model" / "model.safetensors", run / "model" / "model.safetensors")
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ref", run))
+    assert_same_weights(ref / "model" / "model.safetensors", run / "model" / "model.safetensors")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, run))
     assert a["steps"] == b["steps"] and a["history"] == b["history"] and a["stream"] == b["stream"]
+    assert a["test"] == b["test"]
 
 
 def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
@@ -200,11 +229,13 @@ def test_a_glob_that_reaches_the_valid_and_test_samples_is_refused(corpus):
 
 
 def test_a_stream_that_ends_before_its_first_step_is_an_error(corpus, tmp_path):
-    """A rank with fewer packs than one step's would end the run at step 0 and save the unchanged model."""
-    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config",
-                  corpus / "data_config.json", "--output-dir", tmp_path / "run", "train.grad_accum=100")
-    assert res.returncode == 2, res.stderr[-3000:]
-    assert "the stream ended before the first optimizer step" in res.stderr and "Traceback" not in res.stderr
+    """A rank with fewer packs than one step's would end the run at step 0 and save the unchanged model.
+    Raised as an LmrecError, which the command prints as one message with exit status 2 (as for the wrong
+    itemic range above)."""
+    from lmrec.errors import LmrecError
+
+    with pytest.raises(LmrecError, match="the stream ended before the first optimizer step"):
+        train_in_process(corpus, tmp_path / "run", "train.grad_accum=100")
     assert not (tmp_path / "run" / "model").exists()
 
 
@@ -212,10 +243,8 @@ def test_stage1_on_a_stream_with_the_chunked_loss_keeps_every_old_row(corpus, tm
     from lmrec.generative.vocab import read_meta
 
     run = tmp_path / "run"
-    res = run_cli("gen", "train", "--stage", "1", "--model", corpus / "model", "--data-config",
-                  corpus / "data_config.json", "--output-dir", run, *STREAM, "train.max_steps=4",
-                  "train.loss_chunk_tokens=32", "train.weight_decay=0.1")
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_in_process(corpus, run, *STREAM, "train.max_steps=4", "train.loss_chunk_tokens=32",
+                     "train.weight_decay=0.1", stage="1")
     assert json.loads((run / "metrics.json").read_text())["steps"] == 4
     meta = read_meta(corpus / "model")
     new = sorted(sum(meta["level_token_ids"], []) + [meta["sid_begin"], meta["sid_end"]])
@@ -228,17 +257,14 @@ def test_stage1_on_a_stream_with_the_chunked_loss_keeps_every_old_row(corpus, tm
 
 def test_export_a_checkpoint_and_check_it(corpus, tmp_path):
     run = tmp_path / "run"
-    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data-config",
-                  corpus / "data_config.json", "--output-dir", run, *STREAM, "train.max_steps=3", "train.save_steps=3",
-                  "train.loss_chunk_tokens=64")
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_in_process(corpus, run, *STREAM, "train.max_steps=3", "train.save_steps=3", "train.loss_chunk_tokens=64")
     ckpt = checkpoints(run, "stage2")[-1]
     out = tmp_path / "export-fp32"
-    res = run_cli("gen", "export", ckpt, out, "--dtype", "fp32", "--max-shard-size", "500KB")
+    res = cli("gen", "export", ckpt, out, "--dtype", "fp32", "--max-shard-size", "500KB")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "model.safetensors.index.json").exists() and (out / "sid_vocab.json").exists()
-    res = run_cli("gen", "check-model", out, "--source", ckpt, "--data", corpus / "data", "--sids",
-                  corpus / "sids", "--beams", "5")
+    res = cli("gen", "check-model", out, "--source", ckpt, "--data", corpus / "data", "--sids",
+              corpus / "sids", "--beams", "5")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert res.stdout.count("PASS") == 4 and "FAIL" not in res.stdout and "export" in res.stdout
     from lmrec.generative.export import check_model, export_model  # what the two commands call
@@ -255,7 +281,7 @@ def test_export_a_checkpoint_and_check_it(corpus, tmp_path):
     # a broken export (a shard missing) is bad input: one message naming the shard, exit 2
     shard = sorted((tmp_path / "export-fp32").glob("model-*.safetensors"))[0]
     shard.unlink()
-    res = run_cli("gen", "check-model", tmp_path / "export-fp32", "--source", ckpt)
+    res = cli("gen", "check-model", tmp_path / "export-fp32", "--source", ckpt)
     assert res.returncode == 2 and f"{shard}: missing" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -289,20 +315,24 @@ def test_stage1_sharded_under_torchrun_in_bf16_keeps_every_old_row(corpus, tmp_p
     emb_before, emb_after = before["model.embed_tokens.weight"], after["model.embed_tokens.weight"]
     assert torch.equal(emb_before[old], emb_after[old]) and not torch.equal(emb_before[~old], emb_after[~old])
     assert all(torch.equal(before[k], after[k]) for k in before if "embed_tokens" not in k and "lm_head" not in k)
-    # the sharded checkpoint → one process's HF export, checked against the checkpoint
+    # the sharded checkpoint → one process's HF export, checked against the checkpoint (in this process: what
+    # `gen export` and `gen check-model` call; test_export_a_checkpoint_and_check_it runs the commands)
+    from lmrec.generative.export import check_model, export_model
+
     ckpt = run / "checkpoints" / "stage1" / "step-00000002"
-    assert run_cli("gen", "export", ckpt, tmp_path / "hf", "--dtype", "fp32").returncode == 0
-    res = run_cli("gen", "check-model", tmp_path / "hf", "--source", ckpt)
-    assert res.returncode == 0 and "logits equal the source's" in res.stdout, res.stdout + res.stderr
+    export_model(ckpt, tmp_path / "hf", dtype="fp32")
+    checks = check_model(tmp_path / "hf", source=ckpt)
+    assert all(c.ok is not False for c in checks), checks  # what the command's exit status says
+    assert any(c.name == "logits equal the source's" and c.ok for c in checks), checks
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))["model.embed_tokens.weight"]
     assert torch.equal(exported[old], emb_before[old]) and not torch.equal(exported[~old], emb_before[~old])
 
 
 def test_sharded_on_one_process_with_a_prepared_dataset_is_tested_at_the_end(corpus, tmp_path):
     run = tmp_path / "run"
-    res = run_cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data", corpus / "data", "--sids",
-                  corpus / "sids", "--output-dir", run, "train.fsdp=true", "train.epochs=1", "train.batch_size=16",
-                  "eval.beams=4")
+    res = cli("gen", "train", "--stage", "2", "--model", corpus / "model", "--data", corpus / "data", "--sids",
+              corpus / "sids", "--output-dir", run, "train.fsdp=true", "train.epochs=1", "train.batch_size=16",
+              "eval.beams=4")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "no beam-search validation during training" in res.stdout + res.stderr
     metrics = json.loads((run / "metrics.json").read_text())

@@ -3,6 +3,7 @@ embedding row bit-for-bit unchanged under weight decay, stage 2 / LoRA train, th
 generates exactly what the adapter model generates, and the evaluator's metrics come out."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,9 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from lmrec.generative.vocab import read_meta
-from tests.conftest import run_cli
+from tests.conftest import ONE_THREAD, run_cli
 from tests.test_chinese_e2e import generated_chinese_shop
+from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+cli = partial(run_cli, env=ONE_THREAD)  # the commands on one thread too (conftest.ONE_THREAD)
 FAST = ["train.epochs=2", "train.batch_size=32", "data.targets_per_user=3", "data.max_history=5",
         "eval.beams=10", "eval.ks=[5,10]", "train.weight_decay=0.1", "train.lr=5e-3"]
 
@@ -20,36 +24,50 @@ FAST = ["train.epochs=2", "train.batch_size=32", "data.targets_per_user=3", "dat
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory):
     root = generated_chinese_shop(tmp_path_factory.mktemp("gen_shop"), n_users=60, n_items=30)
-    res = run_cli("data", "prepare", root / "inter.csv", root / "data", "--items", root / "items.csv",
-                  "--text", "title=title,brand=brand,category=category")
+    res = cli("data", "prepare", root / "inter.csv", root / "data", "--items", root / "items.csv",
+              "--text", "title=title,brand=brand,category=category")
     assert res.returncode == 0, res.stderr
-    from lmrec.generative.api import build_semantic_ids
-
-    rng = np.random.default_rng(0)
     # semantic IDs from a saved embedding-free path is exercised in test_generative; here a fixed encoder:
-    # the real MiniLM when installed, else random vectors through the library function
+    # the real MiniLM when installed, else random vectors through the library function. In this process:
+    # `lmrec sid build` runs as a command in tests/data/test_unknown_text.py (the same function, semantic_ids)
     from lmrec.generative import sid as sid_mod
 
     if sid_mod.default_encoder() is not None:
-        res = run_cli("sid", "build", "--data", root / "data", "--out", root / "sids", "--codes", "4", "--levels", "2")
-        assert res.returncode == 0, res.stderr
+        from lmrec.pipeline import semantic_ids
+
+        semantic_ids(root / "data", root / "sids", levels=2, codes=4, log=lambda m: None)
     else:
         from lmrec.data.dataset import PreparedDataset
 
         ds = PreparedDataset(root / "data")
+        rng = np.random.default_rng(0)
         sids, books = sid_mod.build_sids(ds.item_ids, rng.normal(size=(ds.num_items, 8)).astype(np.float32),
                                          levels=2, codes=4)
         sids.save(root / "sids", books)
-    assert build_semantic_ids  # the CLI path above is the library function
-    res = run_cli("gen", "expand-vocab", "--sids", root / "sids", "--data", root / "data", "--out", root / "lm")
+    res = cli("gen", "expand-vocab", "--sids", root / "sids", "--data", root / "data", "--out", root / "lm")
     assert res.returncode == 0, res.stderr
     assert "padded to a multiple of 256" in res.stdout
     return root
 
 
+def sft_args(gen) -> list:
+    """`gen train --stage sft --lora` with LoRA dropout and a checkpoint every 2 of its 12 steps."""
+    return ["gen", "train", "--stage", "sft", "--lora", "--model", gen / "lm", "--data", gen / "data", "--sids",
+            gen / "sids", *FAST, "train.lora_r=4", "train.lora_dropout=0.2", "train.save_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def sft(gen):
+    """One uninterrupted LoRA SFT run through the command: the adapter that the merge test merges, and the run
+    that the killed-and-resumed one must equal."""
+    res = cli(*sft_args(gen), "--output-dir", gen / "sft")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return gen / "sft"
+
+
 def test_stage1_keeps_old_rows_bit_for_bit(gen):
-    res = run_cli("gen", "train", "--stage", "1", "--model", gen / "lm", "--data", gen / "data", "--sids",
-                  gen / "sids", "--output-dir", gen / "s1", *FAST, "train.log_every=1", "train.peak_tflops=0.5")
+    res = cli("gen", "train", "--stage", "1", "--model", gen / "lm", "--data", gen / "data", "--sids",
+              gen / "sids", "--output-dir", gen / "s1", *FAST, "train.log_every=1", "train.peak_tflops=0.5")
     assert res.returncode == 0, res.stderr[-3000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith("[stage1] step 1:"))  # the padded path's metrics
     assert all(k in line for k in ("loss_itemic", "real_tokens_per_s", "padding_share", "peak_memory_mib", "mfu"))
@@ -71,16 +89,13 @@ def test_stage1_keeps_old_rows_bit_for_bit(gen):
     assert "generative" in res.stdout
 
 
-def test_stage2_lora_and_merge_generate_the_same(gen):
-    res = run_cli("gen", "train", "--stage", "sft", "--lora", "--model", gen / "lm", "--data", gen / "data",
-                  "--sids", gen / "sids", "--output-dir", gen / "sft", *FAST, "train.lora_r=4")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (gen / "sft" / "model" / "adapter_config.json").exists()
-    res = run_cli("gen", "merge", gen / "sft" / "model", gen / "merged")
+def test_stage2_lora_and_merge_generate_the_same(gen, sft):
+    assert (sft / "model" / "adapter_config.json").exists()
+    res = cli("gen", "merge", sft / "model", gen / "merged")
     assert res.returncode == 0, res.stderr
     from lmrec.generative.api import load_recommender
 
-    a = load_recommender(gen / "sft" / "model", gen / "data", gen / "sids", max_history=5)
+    a = load_recommender(sft / "model", gen / "data", gen / "sids", max_history=5)
     m = load_recommender(gen / "merged", gen / "data", gen / "sids", max_history=5)
     hist = [a.ds.train[u] for u in range(8)]
     ia, sa = a.beam_search(hist, 10)
@@ -91,16 +106,16 @@ def test_stage2_lora_and_merge_generate_the_same(gen):
     base = load_file(str(gen / "lm" / "model.safetensors"))["model.embed_tokens.weight"]
     meta = read_meta(gen / "lm")
     assert not torch.equal(emb[meta["sid_begin"]], base[meta["sid_begin"]])  # new rows trained under LoRA
-    res = run_cli("gen", "recommend", "--model", gen / "merged", "--data", gen / "data", "--sids", gen / "sids",
-                  "--history", "i0,i6", "-k", "3")
+    res = cli("gen", "recommend", "--model", gen / "merged", "--data", gen / "data", "--sids", gen / "sids",
+              "--history", "i0,i6", "-k", "3")
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("title:") == 3
     assert "deprecated" not in res.stderr  # transformers' past_key_values → cache rename: beam search uses cache
     # `gen evaluate` on the trained adapter: the numbers `gen train` reported at its end
     from lmrec.generative.api import evaluate_generative
 
-    trained = json.loads((gen / "sft" / "metrics.json").read_text())
-    again = evaluate_generative(gen / "sft" / "model", gen / "data", gen / "sids", beams=10, ks=[5, 10])
+    trained = json.loads((sft / "metrics.json").read_text())
+    again = evaluate_generative(sft / "model", gen / "data", gen / "sids", beams=10, ks=[5, 10])
     assert again["test"] == trained["test"] and again["baselines"] == trained["baselines"]
     merged = evaluate_generative(gen / "merged", gen / "data", gen / "sids", beams=10, ks=[5, 10])["test"]
     keys = ("recall@10", "ndcg@10", "mrr@10", "mrr")  # the merged model ranks like the adapter
@@ -111,8 +126,8 @@ def test_chat_samples_parquet(gen):
 
     from lmrec.data.dataset import PreparedDataset
 
-    res = run_cli("gen", "samples", "--data", gen / "data", "--sids", gen / "sids", "--out", gen / "samples",
-                  "data.alignment=true", "data.with_titles=true", "data.max_history=4")
+    res = cli("gen", "samples", "--data", gen / "data", "--sids", gen / "sids", "--out", gen / "samples",
+              "data.alignment=true", "data.with_titles=true", "data.max_history=4")
     assert res.returncode == 0, res.stderr
     from lmrec.data.chat_format import iter_rows, parse_row
 
@@ -163,31 +178,26 @@ def test_t5_trains_and_ranks(gen, tmp_path):
     tok.save_pretrained(tmp_path / "t5")
     expand_vocab(tmp_path / "t5", SemanticIds.load(gen / "sids"), tmp_path / "t5x", init="mean",
                  log=lambda m: None)
-    res = run_cli("gen", "train", "--stage", "2", "--model", tmp_path / "t5x", "--data", gen / "data", "--sids",
-                  gen / "sids", "--output-dir", tmp_path / "run", *FAST, "train.log_every=1")
+    res = cli("gen", "train", "--stage", "2", "--model", tmp_path / "t5x", "--data", gen / "data", "--sids",
+              gen / "sids", "--output-dir", tmp_path / "run", *FAST, "train.log_every=1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "real_tokens_per_s" in res.stdout and "loss_itemic" in res.stdout
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["test"]["users"] == 60 and 0.0 <= m["test"]["ndcg@10"] <= 1.0
 
 
-def test_lora_sft_killed_and_resumed_matches_uninterrupted(gen, tmp_path):
+def test_lora_sft_killed_and_resumed_matches_uninterrupted(gen, sft, tmp_path):
     """SIGKILL mid-epoch, `--resume-from auto`: the adapter (LoRA dropout draws from the restored RNG) and
-    the metrics equal those of an uninterrupted run."""
-    from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
-
-    args = ["gen", "train", "--stage", "sft", "--lora", "--model", gen / "lm", "--data", gen / "data", "--sids",
-            gen / "sids", *FAST, "train.lora_r=4", "train.lora_dropout=0.2", "train.save_steps=2"]
-    ref = run_cli(*args, "--output-dir", tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    the metrics equal those of an uninterrupted run (the `sft` fixture's, with the same arguments)."""
+    args = sft_args(gen)
     run = tmp_path / "killed"
-    run_and_kill([*args, "--output-dir", run], lambda: len(checkpoints(run, "stagesft")) >= 2, tmp_path / "k.log")
-    res = run_cli(*args, "--output-dir", run, "--resume-from", "auto")
+    run_and_kill([*args, "--output-dir", run], lambda: len(checkpoints(run, "stagesft")) >= 2, tmp_path / "k.log",
+                 env=ONE_THREAD)
+    res = cli(*args, "--output-dir", run, "--resume-from", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout + res.stderr
-    assert_same_weights(tmp_path / "ref" / "model" / "adapter_model.safetensors",
-                        run / "model" / "adapter_model.safetensors")
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ref", run))
+    assert_same_weights(sft / "model" / "adapter_model.safetensors", run / "model" / "adapter_model.safetensors")
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (sft, run))
     assert ma["test"] == mb["test"] and ma["history"] == mb["history"]
 
 

@@ -1,16 +1,19 @@
 """ID-based baselines: the training windows, causality, learning on sequential data, the command."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import ONE_THREAD, run_cli
 from tests.training.test_distributed import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")
+cli = partial(run_cli, env=ONE_THREAD)  # the commands on one thread too (conftest.ONE_THREAD)
 
 
 def test_every_target_is_trained_once_per_epoch_with_context():
@@ -94,8 +97,8 @@ def test_baseline_learns_the_sequences_and_its_saved_model_ranks_the_same(arch, 
 
     data = synthetic_dataset(tmp_path / "data", users=120, items=30)
     out = tmp_path / "run"
-    res = run_cli("baseline", arch, "--data", data, "--output-dir", out, "train.epochs=12", "train.batch_size=16",
-                  "model.hidden_size=32", "model.dropout=0.1", "train.lr=3e-3")
+    res = cli("baseline", arch, "--data", data, "--output-dir", out, "train.epochs=12", "train.batch_size=16",
+              "model.hidden_size=32", "model.dropout=0.1", "train.lr=3e-3")
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["users"] == 120 and m["test"]["ndcg@10"] > 3 * m["baselines"]["popularity"]["ndcg@10"]
@@ -116,7 +119,7 @@ def test_baseline_learns_the_sequences_and_its_saved_model_ranks_the_same(arch, 
 
 def test_baseline_rejects_what_it_cannot_run(tmp_path):
     data = synthetic_dataset(tmp_path / "data", users=10, items=12)
-    res = run_cli("baseline", "bert4rec", "--data", data, "--output-dir", tmp_path / "a")
+    res = cli("baseline", "bert4rec", "--data", data, "--output-dir", tmp_path / "a")
     assert res.returncode == 2 and "sasrec, gru4rec" in res.stderr and not (tmp_path / "a").exists()
     from lmrec.config import IdRunConfig, load_config
     from lmrec.errors import ConfigError, LmrecError
@@ -135,8 +138,8 @@ def test_baseline_rejects_what_it_cannot_run(tmp_path):
 def test_compare_reports_mean_and_std_over_seeds(tmp_path):
     data = synthetic_dataset(tmp_path / "data", users=60, items=20)
     out = tmp_path / "cmp"
-    res = run_cli("compare", "--data", data, "--models", "sasrec,gru4rec", "--seeds", "0,1", "--output-dir", out,
-                  "--set", "sasrec:train.epochs=2", "--set", "gru4rec:train.epochs=2")
+    res = cli("compare", "--data", data, "--models", "sasrec,gru4rec", "--seeds", "0,1", "--output-dir", out,
+              "--set", "sasrec:train.epochs=2", "--set", "gru4rec:train.epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "compare.json").read_text())
     for name in ("sasrec", "gru4rec"):
@@ -194,7 +197,7 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
     with pytest.raises(LmrecError, match="not among the compared models"):
         compare(data, tmp_path / "bad", models=["sasrec"], seeds=[0], presets={"recformer": "recformer-30min"})
     assert not (tmp_path / "bad").exists()
-    res = run_cli("compare", "--data", data, "--models", "sasrec", "--preset", "sasrec", "--output-dir", tmp_path / "b")
+    res = cli("compare", "--data", data, "--models", "sasrec", "--preset", "sasrec", "--output-dir", tmp_path / "b")
     assert res.returncode == 2 and "expected MODEL:NAME" in res.stderr and not (tmp_path / "b").exists()
 
 
@@ -227,7 +230,7 @@ def test_the_hybrid_learns_and_ranks_new_items_by_their_text(tmp_path):
     from lmrec.config import IdRunConfig, load_config
     from lmrec.idrec.train import train_baseline
 
-    base = ["train.epochs=15", "train.batch_size=16", "model.hidden_size=32", "model.dropout=0.1", "train.lr=3e-3"]
+    base = ["train.epochs=8", "train.batch_size=16", "model.hidden_size=32", "model.dropout=0.1", "train.lr=3e-3"]
     data, text = _walks_with_positions(tmp_path / "loo", "loo")
     cfg = load_config(None, [f"output_dir={tmp_path / 'h'}", "model.arch=hybrid", *base], schema=IdRunConfig)
     m = train_baseline(cfg, data, log=lambda s: None, text_vectors=text).metrics
