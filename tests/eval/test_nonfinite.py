@@ -125,8 +125,8 @@ class _PoisonedPaths(torch.nn.Module):
         super().__init__()
         self.model, self.poison, self.config = model, poison, model.config
 
-    def forward(self, input_ids, **kw):
-        out = self.model(input_ids=input_ids, **kw)
+    def forward(self, input_ids, cache=None, **kw):  # `cache` named, as the model's: beam search reads the signature
+        out = self.model(input_ids=input_ids, **kw, **({"cache": cache} if cache is not None else {}))
         hit = (input_ids == self.poison)[..., -out.logits.shape[1]:]
         out.logits = out.logits.masked_fill(hit[..., None], float("nan"))
         return out
