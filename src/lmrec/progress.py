@@ -21,6 +21,13 @@ def interactive() -> bool:
     return getattr(sys.stderr, "isatty", lambda: False)()
 
 
+def quiet_library_bars() -> None:
+    """The libraries' own bars (transformers' "Loading weights", "Writing model shards"; huggingface_hub's)
+    follow the same rule: off where lmrec's are. Set before they are imported: both read it at import."""
+    if not interactive():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def progress(iterable=None, desc: str | None = None, show: bool = True, **kw) -> tqdm:
     kw.setdefault("mininterval", 0.1)
     return tqdm(iterable, desc=desc, disable=not (show and interactive()), leave=False, **kw)

@@ -37,6 +37,9 @@ def _console_logging() -> None:
 
 
 def main() -> None:
+    from lmrec.progress import quiet_library_bars
+
+    quiet_library_bars()
     _console_logging()
     try:
         app()
