@@ -104,6 +104,7 @@ def test_content_types_limits_a_bounded_queue_and_the_deadline(recformer_model):
         time.sleep(0.5)
         meta = httpx.get(srv.url + "/metadata").json()
         assert meta["batching"]["refused"] >= 1 and meta["limits"]["max_queue"] == 2
+        assert (meta["max_k"], meta["max_history"]) == (5, 3)  # what a request may ask: the lower of model and limit
         assert httpx.post(srv.url + "/recommend", json={"history": ["i1"], "k": 5}).status_code == 200
 
 

@@ -160,8 +160,12 @@ class Service:
         b, bt = await self.current(), self.batcher
         size = len(b.item_ids())
         if self._meta is None or self._meta[0] != size:  # the model's part changes with the catalog only
-            self._meta = (size, {**b.metadata(), "lmrec_version": _lmrec_version(), "pid": os.getpid(),
-                                 "limits": asdict(self.limits)})
+            meta, lim = b.metadata(), self.limits
+            # what a request may ask: the model's bound or the service's limit, whichever is lower
+            bounds = {"max_k": min(meta["max_k"], lim.max_k),
+                      "max_history": min(meta["max_history"], lim.max_history or meta["max_history"])}
+            self._meta = (size, {**meta, **bounds, "lmrec_version": _lmrec_version(), "pid": os.getpid(),
+                                 "limits": asdict(lim)})
         return {**self._meta[1], "batching": {"max_batch": bt.max_batch, "max_wait_ms": bt.max_wait * 1000,
                                               "batches": bt.batches, "requests": bt.requests,
                                               "queued": bt.queue.qsize(), "refused": bt.refused}}
