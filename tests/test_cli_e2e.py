@@ -44,6 +44,11 @@ def test_evaluate_reloaded_model_gives_identical_metrics(trained):
     values = [float(x) for x in row.replace("│", " ").split()[1:5]]
     expected = [saved[k] for k in ("recall@10", "ndcg@10", "mrr@10", "mrr")]
     assert values == pytest.approx(expected, abs=5e-5)
+    # next to the same popularity row the training run reported
+    pop = next(line for line in res.stdout.splitlines() if "popularity" in line)
+    popularity = json.loads((trained / "run" / "metrics.json").read_text())["baselines"]["popularity"]
+    assert [float(x) for x in pop.replace("│", " ").split()[1:5]] == pytest.approx(
+        [popularity[k] for k in ("recall@10", "ndcg@10", "mrr@10", "mrr")], abs=5e-5)
 
 
 def test_recommend_and_unknown_ids(trained):
@@ -116,7 +121,7 @@ def test_evaluate_among_new_items_on_a_cold_split(trained):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "new items only" in res.stdout and "random (expected)" in res.stdout
 
-    r = lmrec.evaluate(trained / "run" / "model", cold, candidates="new", with_random=True, ks=[10])
+    r = lmrec.evaluate(trained / "run" / "model", cold, candidates="new", with_baselines=True, ks=[10])
     ds = PreparedDataset(cold)
     new, ex = ds.new_items(), ds.examples("test")
     assert abs(r["baselines"]["random"]["recall@10"] - 10 / len(new)) < 1e-12 and r["test"]["users"] == len(ex)
@@ -134,7 +139,7 @@ def test_evaluate_among_new_items_on_a_cold_split(trained):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"test targets among the {len(new)} new items only" in res.stdout
     m = json.loads((trained / "cold_run" / "metrics.json").read_text())["test_new_items"]
-    again = lmrec.evaluate(trained / "cold_run" / "model", cold, candidates="new", with_random=True)
+    again = lmrec.evaluate(trained / "cold_run" / "model", cold, candidates="new", with_baselines=True)
     assert m["test"] == pytest.approx(again["test"], abs=1e-6) and m["baselines"] == again["baselines"]
     assert m["test"]["users"] == len(ex) and m["candidates"] == len(new)
 

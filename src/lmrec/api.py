@@ -73,18 +73,20 @@ def finetune(data: str | Path, *, output_dir: str | Path | None = None, config: 
 
 
 def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", exclude_history: bool = False,
-             ks=(10, 20, 50), batch_size: int = 64, candidates: str = "all", with_random: bool = False,
+             ks=(10, 20, 50), batch_size: int = 64, candidates: str = "all", with_baselines: bool = False,
              device: str = "auto") -> dict:
     """Metrics of a saved recommender on a prepared dataset (items it never saw are encoded on the fly), on
     ``device`` (``auto``: the accelerator when one is present; ``cpu``, ``cuda``, ``cuda:N``).
 
     ``candidates="new"`` ranks each target among the items never seen before test time only (no training
     interaction, no validation target): the new-item protocol of zero-shot evaluation, for cold-start test
-    splits. ``with_random`` returns ``{"test": metrics, "baselines": {"random": expected metrics}}``."""
+    splits. ``with_baselines`` returns ``{"test": metrics, "baselines": {...}}``: the expected metrics of a random
+    ranking, and popularity (interactions in the training part) on a full ranking — among new items only it
+    would rank every target last."""
     import numpy as np
 
     from lmrec.data.dataset import PreparedDataset
-    from lmrec.eval.baselines import random_expectation
+    from lmrec.eval.baselines import popularity_rank_fn, random_expectation
     from lmrec.eval.evaluator import evaluate as _evaluate
 
     if candidates not in ("all", "new"):
@@ -103,10 +105,15 @@ def evaluate(model_dir: str | Path, data: str | Path, *, split: str = "test", ex
     rec = load_recommender(model_dir, device).ready_for(ds.item_ids, ds.item_text)
     metrics = _evaluate(rec.rank_fn(exclude_history=exclude_history, candidates=pool), examples, ks=ks,
                         batch_size=batch_size, desc=split)
-    if not with_random:
+    if not with_baselines:
         return metrics
-    rnd = random_expectation(examples, ds.num_items, ks=ks, exclude_history=exclude_history, candidates=pool)
-    return {"test": metrics, "baselines": {"random": rnd}}
+    baselines = {}
+    if pool is None:
+        baselines["popularity"] = _evaluate(popularity_rank_fn(ds, exclude_history=exclude_history), examples, ks=ks,
+                                            batch_size=batch_size, desc="popularity")
+    baselines["random"] = random_expectation(examples, ds.num_items, ks=ks, exclude_history=exclude_history,
+                                             candidates=pool)
+    return {"test": metrics, "baselines": baselines}
 
 
 def recommend_all(model_dir: str | Path, data: str | Path, out: str | Path, *, k: int = 10,

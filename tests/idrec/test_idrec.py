@@ -243,7 +243,7 @@ def test_the_hybrid_learns_and_ranks_new_items_by_their_text(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path / 'c'}", "model.arch=hybrid", "model.id_dropout=0.5", *base],
                       schema=IdRunConfig)
     run = train_baseline(cfg, cold, log=lambda s: None, text_vectors=text).metrics
-    new = lmrec.evaluate(tmp_path / "c" / "model", cold, ks=(10,), candidates="new", with_random=True, device="cpu")
+    new = lmrec.evaluate(tmp_path / "c" / "model", cold, ks=(10,), candidates="new", with_baselines=True, device="cpu")
     assert new["test"]["mrr"] > 3 * new["baselines"]["random"]["mrr"], new
     # the run reports the same protocol itself (the quickstart's new-items table shows it)
     assert run["test_new_items"]["test"]["mrr"] == pytest.approx(new["test"]["mrr"], abs=1e-9)

@@ -97,12 +97,12 @@ def evaluate(
                                                 "never seen before test time: zero-shot on a cold-start split)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
-    """Full-ranking metrics of a saved recommender (items it never saw are encoded on the fly), next to the
-    expected metrics of a random ranking."""
+    """Full-ranking metrics of a saved recommender (items it never saw are encoded on the fly), next to
+    popularity and the expected metrics of a random ranking (among new items: random only)."""
     from lmrec.api import evaluate as run
 
     r = run(model, data, split=split, exclude_history=exclude_history, ks=_ks(ks), candidates=candidates,
-            with_random=True, device=device)
+            with_baselines=True, device=device)
     print_metrics(r, title=f"{data} ({split}" + (", new items only)" if candidates == "new" else ")"))
 
 
