@@ -109,11 +109,12 @@ def baseline(
     """An ID-based sequential baseline (SASRec or GRU4Rec, RecBole's defaults) trained on every position of
     every training sequence, early-stopped on validation, tested on the same split and evaluator as the
     language-model families, next to popularity."""
-    from lmrec.config import IdRunConfig, load_config
-    from lmrec.idrec.train import NAMES, train_baseline
+    from lmrec.idrec import NAMES
 
-    if arch not in NAMES:
+    if arch not in NAMES:  # before torch is imported: a typo is answered at once
         raise LmrecError(f"unknown baseline {arch!r}: expected one of {', '.join(NAMES)}")
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.idrec.train import train_baseline
     extra = [f"model.arch={arch}", *_run_flags(None, overwrite)]
     if output_dir is not None or config is None:  # a config file's own output_dir stands unless --output-dir
         extra.append(f"output_dir={output_dir or Path('runs') / f'baseline-{arch}'}")

@@ -1,1 +1,5 @@
 """ID-based sequential baselines (SASRec, GRU4Rec) on the shared data, evaluator and loop."""
+
+# the architectures and their names in reports; here, not in train.py, so that the command checks a
+# misspelt one before it imports torch
+NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "hybrid": "hybrid (SASRec + text)"}

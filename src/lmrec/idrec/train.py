@@ -22,12 +22,11 @@ from lmrec.errors import LmrecError
 from lmrec.eval.baselines import baselines, new_items_protocol
 from lmrec.eval.evaluator import RankFn, dot_rank_fn, evaluate
 from lmrec.eval.ranking import DEFAULT_CHUNK
+from lmrec.idrec import NAMES
 from lmrec.idrec.models import IdRecConfig, IdSeqRec
 from lmrec.idrec.recommender import save_id_model
 from lmrec.training.loop import Stage, data_loader
 from lmrec.training.run import Run
-
-NAMES = {"sasrec": "SASRec", "gru4rec": "GRU4Rec", "hybrid": "hybrid (SASRec + text)"}
 
 
 @dataclass
