@@ -38,3 +38,27 @@ def test_a_stream_stage_is_one_epoch_with_a_schedule_of_its_own_length():
         StreamStage("s", 0.1)
     with pytest.raises(ValueError, match="num_training_steps >= 1"):
         StreamStage("s", 0.1, num_training_steps=0)
+
+
+def test_a_stream_resumes_only_on_as_many_processes_as_wrote_it(monkeypatch, tmp_path):
+    """Each rank's position in a stream is its own: a checkpoint written by 2 processes resumed by 1 would
+    silently drop the other rank's files and buffers. Refused with the count to use."""
+    from dataclasses import asdict
+
+    import lmrec.training.loop as loop
+    from lmrec.errors import LmrecError
+
+    monkeypatch.setattr(loop, "load_checkpoint", lambda *a, **k: {**asdict(loop.LoopState()), "processes": 2})
+    restored = []
+    monkeypatch.setattr(loop, "restore_loader", lambda *a: restored.append(a))
+
+    class Plan:  # resume this stage from tmp_path
+        root, resume = tmp_path, type("R", (), {"checkpoint_for": lambda self, tag: tmp_path})()
+
+    stage, loader = StreamStage("s", 0.1, num_training_steps=4), StatefulDataLoader(Rows(), batch_size=2)
+    with pytest.raises(LmrecError, match=r"2 process\(es\) wrote it and this run has 1.*resume on 2 process"):
+        loop._resume(make_accelerator("no", seed=0), stage, Plan(), loader, None, 0, lambda m: None)
+    assert restored == []
+    monkeypatch.setattr(loop, "load_checkpoint", lambda *a, **k: {**asdict(loop.LoopState()), "processes": 1})
+    loop._resume(make_accelerator("no", seed=0), stage, Plan(), loader, None, 0, lambda m: None)
+    assert len(restored) == 1  # the same count resumes

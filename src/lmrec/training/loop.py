@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from lmrec.errors import TrainingDiverged
+from lmrec.errors import LmrecError, TrainingDiverged
 from lmrec.progress import progress, step_line, tqdm
 from lmrec.training.checkpoints import Checkpointing, Sharded, load_checkpoint, restore_loader, save_checkpoint
 from lmrec.training.fsdp import is_sharded
@@ -328,7 +328,11 @@ def _resume(accelerator: Accelerator, stage: Stage, ck: Checkpointing | None, lo
         return state
     saved = load_checkpoint(accelerator, start, stage.tag, stage.extra_state, sharded, log)
     state = LoopState(**{**saved, "result": FitResult(**saved["result"])})
-    if isinstance(stage, StreamStage):  # where the stream is: its loader's own state
+    if isinstance(stage, StreamStage):  # where the stream is: its loader's own state, one per rank
+        if saved["processes"] != accelerator.num_processes:  # fewer ranks would drop the others' positions
+            raise LmrecError(f"cannot resume the data stream from {start}: {saved['processes']} process(es) wrote it "
+                             f"and this run has {accelerator.num_processes}; each rank's place in the stream (its "
+                             f"files, its buffers) is its own: resume on {saved['processes']} process(es)")
         restore_loader(loader, start, accelerator.process_index)
     elif saved["processes"] != accelerator.num_processes and state.batches:
         state.batches, state.running = _rescaled(state, saved["processes"], accelerator.num_processes)
@@ -580,8 +584,9 @@ class Health:
         if first != torch.iinfo(torch.long).max:
             raise TrainingDiverged(f"the training loss is not finite (NaN or inf) from optimizer step {first} "
                                    f"(checked at step {step}): the run stops before saving or validating that model; "
-                                   "the last checkpoint before it is intact. Lower train.lr, check train.grad_clip "
-                                   "and the data, then resume from that checkpoint or start again")
+                                   "the last checkpoint before it is intact (a resume from it keeps its learning-rate "
+                                   "schedule). Check the data and train.grad_clip, or start again with a lower "
+                                   "train.lr (--overwrite)")
 
 
 class HostReduce:
