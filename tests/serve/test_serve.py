@@ -411,3 +411,21 @@ def test_added_items_in_a_script_the_tokenizer_lacks_get_a_warning_with_the_shar
             r = httpx.post(srv.url + "/items", json={"items": [{"item_id": "en-1", "text": {"title": "toy story",
                                                                                             "genres": "comedy"}}]})
             assert r.status_code == 201 and "unknown" not in (r.json()["warning"] or "")
+
+
+def test_an_id_another_process_added_meanwhile_is_one_409_naming_it_once(recformer_model, tmp_path):
+    """The service checks new ids against its catalog, then the backend again under the store's lock (another
+    worker may have added the id in between): that second refusal is a 409 on `items`, its message naming
+    the id and its place in the request, the field not repeated in it."""
+    import shutil
+
+    from lmrec.serve.backend import BadRequest
+
+    src, _ = recformer_model
+    backend = load_backend(shutil.copytree(src, tmp_path / "model"), log=lambda m: None)
+    existing = backend.item_ids()[0]
+    with pytest.raises(BadRequest) as e:
+        backend.add_items([("brand-new", [("title", "x")]), (existing, [("title", "y")])])
+    assert (e.value.status, e.value.field) == (409, "items")
+    assert e.value.message == f"item id {existing!r} (item 2 of the request) is already in the catalog"
+    assert "brand-new" not in backend.item_ids()  # all or nothing

@@ -177,7 +177,7 @@ class Backend:
             try:
                 records: list[StoredItem] = make()
             except DataError as e:  # another process added the id after the service's own check
-                raise BadRequest("items", str(e), status=409) from None
+                raise BadRequest("items", e.reason, status=409) from None  # the reason: the field is named once
             w.append(records)
             self.rec.append_stored(records)
         return [r.item_id for r in records]
