@@ -121,6 +121,9 @@ class _TrainCommon(_Strict):
     no_decay_embeddings: bool = False  # embeddings (and a head tied to them) without weight decay
     tf32: bool = True  # on CUDA, fp32 matrix products in TF32 (the products bf16 autocast leaves in fp32)
     dataloader_workers: NonNegInt | None = None  # collating (tokenizing) processes; None: 2 on a GPU, 0 on CPU
+    # optimizer steps between reads of the loss: a log line in a file (loss, lr, rate, ETA), TensorBoard, the
+    # NaN check; the generative family adds itemic-vs-text and per-source losses, tokens/s, MFU, peak memory
+    log_every: Count = 10
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -233,7 +236,6 @@ class GenTrainConfig(_TrainCommon):
     # streaming (gen train --data-config): steps are optimizer steps of train.batch_size packs per rank
     num_training_steps: Count | None = None  # length of the learning-rate schedule (default: an estimate)
     max_steps: Count | None = None  # stop here even if the stream goes on
-    log_every: Count = 10  # steps between itemic-vs-text (and per-source) losses, tokens/s, MFU, peak memory
     loss_chunk_tokens: Count | None = None  # LM-head cross-entropy in chunks of this many positions (no full logits)
     loss_impl: Literal["auto", "chunked", "liger"] = "auto"  # with loss_chunk_tokens: auto = Liger on CUDA if installed
     peak_tflops: Rate | None = None  # the accelerator's peak (e.g. 989 for H100 bf16 dense): logs MFU

@@ -160,7 +160,7 @@ def train_baseline(cfg: IdRunConfig, data: str | Path, log=print, text_vectors: 
             batches = [[windows[i] for i in order[s : s + tr.batch_size]] for s in range(0, len(order), tr.batch_size)]
             return data_loader(batches, collate_fn=_batch, seed=tr.seed + epoch)
 
-        plan = Stage(mc.arch, tr.epochs, tr.lr, metric=ev.metric, patience=tr.patience,
+        plan = Stage(mc.arch, tr.epochs, tr.lr, metric=ev.metric, patience=tr.patience, log_every=tr.log_every,
                      validate=lambda: evaluate(rank_fn(model, exclude_history=ev.exclude_history),
                                                ds.examples("valid"), desc="validate", **kw),
                      on_best=run.keep_best(lambda out: save_id_model(model, ds.item_ids, ds.item_text, out)))

@@ -117,7 +117,7 @@ def _train_two_stages(run: Run, rec: Recommender, ds: PreparedDataset) -> dict:
     r1 = run.fit(rec.model, loader_for(tr.item_grad), Stage(
         "stage1", tr.stage1_epochs, tr.lr, validate(True), ev.metric, eval_every=tr.eval_every,
         patience=tr.patience, on_best=run.keep_best(rec.save_pretrained, "stage1_best"),
-        before_epoch=table.before_epoch, extra_state=table))
+        before_epoch=table.before_epoch, extra_state=table, log_every=tr.log_every))
     best_dir = run.dir / "stage1_best"
     history = {"stage1": r1.history}
     stage2_won = False
@@ -128,7 +128,8 @@ def _train_two_stages(run: Run, rec: Recommender, ds: PreparedDataset) -> dict:
         # the table stays frozen: the catalog is never re-encoded in stage 2 (an in-batch term may stay)
         r2 = run.fit(rec.model, loader_for("none" if tr.item_grad == "none" else "batch"), Stage(
             "stage2", tr.stage2_epochs, tr.stage2_lr or tr.lr / 2, validate(False), ev.metric,
-            eval_every=tr.eval_every, patience=tr.stage2_patience, on_best=run.keep_best(rec.save_pretrained)),
+            eval_every=tr.eval_every, patience=tr.stage2_patience, on_best=run.keep_best(rec.save_pretrained),
+            log_every=tr.log_every),
             global_step=r1.global_step, fallback="the best stage-1 state")
         history["stage2"] = r2.history
         stage2_won = r2.best_metrics.get(ev.metric, -1.0) >= r1.best_metrics.get(ev.metric, -1.0)

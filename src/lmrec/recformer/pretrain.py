@@ -148,7 +148,8 @@ def _train(run: Run, model: RecformerForPretraining, tokenizer, corpus: list[Pre
                                                    {**info, "epoch": epoch, "valid": metrics}))
 
     r = run.fit(model, make_loader, Stage("pretrain", tr.epochs, tr.lr, validate, ev.metric,
-                                          eval_every=tr.eval_every, patience=tr.patience, on_best=on_best))
+                                          eval_every=tr.eval_every, patience=tr.patience, on_best=on_best,
+                                          log_every=tr.log_every))
     if not model_dir.exists():  # no validation ran: the final state
         run.on_main(lambda: save_pretraining_model(run.acc.unwrap_model(model), tokenizer, model_dir, info))
     return r

@@ -146,6 +146,7 @@ def pretrain_mlm(backbone: str | Path, train_file: str | Path, valid_file: str |
         speed = _Throughput(lambda: mlm_metrics(run.acc.unwrap_model(model), valid_batches))
         r = run.fit(model, make_loader, Stage(
             "mlm", tr.epochs, tr.lr, speed.validate, "bpc", greater_is_better=False, patience=tr.patience,
+            log_every=tr.log_every,
             on_best=lambda metrics, epoch: run.on_main(lambda: save_pretraining_model(
                 run.acc.unwrap_model(model), rtok, out_dir, {**info, "epoch": epoch, "valid": metrics})),
             on_batch=speed.on_batch))
