@@ -429,3 +429,20 @@ def test_an_id_another_process_added_meanwhile_is_one_409_naming_it_once(recform
     assert (e.value.status, e.value.field) == (409, "items")
     assert e.value.message == f"item id {existing!r} (item 2 of the request) is already in the catalog"
     assert "brand-new" not in backend.item_ids()  # all or nothing
+
+
+def test_the_service_says_who_may_add_items(capsys):
+    """Without a key, loopback or an explicit --allow-open-mutation: the log says POST /items is open to whoever
+    reaches the host; with one, what needs it. A public address without either is refused (above)."""
+    from lmrec.cli.serve import _open_mutation
+    from lmrec.errors import LmrecError
+
+    _open_mutation("127.0.0.1", None, False, "mutate")
+    _open_mutation("0.0.0.0", None, True, "mutate")
+    _open_mutation("0.0.0.0", "k", False, "all")
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["no API key: POST /items (adding items) is open to anyone who can reach 127.0.0.1",
+                   "no API key: POST /items (adding items) is open to anyone who can reach 0.0.0.0",
+                   "API key set: every endpoint but /health/* needs it"]
+    with pytest.raises(LmrecError, match="without an API key would let anyone"):
+        _open_mutation("10.0.0.5", None, False, "mutate")
