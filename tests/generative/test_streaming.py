@@ -343,3 +343,19 @@ def test_sharded_on_one_process_with_a_prepared_dataset_is_tested_at_the_end(cor
     for bad, why in [("train.lora=true", "not supported"), ("train.mixed_precision=fp16", "use mixed_precision bf16")]:
         with pytest.raises(ConfigError, match=why):
             load_config(None, ["train.fsdp=true", bad], schema=GenRunConfig)
+
+
+def test_a_stream_that_outlasts_its_schedule_says_which_length_to_set():
+    """A stream longer than the estimated schedule trains on at the final learning rate: the run says so and
+    names the value of train.num_training_steps that fits; a constant schedule has nothing to outlast."""
+    from lmrec.config import GenRunConfig
+    from lmrec.generative.train import _check_stream_end
+    from lmrec.training.loop import StreamStage
+
+    plan, lines = StreamStage("stage2", 1e-3, num_training_steps=100), []
+    _check_stream_end(130, plan, GenRunConfig(), lines.append)
+    assert lines == ["the stream ran 30 steps past the learning-rate schedule's 100 (at its final learning rate); "
+                     "set train.num_training_steps to 130"]
+    _check_stream_end(100, plan, GenRunConfig(), lines.append)
+    _check_stream_end(130, plan, GenRunConfig(train={"lr_schedule": "constant"}), lines.append)
+    assert len(lines) == 1
