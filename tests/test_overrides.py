@@ -58,6 +58,7 @@ def test_a_table_holds_one_exclusion_protocol():
     (["compare", "--data", "x", "--models", "sasrec,gru4rec", "--set", "sasrec:eval.exclude_history=true"],
      "same for every model"),
     (["quickstart", "--no-generative", "--set", "generative:train.lr=1"], "'generative' is not a model"),
+    (["compare", "--data", "x", "--models", "sasrec,nope", "--set", "train.lr=1"], "--models: unknown ['nope']"),
 ])
 def test_a_wrong_override_is_one_message_before_anything_runs(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -20,10 +20,18 @@ from lmrec.io import atomic_file
 MODELS = ("recformer", "generative", "hybrid", "sasrec", "gru4rec")
 
 
+def check_models(models) -> None:
+    """``models`` names at least one model, each one lmrec can compare."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise LmrecError(f"--models: unknown {unknown or '(none given)'}; expected some of {', '.join(MODELS)}")
+
+
 def schemas(models) -> dict[str, type]:
     """Each model's run-configuration type, by name (what its ``--set`` overrides are checked against)."""
     from lmrec.config import GenRunConfig, IdRunConfig, RunConfig
 
+    check_models(models)
     types = {"recformer": RunConfig, "generative": GenRunConfig}
     return {m: types.get(m, IdRunConfig) for m in models}
 
@@ -139,9 +147,7 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.baselines import baselines
 
-    unknown = [m for m in models if m not in RUNNERS]
-    if unknown or not models:
-        raise LmrecError(f"--models: unknown {unknown or '(none given)'}; expected some of {', '.join(MODELS)}")
+    check_models(models)
     if not seeds:
         raise LmrecError("--seeds: give at least one seed")
     ds = PreparedDataset(data)  # bad input fails before any run starts
