@@ -180,6 +180,27 @@ def test_readiness_before_and_after_loading(recformer_model):
         assert r.status_code == 503 and r.json()["status"] == "failed" and "weights gone" in r.json()["error"]
 
 
+def test_a_worker_process_accepts_connections_only_once_loaded(recformer_model):
+    """`--workers` > 1 (``load_first``): processes share a port, so a process that accepts must be ready —
+    the first answer is 200 however long the load takes; a failed load is still reported, not a dead port."""
+    model, _ = recformer_model
+
+    def slow():
+        time.sleep(1.0)
+        return load_backend(model, log=lambda m: None)
+
+    with Server(create_app(slow, load_first=True, log=lambda m: None)) as srv:
+        assert httpx.get(srv.url + "/health/ready").json() == {"status": "ready"}
+        assert httpx.post(srv.url + "/recommend", json={"history": ["i1"]}).status_code == 200
+
+    def broken():
+        raise FileNotFoundError("weights gone")
+
+    with Server(create_app(broken, load_first=True, log=lambda m: None)) as srv:
+        r = httpx.get(srv.url + "/health/ready")
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "weights gone" in r.json()["error"]
+
+
 def test_an_added_item_is_recommended_at_once_and_survives_a_restart(recformer_model, tmp_path):
     import shutil
 
@@ -265,9 +286,8 @@ def test_the_serve_command_with_two_worker_processes(recformer_model, tmp_path):
         pids = {}
         for _ in range(200):  # the kernel spreads connections over the two processes
             r = httpx.get(url + "/metadata")
-            if r.status_code == 503:  # the second process may still be loading its model
-                time.sleep(0.1)
-                continue
+            # no 503: a process accepts connections only once its model is loaded (one ready means all that answer)
+            assert r.status_code == 200, r.text
             pids[r.json()["pid"]] = r.json()["catalog_size"]
             if len(pids) == 2:
                 break

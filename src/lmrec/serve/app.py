@@ -78,8 +78,9 @@ class Service:
     """The state behind the routes: the backend (None while loading), the batcher, the loading error."""
 
     def __init__(self, load: Callable[[], Backend], batcher_opts: dict, limits: Limits, log: Callable[[str], None],
-                 batch_delay_s: float = 0.0):
+                 batch_delay_s: float = 0.0, load_first: bool = False):
         self.load_fn, self.log, self.limits = load, log, limits
+        self.load_first = load_first
         self.backend: Backend | None = None
         self.error: str | None = None
         self.stopping = False
@@ -118,7 +119,10 @@ class Service:
         await self.batcher.start()
         if threading.current_thread() is threading.main_thread():  # uvicorn's handler is installed by now
             self._on_sigterm(signal.getsignal(signal.SIGTERM))
-        threading.Thread(target=self._load, name="lmrec-load", daemon=True).start()
+        if self.load_first:  # one of several processes on a shared port: accept only once loaded
+            await asyncio.to_thread(self._load)
+        else:
+            threading.Thread(target=self._load, name="lmrec-load", daemon=True).start()
         yield
         self.stopping = True
         await self.batcher.stop(self.limits.shutdown_timeout_s)
@@ -229,12 +233,14 @@ def _docs(app: FastAPI) -> None:
 
 def create_app(load: Callable[[], Backend], *, max_batch: int = 32, max_wait_ms: float = 2.0,
                limits: Limits | None = None, api_key: str | None = None, auth: str = "mutate",
-               log: Callable[[str], None] = print, batch_delay_s: float = 0.0):
-    """The application; ``load()`` builds the backend in a background thread once the server is up. With
+               log: Callable[[str], None] = print, batch_delay_s: float = 0.0, load_first: bool = False):
+    """The application; ``load()`` builds the backend in a background thread once the server is up, or, with
+    ``load_first``, before it accepts a connection. With
     ``api_key``, ``POST /items`` (``auth="mutate"``) or everything but the health probes (``auth="all"``) needs
     ``Authorization: Bearer <api_key>``."""
     limits = limits or Limits()
-    svc = Service(load, {"max_batch": max_batch, "max_wait_ms": max_wait_ms}, limits, log, batch_delay_s)
+    svc = Service(load, {"max_batch": max_batch, "max_wait_ms": max_wait_ms}, limits, log, batch_delay_s,
+                  load_first)
     app = FastAPI(title="lmrec", version="1", lifespan=svc.lifespan, docs_url=None, redoc_url=None,
                   description="Sequential recommendation from a trained lmrec model (RecFormer or generative).")
     app.state.service = svc
@@ -284,16 +290,20 @@ def read_api_key(api_key_file: str | None = None) -> str | None:
 
 def app_from_env():
     """The application from ``$LMREC_SERVE`` (JSON of :func:`serve`'s options): what each uvicorn worker
-    process builds when ``--workers`` > 1 (the key is read again from the file or the environment)."""
+    process builds when ``--workers`` > 1 (the key is read again from the file or the environment).
+
+    Each worker loads its model before it accepts a connection: the processes share one port, so a
+    ``/health/ready`` answered by one says nothing of another, and a request the kernel hands to a process
+    still loading would get a 503. A process that accepts is ready; until one is, the port queues connections."""
     opts = json.loads(os.environ["LMREC_SERVE"])
-    return build_app(**opts)
+    return build_app(**opts, load_first=True)
 
 
 def build_app(*, model: str, data: str | None = None, sids: str | None = None, index: str = "auto",
               exact_max: int = 200_000, beams: int | None = None, max_batch: int = 32, max_wait_ms: float = 2.0,
               limits: dict | None = None, item_store: str | None = None, api_key: str | None = None,
               api_key_file: str | None = None, auth: str = "mutate", device: str = "cpu",
-              log: Callable[[str], None] = print):
+              log: Callable[[str], None] = print, load_first: bool = False):
     from lmrec.serve.families import load_backend
 
     key = api_key or read_api_key(api_key_file)
@@ -301,7 +311,7 @@ def build_app(*, model: str, data: str | None = None, sids: str | None = None, i
     return create_app(lambda: load_backend(model, data=data, sids=sids, index=index, exact_max=exact_max,
                                            beams=beams, device=device, log=log, item_store=item_store),
                       max_batch=max_batch, max_wait_ms=max_wait_ms, limits=Limits(**(limits or {})), api_key=key,
-                      auth=auth, log=log, batch_delay_s=delay)
+                      auth=auth, log=log, batch_delay_s=delay, load_first=load_first)
 
 
 def _exit_zero(sig, frame):
