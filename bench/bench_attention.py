@@ -8,11 +8,13 @@ input gradients. Time: median of ``--repeats`` runs after one warm-up. Peak memo
 bytes held by tensors allocated during forward + backward (torch's profiler records every CPU allocation;
 the CPU analogue of ``torch.cuda.max_memory_allocated``), the inputs and weights excluded.
 
-Targets (issue 16): at 4,096 tokens the blocked kernel ≥ 2.5× faster than HF's with a 64 window and ≥ 1.5×
+Targets: at 4,096 tokens the blocked kernel ≥ 2.5× faster than HF's with a 64 window and ≥ 1.5×
 with a 512 window; its memory grows ≤ 4.5× from 1,024 to 4,096 tokens; at ≤ 1,024 tokens ``auto`` is no
 slower than dense SDPA. Every row also checks the outputs against HF's (max |diff|).
 
-    python bench/bench_attention.py [--lengths 512 1024 2048 4096] [--windows 64 512] [--repeats 5]
+    python bench/bench_attention.py [--lengths 512 1024 2048 4096] [--windows 64 512] [--repeats 5] [--record OUT.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add``.
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     args = ap.parse_args()
+    rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; hidden {args.hidden}, {args.heads} heads, "
           "1 layer, batch 1, 1 global token, forward + backward (weight and input gradients); time = the fastest "
           f"of {args.repeats} runs")
@@ -140,7 +144,21 @@ def main() -> None:
                 print(f"{window:>6} {n:>6} {impl:>10} | {a['ms']:>7.1f}ms {a['mib']:>7.1f} {ha['ms'] / a['ms']:>5.2f}x "
                       f"{a['mib'] / ha['mib']:>6.2f} | {lay['ms']:>6.1f}ms {lay['mib']:>7.1f} "
                       f"{hl['ms'] / lay['ms']:>5.2f}x | {max(a['diff'], lay['diff']):>9.1e}", flush=True)
+                rows.append([window, f"{n:,}", impl, f"{a['ms']:.1f}", f"{a['mib']:.1f}", f"{ha['ms'] / a['ms']:.2f}×",
+                             f"{a['mib'] / ha['mib']:.2f}", f"{lay['ms']:.1f}", f"{lay['mib']:.1f}",
+                             f"{hl['ms'] / lay['ms']:.2f}×", f"{max(a['diff'], lay['diff']):.1e}"])
     summary(res, args)
+    if args.record:
+        from lmrec.provenance import Table, write_record
+
+        write_record(args.record, Table(
+            title="Longformer attention, forward + backward, every attention_impl",
+            columns=["window", "tokens", "impl", "attention ms", "attention MiB", "speed vs HF",
+                     "memory / HF", "layer ms", "layer MiB", "layer speed vs HF", "max |diff| vs HF"],
+            rows=rows,
+            note=f"hidden {args.hidden}, {args.heads} heads, 1 layer, batch 1, 1 global token, "
+                 f"{torch.get_num_threads()} threads; time: the fastest of {args.repeats} runs; "
+                 "reference: HF's band kernels (impl longformer)"))
 
 
 def summary(res: dict, args) -> None:

@@ -4,7 +4,9 @@ Same tiny Qwen3-style model (random init), catalogs of 1k and 10k items with 3-l
 top-10, 8 and 32 users per call (32 is the evaluator's default batch). Checks that both return the same
 top-10 items and prints the speed ratio.
 
-    python bench/bench_beam.py [--users 8 32] [--repeats 3]
+    python bench/bench_beam.py [--users 8 32] [--repeats 3] [--record beam.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lmrec.generative.beam import SidTrie, constrained_beam_search
+from lmrec.provenance import Table, write_record
 
 
 def catalog(n: int, k: int, levels: int, rng) -> np.ndarray:
@@ -30,7 +33,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     args = ap.parse_args()
+    rows = []
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     base_vocab, levels = 2000, 3
@@ -51,11 +56,20 @@ def main() -> None:
         item_of = {tuple(level_ids[lv][c] for lv, c in enumerate(row)): i for i, row in enumerate(codes)}
         for users in args.users:
             prompts = torch.as_tensor(rng.integers(5, base_vocab, size=(users, 40)))
-            run(model, trie, {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}, prefix, item_of,
-                levels, f"{len(codes):>6} items, {levels} levels x {k} codes", cfg.eos_token_id, args)
+            rows.append(run(model, trie, {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}, prefix,
+                            item_of, levels, f"{len(codes):>6} items, {levels} levels x {k} codes", cfg.eos_token_id,
+                            args))
+    if args.record:
+        write_record(args.record, Table(
+            title="Constrained beam search (tiny Qwen3, random init)",
+            columns=["catalog", "users per call", "same top-10 as HF", "lmrec ms", "HF generate ms",
+                     "HF / lmrec"],
+            rows=rows,
+            note=f"beam {args.beams}, top-10, mean of {args.repeats} calls; HF: generate with "
+                 "prefix_allowed_tokens_fn"))
 
 
-def run(model, trie, batch, prefix, item_of, levels, label, eos, args) -> None:
+def run(model, trie, batch, prefix, item_of, levels, label, eos, args) -> list:
     users, plen = batch["input_ids"].shape
 
     def allowed(batch_id, ids):
@@ -85,6 +99,8 @@ def run(model, trie, batch, prefix, item_of, levels, label, eos, args) -> None:
     print(f"{label}, beam {args.beams}, top-10, {users} users: "
           f"same top-10 for {same}/{users} users; lmrec {t_ours * 1000:.1f} ms, HF generate + "
           f"prefix_allowed_tokens_fn {t_hf * 1000:.1f} ms -> {t_hf / t_ours:.1f}x")
+    return [label.strip(), users, f"{same}/{users}", f"{t_ours * 1000:.1f}", f"{t_hf * 1000:.1f}",
+            f"{t_hf / t_ours:.1f}×"]
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Full logits at 32k tokens need 32,768 × 176,384 × 4 B = 21.5 GiB for the fp32 
 softmax's copy: where that cannot run here, the size is printed from that formula instead.
 Targets: chunked peak ≤ 1/4 of the full-logits peak at 8k tokens, time ≤ 1.3×.
 
-    python bench/bench_chunked_loss.py [--hidden 1024 4096] [--chunk 4096] [--tokens 2048 8192]
+    python bench/bench_chunked_loss.py [--hidden 1024 4096] [--chunk 4096] [--tokens 2048 8192] [--record OUT.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add``.
 """
 
 from __future__ import annotations
@@ -66,27 +68,44 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--max-full-gib", type=float, default=16.0,
                     help="skip the full-logits run where its logits alone would exceed this (it would not fit)")
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     args = ap.parse_args()
-    for hidden in args.hidden:
-        for n in args.tokens:
-            row(n, hidden, args)
+    rows = [row(n, hidden, args) for hidden in args.hidden for n in args.tokens]
+    if args.record:
+        from lmrec.provenance import Table, write_record
+
+        write_record(args.record, Table(
+            title=f"Chunked LM-head loss at vocabulary {VOCAB:,}",
+            columns=["tokens", "hidden", "chunked MiB", "chunked s", "full logits MiB", "full logits s",
+                     "memory chunked / full", "time chunked / full", "device"],
+            rows=rows,
+            note=f"forward + backward, chunks of {args.chunk:,}; each in a fresh process; full logits "
+                 f"not run where they need more than {args.max_full_gib:g} GiB"))
 
 
-def row(n: int, hidden: int, args) -> None:
+def row(n: int, hidden: int, args) -> list:
+    """Measure one size, print its line, return its table row."""
     logits_gib = n * VOCAB * 4 / 2**30
     c = measure("chunked", n, hidden, args.chunk)
     full = measure("full", n, hidden, args.chunk) if 2 * logits_gib <= args.max_full_gib else None
+    ours = [f"{c['peak_mib']:,.0f}", f"{c['seconds']:.2f}"] if c else ["failed", "—"]
     line = f"{n:,} tokens, vocab {VOCAB:,}, hidden {hidden}: chunked ({args.chunk}) "
-    line += f"{c['peak_mib']:,.0f} MiB, {c['seconds']:.2f} s" if c else "failed"
-    if full is not None:
-        line += (f"; full logits {full['peak_mib']:,.0f} MiB, {full['seconds']:.2f} s; memory ratio "
-                 f"{c['peak_mib'] / full['peak_mib']:.3f} (target <= 0.25), time ratio "
-                 f"{c['seconds'] / full['seconds']:.2f}x (target <= 1.3); |loss diff| "
-                 f"{abs(c['loss'] - full['loss']):.2e}")
-    else:
+    line += f"{ours[0]} MiB, {ours[1]} s" if c else "failed"
+    if full is None:
+        ref = [f"not run (≥ {2 * logits_gib:.1f} GiB)", "—", "—", "—"]
         line += (f"; full logits not run here: fp32 logits alone {logits_gib:.1f} GiB (+ the softmax copy "
                  f"in backward: >= {2 * logits_gib:.1f} GiB)")
-    print(line + f" [{c['device'] if c else '?'}]")
+    else:
+        ratios = [f"{c['peak_mib'] / full['peak_mib']:.3f}", f"{c['seconds'] / full['seconds']:.2f}×"] if c else [
+            "—", "—"]
+        ref = [f"{full['peak_mib']:,.0f}", f"{full['seconds']:.2f}", *ratios]
+        line += (f"; full logits {ref[0]} MiB, {ref[1]} s; memory ratio {ratios[0]} (target <= 0.25), time ratio "
+                 f"{ratios[1]} (target <= 1.3)")
+        if c:
+            line += f"; |loss diff| {abs(c['loss'] - full['loss']):.2e}"
+    device = c["device"] if c else "?"
+    print(line + f" [{device}]")
+    return [f"{n:,}", hidden, *ours, *ref, device]
 
 
 if __name__ == "__main__":

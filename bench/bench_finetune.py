@@ -2,7 +2,9 @@
 quickstart configuration on MovieLens-100k, with lmrec's SDPA attention and, as the reference measured in
 the same run, HF's own Longformer attention (same weights, same batches).
 
-    python bench/bench_finetune.py [--steps 20] [--users 256]
+    python bench/bench_finetune.py [--steps 20] [--users 256] [--record OUT.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--users", type=int, default=256)
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     args = ap.parse_args()
     cfg = RunConfig()
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,11 +88,22 @@ def main() -> None:
             rec = build(ds, backbone, impl, cfg)
             results[impl] = (train_throughput(rec, ds, cfg, args.steps), eval_throughput(rec, ds, args.users))
     (ref_t, ref_e), (our_t, our_e) = results["longformer"], results["sdpa"]
-    print(f"config: quickstart defaults (batch {cfg.train.batch_size}, max_token_num {cfg.model.max_token_num}, "
-          f"hidden {cfg.model.default_hidden_size}, {cfg.model.default_layers} layers, item_grad "
-          f"{cfg.train.item_grad}), {torch.get_num_threads()} threads")
+    config = (f"quickstart defaults (batch {cfg.train.batch_size}, max_token_num {cfg.model.max_token_num}, "
+              f"hidden {cfg.model.default_hidden_size}, {cfg.model.default_layers} layers, item_grad "
+              f"{cfg.train.item_grad}), {torch.get_num_threads()} threads")
+    print(f"config: {config}")
+    rows = []
     for what, ref, ours in (("finetune  samples/s", ref_t, our_t), ("evaluate  users/s  ", ref_e, our_e)):
         print(f"{what}  HF Longformer attention {ref:8.1f}   lmrec sdpa {ours:8.1f}   ratio {ours / ref:5.2f}x")
+        rows.append([" ".join(what.split()), f"{ref:.1f}", f"{ours:.1f}", f"{ours / ref:.2f}×"])
+    if args.record:
+        from lmrec.provenance import Table, write_record
+
+        write_record(args.record, Table(
+            title="RecFormer finetuning and evaluation throughput, MovieLens-100k",
+            columns=["measure", "HF Longformer attention", "lmrec sdpa", "lmrec / HF"],
+            rows=rows,
+            note=f"{config}; {args.steps} finetuning steps, {args.users} users evaluated over all items"))
 
 
 if __name__ == "__main__":

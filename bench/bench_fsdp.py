@@ -9,7 +9,9 @@ held before the model existed (peak resident memory minus the runtime's on CPU; 
 the time per step, and — as accounting, not a measurement — the bytes of parameters + gradients + optimizer
 state it holds (16·P/N), then the FSDP/DDP ratios.
 
-    python bench/bench_fsdp.py [--hidden 512] [--layers 8] [--steps 4] [--tokens 512] [--untied]
+    python bench/bench_fsdp.py [--hidden 512] [--layers 8] [--steps 4] [--tokens 512] [--untied] [--record OUT.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add``.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--untied", action="store_true", help="an untied head (Qwen3-8B's layout)")
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     a = ap.parse_args()
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -119,6 +122,21 @@ def main() -> None:
     print(f"(accounting, true by construction: model state FSDP / DDP "
           f"{mean['fsdp']['state_mib'] / mean['ddp']['state_mib']:.3f}, 16·P/N = 0.5 for N = 2; "
           f"{16 * params / 2**20:.0f} MiB unsharded)")
+    if a.record:
+        from lmrec.provenance import Table, write_record
+
+        rows = [[mode, r, f"{m['peak_mib']:.1f}", f"{m['step_s']:.3f}", f"{m['state_mib']:.1f}"]
+                for mode in ("ddp", "fsdp") for r, m in enumerate(res[mode])]
+        rows.append(["FSDP / DDP", "mean", f"{mean['fsdp']['peak_mib'] / mean['ddp']['peak_mib']:.3f}",
+                     f"{mean['fsdp']['step_s'] / mean['ddp']['step_s']:.3f}",
+                     f"{mean['fsdp']['state_mib'] / mean['ddp']['state_mib']:.3f}"])
+        write_record(a.record, Table(
+            title="FSDP vs DDP on 2 processes",
+            columns=["mode", "rank", "measured peak MiB", "step s", "params + grads + AdamW MiB (accounting)"],
+            rows=rows,
+            note=f"Qwen3-shaped model, hidden {a.hidden}, {a.layers} layers, "
+                 f"{params / 1e6:.1f} M parameters, {'untied' if a.untied else 'tied'} head; "
+                 f"{a.tokens} tokens per process per step, {a.steps} steps"))
 
 
 if __name__ == "__main__":

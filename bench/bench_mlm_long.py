@@ -13,7 +13,9 @@ child's peak starts from its parent's), the peak tensor memory of one training s
 batch 2 × 4,096 tokens; torch's profiler, as in bench_attention.py) and the validation BPC after training
 (the same for every implementation: they compute the same function).
 
-    python bench/bench_mlm_long.py [--impls longformer sdpa blocked auto] [--docs 12] [--batch 2]
+    python bench/bench_mlm_long.py [--impls longformer sdpa blocked auto] [--docs 12] [--batch 2] [--record OUT.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def main() -> None:
                     choices=["longformer", "sdpa", "blocked", "auto"])
     ap.add_argument("--docs", type=int, default=12, help="training documents (~3 chunks of 4,096 tokens each)")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     args = ap.parse_args()
     impls = ["longformer", *[i for i in args.impls if i != "longformer"]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,6 +147,19 @@ def main() -> None:
             hf = rows["longformer"]
             print(f"{impl:>10} {tps:>9,.0f} {tps / hf[0]:>5.2f}x {rss:>6,.0f} MiB {step:>9,.0f} MiB "
                   f"{step / hf[2]:>6.2f} {bpc:>9.4f}", flush=True)
+    if args.record:
+        from lmrec.provenance import Table, write_record
+
+        hf = rows["longformer"]
+        write_record(args.record, Table(
+            title=f"backbone pretrain-mlm at {LENGTH:,}-token chunks, window {WINDOW}",
+            columns=["impl", "tokens/s", "speed vs HF", "peak RSS MiB", "step tensors MiB", "memory / HF",
+                     "valid BPC"],
+            rows=[[impl, f"{t:,.0f}", f"{t / hf[0]:.2f}×", f"{r:,.0f}", f"{st:,.0f}", f"{st / hf[2]:.2f}",
+                   f"{b:.4f}"] for impl, (t, r, st, b) in rows.items()],
+            note=f"Longformer_ZH layout (hidden 128, 4 heads, 2 layers), batch {args.batch}, {args.docs} "
+                 f"documents, 1 epoch, {torch.get_num_threads()} threads; reference: HF's kernels "
+                 "(impl longformer)"))
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,9 @@ the pack length, 30 % of the samples). *Padded* is today's prepared-dataset path
 ``--batch`` samples, each padded to its longest); *packed* is the stream's best-fit packing into
 ``--max-length`` tokens (each batch ``--packs`` packs). Target: ≥ 97 % real tokens packed.
 
-    python bench/bench_packing.py [--max-length 2048] [--steps 20]
+    python bench/bench_packing.py [--max-length 2048] [--steps 20] [--record OUT.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add``.
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ def main() -> None:
     ap.add_argument("--packs", type=int, default=1, help="packs per packed batch")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cache", default=None, help="directory kept between runs (ml-100k, tokenizer)")
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     args = ap.parse_args()
+    rows = []
     from lmrec.generative.vocab import load_lm
 
     tmp = Path(args.cache or tempfile.mkdtemp())
@@ -145,6 +149,19 @@ def main() -> None:
         tp = tokens_per_s(model, padded, lambda x, pad=pad: padded_inputs(x, pad), args.steps)
         tq = tokens_per_s(model, packed, lambda x, pad=pad: packed_inputs(x, pad, args.max_length), args.steps)
         print(f"  training real tokens/s (tiny Qwen3): padded {tp:,.0f}, packed {tq:,.0f}, ratio {tq / tp:.2f}x")
+        rows.append([name, len(samples), f"{np.median(lengths):.0f} / {np.percentile(lengths, 99):.0f} / "
+                     f"{lengths.max()}", f"{a:.1%}", f"{b:.1%}", f"{tp:,.0f}", f"{tq:,.0f}", f"{tq / tp:.2f}×"])
+    if args.record:
+        from lmrec.provenance import Table, write_record
+
+        write_record(args.record, Table(
+            title="Packing vs padded batches",
+            columns=["corpus", "samples", "length median / p99 / max", "real tokens padded",
+                     "real tokens packed", "real tokens/s padded", "real tokens/s packed", "packed / padded"],
+            rows=rows,
+            note=f"packs of {args.max_length:,} tokens ({args.packs} per batch), padded batches "
+                 f"of {args.batch} samples; the embedded tiny Qwen3, {args.steps} steps, "
+                 f"{torch.get_num_threads()} threads"))
 
 
 if __name__ == "__main__":

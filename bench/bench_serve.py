@@ -3,9 +3,9 @@ a million items, and the chunk size of full ranking.
 
 1. HTTP on loopback. A RecFormer recommender (default: the quickstart's shape — the embedded 2-layer × 128
    Longformer, random init, 32-token histories — over MovieLens-100k's 1,682 items; ``--model DIR`` serves
-   a trained one) runs as a real `lmrec serve` process; this process is the client (httpx, asyncio) with
+   a trained one) runs as a real `lmrec serve` process; this process is the client (aiohttp, asyncio) with
    1, 8 and 64 concurrent clients sending POST /recommend (histories of 1–20 ids, k = 10), a bounded number
-   of requests per level (at most ``--seconds`` each; aiohttp as the client). Once with ``--max-batch 32`` and once with
+   of requests per level (at most ``--seconds`` each). Once with ``--max-batch 32`` and once with
    ``--max-batch 1`` (one forward pass per request): requests/s, p50/p99 latency, and the ratio.
 2. One million synthetic item vectors (128-d, unit norm, drawn around 2,000 centres like the clustered
    embeddings of a real catalog): build time, recall@10 against exact ranking on fresh queries, query
@@ -13,7 +13,9 @@ a million items, and the chunk size of full ranking.
 3. Full ranking at 1M items (the evaluator's path): item chunks of 65,536 (the earlier default) against
    8,192 (the default now), identical ranks, time ratio.
 
-    python bench/bench_serve.py [--model DIR] [--seconds 20] [--items 1000000]
+    python bench/bench_serve.py [--model DIR] [--seconds 20] [--items 1000000] [--record OUT.json]
+
+``--record PATH`` also writes the tables with their provenance, for ``docs/results.py add``.
 
 Client and server share this machine's cores, so absolute numbers are a floor for a server with its own.
 """
@@ -32,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from lmrec.provenance import Table, write_record
 
 
 def rss_mib() -> float:
@@ -126,7 +130,7 @@ async def load(url: str, items: list[str], clients: int, total: int, seconds: fl
             "p99": float(np.percentile(lat, 99)), "batch": (after["requests"] - before["requests"]) / batches}
 
 
-def bench_http(model: Path, seconds: float) -> None:
+def bench_http(model: Path, seconds: float) -> Table:
     import pyarrow.parquet as pq
 
     items = pq.read_table(model / "items.parquet", columns=["item_id"]).column(0).to_pylist()
@@ -143,14 +147,22 @@ def bench_http(model: Path, seconds: float) -> None:
     print(f"\n1. POST /recommend on loopback ({len(items):,} items, k = 10), client and server on this machine")
     print(f"{'clients':>7} | {'batching':>9} | {'requests':>8} | {'errors':>6} | {'req/s':>7} | {'p50 ms':>7} | "
           f"{'p99 ms':>7} | {'mean batch':>10}")
+    rows = []
     for clients in (1, 8, 64):
         for max_batch in (32, 1):
             r = results[max_batch, clients]
             name = "32, 2 ms" if max_batch == 32 else "off"
             print(f"{clients:>7} | {name:>9} | {r['n']:>8} | {r['errors']:>6} | {r['rps']:>7.1f} | {r['p50']:>7.1f} | "
                   f"{r['p99']:>7.1f} | {r['batch']:>10.1f}")
+            rows.append([clients, name, r["n"], r["errors"], f"{r['rps']:.1f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}",
+                         f"{r['batch']:.1f}", "—"])
         ratio = results[32, clients]["rps"] / results[1, clients]["rps"]
         print(f"{'':>7}   throughput with batching / without: {ratio:.2f}x")
+        rows[-2][-1] = f"{ratio:.2f}×"
+    return Table(title=f"POST /recommend on loopback, {len(items):,} items, k = 10",
+                 columns=["clients", "batching", "requests", "errors", "req/s", "p50 ms", "p99 ms", "mean batch",
+                          "req/s with batching / without"],
+                 rows=rows, note=f"client and server on this machine; at most {seconds:g} s per load level")
 
 
 def clustered(n: int, d: int, centres: int, seed: int, draw_seed: int | None = None, spread: float = 1.0
@@ -180,7 +192,7 @@ def timed_search(search, q: np.ndarray) -> tuple[np.ndarray, float, float]:
     return ids, batch, (time.perf_counter() - t0) / 20 * 1000
 
 
-def bench_index(n: int) -> None:
+def bench_index(n: int) -> Table:
     import faiss
 
     from lmrec.eval.index import ItemIndex, recall_at
@@ -201,6 +213,8 @@ def bench_index(n: int) -> None:
           f"{'ms (1 query)':>12} | {'RSS MiB':>8}")
     print(f"{'exact (IndexFlatIP)':>26} | {0:>7.1f} | {1.0:>9.4f} | {exact_batch:>23.3f} | {exact_one:>12.1f} | "
           f"{rss_mib() - base:>8,.0f}")
+    rows = [["exact (IndexFlatIP)", "0.0", "1.0000", f"{exact_batch:.3f}", f"{exact_one:.1f}",
+             f"{rss_mib() - base:,.0f}"]]
     before = rss_mib()
     for kind in ("ivf", "hnsw") if n <= 200_000 else ("ivf",):
         idx = ItemIndex(x, kind=kind, log=None)
@@ -209,13 +223,20 @@ def bench_index(n: int) -> None:
         name = f"{kind} ({rep.param})"
         print(f"{name:>26} | {rep.build_s:>7.1f} | {recall_at(found, truth):>9.4f} | {batch:>23.3f} | {one:>12.1f} | "
               f"{rss_mib() - base:>8,.0f}")
+        rows.append([name, f"{rep.build_s:.1f}", f"{recall_at(found, truth):.4f}", f"{batch:.3f}", f"{one:.1f}",
+                     f"{rss_mib() - base:,.0f}"])
         print(f"{'':>26}   recall@10 at build (its own sample queries): {rep.recall_at_10:.4f}; index adds "
               f"{rss_mib() - before:,.0f} MiB; exact/{kind} single-query time: {exact_one / one:.1f}x")
         del idx
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process: {peak:,.0f} MiB")
+    return Table(title=f"Retrieval index, {n:,} synthetic items × {d}",
+                 columns=["index", "build s", "recall@10 vs exact", "ms/query (1000 at once)", "ms (1 query)",
+                          "RSS MiB over start"],
+                 rows=rows, note=f"1,000 queries drawn from the items' distribution; peak RSS {peak:,.0f} MiB")
 
 
-def bench_chunks(n: int) -> None:
+def bench_chunks(n: int) -> Table:
     import torch
 
     from lmrec.eval.ranking import DEFAULT_CHUNK, target_ranks, top_k
@@ -225,7 +246,7 @@ def bench_chunks(n: int) -> None:
     q = torch.nn.functional.normalize(torch.randn(64, 128), dim=-1)
     t = torch.randint(0, n, (64,))
     print(f"\n3. Full ranking (evaluation) at {n:,} items × 128, 64 users: best of 3")
-    out = {}
+    out, rows = {}, []
     for chunk in (65536, DEFAULT_CHUNK):
         for name, fn in (("target ranks", lambda c: target_ranks(q, items, t, chunk_size=c)),
                          ("top-10", lambda c: top_k(q, items, 10, chunk_size=c)[1])):
@@ -239,7 +260,13 @@ def bench_chunks(n: int) -> None:
             print(f"  {name:>12}, chunks of {chunk:>6,}: {best * 1000:7.0f} ms ({gflops:5.1f} GFLOP/s)")
     for name in ("target ranks", "top-10"):
         (a, ra), (b, rb) = out[name, 65536], out[name, DEFAULT_CHUNK]
-        print(f"  {name}: identical results {bool(torch.equal(ra, rb))}; 65,536 / {DEFAULT_CHUNK:,} time: {a / b:.2f}x")
+        same = bool(torch.equal(ra, rb))
+        print(f"  {name}: identical results {same}; 65,536 / {DEFAULT_CHUNK:,} time: {a / b:.2f}x")
+        rows.append([name, f"{a * 1000:.0f}", f"{b * 1000:.0f}", f"{a / b:.2f}×", same])
+    return Table(title=f"Full ranking (evaluation), {n:,} items × 128, 64 users",
+                 columns=["computes", "chunks of 65,536 ms", f"chunks of {DEFAULT_CHUNK:,} ms (default)",
+                          "65,536 / default time", "identical results"],
+                 rows=rows, note="best of 3")
 
 
 def main() -> None:
@@ -248,15 +275,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20, help="At most this long per load level.")
     ap.add_argument("--items", type=int, default=1_000_000, help="Synthetic catalog size for parts 2 and 3.")
     ap.add_argument("--skip", nargs="*", default=[], choices=["http", "index", "chunks"])
+    ap.add_argument("--record", help="also write the tables and their provenance here (docs/results.py add)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tables = []
     with tempfile.TemporaryDirectory() as tmp:
         if "http" not in args.skip:
-            bench_http(args.model or demo_model(Path(tmp)), args.seconds)
+            tables.append(bench_http(args.model or demo_model(Path(tmp)), args.seconds))
     if "index" not in args.skip:
-        bench_index(args.items)
+        tables.append(bench_index(args.items))
     if "chunks" not in args.skip:
-        bench_chunks(args.items)
+        tables.append(bench_chunks(args.items))
+    if args.record:
+        write_record(args.record, *tables)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ error), p50/p99 latency, the server's resident memory after warm-up and at the e
 that the catalog grew by exactly the items added. The model is the quickstart-shaped demo of
 ``bench_serve.py`` (1,682 items) unless ``--model`` names one; the item store is a temporary directory.
 
-    python bench/bench_serve_soak.py [--minutes 2] [--concurrency 16] [--workers 1] [--model DIR]
+    python bench/bench_serve_soak.py [--minutes 2] [--concurrency 16] [--workers 1] [--model DIR] [--record OUT.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add`` (also when the run
+found errors: the record is the evidence).
 
 Client and server share this machine's cores.
 """
@@ -120,6 +123,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--model", type=Path, help="A RecFormer recommender to serve (default: the demo one).")
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import pyarrow.parquet as pq
@@ -138,13 +142,26 @@ def main() -> None:
     print(f"soak: {args.minutes:g} min, {args.concurrency} clients, {args.workers} worker(s), {len(items):,} items "
           f"to start; {total:,} requests ({total / out['wall']:.1f}/s)")
     print(f"{'kind':>10} | {'requests':>8} | {'errors':>6} | {'p50 ms':>7} | {'p99 ms':>7}")
+    rows = []
     for kind, v in out["lat"].items():
         ms = np.asarray(v) * 1000 if v else np.zeros(1)
         print(f"{kind:>10} | {len(v):>8,} | {out['errors'][kind]:>6} | {np.percentile(ms, 50):>7.1f} | "
               f"{np.percentile(ms, 99):>7.1f}")
+        rows.append([kind, f"{len(v):,}", out["errors"][kind], f"{np.percentile(ms, 50):.1f}",
+                     f"{np.percentile(ms, 99):.1f}"])
     errors = sum(out["errors"].values())
-    print(f"errors: {errors}; server RSS {rss0:,.0f} MiB after warm-up → {rss1:,.0f} MiB at the end "
-          f"({(rss1 / rss0 - 1) * 100:+.1f} %); catalog {out['catalog']:,} (expected {out['expected_catalog']:,})")
+    summary = (f"server RSS {rss0:,.0f} MiB after warm-up → {rss1:,.0f} MiB at the end "
+               f"({(rss1 / rss0 - 1) * 100:+.1f} %); catalog {out['catalog']:,} (expected {out['expected_catalog']:,})")
+    print(f"errors: {errors}; {summary}")
+    if args.record:
+        from lmrec.provenance import Table, write_record
+
+        write_record(args.record, Table(
+            title=f"Soak: {args.minutes:g} min of mixed reads and additions",
+            columns=["kind", "requests", "errors", "p50 ms", "p99 ms"],
+            rows=rows,
+            note=f"{args.concurrency} clients, {args.workers} worker(s), {len(items):,} items to start, "
+                 f"{total / out['wall']:.1f} requests/s; {summary}"))
     if errors or out["catalog"] != out["expected_catalog"]:
         raise SystemExit(1)
 

@@ -7,7 +7,9 @@ samples through a StatefulDataLoader with 2 workers (tokenization, shuffle buffe
 in a fresh process, and reports the peak RSS of the process and of its workers. The memory target: peak RSS
 at 10× ≤ 1.1× the peak at 1× (nothing grows with the corpus).
 
-    python bench/bench_stream.py [--samples 100000] [--workers 2]
+    python bench/bench_stream.py [--samples 100000] [--workers 2] [--record OUT.json]
+
+``--record PATH`` also writes the table with its provenance, for ``docs/results.py add``.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=100_000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--record", help="also write the table and its provenance here (docs/results.py add)")
     args = ap.parse_args()
     from lmrec.generative.default_model import build_default_lm
 
@@ -123,15 +126,31 @@ def main() -> None:
         (_, a), (_, b) = rows
         ratio = (b["rss_main_mib"] + b["rss_worker_mib"]) / (a["rss_main_mib"] + a["rss_worker_mib"])
         print(f"peak RSS 10x corpus / 1x corpus: {ratio:.3f} (target <= 1.1)")
+        table = [[f"lmrec ChatStream, {f} files", f"{f * ROWS_PER_FILE:,}", f"{r['per_worker']:,.0f}",
+                  f"{r['rss_main_mib']:.0f}", f"{r['rss_worker_mib']:.0f}", "—"] for f, r in rows]
+        table[1][-1] = f"peak RSS vs 1×: {ratio:.3f}"
         try:
             import datasets  # noqa: F401
         except ImportError:
             print("HF datasets is not installed: no reference measurement (pip install datasets)")
-            return
-        h = measure(root / "corpus-500", args.samples, args.workers, "hf", tok_dir)
-        print(f"HF datasets streaming, 500 files: {h['per_worker']:,.0f} samples/s per worker, peak RSS main "
-              f"{h['rss_main_mib']:.0f} MiB, worker {h['rss_worker_mib']:.0f} MiB")
-        print(f"throughput lmrec / HF datasets: {a['per_worker'] / h['per_worker']:.2f}x")
+        else:
+            h = measure(root / "corpus-500", args.samples, args.workers, "hf", tok_dir)
+            print(f"HF datasets streaming, 500 files: {h['per_worker']:,.0f} samples/s per worker, peak RSS main "
+                  f"{h['rss_main_mib']:.0f} MiB, worker {h['rss_worker_mib']:.0f} MiB")
+            print(f"throughput lmrec / HF datasets: {a['per_worker'] / h['per_worker']:.2f}x")
+            table[0][-1] = f"throughput vs HF: {a['per_worker'] / h['per_worker']:.2f}×"
+            table.append(["HF datasets streaming, 500 files (no packing)", f"{500 * ROWS_PER_FILE:,}",
+                          f"{h['per_worker']:,.0f}", f"{h['rss_main_mib']:.0f}", f"{h['rss_worker_mib']:.0f}", "—"])
+    if args.record:
+        from lmrec.provenance import Table, write_record
+
+        write_record(args.record, Table(
+            title="Streaming chat parquet",
+            columns=["reader", "rows", "samples/s per worker", "peak RSS main MiB", "peak RSS worker MiB",
+                     "ratio"],
+            rows=table,
+            note=f"{args.samples:,} samples per run, {args.workers} workers, tokenization + shuffle + "
+                 "packing in the workers, each run in a fresh process"))
 
 
 if __name__ == "__main__":

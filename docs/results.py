@@ -1,12 +1,14 @@
 """The results page, generated from run outputs: each figure with its date, commit, hardware and command.
 
     python docs/results.py add RUN/compare.json --name compare-ml100k --title "..."   # or a run's metrics.json
+    python bench/bench_beam.py --record beam.json && python docs/results.py add beam.json --name beam-cpu
     python docs/results.py render                                                      # the page's markdown
 
 ``add`` keeps a record in ``docs/results/NAME.json``: the figures read from the output and its provenance
-(written by lmrec into every ``metrics.json`` and ``compare.json``; for an output written before lmrec
-recorded it, ``--date --commit --hardware --command`` give it, and the record says so). The site's build
-hook renders ``<!-- lmrec:results -->`` from the records, so the page never holds a hand-copied number.
+(written by lmrec into every ``metrics.json`` and ``compare.json``, and by every benchmark's ``--record``;
+for an output written before lmrec recorded it, ``--date --commit --hardware --command`` give it, and the
+record says so). The site's build hook renders ``<!-- lmrec:results -->`` from the records, so the page
+never holds a hand-copied number.
 """
 
 from __future__ import annotations
@@ -21,13 +23,21 @@ METRICS = ("ndcg@10", "recall@10", "mrr")
 PROVENANCE = ("date", "commit", "hardware", "command")
 
 
-def record_from(output: Path, name: str, title: str, given: dict, label: str | None = None) -> dict:
-    """A record of a ``compare.json`` (mean ± std per model over seeds) or a run's ``metrics.json``."""
+def record_from(output: Path, name: str, title: str | None, given: dict, label: str | None = None) -> dict:
+    """A record of a ``compare.json`` (mean ± std per model over seeds), a run's ``metrics.json``, or a
+    benchmark's ``--record`` output (its tables as it printed them)."""
     data = json.loads(output.read_text())
     prov = {**{k: v for k, v in given.items() if v}, **data.get("provenance", {})}
     missing = [k for k in PROVENANCE if not prov.get(k)]
     if missing:
         raise SystemExit(f"{output}: no {', '.join(missing)} recorded; give --{' --'.join(missing)}")
+    if "tables" in data:  # a benchmark's --record: its tables as it printed them
+        tables = data["tables"]
+        title = title or tables[0]["title"]
+        return {"title": title, "source": output.name, "tables": tables,
+                "provenance": {k: prov[k] for k in PROVENANCE}, "provenance_recorded_by": "lmrec"}
+    if not title:
+        raise SystemExit(f"{output}: give --title")
     rows = []
     if "models" in data:  # lmrec compare
         for model, m in data["models"].items():
@@ -45,28 +55,38 @@ def record_from(output: Path, name: str, title: str, given: dict, label: str | N
             "provenance_recorded_by": "lmrec" if "provenance" in data else "given when the record was added"}
 
 
+def _table(t: dict) -> list[str]:
+    return ["| " + " | ".join(t["columns"]) + " |", "|" + " --- |" * len(t["columns"]),
+            *("| " + " | ".join(map(str, row)) + " |" for row in t["rows"])]
+
+
 def render() -> str:
     out = []
     for path in sorted(RECORDS.glob("*.json")):
         r = json.loads(path.read_text())
         p = r["provenance"]
-        out += [f"## {r['title']}", "",
-                f"{p['date']}, commit `{p['commit']}`, {p['hardware']}" + (f"; {r['note']}" if r["note"] else ""),
-                "", "```bash", p["command"], "```", "",
-                "| " + " | ".join(r["columns"]) + " |", "|" + " --- |" * len(r["columns"])]
-        out += ["| " + " | ".join(map(str, row)) + " |" for row in r["rows"]]
-        out += ["", f"<small>Record `docs/results/{path.name}`, from `{r['source']}`; provenance "
-                    f"{r['provenance_recorded_by']}.</small>", ""]
+        tables = r.get("tables") or [r]  # a benchmark's tables, or a run's one
+        one = len(tables) == 1
+        out += [f"## {r['title']}", "", f"{p['date']}, commit `{p['commit']}`, {p['hardware']}"
+                + (f"; {tables[0]['note']}" if one and tables[0]["note"] else ""),
+                "", "```bash", p["command"], "```", ""]
+        for t in tables:
+            if not one:
+                out += [f"### {t['title']}", ""] + ([t["note"], ""] if t["note"] else [])
+            out += [*_table(t), ""]
+        out += [f"<small>Record `docs/results/{path.name}`, from `{r['source']}`; provenance "
+                f"{r['provenance_recorded_by']}.</small>", ""]
     return "\n".join(out) if out else "No results recorded yet."
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    add = sub.add_parser("add", help="record the figures of a compare.json or a run's metrics.json")
+    add = sub.add_parser("add", help="record the figures of a compare.json, a run's metrics.json or a "
+                                     "benchmark's --record output")
     add.add_argument("output", type=Path)
     add.add_argument("--name", required=True)
-    add.add_argument("--title", required=True)
+    add.add_argument("--title", help="the section's title (default: a benchmark record's own)")
     add.add_argument("--label", help="the table row of a single run (default: --name)")
     for k in PROVENANCE:
         add.add_argument(f"--{k}")

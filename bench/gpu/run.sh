@@ -3,6 +3,7 @@
 # run). At most ~9 minutes on one H100/H200 including set-up. Usage, from the repository root:
 #   bash bench/gpu/run.sh                 # with the torch/transformers of the current python3
 #   OUT=/some/dir bash bench/gpu/run.sh   # where the logs and JSON rows go (default bench/gpu/out)
+#   then: python docs/results.py add bench/gpu/out/gpu.json --name gpu   # the table on the results page
 # Python packages missing on a machine without network can be given as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,10 +15,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export LMREC_REPORT=0
+export LMREC_REPORT=0 LMREC_COMMIT=${LMREC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 {
   date -u +"%Y-%m-%d %H:%M UTC"
-  echo "commit ${LMREC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+  echo "commit $LMREC_COMMIT"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
 } | tee "$OUT/env.txt"
@@ -33,4 +34,4 @@ echo "[bench_longformer: $((SECONDS - t0)) s]"
 t0=$SECONDS
 timeout ${INFER_S:-70} "$PY" bench/gpu/bench_infer.py --json "$OUT/infer.json" 2>&1 | grep -v Warning | tee "$OUT/infer.log"
 echo "[bench_infer: $((SECONDS - t0)) s]"
-"$PY" bench/gpu/table.py "$OUT" | tee "$OUT/table.md"
+"$PY" bench/gpu/table.py "$OUT" --record "$OUT/gpu.json" | tee "$OUT/table.md"

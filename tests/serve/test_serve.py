@@ -396,6 +396,12 @@ def test_serve_command_checks_its_inputs(recformer_model, generative_model, tmp_
         assert isinstance(r.exception, LmrecError) and msg in str(r.exception), (args, r.exception, r.output)
     res = run_cli("serve", "--model", tmp_path / "missing", timeout=60)
     assert res.returncode == 2 and "no such directory" in res.stderr and "Traceback" not in res.stderr
+    from lmrec.serve.families import worker_count
+
+    # on an accelerator one process serves (each worker would hold its own copy on the same device)
+    with pytest.raises(LmrecError, match="--workers 2 with --device cuda: each worker would hold its own copy"):
+        worker_count(2, "cuda")
+    assert worker_count(1, "cuda") == 1 and worker_count(2, "cpu") == 2
 
 
 def test_added_items_in_a_script_the_tokenizer_lacks_get_a_warning_with_the_share(recformer_model,

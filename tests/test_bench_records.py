@@ -1,0 +1,79 @@
+"""Benchmark records: a script's ``--record`` writes its tables with their provenance, ``docs/results.py add``
+keeps them and the results page renders them — the page holds no hand-copied benchmark figure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmrec.provenance import Table, write_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _results(monkeypatch, records):
+    spec = importlib.util.spec_from_file_location("results", ROOT / "docs" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    monkeypatch.setattr(results, "RECORDS", records)
+    return results
+
+
+def test_the_gpu_table_is_recorded_and_rendered_with_its_provenance(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "env.txt").write_text("2026-12-06 10:00 UTC\ncommit abc1234\nNVIDIA H200, 143771 MiB, 570.1\n"
+                                 "torch 2.13.0 | transformers 5.25.0 | accelerate 1.12.0\n")
+    (out / "gen.json").write_text(json.dumps([{"shape": "0.6B", "impl": "varlen", "tokens_per_s": 123456.7,
+                                               "mfu": 0.412, "peak_gib": 31.04, "vs_sdpa": 1.37}]))
+    (out / "infer.json").write_text(json.dumps([{"part": "rank", "chunk": 8192, "ms_per_query": 0.0123,
+                                                 "ref_ms_per_query": 0.0150, "ratio": 1.22}]))
+    (out / "gpu_tests.log").write_text("....\n17 passed in 80.1s\n")
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "table.py"), str(out), "--record",
+                          str(out / "gpu.json")], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "| Qwen3-0.6B shape, 32k packs, varlen | 123,457 tokens/s, MFU 41.2 %, peak 31.0 GiB |" in res.stdout
+    rec = json.loads((out / "gpu.json").read_text())
+    (table,) = rec["tables"]
+    assert table["rows"] == [
+        ["Qwen3-0.6B shape, 32k packs, varlen", "123,457 tokens/s, MFU 41.2 %, peak 31.0 GiB",
+         "transformers' sdpa on the same packs", "1.37×"],
+        ["full ranking 10M × 128, chunks of 8,192", "0.012 ms per query", "one product + topk 0.015 ms", "1.22×"]]
+    assert "NVIDIA H200" in table["note"] and "17 passed" in table["note"]
+    assert rec["provenance"]["command"] == "bash bench/gpu/run.sh" and rec["provenance"]["date"][:2] == "20"
+
+    results = _results(monkeypatch, tmp_path / "records")
+    results.main(["add", str(out / "gpu.json"), "--name", "gpu"])
+    page = results.render()
+    assert page.startswith("## On one GPU: bench/gpu/run.sh")  # the record's own title
+    assert "| full ranking 10M × 128, chunks of 8,192 | 0.012 ms per query |" in page
+    assert "```bash\nbash bench/gpu/run.sh\n```" in page and rec["provenance"]["hardware"] in page
+
+
+def test_a_record_of_several_tables_renders_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench/bench_x.py", "--seconds", "5"])
+    path = write_record(tmp_path / "rec.json",
+                        Table("HTTP", ["clients", "req/s"], [[1, "10.5"], [8, "40.0"]], note="loopback"),
+                        Table("Index", ["index", "recall@10"], [["ivf", "0.9512"]]))
+    assert not list(tmp_path.glob(".*partial"))  # written under a temporary name, renamed
+    rec = json.loads(path.read_text())
+    assert rec["tables"][0]["rows"] == [["1", "10.5"], ["8", "40.0"]]  # cells as printed
+    assert rec["provenance"]["command"].endswith("bench/bench_x.py --seconds 5")
+    results = _results(monkeypatch, tmp_path / "records")
+    results.main(["add", str(path), "--name", "serve", "--title", "Serving"])
+    page = results.render()
+    assert page.index("## Serving") < page.index("### HTTP") < page.index("loopback") < page.index("### Index")
+    assert "| ivf | 0.9512 |" in page and "| 8 | 40.0 |" in page
+
+
+def test_a_row_of_the_wrong_width_and_an_empty_record_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="a row has 1 cells for 2 columns"):
+        Table("T", ["a", "b"], [["only one"]])
+    with pytest.raises(ValueError, match="at least one table"):
+        write_record(tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
