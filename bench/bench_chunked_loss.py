@@ -87,11 +87,15 @@ def row(n: int, hidden: int, args) -> list:
     """Measure one size, print its line, return its table row."""
     logits_gib = n * VOCAB * 4 / 2**30
     c = measure("chunked", n, hidden, args.chunk)
-    full = measure("full", n, hidden, args.chunk) if 2 * logits_gib <= args.max_full_gib else None
+    tried = 2 * logits_gib <= args.max_full_gib
+    full = measure("full", n, hidden, args.chunk) if tried else None
     ours = [f"{c['peak_mib']:,.0f}", f"{c['seconds']:.2f}"] if c else ["failed", "—"]
     line = f"{n:,} tokens, vocab {VOCAB:,}, hidden {hidden}: chunked ({args.chunk}) "
     line += f"{ours[0]} MiB, {ours[1]} s" if c else "failed"
-    if full is None:
+    if tried and full is None:  # killed for memory, or out of GPU memory
+        ref = ["failed (out of memory?)", "—", "—", "—"]
+        line += "; full logits failed (out of memory?)"
+    elif full is None:
         ref = [f"not run (≥ {2 * logits_gib:.1f} GiB)", "—", "—", "—"]
         line += (f"; full logits not run here: fp32 logits alone {logits_gib:.1f} GiB (+ the softmax copy "
                  f"in backward: >= {2 * logits_gib:.1f} GiB)")

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 
 # Items scored per matrix product. Large chunks spill the (batch × chunk) score block and its comparison
-# masks out of the CPU caches: at 1M items × 128 dims, 64 queries, ranking took 588 ms with 65,536-item
-# chunks and 261–270 ms with 2,048–16,384 (2.2×, identical ranks; bench/bench_serve.py, part "chunks").
+# masks out of the CPU caches; 8,192 sits in the middle of the range of sizes where the time stops improving
+# (identical ranks at any chunk; bench/bench_serve.py, part "chunks", measures it against 65,536).
 DEFAULT_CHUNK = 8192
 
 

@@ -179,7 +179,7 @@ def encode_chat(tokenizer, row, *, think: bool = False) -> dict:
         return tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
 
     # the conversation is rendered as text once per assistant turn but tokenized once: tokenizing is what
-    # costs (three tokenizer calls per sample measured 2.5× slower in bench/bench_stream.py)
+    # costs, so a sample makes one tokenizer call, not one per turn (bench/bench_stream.py measures the stream)
     full = render(msgs)
     spans = []
     for i, m in enumerate(msgs):
