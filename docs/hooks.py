@@ -7,6 +7,7 @@ A page holds a marker comment; the build replaces it:
                              models of ``lmrec.config``; the meaning is the comment written beside the field)
     <!-- lmrec:results -->   the recorded results (``docs/results.py``: figures read from run outputs, each
                              with its date, commit, hardware and command)
+    <!-- lmrec:benchmarks --> the recorded benchmarks (the ``--record`` files of ``bench/``, the same way)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def on_page_markdown(markdown: str, **_) -> str:
         markdown = markdown.replace("<!-- lmrec:cli -->", cli_reference())
     if "<!-- lmrec:config -->" in markdown:
         markdown = markdown.replace("<!-- lmrec:config -->", config_reference())
-    if "<!-- lmrec:results -->" in markdown:
+    if "<!-- lmrec:results -->" in markdown or "<!-- lmrec:benchmarks -->" in markdown:
         import importlib.util
         from pathlib import Path
 
@@ -42,6 +43,7 @@ def on_page_markdown(markdown: str, **_) -> str:
         results = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(results)
         markdown = markdown.replace("<!-- lmrec:results -->", results.render())
+        markdown = markdown.replace("<!-- lmrec:benchmarks -->", results.render(benchmarks=True))
     return markdown
 
 

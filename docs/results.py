@@ -60,23 +60,28 @@ def _table(t: dict) -> list[str]:
             *("| " + " | ".join(map(str, row)) + " |" for row in t["rows"])]
 
 
-def render() -> str:
+def render(benchmarks: bool = False) -> str:
+    """The records of runs (``benchmarks=False``: ``metrics.json``, ``compare.json``) or of benchmarks (their
+    ``--record`` files), as markdown sections; a benchmark's sit one level lower, under the page's own heading."""
     out = []
+    h = "###" if benchmarks else "##"
     for path in sorted(RECORDS.glob("*.json")):
         r = json.loads(path.read_text())
+        if ("tables" in r) != benchmarks:
+            continue
         p = r["provenance"]
         tables = r.get("tables") or [r]  # a benchmark's tables, or a run's one
         one = len(tables) == 1
-        out += [f"## {r['title']}", "", f"{p['date']}, commit `{p['commit']}`, {p['hardware']}"
+        out += [f"{h} {r['title']}", "", f"{p['date']}, commit `{p['commit']}`, {p['hardware']}"
                 + (f"; {tables[0]['note']}" if one and tables[0]["note"] else ""),
                 "", "```bash", p["command"], "```", ""]
         for t in tables:
             if not one:
-                out += [f"### {t['title']}", ""] + ([t["note"], ""] if t["note"] else [])
+                out += [f"{h}# {t['title']}", ""] + ([t["note"], ""] if t["note"] else [])
             out += [*_table(t), ""]
         out += [f"<small>Record `docs/results/{path.name}`, from `{r['source']}`; provenance "
                 f"{r['provenance_recorded_by']}.</small>", ""]
-    return "\n".join(out) if out else "No results recorded yet."
+    return "\n".join(out) if out else ("No benchmark recorded yet." if benchmarks else "No results recorded yet.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("--label", help="the table row of a single run (default: --name)")
     for k in PROVENANCE:
         add.add_argument(f"--{k}")
-    sub.add_parser("render", help="print the results page's markdown")
+    ren = sub.add_parser("render", help="print the results page's markdown")
+    ren.add_argument("--benchmarks", action="store_true", help="the benchmarks' records instead of the runs'")
     a = ap.parse_args(argv)
     if a.cmd == "add":
         rec = record_from(a.output, a.name, a.title, {k: getattr(a, k) for k in PROVENANCE}, a.label)
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         (RECORDS / f"{a.name}.json").write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
         print(f"recorded {RECORDS / (a.name + '.json')}")
     else:
-        sys.stdout.write(render() + "\n")
+        sys.stdout.write(render(a.benchmarks) + "\n")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ def test_the_gpu_table_is_recorded_and_rendered_with_its_provenance(tmp_path, mo
 
     results = _results(monkeypatch, tmp_path / "records")
     results.main(["add", str(out / "gpu.json"), "--name", "gpu"])
-    page = results.render()
-    assert page.startswith("## On one GPU: bench/gpu/run.sh")  # the record's own title
+    page = results.render(benchmarks=True)
+    assert page.startswith("### On one GPU: bench/gpu/run.sh")  # the record's own title, under the page's heading
+    assert results.render() == "No results recorded yet."  # a benchmark is not a run's result
     assert "| full ranking 10M × 128, chunks of 8,192 | 0.012 ms per query |" in page
     assert "```bash\nbash bench/gpu/run.sh\n```" in page and rec["provenance"]["hardware"] in page
 
@@ -66,8 +67,8 @@ def test_a_record_of_several_tables_renders_each(tmp_path, monkeypatch):
     assert rec["provenance"]["command"].endswith("bench/bench_x.py --seconds 5")
     results = _results(monkeypatch, tmp_path / "records")
     results.main(["add", str(path), "--name", "serve", "--title", "Serving"])
-    page = results.render()
-    assert page.index("## Serving") < page.index("### HTTP") < page.index("loopback") < page.index("### Index")
+    page = results.render(benchmarks=True)
+    assert page.index("### Serving") < page.index("#### HTTP") < page.index("loopback") < page.index("### Index")
     assert "| ivf | 0.9512 |" in page and "| 8 | 40.0 |" in page
 
 
