@@ -26,7 +26,15 @@ PROVENANCE = ("date", "commit", "hardware", "command")
 def record_from(output: Path, name: str, title: str | None, given: dict, label: str | None = None) -> dict:
     """A record of a ``compare.json`` (mean ± std per model over seeds), a run's ``metrics.json``, or a
     benchmark's ``--record`` output (its tables as it printed them)."""
-    data = json.loads(output.read_text())
+    try:
+        data = json.loads(output.read_text())
+    except OSError as e:
+        raise SystemExit(f"{output}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{output}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict) or not ({"tables", "models", "test"} & data.keys()):
+        raise SystemExit(f"{output}: not a run's metrics.json, a compare.json or a benchmark's --record file "
+                         "(expected a 'test', 'models' or 'tables' entry)")
     prov = {**{k: v for k, v in given.items() if v}, **data.get("provenance", {})}
     missing = [k for k in PROVENANCE if not prov.get(k)]
     if missing:

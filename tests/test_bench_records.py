@@ -78,3 +78,16 @@ def test_a_row_of_the_wrong_width_and_an_empty_record_are_refused(tmp_path):
     with pytest.raises(ValueError, match="at least one table"):
         write_record(tmp_path / "r.json")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_file_that_is_not_an_output_is_named_with_what_was_expected(tmp_path, monkeypatch):
+    results = _results(monkeypatch, tmp_path / "records")
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    for path, msg in [(tmp_path / "missing.json", "missing.json: No such file or directory"),
+                      (tmp_path / "broken.json", "broken.json: not JSON (Expecting property name"),
+                      (tmp_path / "other.json", "other.json: not a run's metrics.json, a compare.json or a "
+                                                "benchmark's --record file")]:
+        with pytest.raises(SystemExit, match=msg.replace("(", r"\(").replace(".", r"\.")):
+            results.main(["add", str(path), "--name", "x", "--title", "t"])
+    assert not (tmp_path / "records").exists()  # nothing recorded
