@@ -283,14 +283,13 @@ def test_the_serve_command_with_two_worker_processes(recformer_model, tmp_path):
                 pass
             time.sleep(0.2)
         assert _add(url, "w1", "toy story") == 201
-        pids = {}
-        for _ in range(200):  # the kernel spreads connections over the two processes
-            r = httpx.get(url + "/metadata")
+        pids, deadline = {}, time.time() + 60
+        while len(pids) < 2 and time.time() < deadline:  # the kernel spreads connections over the processes
+            r = httpx.get(url + "/metadata")  # (the second may still be loading: then it takes none)
             # no 503: a process accepts connections only once its model is loaded (one ready means all that answer)
             assert r.status_code == 200, r.text
             pids[r.json()["pid"]] = r.json()["catalog_size"]
-            if len(pids) == 2:
-                break
+            time.sleep(0.01)
         assert len(pids) == 2 and set(pids.values()) == {31}, pids
     finally:
         proc.terminate()
