@@ -91,3 +91,34 @@ def test_a_file_that_is_not_an_output_is_named_with_what_was_expected(tmp_path, 
         with pytest.raises(SystemExit, match=msg.replace("(", r"\(").replace(".", r"\.")):
             results.main(["add", str(path), "--name", "x", "--title", "t"])
     assert not (tmp_path / "records").exists()  # nothing recorded
+
+
+def test_the_commit_is_dirty_when_the_package_or_a_benchmark_changed(tmp_path, monkeypatch):
+    """A record's commit says ``+dirty`` when ``src/lmrec`` or ``bench/`` differ from it (not for other files),
+    and ``$LMREC_COMMIT`` names the commit of a copy without ``.git``."""
+    import shutil
+
+    def git(*args, cwd=tmp_path):
+        subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+    (tmp_path / "src" / "lmrec").mkdir(parents=True)
+    (tmp_path / "bench").mkdir()
+    shutil.copy(ROOT / "src" / "lmrec" / "provenance.py", tmp_path / "src" / "lmrec" / "provenance.py")
+    (tmp_path / "bench" / "bench_x.py").write_text("print(1)\n")
+    (tmp_path / "README.md").write_text("x\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    spec = importlib.util.spec_from_file_location("prov_copy", tmp_path / "src" / "lmrec" / "provenance.py")
+    prov = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "prov_copy", prov)  # (its dataclass looks itself up there)
+    spec.loader.exec_module(prov)
+    clean = prov._commit()
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "README.md").write_text("y\n")  # not the code that measures
+    assert prov._commit() == clean
+    (tmp_path / "bench" / "bench_x.py").write_text("print(2)\n")
+    assert prov._commit() == clean + "+dirty"
+    shutil.rmtree(tmp_path / ".git")
+    monkeypatch.setenv("LMREC_COMMIT", "abc1234")
+    assert prov._commit() == "abc1234"
