@@ -39,28 +39,21 @@ def record_from(output: Path, name: str, title: str | None, given: dict, label: 
     missing = [k for k in PROVENANCE if not prov.get(k)]
     if missing:
         raise SystemExit(f"{output}: no {', '.join(missing)} recorded; give --{' --'.join(missing)}")
+    kept = {"source": output.name, "provenance": {k: prov[k] for k in PROVENANCE},
+            "provenance_recorded_by": "lmrec" if "provenance" in data else "given when the record was added"}
     if "tables" in data:  # a benchmark's --record: its tables as it printed them
-        tables = data["tables"]
-        title = title or tables[0]["title"]
-        return {"title": title, "source": output.name, "tables": tables,
-                "provenance": {k: prov[k] for k in PROVENANCE}, "provenance_recorded_by": "lmrec"}
+        return {"title": title or data["tables"][0]["title"], "tables": data["tables"], **kept}
     if not title:
         raise SystemExit(f"{output}: give --title")
-    rows = []
     if "models" in data:  # lmrec compare
-        for model, m in data["models"].items():
-            rows.append([model, *(f"{m['mean'][k]:.4f} ± {m['std'][k]:.4f}" for k in METRICS)])
+        rows = [[model, *(f"{m['mean'][k]:.4f} ± {m['std'][k]:.4f}" for k in METRICS)]
+                for model, m in data["models"].items()]
         seeds = data.get("seeds")
-        columns = ["model", *METRICS]
         note = f"mean ± std over seeds {seeds}" if seeds else ""
     else:  # one run
-        rows.append([label or name, *(f"{data['test'][k]:.4f}" for k in METRICS)])
-        columns, note = ["model", *METRICS], "one run, test split"
-    for base, m in data.get("baselines", {}).items():
-        rows.append([base, *(f"{m[k]:.4f}" for k in METRICS)])
-    return {"title": title, "source": output.name, "columns": columns, "rows": rows, "note": note,
-            "provenance": {k: prov[k] for k in PROVENANCE},
-            "provenance_recorded_by": "lmrec" if "provenance" in data else "given when the record was added"}
+        rows, note = [[label or name, *(f"{data['test'][k]:.4f}" for k in METRICS)]], "one run, test split"
+    rows += [[base, *(f"{m[k]:.4f}" for k in METRICS)] for base, m in data.get("baselines", {}).items()]
+    return {"title": title, "columns": ["model", *METRICS], "rows": rows, "note": note, **kept}
 
 
 def _table(t: dict) -> list[str]:

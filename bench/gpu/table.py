@@ -19,28 +19,28 @@ def rows(out: Path, name: str) -> list[dict]:
 
 
 def table(out: Path) -> list[list[str]]:
-    table = []
+    body = []
     for r in rows(out, "gen.json"):
         ratio = f"{r['vs_sdpa']:.2f}×" if "vs_sdpa" in r else "—"
-        table.append([f"Qwen3-{r['shape']} shape, 32k packs, {r['impl']}",
+        body.append([f"Qwen3-{r['shape']} shape, 32k packs, {r['impl']}",
                       f"{r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f} %, peak {r['peak_gib']:.1f} GiB",
                       "transformers' sdpa on the same packs", ratio])
     for r in rows(out, "longformer.json"):
-        table.append([f"Longformer_ZH MLM 4,096 tokens, {r['impl']} (attention dropout {r['dropout']})",
+        body.append([f"Longformer_ZH MLM 4,096 tokens, {r['impl']} (attention dropout {r['dropout']})",
                       f"{r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.1f} GiB", "HF's kernels",
                       f"{r['vs_hf']:.2f}× speed, {r['mem_vs_hf']:.2f}× memory"])
     for r in rows(out, "infer.json"):
         if r["part"] == "beam":
-            table.append([f"beam search, {r['model']} model, {r['items']:,} items",
+            body.append([f"beam search, {r['model']} model, {r['items']:,} items",
                           f"{r['ours_p50_ms']:.2f} / {r['ours_p99_ms']:.2f} ms per query (p50/p99)",
                           f"HF generate {r['hf_p50_ms']:.2f} / {r['hf_p99_ms']:.2f} ms", f"{r['speedup']:.1f}×"])
         elif r["part"] == "rank":
-            table.append([f"full ranking 10M × 128, chunks of {r['chunk']:,}", f"{r['ms_per_query']:.3f} ms per query",
+            body.append([f"full ranking 10M × 128, chunks of {r['chunk']:,}", f"{r['ms_per_query']:.3f} ms per query",
                           f"one product + topk {r['ref_ms_per_query']:.3f} ms", f"{r['ratio']:.2f}×"])
         elif r["part"] == "finetune":
-            table.append(["RecFormer finetuning (hidden 768, 12 layers)", f"{r['ours_samples_per_s']:.1f} samples/s",
+            body.append(["RecFormer finetuning (hidden 768, 12 layers)", f"{r['ours_samples_per_s']:.1f} samples/s",
                           f"HF kernels {r['hf_samples_per_s']:.1f}", f"{r['ratio']:.2f}×"])
-    return table
+    return body
 
 
 def main() -> None:
