@@ -27,6 +27,7 @@ SCHEMAS = {  # the run configs, by the commands that read them
     "MlmRunConfig": "`lmrec backbone pretrain-mlm`",
     "GenRunConfig": "`lmrec gen train` (each stage)",
     "IdRunConfig": "`lmrec baseline` (SASRec, GRU4Rec, hybrid)",
+    "FusionRunConfig": "`lmrec compare` (the fusion row: SASRec or GRU4Rec × the generative model)",
 }
 
 

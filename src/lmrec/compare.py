@@ -17,7 +17,7 @@ import numpy as np
 from lmrec.errors import LmrecError
 from lmrec.io import atomic_file
 
-MODELS = ("recformer", "generative", "hybrid", "sasrec", "gru4rec")
+MODELS = ("recformer", "generative", "hybrid", "sasrec", "gru4rec", "fusion")
 
 
 def check_models(models) -> None:
@@ -29,10 +29,10 @@ def check_models(models) -> None:
 
 def schemas(models) -> dict[str, type]:
     """Each model's run-configuration type, by name (what its ``--set`` overrides are checked against)."""
-    from lmrec.config import GenRunConfig, IdRunConfig, RunConfig
+    from lmrec.config import FusionRunConfig, GenRunConfig, IdRunConfig, RunConfig
 
     check_models(models)
-    types = {"recformer": RunConfig, "generative": GenRunConfig}
+    types = {"recformer": RunConfig, "generative": GenRunConfig, "fusion": FusionRunConfig}
     return {m: types.get(m, IdRunConfig) for m in models}
 
 
@@ -73,7 +73,7 @@ def _trained(data, out: Path, seed: int, name: str, log) -> tuple[Path, dict]:
     again): (its model directory, its validation metrics)."""
     run = out.parent.parent / name / f"seed-{seed}"
     if not (run / "model" / "items.parquet").exists() or not (run / "metrics.json").exists():
-        _run_once(name, data, run, seed, [], log)
+        _run_once(name, data, run, seed, [], None, log)
     return run / "model", json.loads((run / "metrics.json").read_text())["valid"]
 
 
@@ -93,8 +93,39 @@ def _hybrid(data, out: Path, seed: int, overrides: list[str], log, config=None) 
     return train_baseline(cfg, data, log=log, text_vectors=text).metrics["test"]
 
 
+def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, parts=None) -> dict:
+    """The same seed's ID model (``id_model``) and generative model — the comparison's own runs of them, with
+    their overrides and presets (``parts``: name → (overrides, preset)), trained first when missing — fused
+    per user with the weight that validates best (:mod:`lmrec.fusion`)."""
+    from lmrec.config import FusionRunConfig, GenRunConfig, IdRunConfig, load_config
+    from lmrec.fusion import fuse
+
+    cfg = load_config(config, [f"output_dir={out}", *overrides], schema=FusionRunConfig)
+    runs, protocol = {}, {}
+    for name, schema in ((cfg.id_model, IdRunConfig), ("generative", GenRunConfig)):
+        run = out.parent.parent / name / f"seed-{seed}"
+        _run_once(name, data, run, seed, *(parts or {}).get(name, ([], None)), log)
+        runs[name] = run
+        stage = run / "stage2" if name == "generative" else run
+        protocol[name] = load_config(stage / "run_config.yaml", schema=schema).eval
+    gen_eval = protocol["generative"]
+    if {e.exclude_history for e in protocol.values()} != {cfg.eval.exclude_history}:
+        raise LmrecError(f"fusion: eval.exclude_history is {cfg.eval.exclude_history} here but "
+                         + ", ".join(f"{n} {e.exclude_history}" for n, e in protocol.items())
+                         + " in the runs it fuses: one protocol for every row (--set eval.exclude_history=... once)")
+    result = fuse(data, runs[cfg.id_model] / "model", runs["generative"] / "stage2" / "model",
+                  runs["generative"] / "sids", out / "model", beams=cfg.eval.beams or gen_eval.beams,
+                  exclude_history=cfg.eval.exclude_history, weights=cfg.weights, metric=cfg.eval.metric,
+                  ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, log=log)
+    metrics = {"model": f"fusion ({cfg.id_model} × generative)", **result,
+               "parts": {n: str(r) for n, r in runs.items()}}
+    atomic_file(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+    return result["test"]
+
+
 RUNNERS: dict[str, Callable] = {"recformer": _recformer, "generative": _generative, "hybrid": _hybrid,
-                                "sasrec": _id_baseline("sasrec"), "gru4rec": _id_baseline("gru4rec")}
+                                "sasrec": _id_baseline("sasrec"), "gru4rec": _id_baseline("gru4rec"),
+                                "fusion": _fusion}
 
 
 def summarize(per_seed: list[dict]) -> dict:
@@ -111,11 +142,15 @@ def summarize(per_seed: list[dict]) -> dict:
 DONE = "compare_run.json"
 
 
-def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], log, config=None) -> dict:
-    """One model × seed; a run that finished before with the same data, seed, preset and overrides is read
-    back instead of trained again (a killed comparison goes on where it stopped)."""
+def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], config, log,
+              parts: dict | None = None) -> dict:
+    """One model × seed; a run that finished before with the same data, seed, preset and overrides (and, for
+    the fusion, the same settings of the runs it fuses: ``parts``) is read back instead of trained again (a
+    killed comparison goes on where it stopped)."""
     key = {"model": name, "data": str(Path(data).resolve()), "seed": seed, "overrides": list(overrides),
            "config": None if config is None else str(config)}
+    if name == "fusion":
+        key["parts"] = {n: [list(o), p] for n, (o, p) in sorted((parts or {}).items())}
     done = run_dir / DONE
     if done.exists():
         saved = json.loads(done.read_text())
@@ -123,16 +158,19 @@ def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], l
             log(f"{name} seed {seed}: finished before, read from {done}")
             return saved["test"]
     # the comparison owns its run directories: a run killed before it was marked done is trained again
-    test = RUNNERS[name](data, run_dir, seed, [*overrides, "train.overwrite=true"], log, config)
+    if name == "fusion":  # no training of its own: it writes only its fusion.json and metrics.json
+        test = _fusion(data, run_dir, seed, list(overrides), log, config, parts)
+    else:
+        test = RUNNERS[name](data, run_dir, seed, [*overrides, "train.overwrite=true"], log, config)
     atomic_file(done, lambda tmp: tmp.write_text(json.dumps({**key, "test": test}, indent=2) + "\n"))
     return test
 
 
 def _check_presets(presets: dict[str, str], models: list[str]) -> None:
     """Every preset names a compared model and loads as that model's config: before any run starts."""
-    from lmrec.config import GenRunConfig, IdRunConfig, RunConfig, load_config
+    from lmrec.config import FusionRunConfig, GenRunConfig, IdRunConfig, RunConfig, load_config
 
-    schemas = {"recformer": RunConfig, "generative": GenRunConfig}
+    schemas = {"recformer": RunConfig, "generative": GenRunConfig, "fusion": FusionRunConfig}
     for name, config in presets.items():
         if name not in models:
             raise LmrecError(f"--preset {name}:{config}: {name} is not among the compared models")
@@ -154,9 +192,11 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
     _check_presets(presets or {}, models)
     out = Path(out)
     result: dict = {"data": str(data), "seeds": seeds, "models": {}}
+    # the fusion fuses the comparison's own runs of its two models: their settings as given for their rows
+    parts = {n: ((overrides or {}).get(n, []), (presets or {}).get(n)) for n in ("sasrec", "gru4rec", "generative")}
     for name in models:
-        runs = [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []), log,
-                          (presets or {}).get(name)) for s in seeds]
+        runs = [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []),
+                          (presets or {}).get(name), log, parts) for s in seeds]
         result["models"][name] = {"per_seed": runs, **summarize(runs)}
     result["baselines"] = baselines(ds, "test")
     out.mkdir(parents=True, exist_ok=True)

@@ -340,6 +340,26 @@ class IdRunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
 
 
+Weight = Annotated[float, Field(ge=0, le=1)]
+FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class FusionEvalConfig(_Ranking):
+    beams: Count | None = None  # the generative model's beams fused (None: its run's eval.beams)
+    batch_size: Count = 32  # users per scoring batch
+    exclude_history: bool = False  # must match the two fused runs' (one protocol for every row)
+
+
+class FusionRunConfig(_Strict):
+    """The fusion row of `lmrec compare` (lmrec.fusion): the same seed's ID model and generative model,
+    mixed per user as probabilities with one weight chosen on the validation split."""
+
+    output_dir: str = "runs/fusion"  # run directory: model/fusion.json, metrics.json
+    id_model: Literal["sasrec", "gru4rec"] = "sasrec"  # the ID model fused with the generative one
+    weights: list[Weight] = Field(list(FUSION_WEIGHTS), min_length=1)  # generative weights tried on valid (0: ID alone)
+    eval: FusionEvalConfig = FusionEvalConfig()
+
+
 class PretrainDataConfig(_Strict):
     paths: list[str] = []  # prepared datasets forming the corpus (several domains)
     valid: str | None = None  # prepared dataset for validation (zero-shot ranking); None = the first corpus one

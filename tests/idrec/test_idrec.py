@@ -275,7 +275,8 @@ def test_compare_reuses_the_same_seeds_run_and_trains_it_only_when_missing(tmp_p
         assert model == tmp_path / "cmp" / "recformer" / "seed-3" / "model" and valid == {"ndcg@10": 0.5}
     assert calls == [("seed-3", 3)]
     # the comparison's own recformer row (no overrides, no preset) reads that run back: not trained again
-    row = compare._run_once("recformer", tmp_path / "data", tmp_path / "cmp" / "recformer" / "seed-3", 3, [], print)
+    row = compare._run_once("recformer", tmp_path / "data", tmp_path / "cmp" / "recformer" / "seed-3", 3, [], None,
+                             print)
     assert row == {"ndcg@10": 0.25} and calls == [("seed-3", 3)]
 
 

@@ -1,0 +1,225 @@
+"""A language-model × ID hybrid by late fusion: the generative model's beams and an ID model's (SASRec,
+GRU4Rec) full ranking, mixed per user as probabilities::
+
+    p(item | history) = (1 − w) · softmax(ID scores)[item] + w · softmax(beam log-probabilities)[item]
+
+The ID model scores every item it was trained with; the generative model's ``beams`` best items (their
+sequence log-probabilities, renormalised over the beams) add ``w`` of the mass to the items it is confident
+about. Outside the beams the ID model's order stands; items the ID model never saw (new items: their
+semantic IDs come from their text) get mass from the beams only, so the generative model's cold-start
+ability is kept. One weight for every user, chosen on the validation split from
+:data:`lmrec.config.FUSION_WEIGHTS` (0 and 1 included: when one model alone validates best, the fusion is
+that model); the test split is read once with it. Why a mixture of probabilities rather than of ranks: the
+generative model wins on transitions the ID model never saw in training and the ID model on the others
+(Hou et al., arXiv 2603.19809), and each model's own confidence, not its list position, says which case a
+user is; on ml-100k the mixture also measured above reciprocal-rank fusion (docs/baselines.md).
+
+This module sits above both families (like :mod:`lmrec.pipeline`): they never import each other. On disk
+a fused model is a directory holding ``fusion.json`` (the two models' directories, the weight, the beams,
+the validation metrics of every weight tried) and the ``lmrec.json`` marker; the two models stay where
+they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmrec.config import FUSION_WEIGHTS
+from lmrec.errors import LmrecError
+from lmrec.eval.evaluator import RankFn
+from lmrec.eval.metrics import DEFAULT_KS
+from lmrec.eval.ranking import DEFAULT_CHUNK, chunk_ranks, chunk_top_k
+from lmrec.io import atomic_dir
+from lmrec.modelfiles import ModelFileError, check_format, write_marker
+
+FILE = "fusion.json"
+# log-probability of an item neither model gives any mass (an item the ID model never saw, outside the beams):
+# finite, so that the evaluator does not take it for a diverged model's -inf, and below any real log-probability
+LOG_ZERO = -1e30
+
+
+def is_fused_model(path: str | Path) -> bool:
+    return (Path(path) / FILE).is_file()
+
+
+class FusedRecommender:
+    """``id_rec``: an :class:`~lmrec.idrec.recommender.IdRecommender` on its own catalog; ``gen``: a
+    :class:`~lmrec.generative.recommender.GenerativeRecommender`, whose dataset's catalog is the one ranked
+    (item indices, as the evaluator's)."""
+
+    def __init__(self, id_rec, gen, *, weight: float, beams: int, chunk_size: int = DEFAULT_CHUNK):
+        if not 0.0 <= weight <= 1.0:
+            raise LmrecError(f"the fusion weight must be within [0, 1], got {weight}")
+        if beams < 1:
+            raise LmrecError(f"the fusion needs at least 1 beam, got {beams}")
+        self.id_rec, self.gen, self.weight, self.beams, self.chunk_size = id_rec, gen, weight, beams, chunk_size
+        self.item_ids, self.item_text = gen.ds.item_ids, gen.ds.item_text
+        self.item_index = {it: i for i, it in enumerate(self.item_ids)}
+        # each catalog item's row in the ID model (-1: it never saw the item)
+        self.id_rows = torch.as_tensor([id_rec.item_index.get(it, -1) for it in self.item_ids], dtype=torch.long)
+        self._id_vectors = id_rec.item_vectors()
+
+    # ------------------------------------------------------------------------------------------ the two parts
+    def parts(self, histories: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """What fusion needs of one batch of histories (catalog indices), whatever the weight: the ID model's
+        user vectors and the log-sum-exp of their scores over the catalog items it knows, the beams' items
+        (-1: no item) and their log-probabilities renormalised over the beams (-inf: no item)."""
+        rows = self.id_rows.numpy()
+        known = [rows[np.asarray(h, dtype=np.int64)] for h in histories]
+        user = self.id_rec.encode_histories([h[h >= 0] for h in known])
+        lse = torch.full((len(histories),), float("-inf"))
+        for start in range(0, len(self.item_ids), self.chunk_size):
+            lse = torch.logaddexp(lse, torch.logsumexp(self._id_logits(user, start, start + self.chunk_size), -1))
+        items, scores = self.gen.beam_search(histories, self.beams)
+        scores = scores.float().masked_fill(items < 0, float("-inf"))
+        norm = torch.logsumexp(scores, -1, keepdim=True)
+        return {"user": user, "lse": lse, "beam_items": items, "beam_logq": scores - norm}
+
+    def _id_logits(self, user: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        rows = self.id_rows[start:stop]
+        logits = user @ self._id_vectors[rows.clamp(min=0)].T
+        return logits.masked_fill(rows < 0, float("-inf"))
+
+    @staticmethod
+    def _mix(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
+        log_w = math.log(weight) if weight > 0 else float("-inf")
+        log_1w = math.log1p(-weight) if weight < 1 else float("-inf")
+        fused = torch.logaddexp(log_p + log_1w, log_q + log_w)
+        # -inf here means "no mass", a tie among such items; NaN (a diverged model's) stays NaN
+        return fused.masked_fill(fused == float("-inf"), LOG_ZERO)
+
+    def _scores(self, parts: dict, weight: float, start: int, stop: int) -> torch.Tensor:
+        """(B, stop − start) fused log-probabilities of the catalog items start..stop."""
+        log_p = self._id_logits(parts["user"], start, stop) - parts["lse"][:, None]
+        log_q = torch.full_like(log_p, float("-inf"))
+        items = parts["beam_items"]
+        r, c = ((items >= start) & (items < stop)).nonzero(as_tuple=True)
+        log_q[r, items[r, c] - start] = parts["beam_logq"][r, c]
+        return self._mix(log_p, log_q, weight)
+
+    def _target_scores(self, parts: dict, targets: torch.Tensor, weight: float) -> torch.Tensor:
+        """(B,) the fused log-probability of each row's target (as :meth:`_scores` gives it, in another kernel)."""
+        rows = self.id_rows[targets]
+        logit = (parts["user"] * self._id_vectors[rows.clamp(min=0)]).sum(-1).masked_fill(rows < 0, float("-inf"))
+        hit = parts["beam_items"] == targets[:, None]  # an item is in a user's beams once at most
+        log_q = torch.where(hit, parts["beam_logq"], float("-inf")).max(-1).values
+        return self._mix(logit - parts["lse"], log_q, weight)
+
+    def ranks(self, parts: dict, histories, targets: np.ndarray, weight: float,
+              exclude_history: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Each target's rank among the catalog's items under ``weight`` (the evaluator's ranks: ties count
+        half), and which users had a non-finite score."""
+        t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        r, bad = chunk_ranks(lambda start, stop: self._scores(parts, weight, start, stop), len(self.item_ids),
+                             self._target_scores(parts, t, weight), t,
+                             exclude=histories if exclude_history else None, chunk_size=self.chunk_size,
+                             return_nonfinite=True)
+        return r.numpy(), bad.numpy()
+
+    # ------------------------------------------------------------------------------------------ the usual calls
+    def rank_fn(self, *, exclude_history: bool = False) -> RankFn:
+        return lambda histories, targets: self.ranks(self.parts(histories), histories, targets, self.weight,
+                                                     exclude_history)
+
+    def top_k(self, histories: Sequence[Sequence[int]], k: int, *, exclude_history: bool = True,
+              exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused log-probabilities, item indices) of the k best items per history, (B, k) each."""
+        parts = self.parts(histories)
+        skip = [list(h) if exclude_history else [] for h in histories]
+        if exclude is not None:
+            skip = [s + list(e) for s, e in zip(skip, exclude)]
+        return chunk_top_k(lambda start, stop: self._scores(parts, self.weight, start, stop), len(self.item_ids),
+                           len(histories), k, exclude=skip, chunk_size=self.chunk_size)
+
+    def recommend(self, history: Sequence[str], k: int = 10, *, exclude_history: bool = True):
+        """Item ids (oldest → newest) → [(item_id, text, fused log-probability)] of the k best items."""
+        from lmrec.data.dataset import recommendations
+
+        return recommendations(self, history, k, exclude_history)
+
+    # ------------------------------------------------------------------------------------------ on disk
+    @classmethod
+    def load(cls, path: str | Path, data, *, device: str = "cpu") -> FusedRecommender:
+        """A fused model directory (``fusion.json``) on a prepared dataset's catalog."""
+        from lmrec.generative.recommender import GenerativeRecommender
+        from lmrec.idrec.recommender import IdRecommender
+
+        spec = read_spec(path)
+        return cls(IdRecommender.from_pretrained(spec["id_model"], device=device),
+                   GenerativeRecommender.load(spec["generative_model"], data, spec["sids"], device=device),
+                   weight=spec["weight"], beams=spec["beams"])
+
+
+def read_spec(path: str | Path) -> dict:
+    """``fusion.json``, checked: every field there, the two models' directories present."""
+
+    f = Path(path) / FILE
+    if not f.is_file():
+        raise ModelFileError(f"{path} is not a fused model: no {FILE} (`lmrec compare` with the fusion row "
+                             "writes one, or lmrec.fusion.fuse)")
+    check_format(path)
+    try:
+        spec = json.loads(f.read_text())
+    except ValueError as e:
+        raise ModelFileError(f"{f}: not JSON ({e})") from None
+    need = {"id_model": str, "generative_model": str, "sids": str, "weight": (int, float), "beams": int,
+            "exclude_history": bool}
+    for key, kind in need.items():
+        if not isinstance(spec.get(key), kind):
+            raise ModelFileError(f"{f}: field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    for key in ("id_model", "generative_model", "sids"):
+        if not Path(spec[key]).is_dir():
+            raise ModelFileError(f"{f}: {key} {spec[key]} is not a directory (the fused model refers to the two "
+                                 "models where they were; it does not copy them)")
+    return spec
+
+
+def fuse(data, id_model: str | Path, generative_model: str | Path, sids: str | Path, out: str | Path, *,
+         beams: int = 50, exclude_history: bool = False, weights: Sequence[float] = FUSION_WEIGHTS,
+         metric: str = "ndcg@10", ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, log=print) -> dict:
+    """Choose the weight on the validation split (``metric``; the smaller weight on a tie), read the test split
+    once with it, write the fused model to ``out`` (``fusion.json``) and return its metrics: ``valid``,
+    ``test``, ``weight``, ``weights_tried`` (each weight's validation metric)."""
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.evaluator import evaluate
+    from lmrec.eval.metrics import compute_metrics
+    from lmrec.generative.recommender import GenerativeRecommender
+    from lmrec.idrec.recommender import IdRecommender
+
+    bad = [w for w in weights if not 0.0 <= w <= 1.0]
+    if bad or not weights:
+        raise LmrecError(f"fusion weights must be within [0, 1], got {list(weights) or '(none)'}")
+    ds = PreparedDataset(data)
+    rec = FusedRecommender(IdRecommender.from_pretrained(id_model), GenerativeRecommender.load(
+        generative_model, data, sids), weight=0.0, beams=beams)
+    valid = ds.examples("valid")
+    ranks = {w: np.empty(len(valid)) for w in weights}
+    for start in range(0, len(valid), batch_size):
+        hist = valid.histories[start:start + batch_size]
+        parts = rec.parts(hist)  # the beams once, every weight ranked from them
+        for w in weights:
+            ranks[w][start:start + len(hist)] = rec.ranks(parts, hist, valid.targets[start:start + len(hist)], w,
+                                                          exclude_history)[0]
+    tried = {w: compute_metrics(ranks[w], ks) for w in weights}
+    best = max(weights, key=lambda w: (tried[w][metric], -w))
+    log("fusion weight of the generative model, validation " + metric + ": "
+        + ", ".join(f"{w:g} {tried[w][metric]:.4f}" for w in weights) + f" → {best:g}")
+    rec.weight = best
+    test = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
+                    batch_size=batch_size, desc="fusion test")
+    spec = {"id_model": str(Path(id_model).resolve()), "generative_model": str(Path(generative_model).resolve()),
+            "sids": str(Path(sids).resolve()), "weight": best, "beams": beams, "exclude_history": exclude_history,
+            "metric": metric, "weights_tried": {f"{w:g}": tried[w][metric] for w in weights}}
+
+    def write(tmp: Path) -> None:
+        (tmp / FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        write_marker(tmp, "fusion")
+
+    atomic_dir(out, write)
+    return {"valid": tried[best], "test": test, "weight": best, "weights_tried": spec["weights_tried"]}

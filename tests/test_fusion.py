@@ -1,0 +1,241 @@
+"""The fusion of an ID model and the generative model (lmrec.fusion): its ranks against a dense reference
+computation, complementary models fused above both, the weight chosen on valid, and — on real tiny models
+trained here — its ends equal to each model alone, its saved model ranking the same, and the comparison's
+fusion row fusing the comparison's own runs."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.generative.test_learning import EVAL, PROMPT, shop  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class FakeId:
+    """An ID model's calls: a fixed user vector per history, that of its newest item the model knows
+    (``users``: by item id; ``none``: for a history of items it never saw), and item vectors."""
+
+    def __init__(self, item_ids, users: dict[str, np.ndarray], items: np.ndarray, none=None):
+        self.ids, self.item_index = list(item_ids), {it: i for i, it in enumerate(item_ids)}
+        self.users, self.items = users, torch.as_tensor(items, dtype=torch.float32)
+        self.none = np.zeros(items.shape[1]) if none is None else none
+
+    def item_vectors(self):
+        return self.items
+
+    def user(self, history_ids):
+        known = [i for i in history_ids if i in self.item_index]
+        return self.users[known[-1]] if known else self.none
+
+    def encode_histories(self, histories):  # the ID model's own rows
+        return torch.stack([torch.as_tensor(self.user([self.ids[r] for r in h]), dtype=torch.float32)
+                            for h in histories])
+
+
+class FakeGen:
+    """The generative model's calls: fixed beams (items, log-probabilities) per history's last item, in the
+    catalog's indices (``-1`` / ``-inf`` pad a short list)."""
+
+    def __init__(self, item_ids, beams: dict[int, tuple[list[int], list[float]]]):
+        self.ds = SimpleNamespace(item_ids=list(item_ids), item_text=[[("title", i)] for i in item_ids])
+        self.beams = beams
+
+    def beam_search(self, histories, k):
+        items = torch.full((len(histories), k), -1)
+        scores = torch.full((len(histories), k), float("-inf"))
+        for b, h in enumerate(histories):
+            it, sc = self.beams[int(h[-1])]
+            items[b, : len(it)], scores[b, : len(it)] = torch.as_tensor(it[:k]), torch.as_tensor(sc[:k])
+        return items, scores
+
+
+def reference_ranks(user, items, rows, beams, histories, targets, w, exclude_history):
+    """The fusion written out densely in float64: p over the items the ID model knows, q over the beams, the
+    mixture, then the evaluator's rank (strictly higher + half the ties, excluded history never counted)."""
+    out = []
+    for b, (h, t) in enumerate(zip(histories, targets)):
+        logits = np.array([user[b] @ items[r] if r >= 0 else -np.inf for r in rows], dtype=np.float64)
+        p = np.exp(logits - logits[np.isfinite(logits)].max())
+        p /= p.sum()
+        q = np.zeros(len(rows))
+        it, sc = beams[b]
+        e = np.exp(np.array(sc) - max(sc))
+        q[it] = e / e.sum()
+        s = (1 - w) * p + w * q
+        keep = np.ones(len(rows), bool)
+        keep[t] = False
+        if exclude_history:
+            keep[list(h)] = False
+        higher = (s > s[t] * (1 + 1e-5)) & keep
+        tied = (np.abs(s - s[t]) <= s[t] * 1e-5) & keep
+        out.append(higher.sum() + 0.5 * tied.sum())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_fused_ranks_equal_a_dense_reference_over_chunks_and_unknown_items(exclude_history):
+    from lmrec.fusion import FusedRecommender
+
+    rng = np.random.default_rng(0)
+    n, known = 23, 19  # the last 4 catalog items are new to the ID model
+    ids = [f"i{k}" for k in range(n)]
+    id_ids = ids[:known][::-1]  # the ID model's own order differs from the catalog's
+    vecs = rng.normal(size=(known, 5))
+    users = {i: rng.normal(size=5) for i in ids}
+    beams = {k: (rng.choice(n, size=6, replace=False).tolist(), sorted(rng.normal(size=6) * 2, reverse=True))
+             for k in range(n)}
+    histories = [rng.choice(n, size=3, replace=False) for _ in range(40)]
+    targets = np.array([rng.integers(n) for _ in histories])
+    fake_id = FakeId(id_ids, users, vecs)
+    rec = FusedRecommender(fake_id, FakeGen(ids, beams), weight=0.5, beams=6, chunk_size=4)
+    rows = [id_ids.index(i) if i in id_ids else -1 for i in ids]
+    u = np.stack([fake_id.user([ids[i] for i in h]) for h in histories])
+    b = [beams[int(h[-1])] for h in histories]
+    parts = rec.parts(histories)
+    for w in (0.0, 0.3, 0.5, 1.0):
+        got, bad = rec.ranks(parts, histories, targets, w, exclude_history)
+        np.testing.assert_array_equal(got, reference_ranks(u, vecs, rows, b, histories, targets, w, exclude_history))
+        assert not bad.any()
+    # a new item outside the beams has no mass at w=0 and ties with the other such items, never first
+    t_new = np.array([known] * len(histories))
+    got, _ = rec.ranks(parts, histories, t_new, 0.0)
+    assert (got >= known - 1).all()
+
+
+def test_complementary_models_fused_rank_above_both():
+    """Half of the transitions only the ID model knows, the other half only the generative model: each alone
+    scores about half; the mixture ranks both kinds at the top."""
+    from lmrec.eval.metrics import compute_metrics
+    from lmrec.fusion import FusedRecommender
+
+    n = 30
+    ids = [f"i{k}" for k in range(n)]
+    eye = np.eye(n)
+    # from item k: the ID model is sure of k+1 (every other item alike), the generative model of k+2
+    users = {ids[k]: 8 * eye[(k + 1) % n] for k in range(n)}
+    beams = {k: ([(k + 2) % n, (k + 5) % n], [-0.1, -3.0]) for k in range(n)}
+    rec = FusedRecommender(FakeId(ids, users, eye), FakeGen(ids, beams), weight=0.5, beams=2)
+    histories = [np.array([k]) for k in range(n)]
+    targets = np.array([(k + 1 + k % 2) % n for k in range(n)])  # even users go +1, odd users +2
+    parts = rec.parts(histories)
+    ndcg = {w: compute_metrics(rec.ranks(parts, histories, targets, w)[0])["ndcg@10"] for w in (0.0, 0.5, 1.0)}
+    assert ndcg[0.5] > max(ndcg[0.0], ndcg[1.0]) + 0.2, ndcg
+
+
+def test_fusion_weights_and_beams_are_checked():
+    from lmrec.errors import LmrecError
+    from lmrec.fusion import FusedRecommender
+
+    ids = ["a", "b"]
+    for kw in ({"weight": 1.5, "beams": 2}, {"weight": 0.5, "beams": 0}):
+        with pytest.raises(LmrecError, match="weight|beam"):
+            FusedRecommender(FakeId(ids, {}, np.eye(2)), FakeGen(ids, {}), **kw)
+
+
+@pytest.fixture(scope="module")
+def two_models(shop, tmp_path_factory):  # noqa: F811
+    """SASRec and the generative model (stage 2) trained on the shop: (sasrec run, generative run)."""
+    from lmrec.api import train_generative
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.idrec.train import train_baseline
+
+    root = tmp_path_factory.mktemp("fusion")
+    sas = train_baseline(load_config(None, [f"output_dir={root / 'sasrec'}", "train.epochs=20", "train.batch_size=16",
+                                            "model.hidden_size=32", "train.lr=3e-3", "train.patience=3"],
+                                     schema=IdRunConfig), shop / "data", log=lambda m: None)
+    gen = train_generative(shop / "data", shop / "sids", shop / "lm", output_dir=root / "gen", stage="2",
+                           log=lambda m: None, overrides=[*PROMPT, *EVAL, "train.epochs=6", "train.eval_every=6",
+                                                          "train.batch_size=8"])
+    return sas, gen
+
+
+def test_fusion_of_trained_models_ends_at_each_model_alone_and_its_saved_model_ranks_the_same(
+        shop, two_models, tmp_path):  # noqa: F811
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.baselines import baselines
+    from lmrec.eval.evaluator import evaluate
+    from lmrec.fusion import FusedRecommender, fuse
+
+    sas, gen = two_models
+    said = []
+    out = fuse(shop / "data", sas.model_dir, gen.model_dir, shop / "sids", tmp_path / "fused", beams=10, ks=[10],
+               log=said.append)
+    # weight 0 is SASRec alone and weight 1 the generative model alone: their own validation figures
+    assert out["weights_tried"]["0"] == pytest.approx(sas.metrics["valid"]["ndcg@10"], abs=1e-12)
+    assert out["weights_tried"]["1"] == pytest.approx(gen.metrics["valid"]["ndcg@10"], abs=1e-12)
+    assert out["valid"]["ndcg@10"] == max(out["weights_tried"].values())  # chosen on valid
+    assert f"→ {out['weight']:g}" in said[-1]
+    pop = baselines(PreparedDataset(shop / "data"), "test", ks=[10])["popularity"]["ndcg@10"]
+    assert out["test"]["ndcg@10"] >= 2 * pop, (out["test"], pop)
+    # the saved model: fusion.json names both models and the weight; loaded, it ranks test the same
+    spec = json.loads((tmp_path / "fused" / "fusion.json").read_text())
+    assert spec["weight"] == out["weight"] and spec["beams"] == 10
+    rec = FusedRecommender.load(tmp_path / "fused", shop / "data")
+    again = evaluate(rec.rank_fn(), PreparedDataset(shop / "data").examples("test"), ks=[10])
+    assert again == out["test"]
+    first = rec.recommend([rec.item_ids[0]], k=5)
+    assert len(first) == 5 and all(i != rec.item_ids[0] for i, _, _ in first)  # the history is left out
+
+
+def test_a_fused_model_directory_that_is_broken_is_one_message(shop, two_models, tmp_path):  # noqa: F811
+    from lmrec.fusion import FusedRecommender, fuse
+    from lmrec.modelfiles import ModelFileError
+
+    sas, gen = two_models
+    with pytest.raises(ModelFileError, match="no fusion.json"):
+        FusedRecommender.load(tmp_path, shop / "data")
+    fuse(shop / "data", sas.model_dir, gen.model_dir, shop / "sids", tmp_path / "f", beams=10, ks=[10],
+         weights=[0.5], log=lambda m: None)
+    spec = json.loads((tmp_path / "f" / "fusion.json").read_text())
+    for broken, match in (({**spec, "weight": "high"}, "'weight'"), ({**spec, "id_model": str(tmp_path / "gone")},
+                                                                      "id_model .* is not a directory")):
+        (tmp_path / "f" / "fusion.json").write_text(json.dumps(broken))
+        with pytest.raises(ModelFileError, match=match):
+            FusedRecommender.load(tmp_path / "f", shop / "data")
+    (tmp_path / "f" / "fusion.json").write_text("{")
+    with pytest.raises(ModelFileError, match="not JSON"):
+        FusedRecommender.load(tmp_path / "f", shop / "data")
+
+
+def test_the_comparisons_fusion_row_fuses_its_own_runs_of_both_models(shop, two_models, tmp_path, monkeypatch):  # noqa: F811
+    """`lmrec compare --models fusion`: the same seed's SASRec and generative runs are made with the settings
+    given for their rows (trained first when missing, read back after), fused, and recorded like any row;
+    runs made under another eval.exclude_history than the fusion's are refused."""
+    import shutil
+
+    from lmrec import compare
+    from lmrec.errors import LmrecError
+
+    sas, gen = two_models
+    calls = []
+
+    def fake_sasrec(data, run, seed, overrides, log, config=None):  # the trained model stands in for a run
+        calls.append(("sasrec", seed, [o for o in overrides if o != "train.overwrite=true"], config))
+        shutil.copytree(sas.run_dir, run, dirs_exist_ok=True)
+        return sas.metrics["test"]
+
+    def fake_generative(data, run, seed, overrides, log, config=None):
+        calls.append(("generative", seed, [o for o in overrides if o != "train.overwrite=true"], config))
+        shutil.copytree(gen.run_dir, run / "stage2", dirs_exist_ok=True)
+        shutil.copytree(shop / "sids", run / "sids", dirs_exist_ok=True)
+        return gen.metrics["test"]
+
+    monkeypatch.setitem(compare.RUNNERS, "sasrec", fake_sasrec)
+    monkeypatch.setitem(compare.RUNNERS, "generative", fake_generative)
+    kw = {"models": ["fusion"], "seeds": [0], "overrides": {"generative": ["eval.ks=[10]"], "fusion": ["eval.ks=[10]"]},
+          "presets": {}, "log": lambda m: None}
+    result = compare.compare(shop / "data", tmp_path / "cmp", **kw)
+    assert calls == [("sasrec", 0, [], None), ("generative", 0, ["eval.ks=[10]"], None)]
+    row = result["models"]["fusion"]
+    saved = json.loads((tmp_path / "cmp" / "fusion" / "seed-0" / "metrics.json").read_text())
+    assert row["per_seed"] == [saved["test"]] and saved["parts"]["generative"].endswith("generative/seed-0")
+    assert json.loads((tmp_path / "cmp" / "fusion" / "seed-0" / "model" / "fusion.json").read_text())["beams"] == 10
+    compare.compare(shop / "data", tmp_path / "cmp", **kw)  # everything read back: nothing trained again
+    assert len(calls) == 2
+    with pytest.raises(LmrecError, match="exclude_history"):
+        compare.compare(shop / "data", tmp_path / "cmp", **{**kw, "overrides": {
+            **kw["overrides"], "fusion": ["eval.ks=[10]", "eval.exclude_history=true"]}})
