@@ -140,7 +140,9 @@ def compare(
     models: str = typer.Option("sasrec,gru4rec,recformer", help="Comma-separated: recformer, generative (its "
                                                                 "semantic IDs from the same seed's RecFormer or "
                                                                 "SASRec, whichever validates better), hybrid "
-                                                                "(SASRec + item text), sasrec, gru4rec."),
+                                                                "(SASRec + item text), sasrec, gru4rec, fusion "
+                                                                "(the same seed's SASRec and generative runs mixed "
+                                                                "per user, the weight chosen on valid)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (train.seed of every run)."),
     output_dir: Path = typer.Option(Path("runs/compare"), help="Runs go to OUT/<model>/seed-<s>; the summary "
                                                                "to OUT/compare.json."),
