@@ -4,15 +4,18 @@ trained here — its ends equal to each model alone, its saved model ranking the
 fusion row fusing the comparison's own runs."""
 
 import json
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import ONE_THREAD, run_cli
 from tests.generative.test_learning import EVAL, PROMPT, shop  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+cli = partial(run_cli, env=ONE_THREAD)
 
 
 class FakeId:
@@ -53,7 +56,7 @@ class FakeGen:
         return items, scores
 
 
-def reference_ranks(user, items, rows, beams, histories, targets, w, exclude_history):
+def reference_ranks(user, items, rows, beams, histories, targets, w, exclude_history, pool=None):
     """The fusion written out densely in float64: p over the items the ID model knows, q over the beams, the
     mixture, then the evaluator's rank (strictly higher + half the ties, excluded history never counted)."""
     out = []
@@ -66,7 +69,7 @@ def reference_ranks(user, items, rows, beams, histories, targets, w, exclude_his
         e = np.exp(np.array(sc) - max(sc))
         q[it] = e / e.sum()
         s = (1 - w) * p + w * q
-        keep = np.ones(len(rows), bool)
+        keep = np.ones(len(rows), bool) if pool is None else np.isin(np.arange(len(rows)), pool)
         keep[t] = False
         if exclude_history:
             keep[list(h)] = False
@@ -100,6 +103,11 @@ def test_fused_ranks_equal_a_dense_reference_over_chunks_and_unknown_items(exclu
         got, bad = rec.ranks(parts, histories, targets, w, exclude_history)
         np.testing.assert_array_equal(got, reference_ranks(u, vecs, rows, b, histories, targets, w, exclude_history))
         assert not bad.any()
+    # among candidates only (the new-item protocol): the probabilities stay the catalog's
+    pool = np.union1d(targets, rng.choice(n, size=8, replace=False))
+    got, _ = rec.ranks(parts, histories, targets, 0.4, exclude_history, candidates=pool)
+    np.testing.assert_array_equal(got, reference_ranks(u, vecs, rows, b, histories, targets, 0.4, exclude_history,
+                                                       pool))
     # a new item outside the beams has no mass at w=0 and ties with the other such items, never first
     t_new = np.array([known] * len(histories))
     got, _ = rec.ranks(parts, histories, t_new, 0.0)
@@ -155,6 +163,7 @@ def two_models(shop, tmp_path_factory):  # noqa: F811
 
 def test_fusion_of_trained_models_ends_at_each_model_alone_and_its_saved_model_ranks_the_same(
         shop, two_models, tmp_path):  # noqa: F811
+    import lmrec.api
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.baselines import baselines
     from lmrec.eval.evaluator import evaluate
@@ -177,8 +186,14 @@ def test_fusion_of_trained_models_ends_at_each_model_alone_and_its_saved_model_r
     rec = FusedRecommender.load(tmp_path / "fused", shop / "data")
     again = evaluate(rec.rank_fn(), PreparedDataset(shop / "data").examples("test"), ks=[10])
     assert again == out["test"]
-    first = rec.recommend([rec.item_ids[0]], k=5)
-    assert len(first) == 5 and all(i != rec.item_ids[0] for i, _, _ in first)  # the history is left out
+    # and through the commands every recommender takes (the dataset it was fused on is in fusion.json)
+    assert lmrec.api.evaluate(tmp_path / "fused", shop / "data", ks=[10], device="cpu") == out["test"]
+    first = rec.item_ids[0]
+    r = cli("recommend", "--model", tmp_path / "fused", "--history", first, "-k", "5", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    top = rec.recommend([first], k=5)
+    assert len(top) == 5 and first not in [i for i, _, _ in top]  # the history is left out
+    assert all(i in r.stdout for i, _, _ in top)
 
 
 def test_a_fused_model_directory_that_is_broken_is_one_message(shop, two_models, tmp_path):  # noqa: F811
@@ -239,3 +254,35 @@ def test_the_comparisons_fusion_row_fuses_its_own_runs_of_both_models(shop, two_
     with pytest.raises(LmrecError, match="exclude_history"):
         compare.compare(shop / "data", tmp_path / "cmp", **{**kw, "overrides": {
             **kw["overrides"], "fusion": ["eval.ks=[10]", "eval.exclude_history=true"]}})
+
+
+def test_a_fused_model_is_served_like_any_model_and_refuses_new_items(shop, two_models, tmp_path):  # noqa: F811
+    """`lmrec serve --model FUSED`: answers equal `lmrec recommend`'s (scores: the fused log-probabilities);
+    POST /items is 409; a broken fusion.json stops the command before the server starts."""
+    import httpx
+
+    import lmrec
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.fusion import fuse
+    from lmrec.serve.app import build_app
+    from tests.serve.test_serve import Server
+
+    sas, gen = two_models
+    fuse(shop / "data", sas.model_dir, gen.model_dir, shop / "sids", tmp_path / "fused", beams=10, ks=[10],
+         weights=[0.5], log=lambda m: None)
+    ids = PreparedDataset(shop / "data").item_ids
+    hist = [ids[3], ids[4]]
+    expected = lmrec.recommend(tmp_path / "fused", hist, k=5, device="cpu")
+    with Server(build_app(model=str(tmp_path / "fused"), log=lambda m: None)) as srv:
+        srv.wait_ready()
+        meta = httpx.get(srv.url + "/metadata").json()
+        assert meta["family"] == "fusion" and meta["weight"] == 0.5 and meta["catalog_size"] == len(ids)
+        r = httpx.post(srv.url + "/recommend", json={"history": hist, "k": 5}).json()
+        assert [x["item_id"] for x in r["items"]] == [e[0] for e in expected]
+        np.testing.assert_allclose([x["score"] for x in r["items"]], [e[2] for e in expected], rtol=1e-5)
+        r = httpx.post(srv.url + "/items", json={"items": [{"item_id": "new", "text": {"title": "a new thing"}}]})
+        assert r.status_code == 409 and "fused model" in r.json()["error"]
+    spec = json.loads((tmp_path / "fused" / "fusion.json").read_text())
+    (tmp_path / "fused" / "fusion.json").write_text(json.dumps({**spec, "sids": str(tmp_path / "nowhere")}))
+    r = cli("serve", "--model", tmp_path / "fused")
+    assert r.returncode == 2 and "sids" in r.stderr and "is not a directory" in r.stderr, r.stderr

@@ -165,12 +165,17 @@ def recommend(model_dir: str | Path, history: list[str], k: int = 10, *, exclude
 
 
 def load_recommender(model_dir: str | Path, device: str = "auto", command: str = "lmrec evaluate"):
-    """The saved recommender in ``model_dir`` on ``device``: a RecFormer model (``model_type`` recformer) or a
-    trained ID baseline (``lmrec baseline``'s ``model/``, model_type lmrec-idrec); both rank, recommend
-    and serve through the same calls."""
+    """The saved recommender in ``model_dir`` on ``device``: a RecFormer model (``model_type`` recformer), a
+    trained ID baseline (``lmrec baseline``'s ``model/``, model_type lmrec-idrec) or a fused one (an ID model
+    × the generative model: ``fusion.json``, on the dataset it was fused on); all of them rank and recommend
+    through the same calls."""
+    from lmrec.fusion import FusedRecommender, is_fused_model
     from lmrec.idrec.recommender import IdRecommender
     from lmrec.modelfiles import check_recommender, loading
     from lmrec.recformer.recommender import Recommender
+
+    if is_fused_model(model_dir):
+        return FusedRecommender.load(model_dir, device=_device(device), command=command)
 
     fam = check_recommender(model_dir, command=command)  # every file checked before any is loaded
     with loading(model_dir):

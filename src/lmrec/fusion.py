@@ -44,6 +44,18 @@ FILE = "fusion.json"
 LOG_ZERO = -1e30
 
 
+class _Pool:
+    """Candidate items (catalog indices) and each catalog item's position among them (-1: not a candidate)."""
+
+    def __init__(self, items: np.ndarray, num_items: int):
+        self.items = torch.as_tensor(np.asarray(items), dtype=torch.long)
+        self._pos = torch.full((num_items,), -1, dtype=torch.long)
+        self._pos[self.items] = torch.arange(len(self.items))
+
+    def position(self, items: torch.Tensor) -> torch.Tensor:
+        return self._pos[items.clamp(min=0)].masked_fill(items < 0, -1)
+
+
 def is_fused_model(path: str | Path) -> bool:
     return (Path(path) / FILE).is_file()
 
@@ -52,6 +64,8 @@ class FusedRecommender:
     """``id_rec``: an :class:`~lmrec.idrec.recommender.IdRecommender` on its own catalog; ``gen``: a
     :class:`~lmrec.generative.recommender.GenerativeRecommender`, whose dataset's catalog is the one ranked
     (item indices, as the evaluator's)."""
+
+    added = 0  # its catalog never grows: the ID model has no vector for a new item
 
     def __init__(self, id_rec, gen, *, weight: float, beams: int, chunk_size: int = DEFAULT_CHUNK):
         if not 0.0 <= weight <= 1.0:
@@ -75,14 +89,15 @@ class FusedRecommender:
         user = self.id_rec.encode_histories([h[h >= 0] for h in known])
         lse = torch.full((len(histories),), float("-inf"))
         for start in range(0, len(self.item_ids), self.chunk_size):
-            lse = torch.logaddexp(lse, torch.logsumexp(self._id_logits(user, start, start + self.chunk_size), -1))
+            cols = torch.arange(start, min(start + self.chunk_size, len(self.item_ids)))
+            lse = torch.logaddexp(lse, torch.logsumexp(self._id_logits(user, cols), -1))
         items, scores = self.gen.beam_search(histories, self.beams)
         scores = scores.float().masked_fill(items < 0, float("-inf"))
         norm = torch.logsumexp(scores, -1, keepdim=True)
         return {"user": user, "lse": lse, "beam_items": items, "beam_logq": scores - norm}
 
-    def _id_logits(self, user: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        rows = self.id_rows[start:stop]
+    def _id_logits(self, user: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        rows = self.id_rows[cols]
         logits = user @ self._id_vectors[rows.clamp(min=0)].T
         return logits.masked_fill(rows < 0, float("-inf"))
 
@@ -94,13 +109,15 @@ class FusedRecommender:
         # -inf here means "no mass", a tie among such items; NaN (a diverged model's) stays NaN
         return fused.masked_fill(fused == float("-inf"), LOG_ZERO)
 
-    def _scores(self, parts: dict, weight: float, start: int, stop: int) -> torch.Tensor:
-        """(B, stop − start) fused log-probabilities of the catalog items start..stop."""
-        log_p = self._id_logits(parts["user"], start, stop) - parts["lse"][:, None]
+    def _scores(self, parts: dict, weight: float, start: int, stop: int, pool: _Pool | None = None) -> torch.Tensor:
+        """(B, stop − start) fused log-probabilities of the items start..stop of the catalog, or of ``pool``."""
+        cols = torch.arange(start, stop) if pool is None else pool.items[start:stop]
+        log_p = self._id_logits(parts["user"], cols) - parts["lse"][:, None]
         log_q = torch.full_like(log_p, float("-inf"))
         items = parts["beam_items"]
-        r, c = ((items >= start) & (items < stop)).nonzero(as_tuple=True)
-        log_q[r, items[r, c] - start] = parts["beam_logq"][r, c]
+        pos = items if pool is None else pool.position(items)  # each beam's column in the ranking (-1: none)
+        r, c = ((pos >= start) & (pos < stop)).nonzero(as_tuple=True)
+        log_q[r, pos[r, c] - start] = parts["beam_logq"][r, c]
         return self._mix(log_p, log_q, weight)
 
     def _target_scores(self, parts: dict, targets: torch.Tensor, weight: float) -> torch.Tensor:
@@ -111,29 +128,48 @@ class FusedRecommender:
         log_q = torch.where(hit, parts["beam_logq"], float("-inf")).max(-1).values
         return self._mix(logit - parts["lse"], log_q, weight)
 
-    def ranks(self, parts: dict, histories, targets: np.ndarray, weight: float,
-              exclude_history: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Each target's rank among the catalog's items under ``weight`` (the evaluator's ranks: ties count
-        half), and which users had a non-finite score."""
+    def ranks(self, parts: dict, histories, targets: np.ndarray, weight: float, exclude_history: bool = False,
+              candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each target's rank among the catalog's items (or among ``candidates``, item indices: every target
+        must be one of them) under ``weight`` — the evaluator's ranks: ties count half — and which users had a
+        non-finite score. The probabilities are over the whole catalog either way."""
         t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-        r, bad = chunk_ranks(lambda start, stop: self._scores(parts, weight, start, stop), len(self.item_ids),
-                             self._target_scores(parts, t, weight), t,
-                             exclude=histories if exclude_history else None, chunk_size=self.chunk_size,
-                             return_nonfinite=True)
+        target_scores = self._target_scores(parts, t, weight)
+        exclude = [np.asarray(h, dtype=np.int64) for h in histories] if exclude_history else None
+        pool = None
+        if candidates is not None:
+            pool = _Pool(candidates, len(self.item_ids))
+            t = pool.position(t)
+            if (t < 0).any():
+                raise LmrecError(f"{int((t < 0).sum())} target(s) of this batch are not among the "
+                                 f"{len(candidates)} candidate items")
+            exclude = None if exclude is None else [x[x >= 0] for x in (pool.position(torch.as_tensor(h)).numpy()
+                                                                         for h in exclude)]
+        n = len(self.item_ids) if pool is None else len(pool.items)
+        r, bad = chunk_ranks(lambda start, stop: self._scores(parts, weight, start, stop, pool), n, target_scores, t,
+                             exclude=exclude, chunk_size=self.chunk_size, return_nonfinite=True)
         return r.numpy(), bad.numpy()
 
     # ------------------------------------------------------------------------------------------ the usual calls
-    def rank_fn(self, *, exclude_history: bool = False) -> RankFn:
+    def ready_for(self, item_ids: list[str], item_text=None) -> FusedRecommender:
+        """The catalog to rank must be the one the fusion was made on (the generative model's dataset)."""
+        if list(item_ids) != list(self.item_ids):
+            raise LmrecError(f"a fused model ranks the catalog of the dataset it was fused on ({len(self.item_ids)} "
+                             f"items); this dataset's catalog ({len(item_ids)} items) is another one")
+        return self
+
+    def rank_fn(self, *, exclude_history: bool = False, candidates: np.ndarray | None = None) -> RankFn:
         return lambda histories, targets: self.ranks(self.parts(histories), histories, targets, self.weight,
-                                                     exclude_history)
+                                                     exclude_history, candidates)
 
     def top_k(self, histories: Sequence[Sequence[int]], k: int, *, exclude_history: bool = True,
               exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fused log-probabilities, item indices) of the k best items per history, (B, k) each."""
+        """(fused log-probabilities, item indices) of the k best items per history, (B, k) each; ``exclude``
+        (items per row) overrides ``exclude_history``."""
+        if k < 1:
+            raise LmrecError(f"k must be at least 1, got {k}")
         parts = self.parts(histories)
-        skip = [list(h) if exclude_history else [] for h in histories]
-        if exclude is not None:
-            skip = [s + list(e) for s, e in zip(skip, exclude)]
+        skip = exclude if exclude is not None else histories if exclude_history else None  # as every recommender's
         return chunk_top_k(lambda start, stop: self._scores(parts, self.weight, start, stop), len(self.item_ids),
                            len(histories), k, exclude=skip, chunk_size=self.chunk_size)
 
@@ -145,15 +181,45 @@ class FusedRecommender:
 
     # ------------------------------------------------------------------------------------------ on disk
     @classmethod
-    def load(cls, path: str | Path, data, *, device: str = "cpu") -> FusedRecommender:
-        """A fused model directory (``fusion.json``) on a prepared dataset's catalog."""
-        from lmrec.generative.recommender import GenerativeRecommender
-        from lmrec.idrec.recommender import IdRecommender
-
+    def load(cls, path: str | Path, data=None, *, device: str | torch.device = "cpu",
+             command: str = "lmrec evaluate") -> FusedRecommender:
+        """A fused model directory (``fusion.json``) on the catalog of ``data`` (default: the dataset it was
+        fused on), every file of both models checked before any is loaded."""
         spec = read_spec(path)
-        return cls(IdRecommender.from_pretrained(spec["id_model"], device=device),
-                   GenerativeRecommender.load(spec["generative_model"], data, spec["sids"], device=device),
-                   weight=spec["weight"], beams=spec["beams"])
+        return _build(spec["data"] if data is None else data, spec["id_model"], spec["generative_model"],
+                      spec["sids"], weight=spec["weight"], beams=spec["beams"], device=device, command=command,
+                      source=Path(path) / FILE)
+
+
+def check_fused(path: str | Path, command: str = "lmrec evaluate") -> dict:
+    """A fused model directory and every file of the two models and the semantic IDs it names, checked
+    without loading any; returns its ``fusion.json``."""
+    from lmrec.modelfiles import check_generative, check_recommender, check_sids
+
+    spec = read_spec(path)
+    where = f"{Path(path) / FILE}: id_model"
+    if check_recommender(spec["id_model"], command, option=where) != "idrec":
+        raise ModelFileError(f"{where} {spec['id_model']} is not an ID model (SASRec, GRU4Rec: `lmrec baseline`'s "
+                             "…/model)")
+    check_generative(spec["generative_model"], command)
+    check_sids(spec["sids"])
+    return spec
+
+
+def _build(data, id_model, generative_model, sids, *, weight: float, beams: int, device="cpu",
+           command: str = "lmrec evaluate", source=None) -> FusedRecommender:
+    """The two models loaded (every file of both checked before any is loaded) and fused."""
+    from lmrec.generative.recommender import GenerativeRecommender
+    from lmrec.idrec.recommender import IdRecommender
+    from lmrec.modelfiles import check_recommender, loading
+
+    where = f"{source}: id_model" if source else "the ID model"
+    if check_recommender(id_model, command, option=where) != "idrec":
+        raise ModelFileError(f"{where} {id_model} is not an ID model (SASRec, GRU4Rec: `lmrec baseline`'s …/model)")
+    with loading(id_model):
+        id_rec = IdRecommender.from_pretrained(id_model, device=device)
+    gen = GenerativeRecommender.load(generative_model, data, sids, device=device, command=command)
+    return FusedRecommender(id_rec, gen, weight=weight, beams=beams)
 
 
 def read_spec(path: str | Path) -> dict:
@@ -168,15 +234,15 @@ def read_spec(path: str | Path) -> dict:
         spec = json.loads(f.read_text())
     except ValueError as e:
         raise ModelFileError(f"{f}: not JSON ({e})") from None
-    need = {"id_model": str, "generative_model": str, "sids": str, "weight": (int, float), "beams": int,
+    need = {"data": str, "id_model": str, "generative_model": str, "sids": str, "weight": (int, float), "beams": int,
             "exclude_history": bool}
     for key, kind in need.items():
         if not isinstance(spec.get(key), kind):
             raise ModelFileError(f"{f}: field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
-    for key in ("id_model", "generative_model", "sids"):
+    for key in ("data", "id_model", "generative_model", "sids"):
         if not Path(spec[key]).is_dir():
-            raise ModelFileError(f"{f}: {key} {spec[key]} is not a directory (the fused model refers to the two "
-                                 "models where they were; it does not copy them)")
+            raise ModelFileError(f"{f}: {key} {spec[key]} is not a directory (a fused model refers to its two "
+                                 "models, their semantic IDs and dataset where they were; it does not copy them)")
     return spec
 
 
@@ -189,15 +255,11 @@ def fuse(data, id_model: str | Path, generative_model: str | Path, sids: str | P
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.evaluator import evaluate
     from lmrec.eval.metrics import compute_metrics
-    from lmrec.generative.recommender import GenerativeRecommender
-    from lmrec.idrec.recommender import IdRecommender
-
     bad = [w for w in weights if not 0.0 <= w <= 1.0]
     if bad or not weights:
         raise LmrecError(f"fusion weights must be within [0, 1], got {list(weights) or '(none)'}")
     ds = PreparedDataset(data)
-    rec = FusedRecommender(IdRecommender.from_pretrained(id_model), GenerativeRecommender.load(
-        generative_model, data, sids), weight=0.0, beams=beams)
+    rec = _build(data, id_model, generative_model, sids, weight=0.0, beams=beams, command="lmrec compare")
     valid = ds.examples("valid")
     ranks = {w: np.empty(len(valid)) for w in weights}
     for start in range(0, len(valid), batch_size):
@@ -213,9 +275,10 @@ def fuse(data, id_model: str | Path, generative_model: str | Path, sids: str | P
     rec.weight = best
     test = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
                     batch_size=batch_size, desc="fusion test")
-    spec = {"id_model": str(Path(id_model).resolve()), "generative_model": str(Path(generative_model).resolve()),
-            "sids": str(Path(sids).resolve()), "weight": best, "beams": beams, "exclude_history": exclude_history,
-            "metric": metric, "weights_tried": {f"{w:g}": tried[w][metric] for w in weights}}
+    spec = {"data": str(Path(data).resolve()), "id_model": str(Path(id_model).resolve()),
+            "generative_model": str(Path(generative_model).resolve()), "sids": str(Path(sids).resolve()),
+            "weight": best, "beams": beams, "exclude_history": exclude_history, "metric": metric,
+            "weights_tried": {f"{w:g}": tried[w][metric] for w in weights}}
 
     def write(tmp: Path) -> None:
         (tmp / FILE).write_text(json.dumps(spec, indent=2) + "\n")

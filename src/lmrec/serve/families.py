@@ -80,7 +80,23 @@ class RecformerBackend(_RankingBackend):
                                                "items": index.size if index is not None else 0}}
 
 
-class IdBackend(_RankingBackend):
+class _FixedCatalog(_RankingBackend):
+    """A catalog that never grows (an ID model's items): nothing to add, nothing to sync with other processes."""
+
+    def no_new_items(self) -> str:
+        raise NotImplementedError
+
+    def add_items(self, items):
+        raise BadRequest("items", self.no_new_items(), status=409)
+
+    def needs_sync(self) -> bool:
+        return False
+
+    def sync(self) -> None:
+        pass
+
+
+class IdBackend(_FixedCatalog):
     """A trained ID baseline (``lmrec baseline``'s ``model/``): ranks its own catalog; cannot add items."""
 
     family = "idrec"
@@ -97,19 +113,44 @@ class IdBackend(_RankingBackend):
     def max_history(self) -> int:
         return self.rec.max_len
 
-    def add_items(self, items):
-        raise BadRequest("items", f"{self.model_dir} is an ID model ({self.rec.model.config.arch}): it has a vector "
-                                  "only for the items it was trained with and cannot add items from their text; "
-                                  "serve a RecFormer or generative model to add items", status=409)
-
-    def needs_sync(self) -> bool:
-        return False
-
-    def sync(self) -> None:
-        pass
+    def no_new_items(self) -> str:
+        return (f"{self.model_dir} is an ID model ({self.rec.model.config.arch}): it has a vector only for the items "
+                "it was trained with and cannot add items from their text; serve a RecFormer or generative model "
+                "to add items")
 
     def metadata(self) -> dict:
         return {**super().metadata(), "arch": self.rec.model.config.arch}
+
+
+class FusedBackend(_FixedCatalog):
+    """An ID model × the generative model (``fusion.json``, :mod:`lmrec.fusion`): ranks the catalog of the
+    dataset it was fused on (every item scored; the beams searched per batch); cannot add items."""
+
+    family = "fusion"
+    max_k = 1000
+
+    def __init__(self, model_dir: Path, *, device="cpu", log=print):
+        from lmrec.fusion import FusedRecommender, read_spec
+        from lmrec.serve.backend import _version
+
+        super().__init__(model_dir, None)
+        self.spec = read_spec(model_dir)
+        self.rec = FusedRecommender.load(model_dir, device=device, command="lmrec serve")
+        # the fused directory holds no weights: its version is that of the two models it names, too
+        self.version = "-".join(_version(Path(d))[:4] for d in (model_dir, self.spec["id_model"],
+                                                                 self.spec["generative_model"]))
+
+    @property
+    def max_history(self) -> int:
+        return self.rec.gen.ds.max_history_len
+
+    def no_new_items(self) -> str:
+        return (f"{self.model_dir} is a fused model: its ID model has a vector only for the items it was trained "
+                "with; serve its generative model to add items")
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), **{k: self.spec[k] for k in ("id_model", "generative_model", "weight",
+                                                                  "beams")}}
 
 
 class GenerativeBackend(Backend):
@@ -195,11 +236,15 @@ class GenerativeBackend(Backend):
 
 
 def detect_family(model_dir: str | Path, data: str | Path | None = None, sids: str | Path | None = None) -> str:
-    """``recformer``, ``idrec`` or ``generative`` for a model directory, or a clear error (checked before a server
-    starts, so that a wrong path is one message, not a failed readiness probe)."""
+    """``recformer``, ``idrec``, ``fusion`` or ``generative`` for a model directory, or a clear error (checked
+    before a server starts, so that a wrong path is one message, not a failed readiness probe)."""
+    from lmrec.fusion import is_fused_model
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LmrecError(f"--model {model_dir}: no such directory")
+    if is_fused_model(model_dir):
+        return "fusion"
     if (model_dir / "sid_vocab.json").exists():
         missing = [n for n, v in (("--data", data), ("--sids", sids)) if v is None]
         if missing:
@@ -239,6 +284,8 @@ def load_backend(model_dir: str | Path, *, data: str | Path | None = None, sids:
     if family == "generative":
         return GenerativeBackend(Path(model_dir), Path(data), Path(sids), beams=beams, device=device, log=log,
                                  item_store=store)
+    if family == "fusion":
+        return FusedBackend(Path(model_dir), device=device, log=log)
     if family == "idrec":
         return IdBackend(Path(model_dir), index=index, exact_max=exact_max, device=device, log=log)
     return RecformerBackend(Path(model_dir), index=index, exact_max=exact_max, device=device, log=log,
