@@ -286,3 +286,23 @@ def test_a_fused_model_is_served_like_any_model_and_refuses_new_items(shop, two_
     (tmp_path / "fused" / "fusion.json").write_text(json.dumps({**spec, "sids": str(tmp_path / "nowhere")}))
     r = cli("serve", "--model", tmp_path / "fused")
     assert r.returncode == 2 and "sids" in r.stderr and "is not a directory" in r.stderr, r.stderr
+
+
+def test_the_quickstart_fuses_its_sasrec_and_generative_model(shop, tmp_path):  # noqa: F811
+    """With SASRec and the generative model trained, the quickstart's table has their fusion's row, its weight
+    chosen on valid (weight 0 validates as that SASRec), and the fused model is saved beside the others."""
+    from lmrec.fusion import is_fused_model
+    from lmrec.pipeline import quickstart_others
+
+    recformer = SimpleNamespace(model_dir=None, metrics={"valid": {"ndcg@10": 0.0}})  # not a SID source here
+    small = {"sasrec": ["train.epochs=10", "train.batch_size=16", "model.hidden_size=32", "train.lr=3e-3"],
+             "generative": ["train.epochs=2", "train.eval_every=2", "train.batch_size=8", "eval.beams=10",
+                            "eval.ks=[10]"]}
+    rows, walls, added = quickstart_others(shop / "data", tmp_path, recformer, sasrec=True, hybrid=False,
+                                           generative=True, sid_source="sasrec", overrides=small,
+                                           log=lambda m: None)
+    fused = added["fusion"]
+    assert rows["fusion (SASRec × generative)"] == fused["test"] and "fusion" in walls
+    assert fused["weights_tried"]["0"] == pytest.approx(added["sasrec"]["valid"]["ndcg@10"], abs=1e-12)
+    assert fused["weights_tried"]["1"] == pytest.approx(added["generative"]["valid"]["ndcg@10"], abs=1e-12)
+    assert is_fused_model(fused["model_dir"])

@@ -206,8 +206,9 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
                       log=print) -> tuple[dict, dict, dict]:
     """The quickstart's models after RecFormer (``recformer``: its finetune result): SASRec, the hybrid (its
     text from RecFormer's item table, its weights from that SASRec), the generative model (semantic IDs as
-    ``sid_source`` says). Returns (test metrics by table row, wall seconds by model, what joins RecFormer's
-    metrics.json). ``overrides``: each model's (``sasrec``, ``hybrid``, ``generative``)."""
+    ``sid_source`` says), and with both SASRec and the generative model their fusion (:mod:`lmrec.fusion`).
+    Returns (test metrics by table row, wall seconds by model, what joins RecFormer's metrics.json).
+    ``overrides``: each model's (``sasrec``, ``hybrid``, ``generative``)."""
     from lmrec.config import IdRunConfig, load_config
     from lmrec.idrec.train import train_baseline
 
@@ -240,4 +241,16 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
         rows[f"generative (SID, {gen['beams']} beams)"], walls["generative"] = gen["test"], gen["wall_time_s"]
         added["generative"] = {**{k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")},
                                "sid_sources": [str(p) for p in sources]}
+        if "sasrec" in trained:  # both trained: their fusion costs one beam search of valid and test
+            import time
+
+            from lmrec.fusion import fuse
+
+            start, g = time.perf_counter(), output_dir / "generative"
+            fz = fuse(data, trained["sasrec"][0], g / "stage2" / "model", g / "sids", output_dir / "fusion" / "model",
+                      beams=gen["beams"], exclude_history=gen["exclude_history"], log=log)
+            rows["fusion (SASRec × generative)"] = fz["test"]
+            walls["fusion"] = time.perf_counter() - start
+            added["fusion"] = {**fz, "wall_time_s": round(walls["fusion"], 1),
+                               "model_dir": str(output_dir / "fusion" / "model")}
     return rows, walls, added
