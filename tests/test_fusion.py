@@ -56,18 +56,26 @@ class FakeGen:
         return items, scores
 
 
-def reference_ranks(user, items, rows, beams, histories, targets, w, exclude_history, pool=None):
-    """The fusion written out densely in float64: p over the items the ID model knows, q over the beams, the
-    mixture, then the evaluator's rank (strictly higher + half the ties, excluded history never counted)."""
+def reference_ranks(user, items, rows, beams, histories, targets, w, exclude_history, pool=None, rule="mixture"):
+    """The fusion written out densely in float64 — mixture: p over the items the ID model knows, q over the
+    beams, (1 − w) p + w q; rrf: (1 − w) / (61 + ID rank) + w / (61 + beam position) — then the evaluator's
+    rank (strictly higher + half the ties, excluded history never counted)."""
     out = []
     for b, (h, t) in enumerate(zip(histories, targets)):
         logits = np.array([user[b] @ items[r] if r >= 0 else -np.inf for r in rows], dtype=np.float64)
-        p = np.exp(logits - logits[np.isfinite(logits)].max())
-        p /= p.sum()
-        q = np.zeros(len(rows))
         it, sc = beams[b]
-        e = np.exp(np.array(sc) - max(sc))
-        q[it] = e / e.sum()
+        if rule == "rrf":
+            id_rank = np.empty(len(rows))
+            id_rank[np.argsort(-logits, kind="stable")] = np.arange(len(rows))
+            p = np.where(np.isfinite(logits), 1 / (61 + id_rank), 0.0)
+            q = np.zeros(len(rows))
+            q[it] = 1 / (61 + np.arange(len(it)))
+        else:
+            p = np.exp(logits - logits[np.isfinite(logits)].max())
+            p /= p.sum()
+            q = np.zeros(len(rows))
+            e = np.exp(np.array(sc) - max(sc))
+            q[it] = e / e.sum()
         s = (1 - w) * p + w * q
         keep = np.ones(len(rows), bool) if pool is None else np.isin(np.arange(len(rows)), pool)
         keep[t] = False
@@ -79,8 +87,9 @@ def reference_ranks(user, items, rows, beams, histories, targets, w, exclude_his
     return np.array(out)
 
 
+@pytest.mark.parametrize("rule", ["mixture", "rrf"])
 @pytest.mark.parametrize("exclude_history", [False, True])
-def test_fused_ranks_equal_a_dense_reference_over_chunks_and_unknown_items(exclude_history):
+def test_fused_ranks_equal_a_dense_reference_over_chunks_and_unknown_items(exclude_history, rule):
     from lmrec.fusion import FusedRecommender
 
     rng = np.random.default_rng(0)
@@ -94,27 +103,29 @@ def test_fused_ranks_equal_a_dense_reference_over_chunks_and_unknown_items(exclu
     histories = [rng.choice(n, size=3, replace=False) for _ in range(40)]
     targets = np.array([rng.integers(n) for _ in histories])
     fake_id = FakeId(id_ids, users, vecs)
-    rec = FusedRecommender(fake_id, FakeGen(ids, beams), weight=0.5, beams=6, chunk_size=4)
+    rec = FusedRecommender(fake_id, FakeGen(ids, beams), weight=0.5, beams=6, rule=rule, chunk_size=4)
     rows = [id_ids.index(i) if i in id_ids else -1 for i in ids]
     u = np.stack([fake_id.user([ids[i] for i in h]) for h in histories])
     b = [beams[int(h[-1])] for h in histories]
     parts = rec.parts(histories)
     for w in (0.0, 0.3, 0.5, 1.0):
         got, bad = rec.ranks(parts, histories, targets, w, exclude_history)
-        np.testing.assert_array_equal(got, reference_ranks(u, vecs, rows, b, histories, targets, w, exclude_history))
+        np.testing.assert_array_equal(got, reference_ranks(u, vecs, rows, b, histories, targets, w, exclude_history,
+                                                           rule=rule))
         assert not bad.any()
     # among candidates only (the new-item protocol): the probabilities stay the catalog's
     pool = np.union1d(targets, rng.choice(n, size=8, replace=False))
     got, _ = rec.ranks(parts, histories, targets, 0.4, exclude_history, candidates=pool)
     np.testing.assert_array_equal(got, reference_ranks(u, vecs, rows, b, histories, targets, 0.4, exclude_history,
-                                                       pool))
+                                                       pool, rule))
     # a new item outside the beams has no mass at w=0 and ties with the other such items, never first
     t_new = np.array([known] * len(histories))
     got, _ = rec.ranks(parts, histories, t_new, 0.0)
     assert (got >= known - 1).all()
 
 
-def test_complementary_models_fused_rank_above_both():
+@pytest.mark.parametrize("rule", ["mixture", "rrf"])
+def test_complementary_models_fused_rank_above_both(rule):
     """Half of the transitions only the ID model knows, the other half only the generative model: each alone
     scores about half; the mixture ranks both kinds at the top."""
     from lmrec.eval.metrics import compute_metrics
@@ -126,7 +137,7 @@ def test_complementary_models_fused_rank_above_both():
     # from item k: the ID model is sure of k+1 (every other item alike), the generative model of k+2
     users = {ids[k]: 8 * eye[(k + 1) % n] for k in range(n)}
     beams = {k: ([(k + 2) % n, (k + 5) % n], [-0.1, -3.0]) for k in range(n)}
-    rec = FusedRecommender(FakeId(ids, users, eye), FakeGen(ids, beams), weight=0.5, beams=2)
+    rec = FusedRecommender(FakeId(ids, users, eye), FakeGen(ids, beams), weight=0.5, beams=2, rule=rule)
     histories = [np.array([k]) for k in range(n)]
     targets = np.array([(k + 1 + k % 2) % n for k in range(n)])  # even users go +1, odd users +2
     parts = rec.parts(histories)
@@ -174,10 +185,11 @@ def test_fusion_of_trained_models_ends_at_each_model_alone_and_its_saved_model_r
     out = fuse(shop / "data", sas.model_dir, gen.model_dir, shop / "sids", tmp_path / "fused", beams=10, ks=[10],
                log=said.append)
     # weight 0 is SASRec alone and weight 1 the generative model alone: their own validation figures
-    assert out["weights_tried"]["0"] == pytest.approx(sas.metrics["valid"]["ndcg@10"], abs=1e-12)
-    assert out["weights_tried"]["1"] == pytest.approx(gen.metrics["valid"]["ndcg@10"], abs=1e-12)
-    assert out["valid"]["ndcg@10"] == max(out["weights_tried"].values())  # chosen on valid
-    assert f"→ {out['weight']:g}" in said[-1]
+    assert out["tried"]["mixture"]["0"] == pytest.approx(sas.metrics["valid"]["ndcg@10"], abs=1e-12)
+    assert out["tried"]["mixture"]["1"] == pytest.approx(gen.metrics["valid"]["ndcg@10"], abs=1e-12)
+    tried = [v for by_weight in out["tried"].values() for v in by_weight.values()]
+    assert out["valid"]["ndcg@10"] == max(tried) == out["tried"][out["rule"]][f"{out['weight']:g}"]  # chosen on valid
+    assert said[-1] == f"fusion: {out['rule']} with weight {out['weight']:g}"
     pop = baselines(PreparedDataset(shop / "data"), "test", ks=[10])["popularity"]["ndcg@10"]
     assert out["test"]["ndcg@10"] >= 2 * pop, (out["test"], pop)
     # the saved model: fusion.json names both models and the weight; loaded, it ranks test the same
@@ -303,6 +315,6 @@ def test_the_quickstart_fuses_its_sasrec_and_generative_model(shop, tmp_path):  
                                            log=lambda m: None)
     fused = added["fusion"]
     assert rows["fusion (SASRec × generative)"] == fused["test"] and "fusion" in walls
-    assert fused["weights_tried"]["0"] == pytest.approx(added["sasrec"]["valid"]["ndcg@10"], abs=1e-12)
-    assert fused["weights_tried"]["1"] == pytest.approx(added["generative"]["valid"]["ndcg@10"], abs=1e-12)
+    assert fused["tried"]["mixture"]["0"] == pytest.approx(added["sasrec"]["valid"]["ndcg@10"], abs=1e-12)
+    assert fused["tried"]["mixture"]["1"] == pytest.approx(added["generative"]["valid"]["ndcg@10"], abs=1e-12)
     assert is_fused_model(fused["model_dir"])

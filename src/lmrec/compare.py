@@ -115,8 +115,8 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
                          + " in the runs it fuses: one protocol for every row (--set eval.exclude_history=... once)")
     result = fuse(data, runs[cfg.id_model] / "model", runs["generative"] / "stage2" / "model",
                   runs["generative"] / "sids", out / "model", beams=cfg.eval.beams or gen_eval.beams,
-                  exclude_history=cfg.eval.exclude_history, weights=cfg.weights, metric=cfg.eval.metric,
-                  ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, log=log)
+                  exclude_history=cfg.eval.exclude_history, weights=cfg.weights, rules=cfg.rules,
+                  metric=cfg.eval.metric, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, log=log)
     metrics = {"model": f"fusion ({cfg.id_model} × generative)", **result,
                "parts": {n: str(r) for n, r in runs.items()}}
     atomic_file(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))

@@ -357,6 +357,7 @@ class FusionRunConfig(_Strict):
     output_dir: str = "runs/fusion"  # run directory: model/fusion.json, metrics.json
     id_model: Literal["sasrec", "gru4rec"] = "sasrec"  # the ID model fused with the generative one
     weights: list[Weight] = Field(list(FUSION_WEIGHTS), min_length=1)  # generative weights tried on valid (0: ID alone)
+    rules: list[Literal["mixture", "rrf"]] = Field(["mixture", "rrf"], min_length=1)  # tried on valid (lmrec.fusion)
     eval: FusionEvalConfig = FusionEvalConfig()
 
 

@@ -39,6 +39,8 @@ from lmrec.io import atomic_dir
 from lmrec.modelfiles import ModelFileError, check_format, write_marker
 
 FILE = "fusion.json"
+RULES = ("mixture", "rrf")
+RRF_K = 60  # reciprocal-rank fusion's constant (Cormack, Clarke & Büttcher 2009)
 # log-probability of an item neither model gives any mass (an item the ID model never saw, outside the beams):
 # finite, so that the evaluator does not take it for a diverged model's -inf, and below any real log-probability
 LOG_ZERO = -1e30
@@ -67,12 +69,16 @@ class FusedRecommender:
 
     added = 0  # its catalog never grows: the ID model has no vector for a new item
 
-    def __init__(self, id_rec, gen, *, weight: float, beams: int, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, id_rec, gen, *, weight: float, beams: int, rule: str = "mixture",
+                 chunk_size: int = DEFAULT_CHUNK):
         if not 0.0 <= weight <= 1.0:
             raise LmrecError(f"the fusion weight must be within [0, 1], got {weight}")
         if beams < 1:
             raise LmrecError(f"the fusion needs at least 1 beam, got {beams}")
+        if rule not in RULES:
+            raise LmrecError(f"the fusion rule must be one of {', '.join(RULES)}, got {rule!r}")
         self.id_rec, self.gen, self.weight, self.beams, self.chunk_size = id_rec, gen, weight, beams, chunk_size
+        self.rule = rule
         self.item_ids, self.item_text = gen.ds.item_ids, gen.ds.item_text
         self.item_index = {it: i for i, it in enumerate(self.item_ids)}
         # each catalog item's row in the ID model (-1: it never saw the item)
@@ -80,10 +86,12 @@ class FusedRecommender:
         self._id_vectors = id_rec.item_vectors()
 
     # ------------------------------------------------------------------------------------------ the two parts
-    def parts(self, histories: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    def parts(self, histories: Sequence[Sequence[int]], rules: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """What fusion needs of one batch of histories (catalog indices), whatever the weight: the ID model's
         user vectors and the log-sum-exp of their scores over the catalog items it knows, the beams' items
-        (-1: no item) and their log-probabilities renormalised over the beams (-inf: no item)."""
+        (-1: no item) and their log-probabilities renormalised over the beams (-inf: no item); for ``rrf``
+        among ``rules`` (default: this model's rule) also each item's 0-based rank by the ID model (the whole
+        (users × items) score matrix at once) and which users' scores of either model were not finite."""
         rows = self.id_rows.numpy()
         known = [rows[np.asarray(h, dtype=np.int64)] for h in histories]
         user = self.id_rec.encode_histories([h[h >= 0] for h in known])
@@ -94,7 +102,15 @@ class FusedRecommender:
         items, scores = self.gen.beam_search(histories, self.beams)
         scores = scores.float().masked_fill(items < 0, float("-inf"))
         norm = torch.logsumexp(scores, -1, keepdim=True)
-        return {"user": user, "lse": lse, "beam_items": items, "beam_logq": scores - norm}
+        out = {"user": user, "lse": lse, "beam_items": items, "beam_logq": scores - norm}
+        if "rrf" in (rules or [self.rule]):
+            logits = self._id_logits(user, torch.arange(len(self.item_ids)))
+            order = torch.argsort(logits, dim=-1, descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(len(self.item_ids)).expand_as(order).contiguous())
+            out["id_rank"] = rank
+            out["bad"] = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isnan(scores).any(-1)
+        return out
 
     def _id_logits(self, user: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         rows = self.id_rows[cols]
@@ -109,32 +125,54 @@ class FusedRecommender:
         # -inf here means "no mass", a tie among such items; NaN (a diverged model's) stays NaN
         return fused.masked_fill(fused == float("-inf"), LOG_ZERO)
 
-    def _scores(self, parts: dict, weight: float, start: int, stop: int, pool: _Pool | None = None) -> torch.Tensor:
-        """(B, stop − start) fused log-probabilities of the items start..stop of the catalog, or of ``pool``."""
+    def _scores(self, parts: dict, weight: float, start: int, stop: int, pool: _Pool | None = None,
+                rule: str | None = None) -> torch.Tensor:
+        """(B, stop − start) fused scores of the items start..stop of the catalog, or of ``pool``: log-probabilities
+        (``mixture``) or the log of the reciprocal-rank sum (``rrf``)."""
         cols = torch.arange(start, stop) if pool is None else pool.items[start:stop]
-        log_p = self._id_logits(parts["user"], cols) - parts["lse"][:, None]
-        log_q = torch.full_like(log_p, float("-inf"))
         items = parts["beam_items"]
         pos = items if pool is None else pool.position(items)  # each beam's column in the ranking (-1: none)
         r, c = ((pos >= start) & (pos < stop)).nonzero(as_tuple=True)
+        if (rule or self.rule) == "rrf":
+            beam = torch.full((len(items), len(cols)), -1, dtype=torch.long)  # each item's place in the beams
+            beam[r, pos[r, c] - start] = c
+            return self._rrf(parts["id_rank"][:, cols], self.id_rows[cols] >= 0, beam, parts["bad"], weight)
+        log_p = self._id_logits(parts["user"], cols) - parts["lse"][:, None]
+        log_q = torch.full_like(log_p, float("-inf"))
         log_q[r, pos[r, c] - start] = parts["beam_logq"][r, c]
         return self._mix(log_p, log_q, weight)
 
-    def _target_scores(self, parts: dict, targets: torch.Tensor, weight: float) -> torch.Tensor:
-        """(B,) the fused log-probability of each row's target (as :meth:`_scores` gives it, in another kernel)."""
+    @staticmethod
+    def _rrf(id_rank: torch.Tensor, known: torch.Tensor, beam: torch.Tensor, bad: torch.Tensor,
+             weight: float) -> torch.Tensor:
+        """log((1 − w) / (k + 1 + ID rank) + w / (k + 1 + beam position)), each term 0 where that model does not
+        rank the item; NaN for a user with a non-finite score (the evaluator counts them)."""
+        ids = torch.where(known, 1.0 / (RRF_K + 1.0 + id_rank.double()), 0.0)
+        gen = torch.where(beam >= 0, 1.0 / (RRF_K + 1.0 + beam.double()), 0.0)
+        fused = torch.log((1 - weight) * ids + weight * gen).masked_fill(bad.reshape(-1, *[1] * (ids.dim() - 1)),
+                                                                         float("nan"))
+        return fused.masked_fill(fused == float("-inf"), LOG_ZERO)
+
+    def _target_scores(self, parts: dict, targets: torch.Tensor, weight: float, rule: str | None = None
+                       ) -> torch.Tensor:
+        """(B,) each row's target's fused score (as :meth:`_scores` gives it, in another kernel)."""
         rows = self.id_rows[targets]
-        logit = (parts["user"] * self._id_vectors[rows.clamp(min=0)]).sum(-1).masked_fill(rows < 0, float("-inf"))
         hit = parts["beam_items"] == targets[:, None]  # an item is in a user's beams once at most
+        if (rule or self.rule) == "rrf":
+            beam = torch.where(hit.any(-1), hit.int().argmax(-1), -1)
+            return self._rrf(parts["id_rank"].gather(1, targets[:, None])[:, 0], rows >= 0, beam, parts["bad"],
+                             weight)
+        logit = (parts["user"] * self._id_vectors[rows.clamp(min=0)]).sum(-1).masked_fill(rows < 0, float("-inf"))
         log_q = torch.where(hit, parts["beam_logq"], float("-inf")).max(-1).values
         return self._mix(logit - parts["lse"], log_q, weight)
 
     def ranks(self, parts: dict, histories, targets: np.ndarray, weight: float, exclude_history: bool = False,
-              candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              candidates: np.ndarray | None = None, rule: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Each target's rank among the catalog's items (or among ``candidates``, item indices: every target
         must be one of them) under ``weight`` — the evaluator's ranks: ties count half — and which users had a
         non-finite score. The probabilities are over the whole catalog either way."""
         t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-        target_scores = self._target_scores(parts, t, weight)
+        target_scores = self._target_scores(parts, t, weight, rule)
         exclude = [np.asarray(h, dtype=np.int64) for h in histories] if exclude_history else None
         pool = None
         if candidates is not None:
@@ -146,8 +184,8 @@ class FusedRecommender:
             exclude = None if exclude is None else [x[x >= 0] for x in (pool.position(torch.as_tensor(h)).numpy()
                                                                          for h in exclude)]
         n = len(self.item_ids) if pool is None else len(pool.items)
-        r, bad = chunk_ranks(lambda start, stop: self._scores(parts, weight, start, stop, pool), n, target_scores, t,
-                             exclude=exclude, chunk_size=self.chunk_size, return_nonfinite=True)
+        r, bad = chunk_ranks(lambda start, stop: self._scores(parts, weight, start, stop, pool, rule), n,
+                             target_scores, t, exclude=exclude, chunk_size=self.chunk_size, return_nonfinite=True)
         return r.numpy(), bad.numpy()
 
     # ------------------------------------------------------------------------------------------ the usual calls
@@ -187,8 +225,8 @@ class FusedRecommender:
         fused on), every file of both models checked before any is loaded."""
         spec = read_spec(path)
         return _build(spec["data"] if data is None else data, spec["id_model"], spec["generative_model"],
-                      spec["sids"], weight=spec["weight"], beams=spec["beams"], device=device, command=command,
-                      source=Path(path) / FILE)
+                      spec["sids"], weight=spec["weight"], beams=spec["beams"], rule=spec["rule"], device=device,
+                      command=command, source=Path(path) / FILE)
 
 
 def check_fused(path: str | Path, command: str = "lmrec evaluate") -> dict:
@@ -206,8 +244,8 @@ def check_fused(path: str | Path, command: str = "lmrec evaluate") -> dict:
     return spec
 
 
-def _build(data, id_model, generative_model, sids, *, weight: float, beams: int, device="cpu",
-           command: str = "lmrec evaluate", source=None) -> FusedRecommender:
+def _build(data, id_model, generative_model, sids, *, weight: float, beams: int, rule: str = "mixture",
+           device="cpu", command: str = "lmrec evaluate", source=None) -> FusedRecommender:
     """The two models loaded (every file of both checked before any is loaded) and fused."""
     from lmrec.generative.recommender import GenerativeRecommender
     from lmrec.idrec.recommender import IdRecommender
@@ -219,7 +257,7 @@ def _build(data, id_model, generative_model, sids, *, weight: float, beams: int,
     with loading(id_model):
         id_rec = IdRecommender.from_pretrained(id_model, device=device)
     gen = GenerativeRecommender.load(generative_model, data, sids, device=device, command=command)
-    return FusedRecommender(id_rec, gen, weight=weight, beams=beams)
+    return FusedRecommender(id_rec, gen, weight=weight, beams=beams, rule=rule)
 
 
 def read_spec(path: str | Path) -> dict:
@@ -234,11 +272,13 @@ def read_spec(path: str | Path) -> dict:
         spec = json.loads(f.read_text())
     except ValueError as e:
         raise ModelFileError(f"{f}: not JSON ({e})") from None
-    need = {"data": str, "id_model": str, "generative_model": str, "sids": str, "weight": (int, float), "beams": int,
-            "exclude_history": bool}
+    need = {"data": str, "id_model": str, "generative_model": str, "sids": str, "rule": str, "weight": (int, float),
+            "beams": int, "exclude_history": bool}
     for key, kind in need.items():
         if not isinstance(spec.get(key), kind):
             raise ModelFileError(f"{f}: field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    if spec["rule"] not in RULES:
+        raise ModelFileError(f"{f}: rule {spec['rule']!r} is not one of {', '.join(RULES)}")
     for key in ("data", "id_model", "generative_model", "sids"):
         if not Path(spec[key]).is_dir():
             raise ModelFileError(f"{f}: {key} {spec[key]} is not a directory (a fused model refers to its two "
@@ -248,41 +288,47 @@ def read_spec(path: str | Path) -> dict:
 
 def fuse(data, id_model: str | Path, generative_model: str | Path, sids: str | Path, out: str | Path, *,
          beams: int = 50, exclude_history: bool = False, weights: Sequence[float] = FUSION_WEIGHTS,
-         metric: str = "ndcg@10", ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, log=print) -> dict:
-    """Choose the weight on the validation split (``metric``; the smaller weight on a tie), read the test split
-    once with it, write the fused model to ``out`` (``fusion.json``) and return its metrics: ``valid``,
-    ``test``, ``weight``, ``weights_tried`` (each weight's validation metric)."""
+         rules: Sequence[str] = RULES, metric: str = "ndcg@10", ks: Sequence[int] = DEFAULT_KS,
+         batch_size: int = 64, log=print) -> dict:
+    """Choose the rule and the weight on the validation split (``metric``; on a tie the earlier rule, then the
+    smaller weight), read the test split once with them, write the fused model to ``out`` (``fusion.json``)
+    and return its metrics: ``valid``, ``test``, ``rule``, ``weight``, ``tried`` (each rule's validation
+    metric by weight)."""
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.evaluator import evaluate
     from lmrec.eval.metrics import compute_metrics
     bad = [w for w in weights if not 0.0 <= w <= 1.0]
     if bad or not weights:
         raise LmrecError(f"fusion weights must be within [0, 1], got {list(weights) or '(none)'}")
+    if not rules or set(rules) - set(RULES):
+        raise LmrecError(f"fusion rules must be some of {', '.join(RULES)}, got {list(rules) or '(none)'}")
     ds = PreparedDataset(data)
     rec = _build(data, id_model, generative_model, sids, weight=0.0, beams=beams, command="lmrec compare")
     valid = ds.examples("valid")
-    ranks = {w: np.empty(len(valid)) for w in weights}
+    ranks = {(rule, w): np.empty(len(valid)) for rule in rules for w in weights}
     for start in range(0, len(valid), batch_size):
-        hist = valid.histories[start:start + batch_size]
-        parts = rec.parts(hist)  # the beams once, every weight ranked from them
-        for w in weights:
-            ranks[w][start:start + len(hist)] = rec.ranks(parts, hist, valid.targets[start:start + len(hist)], w,
-                                                          exclude_history)[0]
-    tried = {w: compute_metrics(ranks[w], ks) for w in weights}
-    best = max(weights, key=lambda w: (tried[w][metric], -w))
-    log("fusion weight of the generative model, validation " + metric + ": "
-        + ", ".join(f"{w:g} {tried[w][metric]:.4f}" for w in weights) + f" → {best:g}")
-    rec.weight = best
+        hist, targets = valid.histories[start:start + batch_size], valid.targets[start:start + batch_size]
+        parts = rec.parts(hist, rules)  # the beams once, every rule and weight ranked from them
+        for rule, w in ranks:
+            ranks[rule, w][start:start + len(hist)] = rec.ranks(parts, hist, targets, w, exclude_history,
+                                                                rule=rule)[0]
+    tried = {key: compute_metrics(r, ks) for key, r in ranks.items()}
+    rule, best = max(tried, key=lambda key: (tried[key][metric], -list(rules).index(key[0]), -key[1]))
+    for r in rules:
+        log(f"fusion ({r}), validation {metric} by the generative model's weight: "
+            + ", ".join(f"{w:g} {tried[r, w][metric]:.4f}" for w in weights))
+    log(f"fusion: {rule} with weight {best:g}")
+    rec.rule, rec.weight = rule, best
     test = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
                     batch_size=batch_size, desc="fusion test")
     spec = {"data": str(Path(data).resolve()), "id_model": str(Path(id_model).resolve()),
             "generative_model": str(Path(generative_model).resolve()), "sids": str(Path(sids).resolve()),
-            "weight": best, "beams": beams, "exclude_history": exclude_history, "metric": metric,
-            "weights_tried": {f"{w:g}": tried[w][metric] for w in weights}}
+            "rule": rule, "weight": best, "beams": beams, "exclude_history": exclude_history, "metric": metric,
+            "tried": {r: {f"{w:g}": tried[r, w][metric] for w in weights} for r in rules}}
 
     def write(tmp: Path) -> None:
         (tmp / FILE).write_text(json.dumps(spec, indent=2) + "\n")
         write_marker(tmp, "fusion")
 
     atomic_dir(out, write)
-    return {"valid": tried[best], "test": test, "weight": best, "weights_tried": spec["weights_tried"]}
+    return {"valid": tried[rule, best], "test": test, "rule": rule, "weight": best, "tried": spec["tried"]}

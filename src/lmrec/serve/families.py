@@ -149,8 +149,8 @@ class FusedBackend(_FixedCatalog):
                 "with; serve its generative model to add items")
 
     def metadata(self) -> dict:
-        return {**super().metadata(), **{k: self.spec[k] for k in ("id_model", "generative_model", "weight",
-                                                                  "beams")}}
+        return {**super().metadata(), **{k: self.spec[k] for k in ("id_model", "generative_model", "rule",
+                                                                  "weight", "beams")}}
 
 
 class GenerativeBackend(Backend):
