@@ -137,8 +137,8 @@ def test_complementary_models_fused_rank_above_both(rule):
     # from item k: the ID model is sure of k+1 and ranks k+2 last, the generative model is sure of k+2
     rng = np.random.default_rng(0)
     users = {ids[k]: 8 * eye[(k + 1) % n] - eye[(k + 2) % n] + rng.uniform(-0.5, 0, n) for k in range(n)}
-    beams = {k: ([(k + 2) % n, (k + 5) % n], [-0.1, -3.0]) for k in range(n)}
-    rec = FusedRecommender(FakeId(ids, users, eye), FakeGen(ids, beams), weight=0.5, beams=2, rule=rule)
+    beams = {k: ([(k + 2) % n], [-0.1]) for k in range(n)}
+    rec = FusedRecommender(FakeId(ids, users, eye), FakeGen(ids, beams), weight=0.5, beams=1, rule=rule)
     histories = [np.array([k]) for k in range(n)]
     targets = np.array([(k + 1 + k % 2) % n for k in range(n)])  # even users go +1, odd users +2
     parts = rec.parts(histories)
