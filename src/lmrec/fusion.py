@@ -1,23 +1,26 @@
 """A language-model × ID hybrid by late fusion: the generative model's beams and an ID model's (SASRec,
-GRU4Rec) full ranking, mixed per user as probabilities::
+GRU4Rec) full ranking, combined per user by one of two rules::
 
-    p(item | history) = (1 − w) · softmax(ID scores)[item] + w · softmax(beam log-probabilities)[item]
+    mixture  p(item) = (1 − w) · softmax(ID scores)[item] + w · softmax(beam log-probabilities)[item]
+    rrf      s(item) = (1 − w) / (61 + rank by the ID model) + w / (61 + rank among the beams)
 
-The ID model scores every item it was trained with; the generative model's ``beams`` best items (their
-sequence log-probabilities, renormalised over the beams) add ``w`` of the mass to the items it is confident
-about. Outside the beams the ID model's order stands; items the ID model never saw (new items: their
-semantic IDs come from their text) get mass from the beams only, so the generative model's cold-start
-ability is kept. One weight for every user, chosen on the validation split from
-:data:`lmrec.config.FUSION_WEIGHTS` (0 and 1 included: when one model alone validates best, the fusion is
-that model); the test split is read once with it. Why a mixture of probabilities rather than of ranks: the
-generative model wins on transitions the ID model never saw in training and the ID model on the others
-(Hou et al., arXiv 2603.19809), and each model's own confidence, not its list position, says which case a
-user is; on ml-100k the mixture also measured above reciprocal-rank fusion (docs/baselines.md).
+The ID model scores every item it was trained with; the generative model's ``beams`` best items lift the
+items it is sure of — by their probability (renormalised over the beams) in the mixture, by their place in
+the list in reciprocal-rank fusion (Cormack, Clarke & Büttcher 2009, constant 60). Outside the beams the ID
+model's order stands; an item the ID model never saw (a new item: its semantic ID comes from its text) gets
+only the beams' share, so the generative model's cold-start ability is kept. One rule and one weight for
+every user, chosen together on the validation split (the weights of :data:`lmrec.config.FUSION_WEIGHTS`,
+0 and 1 included: when one model alone validates best, the fusion is that model); the test split is read
+once with them. Why fuse at all: the generative model wins on transitions the ID model never saw in
+training and the ID model on the others (Hou et al., arXiv 2603.19809); each model's confidence (mixture)
+or list position (rrf) says which case a user is.
 
 This module sits above both families (like :mod:`lmrec.pipeline`): they never import each other. On disk
-a fused model is a directory holding ``fusion.json`` (the two models' directories, the weight, the beams,
-the validation metrics of every weight tried) and the ``lmrec.json`` marker; the two models stay where
-they are.
+a fused model is a directory holding ``fusion.json`` (the dataset, the two models' and the semantic IDs'
+directories, the rule, the weight, the beams, each rule's validation metric by weight) and the
+``lmrec.json`` marker; the two models stay where they are. It ranks the catalog of the dataset it was
+fused on; the mixture scores every item in item chunks (memory O(users × chunk)), rrf ranks each user's
+whole catalog by the ID model at once (O(users × items)).
 """
 
 from __future__ import annotations
