@@ -367,13 +367,10 @@ def check_encoder(path: str | Path, option: str = "--encoder") -> Path:
 
 
 def check_served(model: str | Path, sids: str | Path | None = None) -> None:
-    """``lmrec serve``'s model, checked before the server starts (it loads the model in the background)."""
+    """``lmrec serve``'s model, checked before the server starts (it loads the model in the background); a
+    fused model is checked by :func:`lmrec.fusion.check_fused`, above the families."""
     d = Path(model)
-    if (d / "fusion.json").is_file():
-        from lmrec.fusion import check_fused
-
-        check_fused(d, "lmrec serve")
-    elif (d / "sid_vocab.json").is_file():
+    if (d / "sid_vocab.json").is_file():
         check_generative(d, "lmrec serve")
         if sids is not None and (Path(sids) / "sids.parquet").exists():
             check_sids(sids)

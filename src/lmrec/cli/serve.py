@@ -84,9 +84,13 @@ def _check_serve_options(*, model, sids, port, index, max_wait_ms, log_level, au
     """What serve is given, checked before the server starts: a broken model is one message and exit 2 now,
     not a readiness probe that never passes later (the server loads the model in the background)."""
     from lmrec.eval.index import KINDS
+    from lmrec.fusion import check_fused, is_fused_model
     from lmrec.modelfiles import check_served
 
-    check_served(model, sids)
+    if is_fused_model(model):
+        check_fused(model, "lmrec serve")
+    else:
+        check_served(model, sids)
 
     if not 0 < port < 65536:
         raise LmrecError(f"--port must be 1..65535, got {port}")
