@@ -56,8 +56,8 @@ def quickstart(
     overwrite: bool = typer.Option(False, help="Replace an earlier quickstart's models in OUTPUT_DIR (its prepared "
                                                "data is kept)."),
 ):
-    """Prepare MovieLens-100k, finetune RecFormer (and SASRec and the generative model), evaluate on test,
-    and compare with popularity."""
+    """Prepare MovieLens-100k, finetune RecFormer (and SASRec, the hybrid, the generative model, and the fusion
+    of SASRec with the generative model), evaluate on test, and compare with popularity."""
 
     from lmrec.api import finetune, prepare
     from lmrec.compare import schemas
