@@ -146,6 +146,30 @@ def test_complementary_models_fused_rank_above_both(rule):
     assert ndcg[0.5] > max(ndcg[0.0], ndcg[1.0]) + 0.2, ndcg
 
 
+@pytest.mark.parametrize("rule", ["mixture", "rrf"])
+@pytest.mark.parametrize("broken", ["id", "generative"])
+def test_a_diverged_model_in_the_fusion_is_flagged_and_ranks_its_users_last(rule, broken):
+    """A NaN from either model (a diverged run's) never scores: those users are counted as non-finite and
+    their targets rank below every item, whatever the weight — a NaN model must not score NDCG 1.0."""
+    from lmrec.fusion import FusedRecommender
+
+    n = 12
+    ids = [f"i{k}" for k in range(n)]
+    users = {i: np.ones(n) for i in ids}
+    beams = {k: ([(k + 1) % n, (k + 2) % n], [-0.5, -1.0]) for k in range(n)}
+    if broken == "id":
+        users["i3"] = np.full(n, np.nan)
+    else:
+        beams[3] = ([4, 5], [float("nan"), -1.0])
+    rec = FusedRecommender(FakeId(ids, users, np.eye(n)), FakeGen(ids, beams), weight=0.5, beams=2, rule=rule)
+    histories = [np.array([k]) for k in range(n)]
+    targets = np.array([(k + 1) % n for k in range(n)])
+    for w in (0.0, 0.5, 1.0):
+        ranks, bad = rec.ranks(rec.parts(histories), histories, targets, w)
+        assert bad.tolist() == [k == 3 for k in range(n)], (w, bad)
+        assert ranks[3] >= (n - 1) / 2, (w, ranks)  # last or tied with the other NaNs, never on top
+
+
 def test_fusion_weights_and_beams_are_checked():
     from lmrec.errors import LmrecError
     from lmrec.fusion import FusedRecommender
