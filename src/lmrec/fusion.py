@@ -86,7 +86,9 @@ class FusedRecommender:
         self.item_index = {it: i for i, it in enumerate(self.item_ids)}
         # each catalog item's row in the ID model (-1: it never saw the item)
         self.id_rows = torch.as_tensor([id_rec.item_index.get(it, -1) for it in self.item_ids], dtype=torch.long)
-        self._id_vectors = id_rec.item_vectors()
+        # the fusion's own arithmetic runs on the CPU (each model's forward pass on its own device): small
+        # next to the beam search, and one device for every tensor it combines
+        self._id_vectors = id_rec.item_vectors().cpu()
 
     # ------------------------------------------------------------------------------------------ the two parts
     def parts(self, histories: Sequence[Sequence[int]], rules: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -97,13 +99,13 @@ class FusedRecommender:
         (users × items) score matrix at once) and which users' scores of either model were not finite."""
         rows = self.id_rows.numpy()
         known = [rows[np.asarray(h, dtype=np.int64)] for h in histories]
-        user = self.id_rec.encode_histories([h[h >= 0] for h in known])
+        user = self.id_rec.encode_histories([h[h >= 0] for h in known]).float().cpu()
         lse = torch.full((len(histories),), float("-inf"))
         for start in range(0, len(self.item_ids), self.chunk_size):
             cols = torch.arange(start, min(start + self.chunk_size, len(self.item_ids)))
             lse = torch.logaddexp(lse, torch.logsumexp(self._id_logits(user, cols), -1))
         items, scores = self.gen.beam_search(histories, self.beams)
-        scores = scores.float().masked_fill(items < 0, float("-inf"))
+        items, scores = items.cpu(), scores.float().cpu().masked_fill(items.cpu() < 0, float("-inf"))
         norm = torch.logsumexp(scores, -1, keepdim=True)
         out = {"user": user, "lse": lse, "beam_items": items, "beam_logq": scores - norm}
         if "rrf" in (rules or [self.rule]):
