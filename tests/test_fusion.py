@@ -231,6 +231,11 @@ def test_fusion_of_trained_models_ends_at_each_model_alone_and_its_saved_model_r
     top = rec.recommend([first], k=5)
     assert len(top) == 5 and first not in [i for i, _, _ in top]  # the history is left out
     assert all(i in r.stdout for i, _, _ in top)
+    r = cli("evaluate", "--model", tmp_path / "fused", "--data", shop / "data", "--ks", "10", "--device", "cpu")
+    assert r.returncode == 0 and "fusion (ID model × generative)" in r.stdout and "RecFormer" not in r.stdout
+    assert f"{out['test']['ndcg@10']:.4f}" in r.stdout
+    r = cli("evaluate", "--model", sas.model_dir, "--data", shop / "data", "--device", "cpu")
+    assert r.returncode == 0 and "SASRec" in r.stdout and "RecFormer" not in r.stdout, r.stdout
 
 
 def test_a_fused_model_directory_that_is_broken_is_one_message(shop, two_models, tmp_path):  # noqa: F811

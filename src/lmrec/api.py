@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lmrec.errors import LmrecError
@@ -182,6 +183,19 @@ def load_recommender(model_dir: str | Path, device: str = "auto", command: str =
         if fam == "idrec":
             return IdRecommender.from_pretrained(model_dir, _device(device))
         return Recommender.from_pretrained(model_dir, _device(device))
+
+
+def model_label(model_dir: str | Path) -> str:
+    """What a saved recommender is, for a table's row: RecFormer, SASRec / GRU4Rec / the hybrid, or a fusion."""
+    from lmrec.fusion import is_fused_model
+    from lmrec.idrec import NAMES
+    from lmrec.idrec.recommender import is_id_model
+
+    if is_fused_model(model_dir):
+        return "fusion (ID model × generative)"
+    if is_id_model(model_dir):
+        return NAMES.get(json.loads((Path(model_dir) / "config.json").read_text()).get("arch"), "ID model")
+    return "RecFormer"
 
 
 def _device(spec: str):

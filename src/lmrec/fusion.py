@@ -8,7 +8,9 @@ The ID model scores every item it was trained with; the generative model's ``bea
 items it is sure of — by their probability (renormalised over the beams) in the mixture, by their place in
 the list in reciprocal-rank fusion (Cormack, Clarke & Büttcher 2009, constant 60). Outside the beams the ID
 model's order stands; an item the ID model never saw (a new item: its semantic ID comes from its text) gets
-only the beams' share, so the generative model's cold-start ability is kept. One rule and one weight for
+only the beams' share — a new item is reached only as far as the generative model generates its codes, which
+on ml-100k's cold split it never did (docs/baselines.md): for new items the hybrid (SASRec + item text) is the
+model. One rule and one weight for
 every user, chosen together on the validation split (the weights of :data:`lmrec.config.FUSION_WEIGHTS`,
 0 and 1 included: when one model alone validates best, the fusion is that model); the test split is read
 once with them. Why fuse at all: the generative model wins on transitions the ID model never saw in

@@ -100,10 +100,12 @@ def evaluate(
     """Full-ranking metrics of a saved recommender (items it never saw are encoded on the fly), next to
     popularity and the expected metrics of a random ranking (among new items: random only)."""
     from lmrec.api import evaluate as run
+    from lmrec.api import model_label
 
     r = run(model, data, split=split, exclude_history=exclude_history, ks=_ks(ks), candidates=candidates,
             with_baselines=True, device=device)
-    print_metrics(r, title=f"{data} ({split}" + (", new items only)" if candidates == "new" else ")"))
+    print_metrics(r, title=f"{data} ({split}" + (", new items only)" if candidates == "new" else ")"),
+                  model_name=model_label(model))
 
 
 @app.command()
