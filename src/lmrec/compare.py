@@ -123,9 +123,9 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
     return result["test"]
 
 
+# the models that train; the fusion (no training of its own, it takes the runs it fuses) is run by _run_once
 RUNNERS: dict[str, Callable] = {"recformer": _recformer, "generative": _generative, "hybrid": _hybrid,
-                                "sasrec": _id_baseline("sasrec"), "gru4rec": _id_baseline("gru4rec"),
-                                "fusion": _fusion}
+                                "sasrec": _id_baseline("sasrec"), "gru4rec": _id_baseline("gru4rec")}
 
 
 def summarize(per_seed: list[dict]) -> dict:

@@ -102,16 +102,21 @@ class FusedRecommender:
         rows = self.id_rows.numpy()
         known = [rows[np.asarray(h, dtype=np.int64)] for h in histories]
         user = self.id_rec.encode_histories([h[h >= 0] for h in known]).float().cpu()
-        lse = torch.full((len(histories),), float("-inf"))
-        for start in range(0, len(self.item_ids), self.chunk_size):
-            cols = torch.arange(start, min(start + self.chunk_size, len(self.item_ids)))
-            lse = torch.logaddexp(lse, torch.logsumexp(self._id_logits(user, cols), -1))
+        rrf = "rrf" in (rules or [self.rule])
+        logits = self._id_logits(user, torch.arange(len(self.item_ids))) if rrf else None  # rrf needs them all
+        if logits is not None:
+            lse = torch.logsumexp(logits, -1)
+        else:  # the mixture alone: one item chunk at a time
+            lse = torch.full((len(histories),), float("-inf"))
+            for start in range(0, len(self.item_ids), self.chunk_size):
+                cols = torch.arange(start, min(start + self.chunk_size, len(self.item_ids)))
+                lse = torch.logaddexp(lse, torch.logsumexp(self._id_logits(user, cols), -1))
         items, scores = self.gen.beam_search(histories, self.beams)
-        items, scores = items.cpu(), scores.float().cpu().masked_fill(items.cpu() < 0, float("-inf"))
+        items = items.cpu()
+        scores = scores.float().cpu().masked_fill(items < 0, float("-inf"))
         norm = torch.logsumexp(scores, -1, keepdim=True)
         out = {"user": user, "lse": lse, "beam_items": items, "beam_logq": scores - norm}
-        if "rrf" in (rules or [self.rule]):
-            logits = self._id_logits(user, torch.arange(len(self.item_ids)))
+        if logits is not None:
             order = torch.argsort(logits, dim=-1, descending=True, stable=True)
             rank = torch.empty_like(order)
             rank.scatter_(1, order, torch.arange(len(self.item_ids)).expand_as(order).contiguous())
@@ -236,16 +241,21 @@ class FusedRecommender:
                       command=command, source=Path(path) / FILE)
 
 
+def _check_id_model(id_model, command: str, where: str) -> None:
+    """Every file of the ID model checked; it must be one (SASRec, GRU4Rec), not another recommender."""
+    from lmrec.modelfiles import check_recommender
+
+    if check_recommender(id_model, command, option=where) != "idrec":
+        raise ModelFileError(f"{where} {id_model} is not an ID model (SASRec, GRU4Rec: `lmrec baseline`'s …/model)")
+
+
 def check_fused(path: str | Path, command: str = "lmrec evaluate") -> dict:
     """A fused model directory and every file of the two models and the semantic IDs it names, checked
     without loading any; returns its ``fusion.json``."""
-    from lmrec.modelfiles import check_generative, check_recommender, check_sids
+    from lmrec.modelfiles import check_generative, check_sids
 
     spec = read_spec(path)
-    where = f"{Path(path) / FILE}: id_model"
-    if check_recommender(spec["id_model"], command, option=where) != "idrec":
-        raise ModelFileError(f"{where} {spec['id_model']} is not an ID model (SASRec, GRU4Rec: `lmrec baseline`'s "
-                             "…/model)")
+    _check_id_model(spec["id_model"], command, f"{Path(path) / FILE}: id_model")
     check_generative(spec["generative_model"], command)
     check_sids(spec["sids"])
     return spec
@@ -256,11 +266,9 @@ def _build(data, id_model, generative_model, sids, *, weight: float, beams: int,
     """The two models loaded (every file of both checked before any is loaded) and fused."""
     from lmrec.generative.recommender import GenerativeRecommender
     from lmrec.idrec.recommender import IdRecommender
-    from lmrec.modelfiles import check_recommender, loading
+    from lmrec.modelfiles import loading
 
-    where = f"{source}: id_model" if source else "the ID model"
-    if check_recommender(id_model, command, option=where) != "idrec":
-        raise ModelFileError(f"{where} {id_model} is not an ID model (SASRec, GRU4Rec: `lmrec baseline`'s …/model)")
+    _check_id_model(id_model, command, f"{source}: id_model" if source else "the ID model")
     with loading(id_model):
         id_rec = IdRecommender.from_pretrained(id_model, device=device)
     gen = GenerativeRecommender.load(generative_model, data, sids, device=device, command=command)
