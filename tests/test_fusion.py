@@ -147,6 +147,78 @@ def test_complementary_models_fused_rank_above_both(rule):
 
 
 @pytest.mark.parametrize("rule", ["mixture", "rrf"])
+def test_fused_with_a_model_that_knows_new_items_they_keep_its_order_among_themselves(rule):
+    """An ID model that scores every item (the hybrid: new items by their text) fused with beams that never
+    reach the new items: among the new items the fused ranks are that model's own, under every weight below 1
+    — the cold-start ability survives the fusion; an ID model that never saw them leaves them unranked (tied)."""
+    from lmrec.eval.ranking import target_ranks
+    from lmrec.fusion import FusedRecommender
+
+    n, new = 24, np.arange(16, 24)  # items 16..23 are new: no beam ever holds one
+    ids = [f"i{k}" for k in range(n)]
+    rng = np.random.default_rng(1)
+    items = rng.normal(size=(n, 6))
+    users = {it: rng.normal(size=6) for it in ids}
+    beams = {k: ([int(x) for x in rng.permutation(16)[:5]], sorted(rng.normal(size=5), reverse=True)) for k in range(n)}
+    hyb = FakeId(ids, users, items)
+    histories = [np.array([k]) for k in range(16)]
+    targets = rng.choice(new, size=16)
+    alone = target_ranks(hyb.encode_histories(histories), hyb.item_vectors()[new],
+                         torch.as_tensor(np.searchsorted(new, targets)))
+    for w in (0.0, 0.3, 0.9):
+        rec = FusedRecommender(hyb, FakeGen(ids, beams), weight=w, beams=5, rule=rule)
+        fused = rec.ranks(rec.parts(histories), histories, targets, w, candidates=new)[0]
+        np.testing.assert_array_equal(fused, alone.numpy())
+    # the same items unknown to the ID model: all tied among themselves, the middle rank whatever the target
+    sas = FakeId(ids[:16], {it: users[it] for it in ids[:16]}, items[:16])
+    rec = FusedRecommender(sas, FakeGen(ids, beams), weight=0.3, beams=5, rule=rule)
+    np.testing.assert_array_equal(rec.ranks(rec.parts(histories), histories, targets, 0.3, candidates=new)[0],
+                                  np.full(16, (len(new) - 1) / 2))
+
+
+def test_fuse_chooses_the_id_model_on_valid_with_one_beam_search(shop, two_models, tmp_path, monkeypatch):  # noqa: F811
+    """Two ID models given by name: each one's validation figures equal fusing it alone, the one (with its rule
+    and weight) that validates best is chosen and saved, and the generative model searches each validation
+    batch once, not once per ID model."""
+    from lmrec.config import IdRunConfig, load_config
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.fusion import FusedRecommender, fuse
+    from lmrec.generative.recommender import GenerativeRecommender
+    from lmrec.idrec.train import train_baseline
+
+    sas, gen = two_models
+    gru = train_baseline(load_config(None, [f"output_dir={tmp_path / 'gru'}", "model.arch=gru4rec", "train.epochs=8",
+                                            "train.batch_size=16", "model.hidden_size=32", "train.lr=3e-3"],
+                                     schema=IdRunConfig), shop / "data", log=lambda m: None)
+    kw = {"beams": 10, "ks": [10], "weights": [0.0, 0.5, 1.0], "log": lambda m: None}
+    alone = {n: fuse(shop / "data", d, gen.model_dir, shop / "sids", tmp_path / n, **kw)["tried"]
+             for n, d in (("sasrec", sas.model_dir), ("gru4rec", gru.model_dir))}
+    searched = []
+    search = GenerativeRecommender.beam_search
+
+    def counting(self, histories, k):
+        searched.append(len(histories))
+        return search(self, histories, k)
+
+    monkeypatch.setattr(GenerativeRecommender, "beam_search", counting)
+    both = fuse(shop / "data", {"sasrec": sas.model_dir, "gru4rec": gru.model_dir}, gen.model_dir, shop / "sids",
+                tmp_path / "both", **kw, batch_size=16)
+    assert both["tried"] == {"sasrec": alone["sasrec"]["sasrec"], "gru4rec": alone["gru4rec"]["gru4rec"]}
+    best = max((v, n, r, w) for n, by_rule in both["tried"].items() for r, by_w in by_rule.items()
+               for w, v in by_w.items())
+    assert both["valid"]["ndcg@10"] == best[0] and both["tried"][both["id_model"]][both["rule"]][
+        f"{both['weight']:g}"] == best[0]
+    ds = PreparedDataset(shop / "data")
+    n_valid, n_test = len(ds.examples("valid")), len(ds.examples("test"))
+    # one search per batch of validation users for both ID models, then one per batch of the test users
+    assert sum(searched) == n_valid + n_test and len(searched) == -(-n_valid // 16) + -(-n_test // 16)
+    spec = json.loads((tmp_path / "both" / "fusion.json").read_text())
+    chosen = {"sasrec": sas.model_dir, "gru4rec": gru.model_dir}[both["id_model"]]
+    assert spec["id_model"] == str(chosen.resolve()) and spec["id_model_name"] == both["id_model"]
+    assert FusedRecommender.load(tmp_path / "both").id_rec.model.config.arch == both["id_model"]
+
+
+@pytest.mark.parametrize("rule", ["mixture", "rrf"])
 @pytest.mark.parametrize("broken", ["id", "generative"])
 def test_a_diverged_model_in_the_fusion_is_flagged_and_ranks_its_users_last(rule, broken):
     """A NaN from either model (a diverged run's) never scores: those users are counted as non-finite and
@@ -210,11 +282,13 @@ def test_fusion_of_trained_models_ends_at_each_model_alone_and_its_saved_model_r
     out = fuse(shop / "data", sas.model_dir, gen.model_dir, shop / "sids", tmp_path / "fused", beams=10, ks=[10],
                log=said.append)
     # weight 0 is SASRec alone and weight 1 the generative model alone: their own validation figures
-    assert out["tried"]["mixture"]["0"] == pytest.approx(sas.metrics["valid"]["ndcg@10"], abs=1e-12)
-    assert out["tried"]["mixture"]["1"] == pytest.approx(gen.metrics["valid"]["ndcg@10"], abs=1e-12)
-    tried = [v for by_weight in out["tried"].values() for v in by_weight.values()]
-    assert out["valid"]["ndcg@10"] == max(tried) == out["tried"][out["rule"]][f"{out['weight']:g}"]  # chosen on valid
-    assert said[-1] == f"fusion: {out['rule']} with weight {out['weight']:g}"
+    assert list(out["tried"]) == ["sasrec"] and out["id_model"] == "sasrec"  # named by the model's own arch
+    tried_sas = out["tried"]["sasrec"]
+    assert tried_sas["mixture"]["0"] == pytest.approx(sas.metrics["valid"]["ndcg@10"], abs=1e-12)
+    assert tried_sas["mixture"]["1"] == pytest.approx(gen.metrics["valid"]["ndcg@10"], abs=1e-12)
+    tried = [v for by_weight in tried_sas.values() for v in by_weight.values()]
+    assert out["valid"]["ndcg@10"] == max(tried) == tried_sas[out["rule"]][f"{out['weight']:g}"]  # chosen on valid
+    assert said[-1] == f"fusion: sasrec × generative, {out['rule']} with weight {out['weight']:g}"
     pop = baselines(PreparedDataset(shop / "data"), "test", ks=[10])["popularity"]["ndcg@10"]
     assert out["test"]["ndcg@10"] >= 2 * pop, (out["test"], pop)
     # the saved model: fusion.json names both models and the weight; loaded, it ranks test the same
@@ -232,7 +306,7 @@ def test_fusion_of_trained_models_ends_at_each_model_alone_and_its_saved_model_r
     assert len(top) == 5 and first not in [i for i, _, _ in top]  # the history is left out
     assert all(i in r.stdout for i, _, _ in top)
     r = cli("evaluate", "--model", tmp_path / "fused", "--data", shop / "data", "--ks", "10", "--device", "cpu")
-    assert r.returncode == 0 and "fusion (ID model × generative)" in r.stdout and "RecFormer" not in r.stdout
+    assert r.returncode == 0 and "fusion (SASRec × generative)" in r.stdout and "RecFormer" not in r.stdout
     assert f"{out['test']['ndcg@10']:.4f}" in r.stdout
     r = cli("evaluate", "--model", sas.model_dir, "--data", shop / "data", "--device", "cpu")
     assert r.returncode == 0 and "SASRec" in r.stdout and "RecFormer" not in r.stdout, r.stdout
@@ -330,21 +404,46 @@ def test_a_fused_model_is_served_like_any_model_and_refuses_new_items(shop, two_
     assert r.returncode == 2 and "sids" in r.stderr and "is not a directory" in r.stderr, r.stderr
 
 
-def test_the_quickstart_fuses_its_sasrec_and_generative_model(shop, tmp_path):  # noqa: F811
-    """With SASRec and the generative model trained, the quickstart's table has their fusion's row, its weight
-    chosen on valid (weight 0 validates as that SASRec), and the fused model is saved beside the others."""
+def test_the_quickstart_fuses_its_generative_model_with_the_id_model_that_validates_best(shop, tmp_path):  # noqa: F811
+    """With SASRec, the hybrid and the generative model trained, the quickstart's table has one fusion row: the
+    ID model, rule and weight chosen on valid (weight 0 validates as that ID model alone), named in the row; the
+    fused model is saved beside the others."""
     from lmrec.fusion import is_fused_model
     from lmrec.pipeline import quickstart_others
 
-    recformer = SimpleNamespace(model_dir=None, metrics={"valid": {"ndcg@10": 0.0}})  # not a SID source here
+    recformer = SimpleNamespace(model_dir=None, metrics={"valid": {"ndcg@10": 0.0}})  # hybrid's text: MiniLM
     small = {"sasrec": ["train.epochs=10", "train.batch_size=16", "model.hidden_size=32", "train.lr=3e-3"],
+             "hybrid": ["train.epochs=4", "train.batch_size=16", "model.hidden_size=32", "train.lr=3e-3"],
              "generative": ["train.epochs=2", "train.eval_every=2", "train.batch_size=8", "eval.beams=10",
                             "eval.ks=[10]"]}
-    rows, walls, added = quickstart_others(shop / "data", tmp_path, recformer, sasrec=True, hybrid=False,
+    rows, walls, added = quickstart_others(shop / "data", tmp_path, recformer, sasrec=True, hybrid=True,
                                            generative=True, sid_source="sasrec", overrides=small,
                                            log=lambda m: None)
     fused = added["fusion"]
-    assert rows["fusion (SASRec × generative)"] == fused["test"] and "fusion" in walls
-    assert fused["tried"]["mixture"]["0"] == pytest.approx(added["sasrec"]["valid"]["ndcg@10"], abs=1e-12)
-    assert fused["tried"]["mixture"]["1"] == pytest.approx(added["generative"]["valid"]["ndcg@10"], abs=1e-12)
+    assert set(fused["tried"]) == {"sasrec", "hybrid"}
+    label = {"sasrec": "SASRec", "hybrid": "hybrid"}[fused["id_model"]]
+    assert rows[f"fusion ({label} × generative)"] == fused["test"] and "fusion" in walls
+    for name in ("sasrec", "hybrid"):
+        assert fused["tried"][name]["mixture"]["0"] == pytest.approx(added[name]["valid"]["ndcg@10"], abs=1e-12)
+        assert fused["tried"][name]["mixture"]["1"] == pytest.approx(added["generative"]["valid"]["ndcg@10"],
+                                                                     abs=1e-12)
+    best = max(v for by_rule in fused["tried"].values() for by_w in by_rule.values() for v in by_w.values())
+    assert fused["valid"]["ndcg@10"] == best
     assert is_fused_model(fused["model_dir"])
+
+
+def test_the_comparisons_fusion_takes_each_id_model_it_compares_or_the_one_named():
+    """fusion:id_model=auto (the default) fuses every ID model among the compared ones — their settings as
+    given for their rows — and SASRec when there is none; a named one alone; a wrong name is refused."""
+    from lmrec.compare import fused_parts
+    from lmrec.errors import ConfigError
+
+    over = {"hybrid": ["train.epochs=3"], "generative": ["eval.beams=20"]}
+    parts = fused_parts(["recformer", "sasrec", "hybrid", "generative", "fusion"], over, {"generative": "g.yaml"})
+    assert parts == {"sasrec": ([], None), "hybrid": (["train.epochs=3"], None),
+                     "generative": (["eval.beams=20"], "g.yaml")}
+    assert list(fused_parts(["generative", "fusion"])) == ["sasrec", "generative"]
+    assert list(fused_parts(["sasrec", "hybrid", "fusion"], {"fusion": ["id_model=gru4rec"]})) == ["gru4rec",
+                                                                                                   "generative"]
+    with pytest.raises(ConfigError, match="id_model"):
+        fused_parts(["fusion"], {"fusion": ["id_model=bert4rec"]})

@@ -188,13 +188,21 @@ def load_recommender(model_dir: str | Path, device: str = "auto", command: str =
 def model_label(model_dir: str | Path) -> str:
     """What a saved recommender is, for a table's row: RecFormer, SASRec / GRU4Rec / the hybrid, or a fusion."""
     from lmrec.fusion import is_fused_model
-    from lmrec.idrec import NAMES
+    from lmrec.idrec import NAMES, SHORT_NAMES
     from lmrec.idrec.recommender import is_id_model
 
+    def id_name(d, names=NAMES) -> str:
+        try:
+            return names.get(json.loads((Path(d) / "config.json").read_text()).get("arch"), "ID model")
+        except (OSError, ValueError):
+            return "ID model"
+
     if is_fused_model(model_dir):
-        return "fusion (ID model × generative)"
+        from lmrec.fusion import read_spec
+
+        return f"fusion ({id_name(read_spec(model_dir)['id_model'], SHORT_NAMES)} × generative)"
     if is_id_model(model_dir):
-        return NAMES.get(json.loads((Path(model_dir) / "config.json").read_text()).get("arch"), "ID model")
+        return id_name(model_dir)
     return "RecFormer"
 
 

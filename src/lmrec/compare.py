@@ -93,31 +93,51 @@ def _hybrid(data, out: Path, seed: int, overrides: list[str], log, config=None) 
     return train_baseline(cfg, data, log=log, text_vectors=text).metrics["test"]
 
 
+ID_MODELS = ("sasrec", "gru4rec", "hybrid")  # the models the fusion can take as its ID model
+
+
+def fused_parts(models: list[str], overrides: dict[str, list[str]] | None = None,
+                presets: dict[str, str] | None = None) -> dict[str, tuple[list[str], str | None]]:
+    """The runs a comparison's fusion takes, name → (overrides, preset) as given for their rows: the
+    generative model and the ID model ``fusion:id_model`` names — with ``auto``, every ID model among
+    ``models`` (SASRec when there is none)."""
+    from lmrec.config import FusionRunConfig, load_config
+
+    overrides, presets = overrides or {}, presets or {}
+    cfg = load_config(presets.get("fusion"), list(overrides.get("fusion", [])), schema=FusionRunConfig)
+    ids = [cfg.id_model] if cfg.id_model != "auto" else [n for n in ID_MODELS if n in models] or ["sasrec"]
+    return {n: (list(overrides.get(n, [])), presets.get(n)) for n in [*ids, "generative"]}
+
+
 def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, parts=None) -> dict:
-    """The same seed's ID model (``id_model``) and generative model — the comparison's own runs of them, with
-    their overrides and presets (``parts``: name → (overrides, preset)), trained first when missing — fused
-    per user with the weight that validates best (:mod:`lmrec.fusion`)."""
+    """The same seed's ID model(s) and generative model — the comparison's own runs of them, with their
+    overrides and presets (``parts``: name → (overrides, preset), :func:`fused_parts`), trained first when
+    missing — fused per user with the ID model, rule and weight that validate best (:mod:`lmrec.fusion`)."""
     from lmrec.config import FusionRunConfig, GenRunConfig, IdRunConfig, load_config
     from lmrec.fusion import fuse
 
     cfg = load_config(config, [f"output_dir={out}", *overrides], schema=FusionRunConfig)
+    if parts is None:
+        parts = {n: ([], None) for n in ("sasrec" if cfg.id_model == "auto" else cfg.id_model, "generative")}
     runs, protocol = {}, {}
-    for name, schema in ((cfg.id_model, IdRunConfig), ("generative", GenRunConfig)):
+    for name, (part_overrides, preset) in parts.items():
         run = out.parent.parent / name / f"seed-{seed}"
-        _run_once(name, data, run, seed, *(parts or {}).get(name, ([], None)), log)
+        _run_once(name, data, run, seed, part_overrides, preset, log)
         runs[name] = run
         stage = run / "stage2" if name == "generative" else run
-        protocol[name] = load_config(stage / "run_config.yaml", schema=schema).eval
+        protocol[name] = load_config(stage / "run_config.yaml",
+                                     schema=GenRunConfig if name == "generative" else IdRunConfig).eval
     gen_eval = protocol["generative"]
     if {e.exclude_history for e in protocol.values()} != {cfg.eval.exclude_history}:
         raise LmrecError(f"fusion: eval.exclude_history is {cfg.eval.exclude_history} here but "
                          + ", ".join(f"{n} {e.exclude_history}" for n, e in protocol.items())
                          + " in the runs it fuses: one protocol for every row (--set eval.exclude_history=... once)")
-    result = fuse(data, runs[cfg.id_model] / "model", runs["generative"] / "stage2" / "model",
-                  runs["generative"] / "sids", out / "model", beams=cfg.eval.beams or gen_eval.beams,
-                  exclude_history=cfg.eval.exclude_history, weights=cfg.weights, rules=cfg.rules,
-                  metric=cfg.eval.metric, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, log=log)
-    metrics = {"model": f"fusion ({cfg.id_model} × generative)", **result,
+    result = fuse(data, {n: runs[n] / "model" for n in runs if n != "generative"},
+                  runs["generative"] / "stage2" / "model", runs["generative"] / "sids", out / "model",
+                  beams=cfg.eval.beams or gen_eval.beams, exclude_history=cfg.eval.exclude_history,
+                  weights=cfg.weights, rules=cfg.rules, metric=cfg.eval.metric, ks=cfg.eval.ks,
+                  batch_size=cfg.eval.batch_size, log=log)
+    metrics = {"model": f"fusion ({result['id_model']} × generative)", **result,
                "parts": {n: str(r) for n, r in runs.items()}}
     atomic_file(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     return result["test"]
@@ -192,8 +212,8 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
     _check_presets(presets or {}, models)
     out = Path(out)
     result: dict = {"data": str(data), "seeds": seeds, "models": {}}
-    # the fusion fuses the comparison's own runs of its two models: their settings as given for their rows
-    parts = {n: ((overrides or {}).get(n, []), (presets or {}).get(n)) for n in ("sasrec", "gru4rec", "generative")}
+    # the fusion fuses the comparison's own runs of its models: their settings as given for their rows
+    parts = fused_parts(models, overrides, presets) if "fusion" in models else None
     for name in models:
         runs = [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []),
                           (presets or {}).get(name), log, parts) for s in seeds]

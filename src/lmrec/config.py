@@ -352,10 +352,12 @@ class FusionEvalConfig(_Ranking):
 
 class FusionRunConfig(_Strict):
     """The fusion row of `lmrec compare` (lmrec.fusion): the same seed's ID model and generative model,
-    mixed per user as probabilities with one weight chosen on the validation split."""
+    combined per user by the rule and weight (and ID model) that validate best."""
 
     output_dir: str = "runs/fusion"  # run directory: model/fusion.json, metrics.json
-    id_model: Literal["sasrec", "gru4rec"] = "sasrec"  # the ID model fused with the generative one
+    # the ID model fused with the generative one; auto: each ID model the comparison trains (SASRec when it
+    # trains none), the one that validates best fused
+    id_model: Literal["auto", "sasrec", "gru4rec", "hybrid"] = "auto"
     weights: list[Weight] = Field(list(FUSION_WEIGHTS), min_length=1)  # generative weights tried on valid (0: ID alone)
     rules: list[Literal["mixture", "rrf"]] = Field(["mixture", "rrf"], min_length=1)  # tried on valid (lmrec.fusion)
     eval: FusionEvalConfig = FusionEvalConfig()

@@ -1,5 +1,5 @@
 """A language-model × ID hybrid by late fusion: the generative model's beams and an ID model's (SASRec,
-GRU4Rec) full ranking, combined per user by one of two rules::
+GRU4Rec, or the hybrid: SASRec + item text) full ranking, combined per user by one of two rules::
 
     mixture  p(item) = (1 − w) · softmax(ID scores)[item] + w · softmax(beam log-probabilities)[item]
     rrf      s(item) = (1 − w) / (61 + rank by the ID model) + w / (61 + rank among the beams)
@@ -7,15 +7,15 @@ GRU4Rec) full ranking, combined per user by one of two rules::
 The ID model scores every item it was trained with; the generative model's ``beams`` best items lift the
 items it is sure of — by their probability (renormalised over the beams) in the mixture, by their place in
 the list in reciprocal-rank fusion (Cormack, Clarke & Büttcher 2009, constant 60). Outside the beams the ID
-model's order stands; an item the ID model never saw (a new item: its semantic ID comes from its text) gets
-only the beams' share — a new item is reached only as far as the generative model generates its codes, which
-on ml-100k's cold split it never did (docs/baselines.md): for new items the hybrid (SASRec + item text) is the
-model. One rule and one weight for
-every user, chosen together on the validation split (the weights of :data:`lmrec.config.FUSION_WEIGHTS`,
-0 and 1 included: when one model alone validates best, the fusion is that model); the test split is read
-once with them. Why fuse at all: the generative model wins on transitions the ID model never saw in
-training and the ID model on the others (Hou et al., arXiv 2603.19809); each model's confidence (mixture)
-or list position (rrf) says which case a user is.
+model's order stands. An item the ID model never saw gets only the beams' share: with SASRec or GRU4Rec, a
+new item is reached only as far as the generative model generates its codes, which on ml-100k's cold split
+it never did (docs/baselines.md); the hybrid scores new items by their text, so fused with it they keep the
+hybrid's order among themselves. The ID model (when several are given), the rule and the weight are chosen
+together on the validation split (the weights of :data:`lmrec.config.FUSION_WEIGHTS`, 0 and 1 included: when
+one model alone validates best, the fusion is that model); the test split is read once with them. Why fuse
+at all: the generative model wins on transitions the ID model never saw in training and the ID model on the
+others (Hou et al., arXiv 2603.19809); each model's confidence (mixture) or list position (rrf) says which
+case a user is.
 
 This module sits above both families (like :mod:`lmrec.pipeline`): they never import each other. On disk
 a fused model is a directory holding ``fusion.json`` (the dataset, the two models' and the semantic IDs'
@@ -93,12 +93,15 @@ class FusedRecommender:
         self._id_vectors = id_rec.item_vectors().cpu()
 
     # ------------------------------------------------------------------------------------------ the two parts
-    def parts(self, histories: Sequence[Sequence[int]], rules: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def parts(self, histories: Sequence[Sequence[int]], rules: Sequence[str] | None = None,
+              beams: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """What fusion needs of one batch of histories (catalog indices), whatever the weight: the ID model's
         user vectors and the log-sum-exp of their scores over the catalog items it knows, the beams' items
         (-1: no item) and their log-probabilities renormalised over the beams (-inf: no item); for ``rrf``
         among ``rules`` (default: this model's rule) also each item's 0-based rank by the ID model (the whole
-        (users × items) score matrix at once) and which users' scores of either model were not finite."""
+        (users × items) score matrix at once) and which users' scores of either model were not finite.
+        ``beams``: the generative model's (items, log-probabilities) of these histories when already searched
+        (one search shared by several ID models)."""
         rows = self.id_rows.numpy()
         known = [rows[np.asarray(h, dtype=np.int64)] for h in histories]
         user = self.id_rec.encode_histories([h[h >= 0] for h in known]).float().cpu()
@@ -111,7 +114,7 @@ class FusedRecommender:
             for start in range(0, len(self.item_ids), self.chunk_size):
                 cols = torch.arange(start, min(start + self.chunk_size, len(self.item_ids)))
                 lse = torch.logaddexp(lse, torch.logsumexp(self._id_logits(user, cols), -1))
-        items, scores = self.gen.beam_search(histories, self.beams)
+        items, scores = beams if beams is not None else self.gen.beam_search(histories, self.beams)
         items = items.cpu()
         scores = scores.float().cpu().masked_fill(items < 0, float("-inf"))
         norm = torch.logsumexp(scores, -1, keepdim=True)
@@ -265,14 +268,18 @@ def _build(data, id_model, generative_model, sids, *, weight: float, beams: int,
            device="cpu", command: str = "lmrec evaluate", source=None) -> FusedRecommender:
     """The two models loaded (every file of both checked before any is loaded) and fused."""
     from lmrec.generative.recommender import GenerativeRecommender
+
+    _check_id_model(id_model, command, f"{source}: id_model" if source else "the ID model")
+    gen = GenerativeRecommender.load(generative_model, data, sids, device=device, command=command)
+    return FusedRecommender(_load_id(id_model, device), gen, weight=weight, beams=beams, rule=rule)
+
+
+def _load_id(id_model, device="cpu"):
     from lmrec.idrec.recommender import IdRecommender
     from lmrec.modelfiles import loading
 
-    _check_id_model(id_model, command, f"{source}: id_model" if source else "the ID model")
     with loading(id_model):
-        id_rec = IdRecommender.from_pretrained(id_model, device=device)
-    gen = GenerativeRecommender.load(generative_model, data, sids, device=device, command=command)
-    return FusedRecommender(id_rec, gen, weight=weight, beams=beams, rule=rule)
+        return IdRecommender.from_pretrained(id_model, device=device)
 
 
 def read_spec(path: str | Path) -> dict:
@@ -301,49 +308,71 @@ def read_spec(path: str | Path) -> dict:
     return spec
 
 
-def fuse(data, id_model: str | Path, generative_model: str | Path, sids: str | Path, out: str | Path, *,
-         beams: int = 50, exclude_history: bool = False, weights: Sequence[float] = FUSION_WEIGHTS,
-         rules: Sequence[str] = RULES, metric: str = "ndcg@10", ks: Sequence[int] = DEFAULT_KS,
-         batch_size: int = 64, log=print) -> dict:
-    """Choose the rule and the weight on the validation split (``metric``; on a tie the earlier rule, then the
-    smaller weight), read the test split once with them, write the fused model to ``out`` (``fusion.json``)
-    and return its metrics: ``valid``, ``test``, ``rule``, ``weight``, ``tried`` (each rule's validation
-    metric by weight)."""
+def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: str | Path, sids: str | Path,
+         out: str | Path, *, beams: int = 50, exclude_history: bool = False,
+         weights: Sequence[float] = FUSION_WEIGHTS, rules: Sequence[str] = RULES, metric: str = "ndcg@10",
+         ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, log=print) -> dict:
+    """Choose the ID model (``id_model``: one model directory, or several by name — e.g. SASRec and the
+    hybrid), the rule and the weight together on the validation split (``metric``; on a tie the earlier ID
+    model, then the earlier rule, then the smaller weight), read the test split once with them, write the
+    fused model to ``out`` (``fusion.json``) and return its metrics: ``valid``, ``test``, ``id_model`` (the
+    chosen one's name), ``rule``, ``weight``, ``tried`` (by ID model, each rule's validation metric by weight).
+    The generative model's beams are searched once per validation user, whatever the number of ID models."""
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.evaluator import evaluate
     from lmrec.eval.metrics import compute_metrics
+    from lmrec.generative.recommender import GenerativeRecommender
+
     bad = [w for w in weights if not 0.0 <= w <= 1.0]
     if bad or not weights:
         raise LmrecError(f"fusion weights must be within [0, 1], got {list(weights) or '(none)'}")
     if not rules or set(rules) - set(RULES):
         raise LmrecError(f"fusion rules must be some of {', '.join(RULES)}, got {list(rules) or '(none)'}")
+    paths = dict(id_model) if isinstance(id_model, dict) else {None: id_model}
+    if not paths:
+        raise LmrecError("the fusion needs at least one ID model")
+    for name, path in paths.items():
+        _check_id_model(path, "lmrec compare", f"the ID model {name}" if name else "the ID model")
     ds = PreparedDataset(data)
-    rec = _build(data, id_model, generative_model, sids, weight=0.0, beams=beams, command="lmrec compare")
+    gen = GenerativeRecommender.load(generative_model, data, sids, command="lmrec compare")
+    recs = {}
+    for name, path in paths.items():
+        rec = FusedRecommender(_load_id(path), gen, weight=0.0, beams=beams)
+        recs[name or rec.id_rec.model.config.arch] = rec
     valid = ds.examples("valid")
-    ranks = {(rule, w): np.empty(len(valid)) for rule in rules for w in weights}
+    ranks = {(n, rule, w): np.empty(len(valid)) for n in recs for rule in rules for w in weights}
     for start in range(0, len(valid), batch_size):
         hist, targets = valid.histories[start:start + batch_size], valid.targets[start:start + batch_size]
-        parts = rec.parts(hist, rules)  # the beams once, every rule and weight ranked from them
-        for rule, w in ranks:
-            ranks[rule, w][start:start + len(hist)] = rec.ranks(parts, hist, targets, w, exclude_history,
-                                                                rule=rule)[0]
+        searched = gen.beam_search(hist, beams)  # once; every ID model, rule and weight ranked from it
+        for n, rec in recs.items():
+            parts = rec.parts(hist, rules, searched)
+            for rule in rules:
+                for w in weights:
+                    ranks[n, rule, w][start:start + len(hist)] = rec.ranks(parts, hist, targets, w, exclude_history,
+                                                                           rule=rule)[0]
     tried = {key: compute_metrics(r, ks) for key, r in ranks.items()}
-    rule, best = max(tried, key=lambda key: (tried[key][metric], -list(rules).index(key[0]), -key[1]))
-    for r in rules:
-        log(f"fusion ({r}), validation {metric} by the generative model's weight: "
-            + ", ".join(f"{w:g} {tried[r, w][metric]:.4f}" for w in weights))
-    log(f"fusion: {rule} with weight {best:g}")
+    names = list(recs)
+    chosen, rule, best = max(tried, key=lambda k: (tried[k][metric], -names.index(k[0]), -list(rules).index(k[1]),
+                                                   -k[2]))
+    for n in names:
+        for r in rules:
+            log(f"fusion ({n} × generative, {r}), validation {metric} by the generative model's weight: "
+                + ", ".join(f"{w:g} {tried[n, r, w][metric]:.4f}" for w in weights))
+    log(f"fusion: {chosen} × generative, {rule} with weight {best:g}")
+    rec = recs[chosen]
     rec.rule, rec.weight = rule, best
     test = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
                     batch_size=batch_size, desc="fusion test")
-    spec = {"data": str(Path(data).resolve()), "id_model": str(Path(id_model).resolve()),
+    chosen_path = paths[chosen if chosen in paths else None]
+    spec = {"data": str(Path(data).resolve()), "id_model": str(Path(chosen_path).resolve()), "id_model_name": chosen,
             "generative_model": str(Path(generative_model).resolve()), "sids": str(Path(sids).resolve()),
             "rule": rule, "weight": best, "beams": beams, "exclude_history": exclude_history, "metric": metric,
-            "tried": {r: {f"{w:g}": tried[r, w][metric] for w in weights} for r in rules}}
+            "tried": {n: {r: {f"{w:g}": tried[n, r, w][metric] for w in weights} for r in rules} for n in names}}
 
     def write(tmp: Path) -> None:
         (tmp / FILE).write_text(json.dumps(spec, indent=2) + "\n")
         write_marker(tmp, "fusion")
 
     atomic_dir(out, write)
-    return {"valid": tried[rule, best], "test": test, "rule": rule, "weight": best, "tried": spec["tried"]}
+    return {"valid": tried[chosen, rule, best], "test": test, "id_model": chosen, "rule": rule, "weight": best,
+            "tried": spec["tried"]}

@@ -206,7 +206,8 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
                       log=print) -> tuple[dict, dict, dict]:
     """The quickstart's models after RecFormer (``recformer``: its finetune result): SASRec, the hybrid (its
     text from RecFormer's item table, its weights from that SASRec), the generative model (semantic IDs as
-    ``sid_source`` says), and with both SASRec and the generative model their fusion (:mod:`lmrec.fusion`).
+    ``sid_source`` says), and with the generative model and SASRec or the hybrid their fusion (:mod:`lmrec.fusion`:
+    the ID model that validates best).
     Returns (test metrics by table row, wall seconds by model, what joins RecFormer's metrics.json).
     ``overrides``: each model's (``sasrec``, ``hybrid``, ``generative``)."""
     from lmrec.config import IdRunConfig, load_config
@@ -232,6 +233,7 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
                                  f"model.text_from={recformer.model_dir}", *warm, *overrides.get("hybrid", [])],
                           schema=IdRunConfig)
         hyb = train_baseline(cfg, data, log=log, text_vectors=text_vectors(recformer.model_dir, data, log=log))
+        hybrid_dir = hyb.model_dir
         rows["hybrid (SASRec + text)"], walls["hybrid"] = hyb.metrics["test"], hyb.metrics["wall_time_s"]
         added["hybrid"] = {k: hyb.metrics[k] for k in keys + ("test_new_items",) if k in hyb.metrics}
     if generative:
@@ -241,15 +243,20 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
         rows[f"generative (SID, {gen['beams']} beams)"], walls["generative"] = gen["test"], gen["wall_time_s"]
         added["generative"] = {**{k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")},
                                "sid_sources": [str(p) for p in sources]}
-        if "sasrec" in trained:  # both trained: their fusion costs one beam search of valid and test
+        id_models = {"sasrec": trained["sasrec"][0]} if "sasrec" in trained else {}
+        if hybrid:
+            id_models["hybrid"] = hybrid_dir
+        if id_models:  # fused with the ID model that validates best: one beam search of valid and test
             import time
 
             from lmrec.fusion import fuse
 
             start, g = time.perf_counter(), output_dir / "generative"
-            fz = fuse(data, trained["sasrec"][0], g / "stage2" / "model", g / "sids", output_dir / "fusion" / "model",
+            fz = fuse(data, id_models, g / "stage2" / "model", g / "sids", output_dir / "fusion" / "model",
                       beams=gen["beams"], exclude_history=gen["exclude_history"], log=log)
-            rows["fusion (SASRec × generative)"] = fz["test"]
+            from lmrec.idrec import SHORT_NAMES
+
+            rows[f"fusion ({SHORT_NAMES[fz['id_model']]} × generative)"] = fz["test"]
             walls["fusion"] = time.perf_counter() - start
             added["fusion"] = {**fz, "wall_time_s": round(walls["fusion"], 1),
                                "model_dir": str(output_dir / "fusion" / "model")}

@@ -238,6 +238,15 @@ def test_the_hybrid_learns_and_ranks_new_items_by_their_text(tmp_path):
     # a saved hybrid evaluates (and serves) like any model: the same numbers from its directory
     assert lmrec.evaluate(tmp_path / "h" / "model", data, ks=(10,), device="cpu")["ndcg@10"] == pytest.approx(
         m["test"]["ndcg@10"], abs=1e-9)
+    # its validation figure (what early stopping chose by) is the saved model's: the training-time ID dropout
+    # stays out of the item table the validation ranks with
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.evaluator import evaluate
+    from lmrec.idrec.recommender import IdRecommender
+
+    valid = evaluate(IdRecommender.from_pretrained(tmp_path / "h" / "model").rank_fn(),
+                     PreparedDataset(data).examples("valid"))
+    assert valid["ndcg@10"] == pytest.approx(m["valid"]["ndcg@10"], abs=1e-9)
 
     cold, text = _walks_with_positions(tmp_path / "cold", "cold", items=120, users=240)  # 24 new items
     cfg = load_config(None, [f"output_dir={tmp_path / 'c'}", "model.arch=hybrid", "model.id_dropout=0.5", *base],

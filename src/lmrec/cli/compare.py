@@ -57,7 +57,8 @@ def quickstart(
                                                "data is kept)."),
 ):
     """Prepare MovieLens-100k, finetune RecFormer (and SASRec, the hybrid, the generative model, and the fusion
-    of SASRec with the generative model), evaluate on test, and compare with popularity."""
+    of the generative model with SASRec or the hybrid, whichever validates better), evaluate on test, and
+    compare with popularity."""
 
     from lmrec.api import finetune, prepare
     from lmrec.compare import schemas
@@ -141,8 +142,9 @@ def compare(
                                                                 "semantic IDs from the same seed's RecFormer or "
                                                                 "SASRec, whichever validates better), hybrid "
                                                                 "(SASRec + item text), sasrec, gru4rec, fusion "
-                                                                "(the same seed's SASRec and generative runs mixed "
-                                                                "per user, the weight chosen on valid)."),
+                                                                "(the same seed's generative run and ID model — "
+                                                                "each compared one, the best on valid — combined "
+                                                                "per user, rule and weight chosen on valid)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (train.seed of every run)."),
     output_dir: Path = typer.Option(Path("runs/compare"), help="Runs go to OUT/<model>/seed-<s>; the summary "
                                                                "to OUT/compare.json."),

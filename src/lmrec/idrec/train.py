@@ -70,8 +70,10 @@ def _batch(windows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tens
 
 def rank_fn(model: IdSeqRec, *, exclude_history: bool = False, chunk_size: int = DEFAULT_CHUNK,
             candidates: np.ndarray | None = None) -> RankFn:
-    """Full ranking of every item (or of ``candidates``) for each history (its last ``max_len`` items)."""
+    """Full ranking of every item (or of ``candidates``) for each history (its last ``max_len`` items), by
+    the model in eval mode (the item table too: the hybrid's training-time ID dropout must not reach it)."""
     m = model.config.max_len
+    model.eval()
 
     @torch.no_grad()
     def queries(histories: list[np.ndarray]) -> torch.Tensor:

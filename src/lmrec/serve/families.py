@@ -145,12 +145,13 @@ class FusedBackend(_FixedCatalog):
         return self.rec.gen.ds.max_history_len
 
     def no_new_items(self) -> str:
-        return (f"{self.model_dir} is a fused model: its ID model has a vector only for the items it was trained "
-                "with; serve its generative model to add items")
+        return (f"{self.model_dir} is a fused model: it ranks the catalog it was fused on and cannot add items; "
+                "serve its generative model (or a hybrid ID model) to add items")
 
     def metadata(self) -> dict:
         return {**super().metadata(), **{k: self.spec[k] for k in ("id_model", "generative_model", "rule",
-                                                                  "weight", "beams")}}
+                                                                  "weight", "beams")},
+                "id_model_name": self.spec.get("id_model_name")}  # absent from fusions saved before it was kept
 
 
 class GenerativeBackend(Backend):
