@@ -79,6 +79,7 @@ class ModelConfig(_Strict):
     default_layers: Count = 2  # layers of the embedded default backbone
     default_heads: Count = 2  # attention heads of the embedded default backbone
     default_vocab_size: Count = 8000  # the embedded default's tokenizer size (trained on the items' text)
+    default_dropout: Share = 0.1  # the embedded default's hidden and attention dropout
 
     def ignored_with_saved_init(self) -> list[str]:
         """The settings a saved recommender as ``init`` overrides (its architecture is fixed): those set to

@@ -399,7 +399,7 @@ def convert_to_long(src: str | Path, dst: str | Path, max_positions: int = 4096,
 # --------------------------------------------------------------------------------------------- default
 def build_default_backbone(texts: list[str], out_dir: str | Path, *, hidden_size: int = 256, layers: int = 2,
                            heads: int = 4, vocab_size: int = 8000, max_positions: int = 512,
-                           attention_window: int = 64, seed: int = 0) -> Path:
+                           attention_window: int = 64, seed: int = 0, dropout: float = 0.1) -> Path:
     """The embedded default: a small random-init Longformer (``allenai/longformer-base-4096`` layout) with a
     lower-cased BPE tokenizer (sub-words, as the English Longformer's) trained on ``texts`` with
     ``tokenizers``. Saved with ``save_pretrained`` so that it loads through the same code path as any
@@ -427,7 +427,7 @@ def build_default_backbone(texts: list[str], out_dir: str | Path, *, hidden_size
         vocab_size=len(fast), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=4 * hidden_size, max_position_embeddings=max_positions + pad + 1,
         attention_window=[attention_window] * layers, pad_token_id=pad, bos_token_id=cls_id, eos_token_id=sep_id,
-        type_vocab_size=1,
+        type_vocab_size=1, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     # its own draws only: a run that builds it and a re-run that reloads it must leave the global RNG alike
     # (every later dropout mask and shuffle draws from it; a re-run into the same directory gave other metrics)

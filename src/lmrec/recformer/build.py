@@ -86,7 +86,8 @@ def backbone_or_default(m, item_text, run_dir: Path, accelerator, seed: int, log
             window = DEFAULT_WINDOW if w is None else w if isinstance(w, int) else w[0]
             build_default_backbone(texts, backbone, hidden_size=m.default_hidden_size, layers=m.default_layers,
                                    heads=m.default_heads, vocab_size=m.default_vocab_size,
-                                   max_positions=m.max_token_num, attention_window=window, seed=seed)
+                                   max_positions=m.max_token_num, attention_window=window, seed=seed,
+                                   dropout=m.default_dropout)
         accelerator.wait_for_everyone()
     return backbone
 
