@@ -92,7 +92,7 @@ def test_model_settings_beside_a_saved_recommender_init_are_errors(tmp_path):
     saved.mkdir()
     (saved / "items.parquet").write_bytes(b"")  # a saved recommender (only its files' presence matters here)
     (saved / "config.json").write_text(json.dumps({"model_type": "recformer", "pooler_type": "mean",
-                                                   "max_token_num": 32, "max_attr_length": 16, "max_attr_num": 3,
+                                                   "max_token_num": 64, "max_attr_length": 16, "max_attr_num": 3,
                                                    "attention_window": [64, 64]}))
     # the same values as the saved model (the quickstart config with --init) are fine
     assert load_config(ROOT / "configs" / "quickstart.yaml", [f"model.init={saved}"]).model.init == str(saved)
@@ -100,7 +100,7 @@ def test_model_settings_beside_a_saved_recommender_init_are_errors(tmp_path):
         load_config("recformer", [f"model.init={saved}"])  # CLS pooling, 1,024 tokens: ignored silently before
     msg = str(e.value)
     assert "model.pooler_type='cls' (the saved model has 'mean')" in msg
-    assert "model.max_token_num=1024 (the saved model has 32)" in msg and "max_attr_num" not in msg
+    assert "model.max_token_num=1024 (the saved model has 64)" in msg and "max_attr_num" not in msg
     with pytest.raises(ConfigError, match=r"model\.default_layers=4"):
         load_config(None, [f"model.init={saved}", "model.default_layers=4"])
     # a RecFormer checkpoint without a catalog (backbone init, pretraining) takes model.* settings
