@@ -308,6 +308,23 @@ def read_spec(path: str | Path) -> dict:
     return spec
 
 
+def _validation_ranks(recs: dict[str, FusedRecommender], valid, rules, weights, exclude_history: bool,
+                      batch_size: int) -> dict[tuple[str, str, float], np.ndarray]:
+    """Each validation target's rank under every (ID model, rule, weight); the generative model's beams are
+    searched once per batch, every ID model ranked from them (``recs`` share one generative model)."""
+    first = next(iter(recs.values()))
+    ranks = {(n, rule, w): np.empty(len(valid)) for n in recs for rule in rules for w in weights}
+    for start in range(0, len(valid), batch_size):
+        hist, targets = valid.histories[start:start + batch_size], valid.targets[start:start + batch_size]
+        searched = first.gen.beam_search(hist, first.beams)
+        for n, rec in recs.items():
+            parts = rec.parts(hist, rules, searched)
+            for rule, w in ((r, w) for r in rules for w in weights):
+                ranks[n, rule, w][start:start + len(hist)] = rec.ranks(parts, hist, targets, w, exclude_history,
+                                                                       rule=rule)[0]
+    return ranks
+
+
 def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: str | Path, sids: str | Path,
          out: str | Path, *, beams: int = 50, exclude_history: bool = False,
          weights: Sequence[float] = FUSION_WEIGHTS, rules: Sequence[str] = RULES, metric: str = "ndcg@10",
@@ -339,17 +356,7 @@ def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: s
     for name, path in paths.items():
         rec = FusedRecommender(_load_id(path), gen, weight=0.0, beams=beams)
         recs[name or rec.id_rec.model.config.arch] = rec
-    valid = ds.examples("valid")
-    ranks = {(n, rule, w): np.empty(len(valid)) for n in recs for rule in rules for w in weights}
-    for start in range(0, len(valid), batch_size):
-        hist, targets = valid.histories[start:start + batch_size], valid.targets[start:start + batch_size]
-        searched = gen.beam_search(hist, beams)  # once; every ID model, rule and weight ranked from it
-        for n, rec in recs.items():
-            parts = rec.parts(hist, rules, searched)
-            for rule in rules:
-                for w in weights:
-                    ranks[n, rule, w][start:start + len(hist)] = rec.ranks(parts, hist, targets, w, exclude_history,
-                                                                           rule=rule)[0]
+    ranks = _validation_ranks(recs, ds.examples("valid"), rules, weights, exclude_history, batch_size)
     tried = {key: compute_metrics(r, ks) for key, r in ranks.items()}
     names = list(recs)
     chosen, rule, best = max(tried, key=lambda k: (tried[k][metric], -names.index(k[0]), -list(rules).index(k[1]),
