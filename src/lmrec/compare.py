@@ -117,8 +117,8 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
     from lmrec.fusion import fuse
 
     cfg = load_config(config, [f"output_dir={out}", *overrides], schema=FusionRunConfig)
-    if parts is None:
-        parts = {n: ([], None) for n in ("sasrec" if cfg.id_model == "auto" else cfg.id_model, "generative")}
+    if parts is None:  # called outside a comparison: the ID model the fusion's own settings name (auto: SASRec)
+        parts = fused_parts([], {"fusion": list(overrides)}, {"fusion": config} if config else None)
     runs, protocol = {}, {}
     for name, (part_overrides, preset) in parts.items():
         run = out.parent.parent / name / f"seed-{seed}"

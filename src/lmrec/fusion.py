@@ -9,13 +9,13 @@ items it is sure of — by their probability (renormalised over the beams) in th
 the list in reciprocal-rank fusion (Cormack, Clarke & Büttcher 2009, constant 60). Outside the beams the ID
 model's order stands. An item the ID model never saw gets only the beams' share: with SASRec or GRU4Rec, a
 new item is reached only as far as the generative model generates its codes, which on ml-100k's cold split
-it never did (docs/baselines.md); the hybrid scores new items by their text, so fused with it they keep the
-hybrid's order among themselves. The ID model (when several are given), the rule and the weight are chosen
-together on the validation split (the weights of :data:`lmrec.config.FUSION_WEIGHTS`, 0 and 1 included: when
-one model alone validates best, the fusion is that model); the test split is read once with them. Why fuse
-at all: the generative model wins on transitions the ID model never saw in training and the ID model on the
-others (Hou et al., arXiv 2603.19809); each model's confidence (mixture) or list position (rrf) says which
-case a user is.
+it rarely did (docs/baselines.md); the hybrid scores new items by their text, so fused with it they keep the
+hybrid's order among themselves, but for those the beams hold. The ID model (when several are given), the
+rule and the weight are chosen together on the validation split (the weights of
+:data:`lmrec.config.FUSION_WEIGHTS`, 0 and 1 included: when one model alone validates best, the fusion is
+that model); the test split is read once with them. Why fuse at all: the generative model wins on
+transitions the ID model never saw in training and the ID model on the others (Hou et al., arXiv
+2603.19809); each model's confidence (mixture) or list position (rrf) says which case a user is.
 
 This module sits above both families (like :mod:`lmrec.pipeline`): they never import each other. On disk
 a fused model is a directory holding ``fusion.json`` (the dataset, the two models' and the semantic IDs'
@@ -245,11 +245,13 @@ class FusedRecommender:
 
 
 def _check_id_model(id_model, command: str, where: str) -> None:
-    """Every file of the ID model checked; it must be one (SASRec, GRU4Rec), not another recommender."""
+    """Every file of the ID model checked; it must be one (SASRec, GRU4Rec, the hybrid), not another
+    recommender."""
     from lmrec.modelfiles import check_recommender
 
     if check_recommender(id_model, command, option=where) != "idrec":
-        raise ModelFileError(f"{where} {id_model} is not an ID model (SASRec, GRU4Rec: `lmrec baseline`'s …/model)")
+        raise ModelFileError(f"{where} {id_model} is not an ID model (SASRec, GRU4Rec, the hybrid: `lmrec baseline`'s "
+                             "…/model)")
 
 
 def check_fused(path: str | Path, command: str = "lmrec evaluate") -> dict:
@@ -352,10 +354,11 @@ def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: s
         _check_id_model(path, "lmrec compare", f"the ID model {name}" if name else "the ID model")
     ds = PreparedDataset(data)
     gen = GenerativeRecommender.load(generative_model, data, sids, command="lmrec compare")
-    recs = {}
+    recs, dirs = {}, {}  # by name (a single unnamed model: its arch)
     for name, path in paths.items():
         rec = FusedRecommender(_load_id(path), gen, weight=0.0, beams=beams)
-        recs[name or rec.id_rec.model.config.arch] = rec
+        name = name or rec.id_rec.model.config.arch
+        recs[name], dirs[name] = rec, path
     ranks = _validation_ranks(recs, ds.examples("valid"), rules, weights, exclude_history, batch_size)
     tried = {key: compute_metrics(r, ks) for key, r in ranks.items()}
     names = list(recs)
@@ -370,8 +373,7 @@ def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: s
     rec.rule, rec.weight = rule, best
     test = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
                     batch_size=batch_size, desc="fusion test")
-    chosen_path = paths[chosen if chosen in paths else None]
-    spec = {"data": str(Path(data).resolve()), "id_model": str(Path(chosen_path).resolve()), "id_model_name": chosen,
+    spec = {"data": str(Path(data).resolve()), "id_model": str(Path(dirs[chosen]).resolve()), "id_model_name": chosen,
             "generative_model": str(Path(generative_model).resolve()), "sids": str(Path(sids).resolve()),
             "rule": rule, "weight": best, "beams": beams, "exclude_history": exclude_history, "metric": metric,
             "tried": {n: {r: {f"{w:g}": tried[n, r, w][metric] for w in weights} for r in rules} for n in names}}
