@@ -393,6 +393,7 @@ def test_a_fused_model_is_served_like_any_model_and_refuses_new_items(shop, two_
         srv.wait_ready()
         meta = httpx.get(srv.url + "/metadata").json()
         assert meta["family"] == "fusion" and meta["weight"] == 0.5 and meta["catalog_size"] == len(ids)
+        assert meta["id_model_name"] == "sasrec"
         r = httpx.post(srv.url + "/recommend", json={"history": hist, "k": 5}).json()
         assert [x["item_id"] for x in r["items"]] == [e[0] for e in expected]
         np.testing.assert_allclose([x["score"] for x in r["items"]], [e[2] for e in expected], rtol=1e-5)
