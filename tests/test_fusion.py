@@ -4,6 +4,7 @@ trained here — its ends equal to each model alone, its saved model ranking the
 fusion row fusing the comparison's own runs."""
 
 import json
+import shutil
 from functools import partial
 from types import SimpleNamespace
 
@@ -214,7 +215,7 @@ def test_fuse_chooses_the_id_model_on_valid_with_one_beam_search(shop, two_model
     assert sum(searched) == n_valid + n_test and len(searched) == -(-n_valid // 16) + -(-n_test // 16)
     spec = json.loads((tmp_path / "both" / "fusion.json").read_text())
     chosen = {"sasrec": sas.model_dir, "gru4rec": gru.model_dir}[both["id_model"]]
-    assert spec["id_model"] == str(chosen.resolve()) and spec["id_model_name"] == both["id_model"]
+    assert spec["made_at"]["id_model"] == str(chosen.resolve()) and spec["id_model_name"] == both["id_model"]
     assert FusedRecommender.load(tmp_path / "both").id_rec.model.config.arch == both["id_model"]
 
 
@@ -322,14 +323,41 @@ def test_a_fused_model_directory_that_is_broken_is_one_message(shop, two_models,
     fuse(shop / "data", sas.model_dir, gen.model_dir, shop / "sids", tmp_path / "f", beams=10, ks=[10],
          weights=[0.5], log=lambda m: None)
     spec = json.loads((tmp_path / "f" / "fusion.json").read_text())
-    for broken, match in (({**spec, "weight": "high"}, "'weight'"), ({**spec, "id_model": str(tmp_path / "gone")},
-                                                                      "id_model .* is not a directory")):
+    gone = {**spec, "id_model": str(tmp_path / "gone"),
+            "made_at": {**spec["made_at"], "id_model": str(tmp_path / "gone")}}
+    for broken, match in (({**spec, "weight": "high"}, "'weight'"), (gone, "id_model .* is not a directory"),
+                          ({**spec, "made_at": ["x"]}, "'made_at' is not a mapping")):
         (tmp_path / "f" / "fusion.json").write_text(json.dumps(broken))
         with pytest.raises(ModelFileError, match=match):
             FusedRecommender.load(tmp_path / "f", shop / "data")
     (tmp_path / "f" / "fusion.json").write_text("{")
     with pytest.raises(ModelFileError, match="not JSON"):
         FusedRecommender.load(tmp_path / "f", shop / "data")
+
+
+def test_a_fused_model_moved_with_its_models_or_alone_ranks_the_same(shop, two_models, tmp_path):  # noqa: F811
+    """fusion.json names its parts relative to its own directory, and where they were when fused: a run tree
+    copied elsewhere as one (the originals gone) and a fused model moved alone both load and rank the same."""
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.evaluator import evaluate
+    from lmrec.fusion import FusedRecommender, fuse
+
+    sas, gen = two_models
+    tree = tmp_path / "a"
+    for src, name in ((shop / "data", "data"), (shop / "sids", "sids"), (sas.model_dir, "sasrec"),
+                      (gen.model_dir, "gen")):
+        shutil.copytree(src, tree / name)
+    out = fuse(tree / "data", tree / "sasrec", tree / "gen", tree / "sids", tree / "runs" / "fused", beams=10,
+               ks=[10], weights=[0.5], log=lambda m: None)
+    spec = json.loads((tree / "runs" / "fused" / "fusion.json").read_text())
+    assert spec["id_model"] == "../../sasrec" and spec["made_at"]["id_model"] == str((tree / "sasrec").resolve())
+    shutil.move(tree, tmp_path / "b")  # the whole tree elsewhere: nothing left where it was fused
+    test = PreparedDataset(tmp_path / "b" / "data").examples("test")
+    moved = FusedRecommender.load(tmp_path / "b" / "runs" / "fused")
+    assert evaluate(moved.rank_fn(), test, ks=[10]) == out["test"]
+    shutil.move(tmp_path / "b", tree)  # back, and the fused model alone elsewhere: found where they were
+    shutil.move(tree / "runs" / "fused", tmp_path / "alone")
+    assert evaluate(FusedRecommender.load(tmp_path / "alone").rank_fn(), test, ks=[10]) == out["test"]
 
 
 def test_the_comparisons_fusion_row_fuses_its_own_runs_of_both_models(shop, two_models, tmp_path, monkeypatch):  # noqa: F811
@@ -400,7 +428,9 @@ def test_a_fused_model_is_served_like_any_model_and_refuses_new_items(shop, two_
         r = httpx.post(srv.url + "/items", json={"items": [{"item_id": "new", "text": {"title": "a new thing"}}]})
         assert r.status_code == 409 and "fused model" in r.json()["error"]
     spec = json.loads((tmp_path / "fused" / "fusion.json").read_text())
-    (tmp_path / "fused" / "fusion.json").write_text(json.dumps({**spec, "sids": str(tmp_path / "nowhere")}))
+    nowhere = str(tmp_path / "nowhere")
+    (tmp_path / "fused" / "fusion.json").write_text(json.dumps({**spec, "sids": nowhere,
+                                                                "made_at": {**spec["made_at"], "sids": nowhere}}))
     r = cli("serve", "--model", tmp_path / "fused")
     assert r.returncode == 2 and "sids" in r.stderr and "is not a directory" in r.stderr, r.stderr
 

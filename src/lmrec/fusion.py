@@ -19,9 +19,10 @@ transitions the ID model never saw in training and the ID model on the others (H
 
 This module sits above both families (like :mod:`lmrec.pipeline`): they never import each other. On disk
 a fused model is a directory holding ``fusion.json`` (the dataset, the two models' and the semantic IDs'
-directories, the rule, the weight, the beams, each rule's validation metric by weight) and the
-``lmrec.json`` marker; the two models stay where they are. It ranks the catalog of the dataset it was
-fused on; the mixture scores every item in item chunks (memory O(users × chunk)), rrf ranks each user's
+directories — relative to its own, and where they were when fused —, the rule, the weight, the beams, each
+rule's validation metric by weight) and the ``lmrec.json`` marker; the two models stay where they are (a run
+tree moved or copied as one keeps working, and so does a fused model moved alone). It ranks the catalog of the
+dataset it was fused on; the mixture scores every item in item chunks (memory O(users × chunk)), rrf ranks each user's
 whole catalog by the ID model at once (O(users × items)).
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from lmrec.io import atomic_dir
 from lmrec.modelfiles import ModelFileError, check_format, write_marker
 
 FILE = "fusion.json"
+PARTS = ("data", "id_model", "generative_model", "sids")  # the directories a fused model refers to
 RULES = ("mixture", "rrf")
 RRF_K = 60  # reciprocal-rank fusion's constant (Cormack, Clarke & Büttcher 2009)
 # log-probability of an item neither model gives any mass (an item the ID model never saw, outside the beams):
@@ -285,7 +288,8 @@ def _load_id(id_model, device="cpu"):
 
 
 def read_spec(path: str | Path) -> dict:
-    """``fusion.json``, checked: every field there, the two models' directories present."""
+    """``fusion.json``, checked: every field there, the two models' directories present; the directories it
+    names (``PARTS``) are returned resolved: relative to ``path``, else where they were when fused."""
 
     f = Path(path) / FILE
     if not f.is_file():
@@ -303,11 +307,26 @@ def read_spec(path: str | Path) -> dict:
             raise ModelFileError(f"{f}: field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
     if spec["rule"] not in RULES:
         raise ModelFileError(f"{f}: rule {spec['rule']!r} is not one of {', '.join(RULES)}")
-    for key in ("data", "id_model", "generative_model", "sids"):
-        if not Path(spec[key]).is_dir():
+    made_at = spec.get("made_at", {})
+    if not isinstance(made_at, dict) or not all(isinstance(v, str) for v in made_at.values()):
+        raise ModelFileError(f"{f}: field 'made_at' is not a mapping of directories")
+    for key in PARTS:
+        # relative to the fused model's directory (the tree moved as one), else where they were when fused
+        found = [d for d in (Path(path) / spec[key], made_at.get(key)) if d is not None and Path(d).is_dir()]
+        if not found:
             raise ModelFileError(f"{f}: {key} {spec[key]} is not a directory (a fused model refers to its two "
-                                 "models, their semantic IDs and dataset where they were; it does not copy them)")
+                                 "models, their semantic IDs and dataset by paths relative to its own directory, "
+                                 "else where they were when fused; it does not copy them)")
+        spec[key] = str(Path(found[0]).resolve())
     return spec
+
+
+def _relative(target: str | Path, start: Path) -> str:
+    """``target`` relative to ``start`` (both resolved); absolute where no relative path exists."""
+    try:
+        return os.path.relpath(Path(target).resolve(), start.resolve())
+    except ValueError:  # another drive
+        return str(Path(target).resolve())
 
 
 def _validation_ranks(recs: dict[str, FusedRecommender], valid, rules, weights, exclude_history: bool,
@@ -373,9 +392,10 @@ def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: s
     rec.rule, rec.weight = rule, best
     test = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
                     batch_size=batch_size, desc="fusion test")
-    spec = {"data": str(Path(data).resolve()), "id_model": str(Path(dirs[chosen]).resolve()), "id_model_name": chosen,
-            "generative_model": str(Path(generative_model).resolve()), "sids": str(Path(sids).resolve()),
-            "rule": rule, "weight": best, "beams": beams, "exclude_history": exclude_history, "metric": metric,
+    where = dict(zip(PARTS, (data, dirs[chosen], generative_model, sids), strict=True))
+    spec = {**{k: _relative(d, Path(out)) for k, d in where.items()}, "id_model_name": chosen,
+            "made_at": {k: str(Path(d).resolve()) for k, d in where.items()}, "rule": rule, "weight": best,
+            "beams": beams, "exclude_history": exclude_history, "metric": metric,
             "tried": {n: {r: {f"{w:g}": tried[n, r, w][metric] for w in weights} for r in rules} for n in names}}
 
     def write(tmp: Path) -> None:
