@@ -8,6 +8,7 @@ Every run is an ordinary run directory (``OUT/<model>/seed-<s>``); the summary i
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from lmrec.errors import LmrecError
 from lmrec.io import atomic_file
 
 MODELS = ("recformer", "generative", "hybrid", "sasrec", "gru4rec", "fusion")
+RUN_ORDER = ("recformer", "sasrec", "gru4rec", "hybrid", "generative", "fusion")  # each after the runs it takes
 
 
 def check_models(models) -> None:
@@ -160,6 +162,21 @@ def summarize(per_seed: list[dict]) -> dict:
 
 
 DONE = "compare_run.json"
+# the same seed's runs a row's run takes (the generative model's semantic IDs from RecFormer or SASRec, the
+# hybrid's text from RecFormer; the fusion: the runs it fuses): one of them trained again makes the row stale
+INPUTS = {"generative": ("recformer", "sasrec"), "hybrid": ("recformer",)}
+
+
+def _inputs(name: str, run_dir: Path, overrides: list[str], parts: dict | None) -> dict[str, str | None]:
+    """A digest of each input run's ``compare_run.json`` (None: no finished run there) as it is now."""
+    if name == "fusion":
+        deps = list(parts or {})
+    elif name == "hybrid" and any(o.startswith("model.text_from=") for o in overrides):
+        deps = []  # its text comes from a model the user named, not from the comparison's RecFormer
+    else:
+        deps = INPUTS.get(name, ())
+    done = {d: run_dir.parent.parent / d / run_dir.name / DONE for d in deps}
+    return {d: hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else None for d, f in done.items()}
 
 
 def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], config, log,
@@ -175,14 +192,19 @@ def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], c
     if done.exists():
         saved = json.loads(done.read_text())
         if {k: saved.get(k) for k in key} == key:
-            log(f"{name} seed {seed}: finished before, read from {done}")
-            return saved["test"]
+            changed = [d for d, h in _inputs(name, run_dir, overrides, parts).items()
+                       if h != saved.get("inputs", {}).get(d)]
+            if not changed:
+                log(f"{name} seed {seed}: finished before, read from {done}")
+                return saved["test"]
+            log(f"{name} seed {seed}: {', '.join(changed)} trained again since this run took it: training again")
     # the comparison owns its run directories: a run killed before it was marked done is trained again
     if name == "fusion":  # no training of its own: it writes only its fusion.json and metrics.json
         test = _fusion(data, run_dir, seed, list(overrides), log, config, parts)
     else:
         test = RUNNERS[name](data, run_dir, seed, [*overrides, "train.overwrite=true"], log, config)
-    atomic_file(done, lambda tmp: tmp.write_text(json.dumps({**key, "test": test}, indent=2) + "\n"))
+    inputs = _inputs(name, run_dir, overrides, parts)  # as this run found (or trained) them
+    atomic_file(done, lambda tmp: tmp.write_text(json.dumps({**key, "inputs": inputs, "test": test}, indent=2) + "\n"))
     return test
 
 
@@ -214,10 +236,11 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
     result: dict = {"data": str(data), "seeds": seeds, "models": {}}
     # the fusion fuses the comparison's own runs of its models: their settings as given for their rows
     parts = fused_parts(models, overrides, presets) if "fusion" in models else None
-    for name in models:
-        runs = [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []),
-                          (presets or {}).get(name), log, parts) for s in seeds]
-        result["models"][name] = {"per_seed": runs, **summarize(runs)}
+    # the models others take first (MODELS' order ends with them that take others), the table in the order given
+    rows = {name: [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []),
+                             (presets or {}).get(name), log, parts) for s in seeds]
+            for name in sorted(models, key=RUN_ORDER.index)}
+    result["models"] = {name: {"per_seed": rows[name], **summarize(rows[name])} for name in models}
     result["baselines"] = baselines(ds, "test")
     out.mkdir(parents=True, exist_ok=True)
     from lmrec.provenance import provenance

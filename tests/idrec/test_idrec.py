@@ -289,6 +289,47 @@ def test_compare_reuses_the_same_seeds_run_and_trains_it_only_when_missing(tmp_p
     assert row == {"ndcg@10": 0.25} and calls == [("seed-3", 3)]
 
 
+def test_a_row_is_trained_again_when_a_run_it_took_was_trained_again(tmp_path, monkeypatch):
+    """The hybrid takes the same seed's RecFormer run: the comparison runs RecFormer first whatever the order
+    given (the table keeps that order), reads both back when nothing changed, and trains the hybrid again when
+    RecFormer was trained again (here: other overrides) — never a row computed from a run that is gone."""
+    from lmrec import compare
+
+    calls = []
+
+    def fake_recformer(data, run, seed, overrides, log, config=None):
+        calls.append("recformer")
+        overrides = [o for o in overrides if o != "train.overwrite=true"]  # the comparison owns its runs
+        (run / "model").mkdir(parents=True, exist_ok=True)
+        (run / "model" / "items.parquet").write_text(str(overrides))
+        (run / "metrics.json").write_text(json.dumps({"valid": {"ndcg@10": 0.5}}))
+        return {"ndcg@10": 0.25 + 0.01 * len(overrides)}
+
+    def fake_hybrid(data, run, seed, overrides, log, config=None):
+        model, _ = compare._trained(data, run, seed, "recformer", log)
+        calls.append(("hybrid", (model / "items.parquet").read_text()))
+        return {"ndcg@10": 0.3}
+
+    monkeypatch.setitem(compare.RUNNERS, "recformer", fake_recformer)
+    monkeypatch.setitem(compare.RUNNERS, "hybrid", fake_hybrid)
+    data = synthetic_dataset(tmp_path / "data", users=20, items=10)
+    out, logs = tmp_path / "cmp", []
+    res = compare.compare(data, out, models=["hybrid", "recformer"], seeds=[0], log=logs.append)
+    assert calls == ["recformer", ("hybrid", "[]")] and list(res["models"]) == ["hybrid", "recformer"]
+    calls.clear()
+    compare.compare(data, out, models=["hybrid", "recformer"], seeds=[0], log=logs.append)
+    assert calls == [] and sum("finished before" in m for m in logs) == 2
+    logs.clear()
+    res = compare.compare(data, out, models=["hybrid", "recformer"], seeds=[0], log=logs.append,
+                          overrides={"recformer": ["train.lr=1e-3"]})
+    assert calls == ["recformer", ("hybrid", "['train.lr=1e-3']")], calls  # the hybrid on the new RecFormer
+    assert "hybrid seed 0: recformer trained again since this run took it: training again" in logs
+    assert res["models"]["recformer"]["per_seed"] == [{"ndcg@10": 0.26}]
+    calls.clear()
+    compare.compare(data, out, models=["hybrid"], seeds=[0], log=logs.append)  # the row alone: still current
+    assert calls == []
+
+
 def test_the_hybrid_starts_from_a_trained_sasrec_and_refuses_what_does_not_fit(tmp_path):
     """model.init_from: the hybrid takes every weight of a trained SASRec (same sizes, same catalog) and only
     its text projection is new; a wrong directory or other sizes stop before the run with one message."""
