@@ -4,7 +4,8 @@
 #   bash bench/gpu/run.sh                 # with the torch/transformers of the current python3
 #   OUT=/some/dir bash bench/gpu/run.sh   # where the logs and JSON rows go (default bench/gpu/out)
 #   then: python docs/results.py add bench/gpu/out/gpu.json --name gpu   # the table on the results page
-# Python packages missing on a machine without network can be given as wheels in .whl/ (installed to /tmp/site).
+# Python packages missing on a machine without network can be given as wheels in .whl/ (installed to /tmp/site):
+# bash bench/gpu/wheels.sh, on a machine with network, downloads them.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
