@@ -4,8 +4,10 @@ trained here — its ends equal to each model alone, its saved model ranking the
 fusion row fusing the comparison's own runs."""
 
 import json
+import os
 import shutil
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -325,8 +327,9 @@ def test_a_fused_model_directory_that_is_broken_is_one_message(shop, two_models,
     spec = json.loads((tmp_path / "f" / "fusion.json").read_text())
     gone = {**spec, "id_model": str(tmp_path / "gone"),
             "made_at": {**spec["made_at"], "id_model": str(tmp_path / "gone")}}
-    for broken, match in (({**spec, "weight": "high"}, "'weight'"), (gone, "id_model .* is not a directory"),
-                          ({**spec, "made_at": ["x"]}, "'made_at' is not a mapping")):
+    for broken, match in (({**spec, "weight": "high"}, "'weight'"), (gone, "id_model: .* is not a directory"),
+                          ({**spec, "made_at": ["x"]}, "'made_at' is not a mapping"),
+                          ({**spec, "made_at": {"data": ""}}, "'made_at' is not a mapping of non-empty")):
         (tmp_path / "f" / "fusion.json").write_text(json.dumps(broken))
         with pytest.raises(ModelFileError, match=match):
             FusedRecommender.load(tmp_path / "f", shop / "data")
@@ -340,7 +343,8 @@ def test_a_fused_model_moved_with_its_models_or_alone_ranks_the_same(shop, two_m
     copied elsewhere as one (the originals gone) and a fused model moved alone both load and rank the same."""
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.evaluator import evaluate
-    from lmrec.fusion import FusedRecommender, fuse
+    from lmrec.fusion import FusedRecommender, fuse, read_spec
+    from lmrec.modelfiles import ModelFileError
 
     sas, gen = two_models
     tree = tmp_path / "a"
@@ -358,6 +362,33 @@ def test_a_fused_model_moved_with_its_models_or_alone_ranks_the_same(shop, two_m
     shutil.move(tmp_path / "b", tree)  # back, and the fused model alone elsewhere: found where they were
     shutil.move(tree / "runs" / "fused", tmp_path / "alone")
     assert evaluate(FusedRecommender.load(tmp_path / "alone").rank_fn(), test, ks=[10]) == out["test"]
+    # copied alone into another tree whose ID model is another one: not taken for the one fused
+    other = tmp_path / "other"
+    shutil.copytree(tree, other)
+    shutil.copytree(tmp_path / "alone", other / "runs" / "fused")
+    weights = other / "sasrec" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # trained again, say: other weights
+    spec = read_spec(other / "runs" / "fused")
+    assert spec["id_model"] == str((tree / "sasrec").resolve())  # where it was fused: the same files
+    shutil.rmtree(tree)
+    with pytest.raises(ModelFileError, match=r"id_model: .*other/sasrec is not what was fused"):
+        read_spec(other / "runs" / "fused")
+
+
+def test_a_fused_model_written_through_a_link_names_its_parts_from_where_it_is(shop, two_models, tmp_path):  # noqa: F811
+    """``out`` a symbolic link: the atomic write replaces the link by the directory, so the relative paths are
+    taken from there, not from the link's target."""
+    from lmrec.fusion import fuse, read_spec
+
+    sas, gen = two_models
+    (tmp_path / "target").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "fused").symlink_to(tmp_path / "target")
+    fuse(shop / "data", sas.model_dir, gen.model_dir, shop / "sids", tmp_path / "runs" / "fused", beams=10, ks=[10],
+         weights=[0.5], log=lambda m: None)
+    spec = json.loads((tmp_path / "runs" / "fused" / "fusion.json").read_text())
+    assert Path(os.path.normpath(tmp_path / "runs" / "fused" / spec["id_model"])) == Path(sas.model_dir).resolve()
+    assert read_spec(tmp_path / "runs" / "fused")["id_model"] == str(Path(sas.model_dir).resolve())
 
 
 def test_the_comparisons_fusion_row_fuses_its_own_runs_of_both_models(shop, two_models, tmp_path, monkeypatch):  # noqa: F811

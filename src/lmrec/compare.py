@@ -167,11 +167,13 @@ DONE = "compare_run.json"
 INPUTS = {"generative": ("recformer", "sasrec"), "hybrid": ("recformer",)}
 
 
-def _inputs(name: str, run_dir: Path, overrides: list[str], parts: dict | None) -> dict[str, str | None]:
+def _inputs(name: str, run_dir: Path, overrides: list[str], config, parts: dict | None) -> dict[str, str | None]:
     """A digest of each input run's ``compare_run.json`` (None: no finished run there) as it is now."""
+    from lmrec.config import IdRunConfig, load_config
+
     if name == "fusion":
         deps = list(parts or {})
-    elif name == "hybrid" and any(o.startswith("model.text_from=") for o in overrides):
+    elif name == "hybrid" and load_config(config, list(overrides), schema=IdRunConfig).model.text_from is not None:
         deps = []  # its text comes from a model the user named, not from the comparison's RecFormer
     else:
         deps = INPUTS.get(name, ())
@@ -192,24 +194,29 @@ def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], c
     if done.exists():
         saved = json.loads(done.read_text())
         if {k: saved.get(k) for k in key} == key:
-            changed = [d for d, h in _inputs(name, run_dir, overrides, parts).items()
-                       if h != saved.get("inputs", {}).get(d)]
+            took = saved.get("inputs")  # None: marked done before lmrec recorded what a run took
+            changed = [d for d, h in _inputs(name, run_dir, overrides, config, parts).items()
+                       if took is not None and h != took.get(d)]
             if not changed:
-                log(f"{name} seed {seed}: finished before, read from {done}")
+                log(f"{name} seed {seed}: finished before, read from {done}"
+                    + ("" if took is not None or not INPUTS.get(name) else " (the runs it took were not recorded)"))
                 return saved["test"]
             log(f"{name} seed {seed}: {', '.join(changed)} trained again since this run took it: training again")
-    # the comparison owns its run directories: a run killed before it was marked done is trained again
+    # the comparison owns its run directories: a run killed before it was marked done is trained again (the
+    # mark goes first: a stage of it killed midway, e.g. the generative model's semantic IDs, is never read back)
+    done.unlink(missing_ok=True)
     if name == "fusion":  # no training of its own: it writes only its fusion.json and metrics.json
         test = _fusion(data, run_dir, seed, list(overrides), log, config, parts)
     else:
         test = RUNNERS[name](data, run_dir, seed, [*overrides, "train.overwrite=true"], log, config)
-    inputs = _inputs(name, run_dir, overrides, parts)  # as this run found (or trained) them
+    inputs = _inputs(name, run_dir, overrides, config, parts)  # as this run found (or trained) them
     atomic_file(done, lambda tmp: tmp.write_text(json.dumps({**key, "inputs": inputs, "test": test}, indent=2) + "\n"))
     return test
 
 
 def _check_presets(presets: dict[str, str], models: list[str]) -> None:
-    """Every preset names a compared model and loads as that model's config: before any run starts."""
+    """Every preset names a model the comparison runs and loads as that model's config: before any run
+    starts."""
     from lmrec.config import FusionRunConfig, GenRunConfig, IdRunConfig, RunConfig, load_config
 
     schemas = {"recformer": RunConfig, "generative": GenRunConfig, "fusion": FusionRunConfig}
@@ -231,16 +238,21 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
     if not seeds:
         raise LmrecError("--seeds: give at least one seed")
     ds = PreparedDataset(data)  # bad input fails before any run starts
-    _check_presets(presets or {}, models)
+    # the fusion fuses the comparison's own runs of its models: their settings as given for their rows
+    parts = fused_parts(models, overrides, presets) if "fusion" in models else {}
+    runs = [*models, *(n for n in parts if n not in models)]  # and the runs it fuses that are no row
+    _check_presets(presets or {}, runs)
+    stray = sorted(n for n, o in (overrides or {}).items() if o and n not in runs)
+    if stray:  # a run others take (e.g. SASRec for the generative model) is a row, a fused run, or untouched
+        raise LmrecError(f"overrides for {', '.join(stray)}, which {'is' if len(stray) == 1 else 'are'} not "
+                         "among the compared models")
     out = Path(out)
     result: dict = {"data": str(data), "seeds": seeds, "models": {}}
-    # the fusion fuses the comparison's own runs of its models: their settings as given for their rows
-    parts = fused_parts(models, overrides, presets) if "fusion" in models else None
-    # the models others take first (MODELS' order ends with them that take others), the table in the order given
-    rows = {name: [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []),
-                             (presets or {}).get(name), log, parts) for s in seeds]
-            for name in sorted(models, key=RUN_ORDER.index)}
-    result["models"] = {name: {"per_seed": rows[name], **summarize(rows[name])} for name in models}
+    # the runs others take first, whatever the order given (the table keeps it)
+    done = {name: [_run_once(name, data, out / name / f"seed-{s}", s, (overrides or {}).get(name, []),
+                             (presets or {}).get(name), log, parts or None) for s in seeds]
+            for name in sorted(runs, key=RUN_ORDER.index)}
+    result["models"] = {name: {"per_seed": done[name], **summarize(done[name])} for name in models}
     result["baselines"] = baselines(ds, "test")
     out.mkdir(parents=True, exist_ok=True)
     from lmrec.provenance import provenance

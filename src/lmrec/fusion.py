@@ -28,6 +28,7 @@ whole catalog by the ID model at once (O(users × items)).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -307,24 +308,50 @@ def read_spec(path: str | Path) -> dict:
             raise ModelFileError(f"{f}: field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
     if spec["rule"] not in RULES:
         raise ModelFileError(f"{f}: rule {spec['rule']!r} is not one of {', '.join(RULES)}")
-    made_at = spec.get("made_at", {})
-    if not isinstance(made_at, dict) or not all(isinstance(v, str) for v in made_at.values()):
-        raise ModelFileError(f"{f}: field 'made_at' is not a mapping of directories")
+    made_at, prints = spec.get("made_at", {}), spec.get("fingerprints")
+    for field, value in (("made_at", made_at), ("fingerprints", prints or {})):
+        if not isinstance(value, dict) or not all(isinstance(v, str) and v for v in value.values()):
+            raise ModelFileError(f"{f}: field {field!r} is not a mapping of non-empty strings")
     for key in PARTS:
-        # relative to the fused model's directory (the tree moved as one), else where they were when fused
-        found = [d for d in (Path(path) / spec[key], made_at.get(key)) if d is not None and Path(d).is_dir()]
-        if not found:
-            raise ModelFileError(f"{f}: {key} {spec[key]} is not a directory (a fused model refers to its two "
-                                 "models, their semantic IDs and dataset by paths relative to its own directory, "
-                                 "else where they were when fused; it does not copy them)")
-        spec[key] = str(Path(found[0]).resolve())
+        spec[key] = str(_part(f, key, [Path(path) / spec[key], *([made_at[key]] if key in made_at else [])],
+                              (prints or {}).get(key)))
     return spec
 
 
+def _part(f: Path, key: str, candidates: list[Path | str], fingerprint: str | None) -> Path:
+    """The first of ``candidates`` (relative to the fused model's directory, then where it was when fused) that
+    is a directory holding what was fused (its ``fingerprint``, when recorded)."""
+    dirs = [Path(d).resolve() for d in candidates if Path(d).is_dir()]
+    same = [d for d in dirs if fingerprint is None or _fingerprint(d) == fingerprint]
+    if same:
+        return same[0]
+    tried = " or ".join(dict.fromkeys(str(Path(d).resolve()) for d in candidates))
+    if dirs:
+        raise ModelFileError(f"{f}: {key}: {' and '.join(map(str, dirs))} is not what was fused (its files differ: "
+                             "trained again or another run's); fuse again (`lmrec compare` with the fusion row)")
+    raise ModelFileError(f"{f}: {key}: {tried} is not a directory (a fused model refers to its two models, their "
+                         "semantic IDs and dataset by paths relative to its own directory, else where they were "
+                         "when fused; it does not copy them)")
+
+
+def _fingerprint(d: Path, edge: int = 1 << 16) -> str:
+    """What identifies a directory's content, cheaply: each file's name, size and first and last 64 KiB (the
+    same for a copy; not for weights trained again, whatever their size)."""
+    h = hashlib.sha256()
+    for file in sorted(x for x in d.rglob("*") if x.is_file()):
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            head = fh.read(edge)
+            fh.seek(max(size - edge, len(head)))
+            h.update(f"{file.relative_to(d)}:{size}:".encode() + head + fh.read(edge))
+    return h.hexdigest()[:16]
+
+
 def _relative(target: str | Path, start: Path) -> str:
-    """``target`` relative to ``start`` (both resolved); absolute where no relative path exists."""
+    """``target`` relative to the directory ``start`` will be (``start`` itself may be a link that the atomic
+    write replaces); absolute where no relative path exists."""
     try:
-        return os.path.relpath(Path(target).resolve(), start.resolve())
+        return os.path.relpath(Path(target).resolve(), start.parent.resolve() / start.name)
     except ValueError:  # another drive
         return str(Path(target).resolve())
 
@@ -394,7 +421,8 @@ def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: s
                     batch_size=batch_size, desc="fusion test")
     where = dict(zip(PARTS, (data, dirs[chosen], generative_model, sids), strict=True))
     spec = {**{k: _relative(d, Path(out)) for k, d in where.items()}, "id_model_name": chosen,
-            "made_at": {k: str(Path(d).resolve()) for k, d in where.items()}, "rule": rule, "weight": best,
+            "made_at": {k: str(Path(d).resolve()) for k, d in where.items()},
+            "fingerprints": {k: _fingerprint(Path(d)) for k, d in where.items()}, "rule": rule, "weight": best,
             "beams": beams, "exclude_history": exclude_history, "metric": metric,
             "tried": {n: {r: {f"{w:g}": tried[n, r, w][metric] for w in weights} for r in rules} for n in names}}
 

@@ -294,6 +294,7 @@ def test_a_row_is_trained_again_when_a_run_it_took_was_trained_again(tmp_path, m
     given (the table keeps that order), reads both back when nothing changed, and trains the hybrid again when
     RecFormer was trained again (here: other overrides) — never a row computed from a run that is gone."""
     from lmrec import compare
+    from lmrec.errors import LmrecError
 
     calls = []
 
@@ -328,6 +329,15 @@ def test_a_row_is_trained_again_when_a_run_it_took_was_trained_again(tmp_path, m
     calls.clear()
     compare.compare(data, out, models=["hybrid"], seeds=[0], log=logs.append)  # the row alone: still current
     assert calls == []
+    # a row marked done before lmrec recorded what it took: read back, and said so
+    done = out / "hybrid" / "seed-0" / "compare_run.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "inputs"}))
+    logs.clear()
+    compare.compare(data, out, models=["hybrid"], seeds=[0], log=logs.append)
+    assert calls == [] and any("(the runs it took were not recorded)" in m for m in logs)
+    # overrides for a model the comparison does not run are refused (its run would be another row's input)
+    with pytest.raises(LmrecError, match="overrides for sasrec, which is not among the compared models"):
+        compare.compare(data, out, models=["hybrid"], seeds=[0], overrides={"sasrec": ["train.lr=1e-3"]})
 
 
 def test_the_hybrid_starts_from_a_trained_sasrec_and_refuses_what_does_not_fit(tmp_path):
