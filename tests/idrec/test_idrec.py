@@ -340,6 +340,47 @@ def test_a_row_is_trained_again_when_a_run_it_took_was_trained_again(tmp_path, m
         compare.compare(data, out, models=["hybrid"], seeds=[0], overrides={"sasrec": ["train.lr=1e-3"]})
 
 
+def test_a_redo_killed_midway_is_never_read_back_and_a_named_text_source_is_no_input(tmp_path, monkeypatch):
+    """A run redone under other overrides loses its done mark before it starts: killed midway, going back to
+    the old overrides trains it again rather than reading back a directory the redo half rewrote. A hybrid
+    whose preset names its text (model.text_from) does not take the comparison's RecFormer: RecFormer
+    trained again leaves it as it is."""
+    from lmrec import compare
+
+    calls = []
+
+    def fake(name):
+        def run(data, out, seed, overrides, log, config=None):
+            calls.append(name)
+            if "train.lr=9" in overrides:
+                raise KeyboardInterrupt  # killed midway
+            (out / "model").mkdir(parents=True, exist_ok=True)
+            (out / "model" / "items.parquet").write_text(str(overrides))
+            (out / "metrics.json").write_text(json.dumps({"valid": {"ndcg@10": 0.5}}))
+            return {"ndcg@10": 0.1}
+        return run
+
+    monkeypatch.setitem(compare.RUNNERS, "recformer", fake("recformer"))
+    monkeypatch.setitem(compare.RUNNERS, "hybrid", fake("hybrid"))
+    data = synthetic_dataset(tmp_path / "data", users=20, items=10)
+    out = tmp_path / "cmp"
+    compare.compare(data, out, models=["recformer"], seeds=[0], log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        compare.compare(data, out, models=["recformer"], seeds=[0], log=lambda m: None,
+                        overrides={"recformer": ["train.lr=9"]})
+    assert not (out / "recformer" / "seed-0" / "compare_run.json").exists()
+    calls.clear()
+    compare.compare(data, out, models=["recformer"], seeds=[0], log=lambda m: None)
+    assert calls == ["recformer"]  # trained again, not read back
+    preset = tmp_path / "text.yaml"
+    preset.write_text(f"model:\n  text_from: {tmp_path / 'elsewhere'}\n")
+    kw = {"models": ["recformer", "hybrid"], "seeds": [0], "presets": {"hybrid": str(preset)}, "log": lambda m: None}
+    compare.compare(data, out, **kw)
+    calls.clear()
+    compare.compare(data, out, **kw, overrides={"recformer": ["train.lr=1e-3"]})
+    assert calls == ["recformer"]  # the hybrid's text is not the comparison's RecFormer: read back
+
+
 def test_the_hybrid_starts_from_a_trained_sasrec_and_refuses_what_does_not_fit(tmp_path):
     """model.init_from: the hybrid takes every weight of a trained SASRec (same sizes, same catalog) and only
     its text projection is new; a wrong directory or other sizes stop before the run with one message."""
