@@ -321,10 +321,10 @@ def read_spec(path: str | Path) -> dict:
 def _part(f: Path, key: str, candidates: list[Path | str], fingerprint: str | None) -> Path:
     """The first of ``candidates`` (relative to the fused model's directory, then where it was when fused) that
     is a directory holding what was fused (its ``fingerprint``, when recorded)."""
-    dirs = [Path(d).resolve() for d in candidates if Path(d).is_dir()]
-    same = [d for d in dirs if fingerprint is None or _fingerprint(d) == fingerprint]
-    if same:
-        return same[0]
+    dirs = list(dict.fromkeys(Path(d).resolve() for d in candidates if Path(d).is_dir()))  # each read once
+    found = next((d for d in dirs if fingerprint is None or _fingerprint(d) == fingerprint), None)
+    if found is not None:
+        return found
     tried = " or ".join(dict.fromkeys(str(Path(d).resolve()) for d in candidates))
     if dirs:
         raise ModelFileError(f"{f}: {key}: {' and '.join(map(str, dirs))} is not what was fused (its files differ: "
