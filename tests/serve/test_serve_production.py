@@ -64,9 +64,9 @@ def test_an_api_key_guards_adding_items_and_bad_new_ids_are_422(recformer_model,
 
 def test_content_types_limits_a_bounded_queue_and_the_deadline(recformer_model):
     model, _ = recformer_model
-    limits = Limits(max_k=5, max_history=3, max_batch_requests=2, max_queue=2, deadline_ms=1000)
+    limits = Limits(max_k=5, max_history=3, max_batch_requests=2, max_queue=2, deadline_ms=2000)
     with Server(create_app(lambda: load_backend(model, log=lambda m: None), max_batch=1, limits=limits,
-                           log=lambda m: None, batch_delay_s=0.4)) as srv:
+                           log=lambda m: None, batch_delay_s=0.85)) as srv:
         srv.wait_ready()
         body = b'{"history": ["i1"], "k": 2}'
         for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
@@ -81,7 +81,7 @@ def test_content_types_limits_a_bounded_queue_and_the_deadline(recformer_model):
             r = httpx.post(srv.url + path, json=payload)
             assert r.status_code == 422 and r.json()["field"] == field, r.text
 
-        async def burst(n, gap=0.0):  # n concurrent clients against one 0.4 s forward at a time, 2 queue places
+        async def burst(n, gap=0.0):  # n concurrent clients against one 0.85 s forward at a time, 2 queue places
             async def one(c, i):
                 await asyncio.sleep(gap * i)
                 return await c.post("/recommend", json={"history": ["i1"], "k": 2})
@@ -96,11 +96,13 @@ def test_content_types_limits_a_bounded_queue_and_the_deadline(recformer_model):
         assert all(r.headers["retry-after"] == "1" and r.json()["field"] == "queue"
                    for r in out if r.status_code == 503)
         assert time.time() - t0 < 5  # never unbounded: every client had its answer by the deadline or at once
-        time.sleep(1.5)  # let the queue drain
-        # the third of three requests 50 ms apart waits behind two 0.4 s forwards: past its 1 s deadline
+        time.sleep(2.0)  # let the queue drain
+        # the third of three requests 50 ms apart waits behind two 0.85 s forwards: past its 2 s deadline. Margins
+        # of 0.35 s (the second ends at 1.7 s, its deadline is at 2.05 s) and 0.45 s (the third would end at
+        # 2.55 s, its deadline is at 2.1 s): a 0.1 s delay on the way in flipped the third at 0.4 s / 1 s
         late = asyncio.run(burst(3, gap=0.05))
         assert [r.status_code for r in late] == [200, 200, 504], [(r.status_code, r.text) for r in late]
-        assert late[2].json()["field"] == "deadline" and "1000 ms" in late[2].json()["error"]
+        assert late[2].json()["field"] == "deadline" and "2000 ms" in late[2].json()["error"]
         time.sleep(0.5)
         meta = httpx.get(srv.url + "/metadata").json()
         assert meta["batching"]["refused"] >= 1 and meta["limits"]["max_queue"] == 2
