@@ -32,6 +32,7 @@ browser() {
 
 case "${1:-}" in
   quickstart) shift; install "[all]"; "$VENV/bin/lmrec" quickstart "$@" ;;
-  test) shift; install "[dev]"; browser; "$VENV/bin/python" -m pytest -q "$@" ;;
+  # one worker per core (pytest-xdist), a test file to each; `-n 0` after `test` runs it in one process
+  test) shift; install "[dev]"; browser; "$VENV/bin/python" -m pytest -q -n auto --dist loadfile "$@" ;;
   *) echo "usage: bash run.sh quickstart|test [args]" >&2; exit 2 ;;
 esac

@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Training commands write report.html at the end (~2 s of plotting each); the tests that check reports turn
 # it on for their run (run_cli(..., env={"LMREC_REPORT": "1"})).
 os.environ.setdefault("LMREC_REPORT", "0")
+# Under pytest-xdist (run.sh runs the suite on two workers) each worker takes one core: one thread for torch
+# in the worker and in the processes its tests start, not two workers of two threads each on two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 ITEM_TEXTS = [
     [("title", "Toy Story"), ("year", "1995"), ("genres", "Animation Children's Comedy")],
     [("title", "GoldenEye"), ("year", "1995"), ("genres", "Action Adventure Thriller")],

@@ -1,6 +1,8 @@
 """GPU tests: marked ``gpu`` and skipped without CUDA (``bash run.sh test -m gpu`` runs just them; CI has no
 GPU and skips them). They compare each CUDA path with its CPU-tested reference."""
 
+import os
+
 import pytest
 import torch
 
@@ -20,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def cuda():
     return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def one_gpu_test_at_a_time(tmp_path_factory):
+    """Under pytest-xdist (``bash run.sh test`` runs the suite on several workers, a file to each) the GPU
+    tests of different files take turns on the one device: some measure its memory, and two at once could
+    run out of it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "lmrec-gpu-tests.lock")):
+        yield

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# RecFormer, the hybrid and SASRec on MovieLens-100k (leave-one-out) with a GPU budget for RecFormer
+# (bench/gpu/recformer-gpu.yaml; the hybrid takes the same seed's RecFormer table, SASRec keeps RecBole's
+# defaults), through `lmrec compare`, on one GPU. A finished model × seed is read back, not trained again,
+# so seeds can be added over several calls on one machine:
+#   bash bench/gpu/wheels.sh                 # on a machine with network: .whl/ and .data/ml-100k-loo
+#   SEEDS=0 bash bench/gpu/compare.sh        # carry .whl and .data; then SEEDS=0,1,2 to add seeds
+#   python docs/results.py add bench/gpu/out/compare/compare.json --name compare-gpu
+# MODELS, SEEDS, DATA and OUT change what it runs; COMPARE_S (default 540) bounds its time.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-bench/gpu/out}
+DATA=${DATA:-.data/ml-100k-loo}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/site ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export LMREC_REPORT=0 LMREC_COMMIT=${LMREC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if [ ! -f "$DATA/manifest.json" ]; then
+  echo "no prepared dataset at $DATA: run bash bench/gpu/wheels.sh on a machine with network and carry .data" >&2
+  exit 2
+fi
+t0=$SECONDS
+timeout "${COMPARE_S:-540}" "$PY" -m lmrec.cli.main compare --data "$DATA" --models "${MODELS:-recformer,hybrid,sasrec}" \
+  --seeds "${SEEDS:-0,1,2}" --output-dir "$OUT/compare" --preset recformer:bench/gpu/recformer-gpu.yaml "$@" 2>&1 |
+  grep -v Warning | tee -a "$OUT/compare.log" | grep -v "batch/s"
+echo "[compare: $((SECONDS - t0)) s]"
