@@ -181,13 +181,27 @@ def _inputs(name: str, run_dir: Path, overrides: list[str], config, parts: dict 
     return {d: hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else None for d, f in done.items()}
 
 
+def _settings(name: str, overrides: list[str], config) -> str:
+    """A digest of the configuration a row's run resolves to — lmrec's defaults, the preset's contents and the
+    overrides —, so that a row finished under other defaults (another lmrec) or before its preset file was
+    edited is trained again, not read back."""
+    from lmrec.config import load_config
+    from lmrec.pipeline import GEN_COMPARE
+
+    fixed = {"generative": [] if config else GEN_COMPARE, "sasrec": ["model.arch=sasrec"],
+             "gru4rec": ["model.arch=gru4rec"], "hybrid": ["model.arch=hybrid"]}.get(name, [])
+    cfg = load_config(config, [*fixed, *overrides], schema=schemas([name])[name])
+    resolved = json.dumps(cfg.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True)
+    return hashlib.sha256(resolved.encode()).hexdigest()[:16]
+
+
 def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], config, log,
               parts: dict | None = None) -> dict:
     """One model × seed; a run that finished before with the same data, seed, preset and overrides (and, for
     the fusion, the same settings of the runs it fuses: ``parts``) is read back instead of trained again (a
     killed comparison goes on where it stopped)."""
     key = {"model": name, "data": str(Path(data).resolve()), "seed": seed, "overrides": list(overrides),
-           "config": None if config is None else str(config)}
+           "config": None if config is None else str(config), "settings": _settings(name, overrides, config)}
     if name == "fusion":
         key["parts"] = {n: [list(o), p] for n, (o, p) in sorted((parts or {}).items())}
     done = run_dir / DONE
@@ -202,6 +216,10 @@ def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], c
                     + ("" if took is not None or not INPUTS.get(name) else " (the runs it took were not recorded)"))
                 return saved["test"]
             log(f"{name} seed {seed}: {', '.join(changed)} trained again since this run took it: training again")
+        else:
+            other = [k for k in key if saved.get(k) != key[k]]
+            log(f"{name} seed {seed}: the run there had other {', '.join(other)}"
+                + (" (not recorded by the lmrec that ran it)" if "settings" not in saved else "") + ": training again")
     # the comparison owns its run directories: a run killed before it was marked done is trained again (the
     # mark goes first: a stage of it killed midway, e.g. the generative model's semantic IDs, is never read back)
     done.unlink(missing_ok=True)

@@ -289,6 +289,41 @@ def test_compare_reuses_the_same_seeds_run_and_trains_it_only_when_missing(tmp_p
     assert row == {"ndcg@10": 0.25} and calls == [("seed-3", 3)]
 
 
+def test_a_row_finished_under_other_settings_is_trained_again(tmp_path, monkeypatch):
+    """What a finished row must match includes the configuration its run resolves to (lmrec's defaults, the
+    preset's contents, the overrides): a preset file edited since, or a row marked done by an lmrec that did
+    not record it (its defaults may differ), is trained again, and the log says why."""
+    from lmrec import compare
+
+    calls = []
+
+    def fake_sasrec(data, run, seed, overrides, log, config=None):
+        calls.append(Path(config).read_text())
+        return {"ndcg@10": 0.2}
+
+    monkeypatch.setitem(compare.RUNNERS, "sasrec", fake_sasrec)
+    data = synthetic_dataset(tmp_path / "data", users=20, items=10)
+    preset, out, logs = tmp_path / "sasrec.yaml", tmp_path / "cmp", []
+    preset.write_text("train:\n  lr: 0.001\n")
+
+    def run():
+        logs.clear()
+        compare.compare(data, out, models=["sasrec"], seeds=[0], presets={"sasrec": str(preset)}, log=logs.append)
+
+    run(), run()
+    assert len(calls) == 1 and any(m.startswith("sasrec seed 0: finished before, read from") for m in logs)
+    preset.write_text("train:\n  lr: 0.002\n")  # the same file, other contents
+    run()
+    assert calls[1:] == ["train:\n  lr: 0.002\n"]
+    assert "sasrec seed 0: the run there had other settings: training again" in logs
+    done = out / "sasrec" / "seed-0" / "compare_run.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "settings"}))
+    run()
+    assert len(calls) == 3 and any("(not recorded by the lmrec that ran it)" in m for m in logs), logs
+    run()
+    assert len(calls) == 3  # marked done again, with its settings
+
+
 def test_a_row_is_trained_again_when_a_run_it_took_was_trained_again(tmp_path, monkeypatch):
     """The hybrid takes the same seed's RecFormer run: the comparison runs RecFormer first whatever the order
     given (the table keeps that order), reads both back when nothing changed, and trains the hybrid again when
