@@ -13,18 +13,24 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-bench/gpu/out}
 DATA=${DATA:-.data/ml-100k-loo}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/site ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.complete ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    touch /tmp/site/.complete
 fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+[ -f /tmp/site/.complete ] && export PYTHONPATH=/tmp/site
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export LMREC_REPORT=0 LMREC_COMMIT=${LMREC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if [ ! -f "$DATA/manifest.json" ]; then
   echo "no prepared dataset at $DATA: run bash bench/gpu/wheels.sh on a machine with network and carry .data" >&2
   exit 2
 fi
+MODELS=${MODELS:-recformer,hybrid,sasrec}
+PRESET=()
+[[ ",$MODELS," == *",recformer,"* ]] && PRESET=(--preset recformer:bench/gpu/recformer-gpu.yaml)
 t0=$SECONDS
-timeout "${COMPARE_S:-540}" "$PY" -m lmrec.cli.main compare --data "$DATA" --models "${MODELS:-recformer,hybrid,sasrec}" \
-  --seeds "${SEEDS:-0,1,2}" --output-dir "$OUT/compare" --preset recformer:bench/gpu/recformer-gpu.yaml "$@" 2>&1 |
-  grep -v Warning | tee -a "$OUT/compare.log" | grep -v "batch/s"
-echo "[compare: $((SECONDS - t0)) s]"
+timeout -k 30 "${COMPARE_S:-540}" "$PY" -m lmrec.cli.main compare --data "$DATA" --models "$MODELS" \
+  --seeds "${SEEDS:-0,1,2}" --output-dir "$OUT/compare" "${PRESET[@]}" "$@" 2>&1 |
+  tee -a "$OUT/compare.log" | grep --line-buffered -v "batch/s\|Warning"
+rc=${PIPESTATUS[0]}
+echo "[compare: $((SECONDS - t0)) s, exit $rc]"
+exit "$rc"

@@ -22,4 +22,4 @@ for name in $NAMES; do
     echo "could not get a wheel of $spec" >&2
 done
 du -sh .whl && ls .whl
-[ -f .data/ml-100k-loo/manifest.json ] || "$(dirname "$PY")/lmrec" data prepare ml-100k .data/ml-100k-loo
+[ -f .data/ml-100k-loo/manifest.json ] || "$PY" -m lmrec.cli.main data prepare ml-100k .data/ml-100k-loo

@@ -370,6 +370,14 @@ def test_a_row_is_trained_again_when_a_run_it_took_was_trained_again(tmp_path, m
     logs.clear()
     compare.compare(data, out, models=["hybrid"], seeds=[0], log=logs.append)
     assert calls == [] and any("(the runs it took were not recorded)" in m for m in logs)
+    # a RecFormer run finished under other settings (here: marked by an lmrec that recorded none) is not taken
+    # by the hybrid alone either: trained again with its own overrides, then the hybrid on it
+    done = out / "recformer" / "seed-0" / "compare_run.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "settings"}))
+    (out / "hybrid" / "seed-0" / "compare_run.json").unlink()  # the hybrid's row must run
+    calls.clear()
+    compare.compare(data, out, models=["hybrid"], seeds=[0], log=logs.append)
+    assert calls == ["recformer", ("hybrid", "['train.lr=1e-3']")], calls
     # overrides for a model the comparison does not run are refused (its run would be another row's input)
     with pytest.raises(LmrecError, match="overrides for sasrec, which is not among the compared models"):
         compare.compare(data, out, models=["hybrid"], seeds=[0], overrides={"sasrec": ["train.lr=1e-3"]})

@@ -146,6 +146,8 @@ def test_finetune_from_the_pretrained_checkpoint(corpus, tmp_path):
     line = next(ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("initialised from"))
     assert "copied" in line and "new" not in line  # every encoder tensor comes from pretraining (the MLM head
     # is the only thing left unused)
+    # pretraining's temperature (0.05) is replaced by finetuning's default (0.1), and the run says so
+    assert "model.temperature=0.1 replaces the checkpoint's 0.05" in res.stdout + res.stderr
     m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert m["test"]["users"] == 30
 

@@ -202,6 +202,16 @@ def obtain_ml100k(log=print) -> tuple[Path, str]:
     d = _ml100k_from_recbole_package()
     if d is not None:
         return d, f"installed recbole package ({d})"
+    from filelock import FileLock  # installed with transformers (through huggingface_hub)
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    # processes that prepare at once (the test suite's workers, two commands) fetch it once, in turn: the
+    # fetch replaces the cache directory, which would pull it from under another process's feet
+    with FileLock(str(cache_dir() / "ml-100k.lock")):
+        return _cached_or_fetched(log)
+
+
+def _cached_or_fetched(log) -> tuple[Path, str]:
     cached = cache_dir() / "ml-100k"
     if (cached / "ml-100k.inter").exists():
         return cached, (cached / "SOURCE").read_text().strip() if (cached / "SOURCE").exists() else str(cached)

@@ -47,6 +47,7 @@ def build_checked(backbone: Path, log=print, **kwargs):
     what was copied, derived and new."""
     model, tokenizer, report = build_recformer(backbone, **kwargs)
     _say_replaced_window(backbone, kwargs.get("attention_window"), model.config.attention_window, log)
+    _say_replaced_temperature(backbone, model.config.temperature, log)
     problems = report.problems()
     if problems:
         raise LmrecError(f"{backbone} does not initialise RecFormer completely ({', '.join(problems[:5])}"
@@ -69,6 +70,17 @@ def _say_replaced_window(backbone: Path, asked, got: list[int], log) -> None:
         theirs = own[0] if len(set(own)) == 1 else own
         log(f"model.attention_window={asked} replaces the backbone's attention window {theirs} (leave it unset to "
             "keep the backbone's)")
+
+
+def _say_replaced_temperature(backbone: Path, got: float, log) -> None:
+    """A RecFormer checkpoint (e.g. ``lmrec pretrain``'s, at 0.05) finetuned at the run's temperature (0.1 by
+    default): said, never silent."""
+    try:
+        own = json.loads((Path(backbone) / "config.json").read_text()).get("temperature")
+    except (OSError, json.JSONDecodeError):
+        return
+    if isinstance(own, (int, float)) and own != got:
+        log(f"model.temperature={got:g} replaces the checkpoint's {own:g} (set model.temperature={own:g} to keep it)")
 
 
 def backbone_or_default(m, item_text, run_dir: Path, accelerator, seed: int, log=print) -> Path:
