@@ -195,7 +195,7 @@ def _settings(name: str, overrides: list[str], config) -> str:
     fixed = {"generative": [] if config else GEN_COMPARE, "sasrec": ["model.arch=sasrec"],
              "gru4rec": ["model.arch=gru4rec"], "hybrid": ["model.arch=hybrid"]}.get(name, [])
     cfg = load_config(config, [*fixed, *overrides], schema=schemas([name])[name])
-    if hasattr(cfg.model, "resolved"):  # the ID models' layers and dropout are set by their architecture
+    if hasattr(getattr(cfg, "model", None), "resolved"):  # the ID models' layers and dropout: by architecture
         cfg = cfg.model_copy(update={"model": cfg.model.resolved()})
     resolved = json.dumps(cfg.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True)
     return hashlib.sha256(resolved.encode()).hexdigest()[:16]

@@ -71,8 +71,9 @@ class ModelConfig(_Strict):
     # linear-memory blocked kernel on long ones; sdpa; blocked; longformer = HF's kernels. Applies to a
     # saved model given as init too.
     attention_impl: AttentionImpl = "auto"
-    # softmax temperature of the user-item cosine similarity: 0.1 validated best of 0.03 / 0.05 / 0.1 in three
-    # seeds on the embedded default backbone (docs/baselines.md); RecFormer's 0.05 is in the "recformer" preset
+    # softmax temperature of the user-item cosine similarity: 0.1 validated above 0.05 and 0.2 in each of three
+    # seeds on the embedded default backbone (0.03: above in one; docs/baselines.md); RecFormer's 0.05 is in the
+    # "recformer" preset
     temperature: Rate = 0.1
     user_projection: bool = False  # a linear map on user vectors only (identity at init); off in RecFormer
     pooler_type: Literal["cls", "mean"] = "mean"  # RecFormer uses "cls" (see the "recformer" preset)
