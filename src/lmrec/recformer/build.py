@@ -46,8 +46,10 @@ def build_checked(backbone: Path, log=print, **kwargs):
     """``build_recformer`` that stops when the backbone does not initialise RecFormer completely, and logs
     what was copied, derived and new."""
     model, tokenizer, report = build_recformer(backbone, **kwargs)
-    _say_replaced_window(backbone, kwargs.get("attention_window"), model.config.attention_window, log)
-    _say_replaced_temperature(backbone, model.config.temperature, log)
+    own = _own_config(backbone)  # what the backbone or checkpoint says of itself, read once
+    _say_replaced_window(own.get("attention_window"), kwargs.get("attention_window"), model.config.attention_window,
+                         log)
+    _say_replaced_temperature(own.get("temperature"), model.config.temperature, log)
     problems = report.problems()
     if problems:
         raise LmrecError(f"{backbone} does not initialise RecFormer completely ({', '.join(problems[:5])}"
@@ -57,13 +59,17 @@ def build_checked(backbone: Path, log=print, **kwargs):
     return model, tokenizer
 
 
-def _say_replaced_window(backbone: Path, asked, got: list[int], log) -> None:
+def _own_config(backbone: Path) -> dict:
+    try:
+        own = json.loads((Path(backbone) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return own if isinstance(own, dict) else {}
+
+
+def _say_replaced_window(own, asked, got: list[int], log) -> None:
     """A window the config set explicitly, where the backbone has its own: said, never silent."""
     if asked is None:
-        return
-    try:
-        own = json.loads((Path(backbone) / "config.json").read_text()).get("attention_window")
-    except (OSError, json.JSONDecodeError):
         return
     own = [own] * len(got) if isinstance(own, int) else own
     if own and list(own) != list(got):
@@ -72,13 +78,9 @@ def _say_replaced_window(backbone: Path, asked, got: list[int], log) -> None:
             "keep the backbone's)")
 
 
-def _say_replaced_temperature(backbone: Path, got: float, log) -> None:
+def _say_replaced_temperature(own, got: float, log) -> None:
     """A RecFormer checkpoint (e.g. ``lmrec pretrain``'s, at 0.05) finetuned at the run's temperature (0.1 by
     default): said, never silent."""
-    try:
-        own = json.loads((Path(backbone) / "config.json").read_text()).get("temperature")
-    except (OSError, json.JSONDecodeError):
-        return
     if isinstance(own, (int, float)) and own != got:
         log(f"model.temperature={got:g} replaces the checkpoint's {own:g} (set model.temperature={own:g} to keep it)")
 
