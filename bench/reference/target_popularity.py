@@ -1,0 +1,80 @@
+"""Where does one model win and the other lose: NDCG@10 by how popular the target item is (docs/baselines.md).
+
+Two saved recommenders of one comparison seed (e.g. RecFormer and SASRec), scored on the validation and the
+test pairs of the comparison's protocol (full ranking over the catalog, no history excluded), the users split
+into four groups of about equal size by their target's number of training interactions (quartiles, per
+split). A row also gives the mean training count of the items each model puts in its top 10: a model that
+ranks by popularity more than the other shows it there.
+
+    python bench/reference/target_popularity.py DATA MODEL_A MODEL_B [--record OUT.json]
+(e.g. RUNS/recformer/seed-0/model RUNS/sasrec/seed-0/model of `lmrec compare`; any saved recommender works.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from lmrec.api import load_recommender, model_label  # noqa: E402
+from lmrec.data.dataset import Examples, PreparedDataset  # noqa: E402
+from lmrec.eval.evaluator import evaluate  # noqa: E402
+from lmrec.provenance import Table, write_record  # noqa: E402
+
+
+def groups(ex: Examples, counts: np.ndarray) -> dict[str, Examples]:
+    """The whole split and its four quartiles of the target's training count (ties kept in the lower one)."""
+    c = counts[ex.targets]
+    edges = np.quantile(c, [0.25, 0.5, 0.75])
+    which = np.searchsorted(edges, c, side="left")
+    out = {"all targets": ex}
+    for g in range(4):
+        keep = np.flatnonzero(which == g)
+        lo, hi = c[keep].min(), c[keep].max()
+        out[f"quartile {g + 1}: target seen {lo}–{hi} times"] = Examples(
+            ex.users[keep], [ex.histories[i] for i in keep], ex.targets[keep])
+    return out
+
+
+def top10_count(rec, ex: Examples, counts: np.ndarray) -> float:
+    """The mean training count of the items in the model's top 10, over the users of ``ex``."""
+    found = [rec.top_k(ex.histories[s:s + 256], 10, exclude_history=False)[1].cpu().numpy()
+             for s in range(0, len(ex), 256)]
+    return float(counts[np.concatenate(found)].mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", type=Path)
+    ap.add_argument("model_a", type=Path)
+    ap.add_argument("model_b", type=Path)
+    ap.add_argument("--record", type=Path)
+    args = ap.parse_args()
+    ds = PreparedDataset(args.data)
+    counts = np.bincount(np.concatenate([*ds.train, np.zeros(0, np.int64)]), minlength=ds.num_items)
+    models = (args.model_a, args.model_b)
+    recs = [load_recommender(m, device="cpu").ready_for(ds.item_ids, ds.item_text) for m in models]
+    names = [model_label(m) for m in models]
+    rows = []
+    for split in ("valid", "test"):
+        for label, ex in groups(ds.examples(split), counts).items():
+            a, b = (evaluate(r.rank_fn(), ex, ks=[10])["ndcg@10"] for r in recs)
+            pa, pb = (top10_count(r, ex, counts) for r in recs)
+            rows.append([split, label, str(len(ex)), f"{a:.4f}", f"{b:.4f}", f"{a / b:.2f}" if b else "—",
+                         f"{pa:.0f}", f"{pb:.0f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    if args.record:
+        write_record(args.record, Table(
+            title="NDCG@10 by the target's training count (full ranking)",
+            columns=["split", "targets", "users", names[0], names[1], f"{names[0]} / {names[1]}",
+                     f"{names[0]}: top-10 items' mean count", f"{names[1]}: top-10 items' mean count"],
+            rows=rows, note=f"models {args.model_a} and {args.model_b}; no history excluded; quartiles of "
+                            "the target's number of training interactions, per split"))
+
+
+if __name__ == "__main__":
+    main()
