@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmrec.provenance import Table, write_record
@@ -122,3 +123,29 @@ def test_the_commit_is_dirty_when_the_package_or_a_benchmark_changed(tmp_path, m
     shutil.rmtree(tmp_path / ".git")
     monkeypatch.setenv("LMREC_COMMIT", "abc1234")
     assert prov._commit() == "abc1234"
+
+
+def test_the_target_popularity_groups_are_the_split_cut_at_its_quartiles():
+    """bench/reference/target_popularity.py: the four groups hold every user of the split once, each its
+    quarter of the targets' training counts (ties kept together), in ascending order."""
+    spec = importlib.util.spec_from_file_location("target_popularity",
+                                                  ROOT / "bench" / "reference" / "target_popularity.py")
+    tp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp)
+    from lmrec.data.dataset import Examples
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 50, size=40)
+    targets = rng.integers(0, 40, size=200)
+    ex = Examples(np.arange(200), [np.array([i % 40]) for i in range(200)], targets)
+    groups = list(tp.groups(ex, counts).values())
+    assert groups[0] is ex and len(groups) == 5
+    users = np.concatenate([g.users for g in groups[1:]])
+    assert sorted(users.tolist()) == list(range(200))
+    for g in groups[1:]:
+        assert all(ex.targets[u] == t and ex.histories[u][0] == h[0]
+                   for u, t, h in zip(g.users, g.targets, g.histories, strict=True))
+    c = [counts[g.targets] for g in groups[1:]]
+    assert all(a.max() < b.min() for a, b in zip(c, c[1:]))  # disjoint ranges, ascending
+    edges = np.quantile(counts[targets], [0.25, 0.5, 0.75])
+    assert all(len(g) > 0 for g in groups[1:]) and c[0].max() <= edges[0] < c[1].min()

@@ -34,6 +34,8 @@ def groups(ex: Examples, counts: np.ndarray) -> dict[str, Examples]:
     out = {"all targets": ex}
     for g in range(4):
         keep = np.flatnonzero(which == g)
+        if not len(keep):  # quartiles that coincide (many ties): the group is in the one below
+            continue
         lo, hi = c[keep].min(), c[keep].max()
         out[f"quartile {g + 1}: target seen {lo}–{hi} times"] = Examples(
             ex.users[keep], [ex.histories[i] for i in keep], ex.targets[keep])
