@@ -122,11 +122,14 @@ class _PoisonedPaths(torch.nn.Module):
     """A causal LM whose next-token log-probabilities are NaN after one token: the paths through it diverged."""
 
     def __init__(self, model, poison: int):
+        from lmrec.generative.beam import _cache_argument
+
         super().__init__()
         self.model, self.poison, self.config = model, poison, model.config
+        self.cache_kw = _cache_argument(model)  # the wrapped model's keyword: past_key_values before 5.2x
 
-    def forward(self, input_ids, cache=None, **kw):  # `cache` named, as the model's: beam search reads the signature
-        out = self.model(input_ids=input_ids, **kw, **({"cache": cache} if cache is not None else {}))
+    def forward(self, input_ids, cache=None, **kw):  # `cache` named: beam search reads the signature
+        out = self.model(input_ids=input_ids, **kw, **({self.cache_kw: cache} if cache is not None else {}))
         hit = (input_ids == self.poison)[..., -out.logits.shape[1]:]
         out.logits = out.logits.masked_fill(hit[..., None], float("nan"))
         return out
