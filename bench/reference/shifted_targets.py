@@ -14,15 +14,15 @@ histories, the difference lies in which items are the targets.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmrec.api import load_recommender, model_label  # noqa: E402
+from pair import two_models  # noqa: E402
+
 from lmrec.data.dataset import Examples, PreparedDataset  # noqa: E402
 from lmrec.eval.evaluator import evaluate  # noqa: E402
 from lmrec.provenance import Table, write_record  # noqa: E402
@@ -42,16 +42,7 @@ def cases(ds: PreparedDataset) -> dict[str, Examples]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("data", type=Path)
-    ap.add_argument("model_a", type=Path)
-    ap.add_argument("model_b", type=Path)
-    ap.add_argument("--record", type=Path)
-    args = ap.parse_args()
-    ds = PreparedDataset(args.data)
-    models = (args.model_a, args.model_b)
-    recs = [load_recommender(m, device="cpu").ready_for(ds.item_ids, ds.item_text) for m in models]
-    names = [model_label(m) for m in models]
+    args, ds, recs, names = two_models(__doc__.splitlines()[0])
     rows, sets = [], cases(ds)
     for label, ex in sets.items():
         a, b = (evaluate(r.rank_fn(), ex, ks=[10])["ndcg@10"] for r in recs)

@@ -12,16 +12,16 @@ ranks by popularity more than the other shows it there.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmrec.api import load_recommender, model_label  # noqa: E402
-from lmrec.data.dataset import Examples, PreparedDataset  # noqa: E402
+from pair import two_models  # noqa: E402
+
+from lmrec.data.dataset import Examples  # noqa: E402
 from lmrec.eval.evaluator import evaluate  # noqa: E402
 from lmrec.provenance import Table, write_record  # noqa: E402
 
@@ -50,17 +50,8 @@ def top10_count(rec, ex: Examples, counts: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("data", type=Path)
-    ap.add_argument("model_a", type=Path)
-    ap.add_argument("model_b", type=Path)
-    ap.add_argument("--record", type=Path)
-    args = ap.parse_args()
-    ds = PreparedDataset(args.data)
+    args, ds, recs, names = two_models(__doc__.splitlines()[0])
     counts = np.bincount(np.concatenate([*ds.train, np.zeros(0, np.int64)]), minlength=ds.num_items)
-    models = (args.model_a, args.model_b)
-    recs = [load_recommender(m, device="cpu").ready_for(ds.item_ids, ds.item_text) for m in models]
-    names = [model_label(m) for m in models]
     rows = []
     for split in ("valid", "test"):
         for label, ex in groups(ds.examples(split), counts).items():
