@@ -95,8 +95,9 @@ def test_a_file_that_is_not_an_output_is_named_with_what_was_expected(tmp_path, 
 
 
 def test_the_commit_is_dirty_when_the_package_or_a_benchmark_changed(tmp_path, monkeypatch):
-    """A record's commit says ``+dirty`` when ``src/lmrec`` or ``bench/`` differ from it (not for other files),
-    and ``$LMREC_COMMIT`` names the commit of a copy without ``.git``."""
+    """A record's commit says ``+dirty`` when ``src/lmrec`` or ``bench/`` differ from it or hold a Python file it
+    lacks (not for other files, nor a benchmark's output), and ``$LMREC_COMMIT`` names the commit of a copy
+    without ``.git``."""
     import shutil
 
     def git(*args, cwd=tmp_path):
@@ -118,6 +119,12 @@ def test_the_commit_is_dirty_when_the_package_or_a_benchmark_changed(tmp_path, m
     assert clean and not clean.endswith("+dirty")
     (tmp_path / "README.md").write_text("y\n")  # not the code that measures
     assert prov._commit() == clean
+    (tmp_path / "bench" / "out.json").write_text("{}\n")  # a benchmark's output, not its code
+    assert prov._commit() == clean
+    (tmp_path / "bench" / "reference").mkdir()
+    (tmp_path / "bench" / "reference" / "new_x.py").write_text("print(3)\n")  # a script not yet committed
+    assert prov._commit() == clean + "+dirty"
+    (tmp_path / "bench" / "reference" / "new_x.py").unlink()
     (tmp_path / "bench" / "bench_x.py").write_text("print(2)\n")
     assert prov._commit() == clean + "+dirty"
     shutil.rmtree(tmp_path / ".git")
@@ -149,3 +156,8 @@ def test_the_target_popularity_groups_are_the_split_cut_at_its_quartiles():
     assert all(a.max() < b.min() for a, b in zip(c, c[1:]))  # disjoint ranges, ascending
     edges = np.quantile(counts[targets], [0.25, 0.5, 0.75])
     assert all(len(g) > 0 for g in groups[1:]) and c[0].max() <= edges[0] < c[1].min()
+    assert all(e1 < c1.min() and c1.max() <= e2 for e1, e2, c1 in zip(edges, [*edges[1:], np.inf], c[1:]))
+    tied = Examples(np.arange(200), ex.histories, np.where(np.arange(200) < 180, 0, 1))  # 90 % one count
+    counts = np.array([5, 9])
+    parts = list(tp.groups(tied, counts).items())[1:]  # coinciding quartiles: no empty group
+    assert [len(g) for _, g in parts] == [180, 20] and parts[1][0].startswith("quartile 4: target seen 9–9")

@@ -1,10 +1,11 @@
 """Where does one model win and the other lose: NDCG@10 by how popular the target item is (docs/baselines.md).
 
-Two saved recommenders of one comparison seed (e.g. RecFormer and SASRec), scored on the validation and the
-test pairs of the comparison's protocol (full ranking over the catalog, no history excluded), the users split
-into four groups of about equal size by their target's number of training interactions (quartiles, per
-split). A row also gives the mean training count of the items each model puts in its top 10: a model that
-ranks by popularity more than the other shows it there.
+Two saved recommenders of one comparison seed (e.g. RecFormer and SASRec), scored on the validation and the test
+pairs of the comparison's protocol (full ranking over the catalog, no history excluded), the users split into
+four groups of about equal size by their target's number of training interactions (quartiles, per split; where
+many targets share a count the quartile edges can coincide, and a group that is left empty is dropped — the
+others keep their numbers). A row also gives the mean training count of the items each model puts in its top 10:
+a model that ranks by popularity more than the other shows it there.
 
     python bench/reference/target_popularity.py DATA MODEL_A MODEL_B [--record OUT.json]
 (e.g. RUNS/recformer/seed-0/model RUNS/sasrec/seed-0/model of `lmrec compare`; any saved recommender works.)
@@ -28,6 +29,8 @@ from lmrec.provenance import Table, write_record  # noqa: E402
 
 def groups(ex: Examples, counts: np.ndarray) -> dict[str, Examples]:
     """The whole split and its four quartiles of the target's training count (ties kept in the lower one)."""
+    if not len(ex):
+        raise SystemExit("the split has no users")
     c = counts[ex.targets]
     edges = np.quantile(c, [0.25, 0.5, 0.75])
     which = np.searchsorted(edges, c, side="left")
@@ -44,14 +47,14 @@ def groups(ex: Examples, counts: np.ndarray) -> dict[str, Examples]:
 
 def top10_count(rec, ex: Examples, counts: np.ndarray) -> float:
     """The mean training count of the items in the model's top 10, over the users of ``ex``."""
-    found = [rec.top_k(ex.histories[s:s + 256], 10, exclude_history=False)[1].cpu().numpy()
-             for s in range(0, len(ex), 256)]
-    return float(counts[np.concatenate(found)].mean())
+    found = np.concatenate([rec.top_k(ex.histories[s:s + 256], 10, exclude_history=False)[1].cpu().numpy()
+                            for s in range(0, len(ex), 256)])
+    return float(counts[found[found >= 0]].mean())  # -1: no item there (fewer than 10 with a finite score)
 
 
 def main() -> None:
     args, ds, recs, names = two_models(__doc__.splitlines()[0])
-    counts = np.bincount(np.concatenate([*ds.train, np.zeros(0, np.int64)]), minlength=ds.num_items)
+    counts = ds.train_item_counts()
     rows = []
     for split in ("valid", "test"):
         for label, ex in groups(ds.examples(split), counts).items():

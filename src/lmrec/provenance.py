@@ -106,9 +106,9 @@ def _cpu_model() -> str | None:
 
 
 def _commit() -> str | None:
-    """The git commit of the lmrec source that runs, with ``+dirty`` when it (or ``bench/``) has uncommitted
-    changes; None outside a git checkout (an installed wheel), unless ``$LMREC_COMMIT`` names it (a copy of a
-    checkout without its ``.git``, as on a benchmark machine)."""
+    """The git commit of the lmrec source that runs, with ``+dirty`` when it (or ``bench/``) has uncommitted changes
+    or Python files git does not track; None outside a git checkout (an installed wheel), unless
+    ``$LMREC_COMMIT`` names it (a copy of a checkout without its ``.git``, as on a benchmark machine)."""
     src = Path(__file__).resolve().parent
     given = os.environ.get("LMREC_COMMIT") or None
     try:
@@ -118,8 +118,10 @@ def _commit() -> str | None:
             return given
         # the package and, in a checkout, the benchmarks beside it (a record's figures come from both)
         paths = ["."] + (["../../bench"] if (src.parents[1] / "bench").is_dir() else [])
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=src,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *paths], cwd=src,
+                                capture_output=True, text=True, timeout=5).stdout.splitlines()
+        # a changed file, or a new Python file (a script not yet committed); not a benchmark's untracked output
+        dirty = [line for line in status if not line.startswith("??") or line.endswith(".py")]
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return given
