@@ -45,11 +45,19 @@ def groups(ex: Examples, counts: np.ndarray) -> dict[str, Examples]:
     return out
 
 
-def top10_count(rec, ex: Examples, counts: np.ndarray) -> float:
-    """The mean training count of the items in the model's top 10, over the users of ``ex``."""
+def top10(rec, ex: Examples, num_users: int) -> np.ndarray:
+    """(users of the dataset, 10): each user's top 10 item indices (-1: none there, fewer than 10 with a finite
+    score), for the users of ``ex`` — once per split; each group reads its users' rows."""
     found = np.concatenate([rec.top_k(ex.histories[s:s + 256], 10, exclude_history=False)[1].cpu().numpy()
                             for s in range(0, len(ex), 256)])
-    return float(counts[found[found >= 0]].mean())  # -1: no item there (fewer than 10 with a finite score)
+    out = np.full((num_users, 10), -1, dtype=np.int64)
+    out[ex.users] = found
+    return out
+
+
+def mean_count(found: np.ndarray, counts: np.ndarray) -> float:
+    """The mean training count of the items in ``found`` (-1 skipped)."""
+    return float(counts[found[found >= 0]].mean())
 
 
 def main() -> None:
@@ -57,9 +65,11 @@ def main() -> None:
     counts = ds.train_item_counts()
     rows = []
     for split in ("valid", "test"):
-        for label, ex in groups(ds.examples(split), counts).items():
+        examples = ds.examples(split)
+        tops = [top10(r, examples, ds.num_users) for r in recs]
+        for label, ex in groups(examples, counts).items():
             a, b = (evaluate(r.rank_fn(), ex, ks=[10])["ndcg@10"] for r in recs)
-            pa, pb = (top10_count(r, ex, counts) for r in recs)
+            pa, pb = (mean_count(t[ex.users], counts) for t in tops)
             rows.append([split, label, str(len(ex)), f"{a:.4f}", f"{b:.4f}", f"{a / b:.2f}" if b else "—",
                          f"{pa:.0f}", f"{pb:.0f}"])
             print(" | ".join(rows[-1]), flush=True)
