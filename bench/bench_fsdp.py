@@ -110,7 +110,8 @@ def main() -> None:
         res = {}
         for mode in ("ddp", "fsdp"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
-                   __file__, "--worker", mode, str(Path(tmp, "model")), str(a.steps), str(a.tokens), tmp]
+                   f"--log-dir={Path(tmp, 'logs')}", __file__, "--worker", mode,
+                   str(Path(tmp, "model")), str(a.steps), str(a.tokens), tmp]
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
             res[mode] = [json.loads(Path(tmp, f"{mode}-{r}.json").read_text()) for r in range(2)]
             for r, m in enumerate(res[mode]):

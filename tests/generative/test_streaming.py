@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -128,10 +127,9 @@ def test_sigkill_mid_stream_then_resume_gives_identical_weights(corpus, stream_r
 
 def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
     worker = Path(__file__).with_name("stream_worker.py")
-    from tests.training.test_launch import _free_port
+    from tests.training.test_launch import torchrun
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(worker), str(corpus / "data_config.json"), str(tmp_path)]
+    cmd = [*torchrun(tmp_path / "logs"), str(worker), str(corpus / "data_config.json"), str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -141,10 +139,10 @@ def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
 
 
 def torchrun(run: Path, *args) -> subprocess.CompletedProcess:
-    from tests.training.test_launch import _free_port
+    from tests.training.test_launch import torchrun
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "lmrec.cli.main", "gen", "train", "--output-dir", str(run), *map(str, args)]
+    cmd = [*torchrun(run.parent / "logs"), "-m", "lmrec.cli.main", "gen", "train", "--output-dir", str(run),
+           *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
@@ -292,14 +290,14 @@ def test_stage1_sharded_under_torchrun_in_bf16_keeps_every_old_row(corpus, tmp_p
     from transformers import AutoConfig
 
     from lmrec.generative.vocab import read_meta
-    from tests.training.test_launch import _free_port
+    from tests.training.test_launch import torchrun
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m",
-           "lmrec.cli.main", "gen", "train", "--stage", "1", "--model", str(corpus / "model"), "--data-config",
-           str(corpus / "data_config.json"), "--output-dir", str(run), *STREAM, "train.max_steps=3",
-           "train.fsdp=true", "train.mixed_precision=bf16", "train.activation_checkpointing=true",
-           "train.loss_chunk_tokens=32", "train.weight_decay=0.1", "train.save_steps=2"]
+    cmd = [*torchrun(tmp_path / "logs"), "-m", "lmrec.cli.main", "gen", "train", "--stage", "1", "--model",
+           str(corpus / "model"), "--data-config", str(corpus / "data_config.json"), "--output-dir", str(run),
+           *STREAM, "train.max_steps=3", "train.fsdp=true", "train.mixed_precision=bf16",
+           "train.activation_checkpointing=true", "train.loss_chunk_tokens=32", "train.weight_decay=0.1",
+           "train.save_steps=2"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr

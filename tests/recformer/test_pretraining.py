@@ -13,7 +13,7 @@ from tests.builders import build_longformer_zh, jieba_chars
 from tests.conftest import run_cli
 from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
 from tests.training.test_distributed import synthetic_dataset
-from tests.training.test_launch import _free_port
+from tests.training.test_launch import torchrun
 
 
 def chinese_corpus(path, n_docs: int, seed: int):
@@ -169,14 +169,13 @@ def test_two_process_pretraining_trains_complete_distinct_batches(tmp_path, tiny
     mixed sizes, and pairs trained twice). Now each step is one complete batch per process, none twice."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     data = synthetic_dataset(tmp_path / "data")  # 40 users: 40 pairs per epoch
     out = tmp_path / "batches"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(Path(__file__).with_name("pretrain_batches_worker.py")), str(data), str(out),
+    cmd = [*torchrun(tmp_path / "logs"), str(Path(__file__).with_name("pretrain_batches_worker.py")), str(data),
+           str(out),
            f"output_dir={tmp_path / 'run'}", f"model.backbone={tiny_backbone}", "model.max_token_num=64",
            "train.batch_size=6", "train.epochs=1", "eval.batch_size=8", "data.valid_users=8"]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)

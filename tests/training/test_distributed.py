@@ -3,12 +3,11 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from lmrec.data.prepare import prepare
 from lmrec.data.readers import RawData
-from tests.training.test_launch import _free_port
+from tests.training.test_launch import torchrun
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -36,8 +35,7 @@ def test_two_processes_end_with_the_same_model(tmp_path, tiny_backbone):
     overrides = [f"model.backbone={tiny_backbone}", "model.max_token_num=64", "train.stage1_epochs=2",
                  "train.stage2_epochs=1", "train.batch_size=4", "eval.batch_size=8", "train.item_grad=batch"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(WORKER), str(data), str(out), *overrides]
+    cmd = [*torchrun(tmp_path / "logs"), str(WORKER), str(data), str(out), *overrides]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     hashes = {p.name: p.read_text() for p in out.glob("rank*-of-2.sha256")}
@@ -52,8 +50,8 @@ def test_contrastive_gather_equals_single_process(tmp_path, tiny_backbone):
     """2 processes × 4 pairs with items gathered across ranks == 1 process × 8 pairs: same loss, and the
     DDP gradient equals the single-process one (the gathered copies send their gradients back)."""
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(Path(__file__).with_name("contrastive_worker.py")), str(tiny_backbone), str(out)]
+    cmd = [*torchrun(tmp_path / "logs"), str(Path(__file__).with_name("contrastive_worker.py")), str(tiny_backbone),
+           str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -12,15 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.test_launch import _free_port
+from tests.training.test_launch import torchrun
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
 def _run(model: Path, out: Path, processes: int, resume: Path | None = None, shard_size: int | None = None) -> dict:
     """Weights and history after 2 epochs of 4 micro-batches: 2 processes × 1, or 1 process × 2 accumulated."""
-    launch = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    launch = [sys.executable] if processes == 1 else torchrun(out.parent / f"{out.name}-logs")
     args = [str(model), str(out), str(3 - processes), str(resume or ""), str(shard_size or "")]
     res = subprocess.run([*launch, str(WORKER), *args], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -32,6 +32,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(log_dir: Path, *flags: str) -> list[str]:
+    """``python -m torch.distributed.run`` with its logs under ``log_dir`` (a test's own folder: without
+    --log-dir every launch leaves a torchelastic_* folder in the system's temporary directory for good) and
+    ``flags``, by default two processes on a free port."""
+    flags = flags or ("--nproc_per_node=2", f"--master_port={_free_port()}")
+    return [sys.executable, "-m", "torch.distributed.run", f"--log-dir={log_dir}", *flags]
+
+
 def _wait_all(procs, timeout):
     """stderr of every process; none outlives the test (a stuck peer would hold its port for the next one)."""
     try:
@@ -61,12 +69,14 @@ def test_processes_started_as_mpirun_starts_them_form_one_group(tmp_path):
 def test_torchrun_with_two_nodes_on_one_machine(tmp_path):
     """Two torchrun launches, one per "node" (--nnodes 2, --node-rank 0/1, a c10d rendezvous endpoint)."""
     endpoint, run_id = f"127.0.0.1:{_free_port()}", uuid.uuid4().hex
-    cmd = lambda node: [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",  # noqa: E731
-                        "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-                        f"--rdzv-id={run_id}", str(HERE / "mpi_worker.py"), str(tmp_path)]
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = lambda node: [*torchrun(tmp_path / f"logs-{node}", "--nnodes=2", f"--node-rank={node}",  # noqa: E731
+                                  "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                                  f"--rdzv-id={run_id}"), str(HERE / "mpi_worker.py"), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd(n), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for n in (0, 1)]
     errors = _wait_all(procs, 180)
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for e in errors]
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"rank0-of-2.txt": "3.0", "rank1-of-2.txt": "3.0"}
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"rank0-of-2.txt": "3.0", "rank1-of-2.txt": "3.0"}
