@@ -161,31 +161,3 @@ def test_the_target_popularity_groups_are_the_split_cut_at_its_quartiles():
     counts = np.array([5, 9])
     parts = list(tp.groups(tied, counts).items())[1:]  # coinciding quartiles: no empty group
     assert [len(g) for _, g in parts] == [180, 20] and parts[1][0].startswith("quartile 4: target seen 9–9")
-
-
-def test_the_paired_comparison_takes_the_user_as_its_unit():
-    """bench/reference/paired.py: each user's NDCG@10 is the evaluator's, and the difference's standard error
-    is that of the users' seed-averaged differences (the seeds share the users and targets of the split)."""
-    spec = importlib.util.spec_from_file_location("paired", ROOT / "bench" / "reference" / "paired.py")
-    pr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pr)
-    from lmrec.eval.metrics import ndcg_at_k
-
-    rng = np.random.default_rng(0)
-    ranks = rng.integers(0, 30, size=(6, 500)) + rng.choice([0.0, 0.5], size=(6, 500))  # ties: half ranks
-    g = np.stack([pr.gains(r) for r in ranks])
-    assert np.allclose(g.mean(axis=1), [ndcg_at_k(r, 10) for r in ranks])
-    assert (g[ranks >= 10] == 0).all() and np.allclose(g[ranks == 0], 1.0)
-    a, b = g[0::2], g[1::2]
-    r = pr.paired(a, b)
-    per_user = [sum(a[s, u] - b[s, u] for s in range(3)) / 3 for u in range(500)]
-    mean = sum(per_user) / 500
-    se = (sum((x - mean) ** 2 for x in per_user) / 499 / 500) ** 0.5
-    assert r["diff"] == pytest.approx(a.mean() - b.mean()) == pytest.approx(mean)
-    assert r["se"] == pytest.approx(se) and r["low"] == pytest.approx(mean - 1.96 * se)
-    assert r["per_seed"] == pytest.approx([a[s].mean() - b[s].mean() for s in range(3)])
-    same = pr.paired(a, a)
-    assert same["diff"] == same["se"] == same["low"] == same["high"] == 0
-    # one seed's differences repeated three times: the users are still 500, the error that of one seed
-    one = pr.paired(a[:1], b[:1])["se"]
-    assert pr.paired(np.repeat(a[:1], 3, 0), np.repeat(b[:1], 3, 0))["se"] == pytest.approx(one)

@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from lmrec.eval.metrics import ndcg_at_k
 from tests.conftest import TINY, run_cli
 
 
@@ -16,6 +18,8 @@ def test_finetune_writes_model_metrics_and_logs(trained):
     assert metrics["test"]["users"] == 943
     assert abs(metrics["baselines"]["random"]["recall@10"] - 10 / 1682) < 1e-12  # expected, all items ranked
     assert "test_new_items" not in metrics  # a leave-one-out split: no new-item protocol
+    ranks = np.load(run / "test_ranks.npz")  # each test user's rank: what `lmrec compare` pairs models with
+    assert len(ranks["users"]) == 943 and ndcg_at_k(ranks["ranks"], 10) == pytest.approx(metrics["test"]["ndcg@10"])
     assert (run / "model" / "item_table.safetensors").exists() and (run / "run_config.yaml").exists()
     assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
     console = (run / "train.log").read_text()  # the console output, kept in the run directory

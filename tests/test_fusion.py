@@ -424,6 +424,15 @@ def test_the_comparisons_fusion_row_fuses_its_own_runs_of_both_models(shop, two_
     saved = json.loads((tmp_path / "cmp" / "fusion" / "seed-0" / "metrics.json").read_text())
     assert row["per_seed"] == [saved["test"]] and saved["parts"]["generative"].endswith("generative/seed-0")
     assert json.loads((tmp_path / "cmp" / "fusion" / "seed-0" / "model" / "fusion.json").read_text())["beams"] == 10
+    # each run's test ranks give its recorded figure; the fusion's NDCG@10 is paired with SASRec's (a run here)
+    from lmrec.eval.metrics import ndcg_at_k
+
+    runs = {"fusion": "fusion/seed-0", "sasrec": "sasrec/seed-0", "generative": "generative/seed-0/stage2"}
+    ndcg = {n: ndcg_at_k(np.load(tmp_path / "cmp" / d / "test_ranks.npz")["ranks"], 10) for n, d in runs.items()}
+    assert ndcg == pytest.approx({"fusion": saved["test"]["ndcg@10"], "sasrec": sas.metrics["test"]["ndcg@10"],
+                                  "generative": gen.metrics["test"]["ndcg@10"]})
+    assert result["paired"]["reference"] == "sasrec"
+    assert result["paired"]["models"]["fusion"]["diff"] == pytest.approx(ndcg["fusion"] - ndcg["sasrec"])
     compare.compare(shop / "data", tmp_path / "cmp", **kw)  # everything read back: nothing trained again
     assert len(calls) == 2
     with pytest.raises(LmrecError, match="exclude_history"):

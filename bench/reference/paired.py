@@ -3,10 +3,11 @@
 Saved recommenders of one or more comparison seeds, A and B of each seed scored on the same users and targets
 (the comparison's protocol: full ranking over the catalog, no history excluded). Each user's NDCG@10 under A
 minus under B, averaged over the seeds (leave-one-out gives every seed the same users and targets, so the seeds
-are not independent samples: the user is the unit), then its mean over the users with a standard error and
-a 95 % interval (normal approximation: hundreds of users). An interval that holds 0 is a difference the
-split's users cannot tell from chance; a rule that adopts a setting only when it validates better in every
-seed still adopts such differences one time in eight.
+are not independent samples: the user is the unit), then its mean over the users with a standard error and a
+95 % interval (normal approximation: hundreds of users; ``lmrec.eval.metrics.paired_difference``, which
+``lmrec compare`` reports against SASRec from the ranks its runs wrote; this script scores saved models again,
+on either split). An interval that holds 0 is a difference the split's users cannot tell from chance; a rule
+that adopts a setting when it validates better in every seed adopts such a difference about one time in eight.
 
     python bench/reference/paired.py DATA A_SEED0 B_SEED0 [A_SEED1 B_SEED1 ...] [--split valid] [--record OUT]
 (e.g. RUNS/hybrid/seed-0/model RUNS/sasrec/seed-0/model ... of `lmrec compare`; any saved recommenders work.)
@@ -25,22 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from lmrec.api import load_recommender, model_label  # noqa: E402
 from lmrec.data.dataset import PreparedDataset  # noqa: E402
 from lmrec.eval.evaluator import evaluate  # noqa: E402
+from lmrec.eval.metrics import ndcg_per_user, paired_difference  # noqa: E402
 from lmrec.provenance import Table, write_record  # noqa: E402
-
-
-def gains(ranks: np.ndarray, k: int = 10) -> np.ndarray:
-    """Each user's NDCG@k from the 0-based rank of their one target (the evaluator's ``ndcg_at_k`` per user)."""
-    return np.where(ranks < k, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0)
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> dict:
-    """(seeds, users) NDCG@10 of A and B → means, the mean difference over the users of the seed-averaged
-    per-user difference, its standard error and 95 % interval."""
-    d = (a - b).mean(axis=0)
-    se = float(d.std(ddof=1) / np.sqrt(len(d)))
-    mean = float(d.mean())
-    return {"a": float(a.mean()), "b": float(b.mean()), "diff": mean, "se": se,
-            "low": mean - 1.96 * se, "high": mean + 1.96 * se, "per_seed": (a - b).mean(axis=1).tolist()}
 
 
 def main() -> None:
@@ -58,11 +45,12 @@ def main() -> None:
     for path in args.models:
         rec = load_recommender(path, device="cpu").ready_for(ds.item_ids, ds.item_text)
         for s in splits:
-            scores[s].append(gains(evaluate(rec.rank_fn(), ds.examples(s), ks=[10], return_ranks=True)[1]))
+            ranks = evaluate(rec.rank_fn(), ds.examples(s), ks=[10], return_ranks=True)[1]
+            scores[s].append(ndcg_per_user(ranks, 10))
     rows = []
     for s in splits:
         g = np.stack(scores[s])
-        r = paired(g[0::2], g[1::2])
+        r = paired_difference(g[0::2], g[1::2])
         rows.append([s, str(g.shape[1]), str(len(args.models) // 2), f"{r['a']:.4f}", f"{r['b']:.4f}",
                      f"{r['diff']:+.4f}", f"{r['se']:.4f}", f"[{r['low']:+.4f}, {r['high']:+.4f}]",
                      " ".join(f"{x:+.4f}" for x in r["per_seed"])])

@@ -3,7 +3,8 @@ deviation next to popularity and the random expectation (above both families and
 may run any of them).
 
 Every run is an ordinary run directory (``OUT/<model>/seed-<s>``); the summary is ``OUT/compare.json``
-(per model: the seeds, each seed's test metrics, their mean and sample standard deviation).
+(per model: the seeds, each seed's test metrics, their mean and sample standard deviation; under ``paired``
+each model's NDCG@10 minus a reference run's over the test users, read from the ranks the runs wrote).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
     overrides and presets (``parts``: name → (overrides, preset), :func:`fused_parts`), trained first when
     missing — fused per user with the ID model, rule and weight that validate best (:mod:`lmrec.fusion`)."""
     from lmrec.config import FusionRunConfig, GenRunConfig, IdRunConfig, load_config
+    from lmrec.eval.evaluator import RANKS_FILE
     from lmrec.fusion import fuse
 
     cfg = load_config(config, [f"output_dir={out}", *overrides], schema=FusionRunConfig)
@@ -141,7 +143,7 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
                   runs["generative"] / "stage2" / "model", runs["generative"] / "sids", out / "model",
                   beams=cfg.eval.beams or gen_eval.beams, exclude_history=cfg.eval.exclude_history,
                   weights=cfg.weights, rules=cfg.rules, metric=cfg.eval.metric, ks=cfg.eval.ks,
-                  batch_size=cfg.eval.batch_size, log=log)
+                  batch_size=cfg.eval.batch_size, ranks_to=out / RANKS_FILE, log=log)
     metrics = {"model": f"fusion ({result['id_model']} × generative)", **result,
                "parts": {n: str(r) for n, r in runs.items()}}
     atomic_file(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -238,6 +240,61 @@ def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], c
     return test
 
 
+def _ranks_file(name: str, run_dir: Path) -> Path:
+    """Where a row's run wrote its test users' ranks (the generative model: its last stage's run)."""
+    from lmrec.eval.evaluator import RANKS_FILE
+
+    return (run_dir / "stage2" if name == "generative" else run_dir) / RANKS_FILE
+
+
+def _test_gains(name: str, run_dir: Path, test: dict, metric: str) -> tuple[tuple | None, str]:
+    """((the test users, each one's ``metric`` under the row's run), "") or (None, why not). The ranks must
+    give the figure the row recorded: a file left by another run is never paired."""
+    from lmrec.eval.evaluator import read_ranks
+    from lmrec.eval.metrics import ndcg_per_user
+
+    path = _ranks_file(name, run_dir)
+    if metric not in test:
+        return None, f"its test metrics have no {metric} (eval.ks)"
+    if not path.exists():
+        return None, f"no {path.name} in {path.parent} (a run by an lmrec that did not write one)"
+    r = read_ranks(path)
+    gains = ndcg_per_user(r["ranks"], int(metric.split("@")[1]))
+    if not np.isclose(gains.mean(), test[metric], rtol=0, atol=1e-9):
+        return None, f"{path} gives {metric} {gains.mean():.6f}, not the run's {test[metric]:.6f}"
+    return (r["users"], gains), ""
+
+
+def paired_with(reference: str, done: dict[str, list[dict]], rows: list[str], out: Path, seeds: list[int], log,
+                metric: str = "ndcg@10") -> dict:
+    """Each row's ``metric`` minus the ``reference`` run's, paired over the test users
+    (:func:`~lmrec.eval.metrics.paired_difference`: the user is the unit, each user's difference averaged over
+    the seeds); a row whose runs left no usable ranks gets ``{"missing": why}``."""
+    from lmrec.eval.metrics import paired_difference
+
+    def gains(name: str) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+        per_seed = [_test_gains(name, out / name / f"seed-{s}", t, metric) for s, t in zip(seeds, done[name],
+                                                                                           strict=True)]
+        bad = next((why for g, why in per_seed if g is None), "")
+        if bad:
+            return None, None, bad
+        users = per_seed[0][0][0]
+        if any(not np.array_equal(u, users) for (u, _), _ in per_seed):
+            return None, None, "its seeds' test users differ"
+        return users, np.stack([g for (_, g), _ in per_seed]), ""
+
+    ref_users, ref, ref_why = gains(reference)
+    models: dict = {}
+    for name in (r for r in rows if r != reference):
+        users, g, why = gains(name) if ref is not None else (None, None, f"the reference {reference}: {ref_why}")
+        if g is not None and not np.array_equal(users, ref_users):
+            g, why = None, f"its test users are not {reference}'s"
+        models[name] = paired_difference(g, ref) if g is not None else {"missing": why}
+        if g is None:
+            log(f"{name} − {reference}: no paired interval ({why})")
+    return {"reference": reference, "metric": metric, "models": models}
+
+
 def _check_presets(presets: dict[str, str], models: list[str]) -> None:
     """Every preset names a model the comparison runs and loads as that model's config: before any run
     starts."""
@@ -252,9 +309,10 @@ def _check_presets(presets: dict[str, str], models: list[str]) -> None:
 
 def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list[int],
             overrides: dict[str, list[str]] | None = None, presets: dict[str, str] | None = None,
-            log=print) -> dict:
+            reference: str | None = "auto", log=print) -> dict:
     """``overrides`` / ``presets``: per model, ``key=value`` overrides and a config (YAML file or preset name,
-    e.g. ``recformer-30min``) its runs start from."""
+    e.g. ``recformer-30min``) its runs start from. ``reference``: the run every row's NDCG@10 is paired with
+    over the test users (:func:`paired_with`; ``auto``: SASRec when the comparison runs it; None: none)."""
     from lmrec.data.dataset import PreparedDataset
     from lmrec.eval.baselines import baselines
 
@@ -270,6 +328,11 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
     if stray:  # a run others take (e.g. SASRec for the generative model) is a row, a fused run, or untouched
         raise LmrecError(f"overrides for {', '.join(stray)}, which {'is' if len(stray) == 1 else 'are'} not "
                          "among the compared models")
+    if reference not in (None, "auto", *runs):
+        raise LmrecError(f"--reference {reference}: not among the comparison's runs ({', '.join(runs)}); "
+                         "auto (SASRec when it runs) or none")
+    if reference == "auto":
+        reference = "sasrec" if "sasrec" in runs else None
     out = Path(out)
     result: dict = {"data": str(data), "seeds": seeds, "models": {}}
     # the runs others take first, whatever the order given (the table keeps it)
@@ -277,6 +340,8 @@ def compare(data: str | Path, out: str | Path, *, models: list[str], seeds: list
                              (presets or {}).get(name), log, parts or None) for s in seeds]
             for name in sorted(runs, key=RUN_ORDER.index)}
     result["models"] = {name: {"per_seed": done[name], **summarize(done[name])} for name in models}
+    if reference is not None:
+        result["paired"] = paired_with(reference, done, models, out, seeds, log)
     result["baselines"] = baselines(ds, "test")
     out.mkdir(parents=True, exist_ok=True)
     from lmrec.provenance import provenance

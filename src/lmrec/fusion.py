@@ -373,21 +373,9 @@ def _validation_ranks(recs: dict[str, FusedRecommender], valid, rules, weights, 
     return ranks
 
 
-def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: str | Path, sids: str | Path,
-         out: str | Path, *, beams: int = 50, exclude_history: bool = False,
-         weights: Sequence[float] = FUSION_WEIGHTS, rules: Sequence[str] = RULES, metric: str = "ndcg@10",
-         ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, log=print) -> dict:
-    """Choose the ID model (``id_model``: one model directory, or several by name — e.g. SASRec and the
-    hybrid), the rule and the weight together on the validation split (``metric``; on a tie the earlier ID
-    model, then the earlier rule, then the smaller weight), read the test split once with them, write the
-    fused model to ``out`` (``fusion.json``) and return its metrics: ``valid``, ``test``, ``id_model`` (the
-    chosen one's name), ``rule``, ``weight``, ``tried`` (by ID model, each rule's validation metric by weight).
-    The generative model's beams are searched once per validation user, whatever the number of ID models."""
-    from lmrec.data.dataset import PreparedDataset
-    from lmrec.eval.evaluator import evaluate
-    from lmrec.eval.metrics import compute_metrics
-    from lmrec.generative.recommender import GenerativeRecommender
-
+def _checked_inputs(id_model, weights: Sequence[float], rules: Sequence[str]) -> dict:
+    """``fuse``'s ID models by name (a single unnamed one: None), after its weights, rules and ID models are
+    checked."""
     bad = [w for w in weights if not 0.0 <= w <= 1.0]
     if bad or not weights:
         raise LmrecError(f"fusion weights must be within [0, 1], got {list(weights) or '(none)'}")
@@ -398,6 +386,27 @@ def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: s
         raise LmrecError("the fusion needs at least one ID model")
     for name, path in paths.items():
         _check_id_model(path, "lmrec compare", f"the ID model {name}" if name else "the ID model")
+    return paths
+
+
+def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: str | Path, sids: str | Path,
+         out: str | Path, *, beams: int = 50, exclude_history: bool = False,
+         weights: Sequence[float] = FUSION_WEIGHTS, rules: Sequence[str] = RULES, metric: str = "ndcg@10",
+         ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, ranks_to: str | Path | None = None,
+         log=print) -> dict:
+    """Choose the ID model (``id_model``: one model directory, or several by name — e.g. SASRec and the
+    hybrid), the rule and the weight together on the validation split (``metric``; on a tie the earlier ID
+    model, then the earlier rule, then the smaller weight), read the test split once with them, write the
+    fused model to ``out`` (``fusion.json``) and return its metrics: ``valid``, ``test``, ``id_model`` (the
+    chosen one's name), ``rule``, ``weight``, ``tried`` (by ID model, each rule's validation metric by weight).
+    The generative model's beams are searched once per validation user, whatever the number of ID models.
+    ``ranks_to``: where to write the test users' ranks (:func:`~lmrec.eval.evaluator.save_ranks`)."""
+    from lmrec.data.dataset import PreparedDataset
+    from lmrec.eval.evaluator import evaluate, save_ranks
+    from lmrec.eval.metrics import compute_metrics
+    from lmrec.generative.recommender import GenerativeRecommender
+
+    paths = _checked_inputs(id_model, weights, rules)
     ds = PreparedDataset(data)
     gen = GenerativeRecommender.load(generative_model, data, sids, command="lmrec compare")
     recs, dirs = {}, {}  # by name (a single unnamed model: its arch)
@@ -417,8 +426,10 @@ def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: s
     log(f"fusion: {chosen} × generative, {rule} with weight {best:g}")
     rec = recs[chosen]
     rec.rule, rec.weight = rule, best
-    test = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
-                    batch_size=batch_size, desc="fusion test")
+    test, ranks = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
+                           batch_size=batch_size, desc="fusion test", return_ranks=True)
+    if ranks_to is not None:
+        save_ranks(ranks_to, ds.examples("test"), ranks)
     where = dict(zip(PARTS, (data, dirs[chosen], generative_model, sids), strict=True))
     spec = {**{k: _relative(d, Path(out)) for k, d in where.items()}, "id_model_name": chosen,
             "made_at": {k: str(Path(d).resolve()) for k, d in where.items()},

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmrec.eval.metrics import compute_metrics
+from lmrec.eval.metrics import compute_metrics, ndcg_per_user, paired_difference
 from lmrec.eval.ranking import target_ranks, top_k
 
 
@@ -106,3 +106,50 @@ def test_ranking_among_candidates_equals_ranking_the_sub_catalog():
         assert got[u] == sum(v > s[targets[u]] for v in s.values())
     with pytest.raises(LmrecError, match="not among the 10 candidate items"):
         fn(histories, np.array([7, 3, 13]))
+
+
+
+def test_the_paired_comparison_takes_the_user_as_its_unit():
+    """Each user's NDCG@10 (1 / log2(rank + 2) inside the cut-off), and the paired difference's standard error
+    is that of the users' seed-averaged differences (the seeds share the users and targets of the split)."""
+    rng = np.random.default_rng(0)
+    ranks = rng.integers(0, 30, size=(6, 500)) + rng.choice([0.0, 0.5], size=(6, 500))  # ties: half ranks
+    ranks[0, :5] = np.inf  # not retrieved (beyond a generative model's beams)
+    g = np.stack([ndcg_per_user(r, 10) for r in ranks])
+    assert np.allclose(g, [[1 / math.log2(x + 2) if x < 10 else 0.0 for x in r] for r in ranks])
+    assert g.mean(axis=1).tolist() == [compute_metrics(r, ks=[10])["ndcg@10"] for r in ranks]
+    a, b = g[0::2], g[1::2]
+    r = paired_difference(a, b)
+    per_user = [sum(a[s, u] - b[s, u] for s in range(3)) / 3 for u in range(500)]
+    mean = sum(per_user) / 500
+    se = (sum((x - mean) ** 2 for x in per_user) / 499 / 500) ** 0.5
+    assert r["diff"] == pytest.approx(a.mean() - b.mean()) == pytest.approx(mean)
+    assert r["se"] == pytest.approx(se) and r["low"] == pytest.approx(mean - 1.96 * se)
+    assert r["per_seed"] == pytest.approx([a[s].mean() - b[s].mean() for s in range(3)])
+    same = paired_difference(a, a)
+    assert same["diff"] == same["se"] == same["low"] == same["high"] == 0
+    # one seed's differences repeated three times: the users are still 500, the error that of one seed
+    one = paired_difference(a[:1], b[:1])["se"]
+    assert paired_difference(np.repeat(a[:1], 3, 0), np.repeat(b[:1], 3, 0))["se"] == pytest.approx(one)
+    with pytest.raises(ValueError, match="one shape"):
+        paired_difference(a, b[:, :400])
+
+
+def test_a_runs_ranks_file_round_trips_and_a_bad_one_is_named(tmp_path):
+    from lmrec.data.dataset import Examples
+    from lmrec.errors import LmrecError
+    from lmrec.eval.evaluator import read_ranks, save_ranks
+
+    ex = Examples(np.array([3, 1, 2]), [np.array([0]), np.array([1, 2]), np.array([4])], np.array([5, 6, 7]))
+    path = save_ranks(tmp_path / "test_ranks.npz", ex, np.array([0.0, 12.5, np.inf]))
+    back = read_ranks(path)
+    assert back["users"].tolist() == [3, 1, 2] and back["targets"].tolist() == [5, 6, 7]
+    assert back["ranks"].tolist() == [0.0, 12.5, np.inf] and [p.name for p in tmp_path.iterdir()] == [path.name]
+    with pytest.raises(ValueError, match="2 ranks for 3 examples"):
+        save_ranks(tmp_path / "short.npz", ex, np.array([0.0, 1.0]))
+    (tmp_path / "bad.npz").write_text("not numpy")
+    with pytest.raises(LmrecError, match=r"bad.npz: not a per-user ranks file written by lmrec"):
+        read_ranks(tmp_path / "bad.npz")
+    np.savez(tmp_path / "other.npz", users=np.arange(3), ranks=np.zeros(3))
+    with pytest.raises(LmrecError, match=r"other.npz: not a per-user ranks file"):
+        read_ranks(tmp_path / "other.npz")

@@ -1,6 +1,8 @@
 """ID-based baselines: the training windows, causality, learning on sequential data, the command."""
 
 import json
+import math
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -150,6 +152,21 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
         assert r["std"]["ndcg@10"] == pytest.approx(np.std(values, ddof=1))
         assert f"{r['mean']['ndcg@10']:.4f} ± {r['std']['ndcg@10']:.4f}" in res.stdout
     assert "popularity" in summary["baselines"] and "random (expected)" in res.stdout
+    # GRU4Rec's NDCG@10 paired with SASRec's over the test users: each user's difference averaged over the
+    # seeds, from the ranks each run wrote (checked here against the evaluator's formula, computed apart)
+    paired = summary["paired"]
+    assert paired["reference"] == "sasrec" and list(paired["models"]) == ["gru4rec"]
+    per_user = {}
+    for name in ("sasrec", "gru4rec"):
+        seeds = [np.load(out / name / f"seed-{s}" / "test_ranks.npz") for s in (0, 1)]
+        assert all((f["users"] == seeds[0]["users"]).all() for f in seeds)
+        per_user[name] = np.mean([[1 / math.log2(r + 2) if r < 10 else 0.0 for r in f["ranks"]] for f in seeds], 0)
+    d = per_user["gru4rec"] - per_user["sasrec"]
+    g = paired["models"]["gru4rec"]
+    assert g["diff"] == pytest.approx(summary["models"]["gru4rec"]["mean"]["ndcg@10"]
+                                      - summary["models"]["sasrec"]["mean"]["ndcg@10"]) == pytest.approx(d.mean())
+    assert g["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d))) and g["users"] == len(d) == 60
+    assert "ndcg@10 − sasrec [95 % over users]" in res.stdout and f"{g['diff']:+.4f} [{g['low']:+.4f}, " in res.stdout
     # where the numbers come from, recorded with them; the results page reads them back
     prov = summary["provenance"]
     assert prov["command"].startswith("lmrec compare --data") and prov["hardware"].endswith(")")
@@ -173,6 +190,17 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
                     log=logs.append)
     assert again["models"]["sasrec"]["per_seed"] == summary["models"]["sasrec"]["per_seed"]
     assert sum("finished before" in m for m in logs) == 2
+    # ranks that do not give the figure a run recorded (here another run's) are never paired; none asked: none
+    shutil.copy(out / "sasrec" / "seed-1" / "test_ranks.npz", out / "gru4rec" / "seed-1" / "test_ranks.npz")
+    kept = compare(data, out, models=["gru4rec", "sasrec"], seeds=[0, 1], log=logs.append,
+                   overrides={"sasrec": ["train.epochs=2"], "gru4rec": ["train.epochs=2"]})
+    why = kept["paired"]["models"]["gru4rec"]["missing"]
+    assert why.startswith(str(out / "gru4rec" / "seed-1" / "test_ranks.npz")) and "not the run's" in why
+    assert any(m.startswith("gru4rec − sasrec: no paired interval") for m in logs)
+    assert "paired" not in compare(data, out, models=["sasrec"], seeds=[0, 1], reference=None,
+                                   overrides={"sasrec": ["train.epochs=2"]}, log=logs.append)
+    with pytest.raises(LmrecError, match="--reference gru4rec: not among the comparison's runs"):
+        compare(data, out, models=["sasrec"], seeds=[0], reference="gru4rec")
     logs.clear()
     other = compare(data, out, models=["sasrec"], seeds=[0], overrides={"sasrec": ["train.epochs=1"]},
                     log=logs.append)

@@ -152,9 +152,14 @@ def compare(
     preset: list[str] = typer.Option(None, "--preset", help="MODEL:NAME, a preset (or YAML file) one model's runs "
                                                             "start from (repeatable), e.g. "
                                                             "generative:generative-30min."),
+    reference: str = typer.Option("auto", help="The run every model's NDCG@10 is paired with over the test "
+                                               "users (the difference and its 95 % interval; the user is the "
+                                               "unit, the seeds averaged per user): a model name, auto (sasrec "
+                                               "when it runs) or none."),
 ):
     """Several models × several seeds: mean ± standard deviation of the test metrics next to popularity and
-    the random expectation, as a table and OUT/compare.json."""
+    the random expectation, and each model's NDCG@10 minus SASRec's paired over the test users (95 %
+    interval), as a table and OUT/compare.json."""
     from lmrec.cli.report import print_comparison
     from lmrec.compare import compare as run
 
@@ -173,7 +178,8 @@ def compare(
 
     per_model = _per_model(override, schemas(names))  # (schemas refuses an unknown model first)
     _one_protocol_check(per_model)
-    result = run(data, output_dir, models=names, seeds=seed_list, overrides=per_model, presets=presets, log=_log)
+    result = run(data, output_dir, models=names, seeds=seed_list, overrides=per_model, presets=presets,
+                 reference=None if reference == "none" else reference, log=_log)
     if _is_main_rank():
         print_comparison(result)
         typer.echo(f"summary in {output_dir / 'compare.json'}")

@@ -69,15 +69,23 @@ def print_checks(checks, console: Console | None = None, title: str = "lmrec doc
 
 
 def print_comparison(result: dict, console: Console | None = None, metrics=("ndcg@10", "recall@10", "mrr")) -> None:
-    """``lmrec compare``: mean ± standard deviation over the seeds per model, then the non-learned baselines."""
+    """``lmrec compare``: mean ± standard deviation over the seeds per model — and, with a reference run, each
+    model's NDCG@10 minus the reference's paired over the test users with its 95 % interval —, then the
+    non-learned baselines."""
     console = console or Console()
     n = len(result["seeds"])
+    paired = result.get("paired")
     table = Table(title=f"{result['data']}: test split, mean ± std over {n} seed{'s' if n > 1 else ''}")
     table.add_column("model")
     for c in metrics:
         table.add_column(c, justify="right")
+    if paired:
+        table.add_column(f"{paired['metric']} − {paired['reference']} [95 % over users]", justify="right")
     for name, r in result["models"].items():
-        table.add_row(name, *[f"{r['mean'][c]:.4f} ± {r['std'][c]:.4f}" for c in metrics])
+        d = (paired or {}).get("models", {}).get(name, {})
+        diff = [f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if "diff" in d else "—"] if paired else []
+        table.add_row(name, *[f"{r['mean'][c]:.4f} ± {r['std'][c]:.4f}" for c in metrics], *diff)
     for name, m in result["baselines"].items():
-        table.add_row("random (expected)" if name == "random" else name, *[f"{m[c]:.4f}" for c in metrics])
+        table.add_row("random (expected)" if name == "random" else name, *[f"{m[c]:.4f}" for c in metrics],
+                      *([""] if paired else []))
     console.print(table)

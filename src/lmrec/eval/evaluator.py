@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from lmrec.data.dataset import Examples
 from lmrec.errors import LmrecError
 from lmrec.eval.metrics import DEFAULT_KS, compute_metrics
 from lmrec.eval.ranking import DEFAULT_CHUNK, target_ranks
+from lmrec.io import atomic_file
 from lmrec.progress import progress
 
 RankFn = Callable[[list[np.ndarray], np.ndarray], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
@@ -103,3 +105,32 @@ def dot_rank_fn(
         return r.cpu().numpy(), bad.cpu().numpy()
 
     return rank_fn
+
+
+RANKS_FILE = "test_ranks.npz"  # a run's per-user test ranks, next to its metrics.json
+
+
+def save_ranks(path: str | Path, examples: Examples, ranks: np.ndarray) -> Path:
+    """A split's users, targets and 0-based ranks (``inf``: not retrieved), written atomically: what a paired
+    comparison of two runs over the same users reads (``lmrec compare``)."""
+    if len(ranks) != len(examples):
+        raise ValueError(f"{len(ranks)} ranks for {len(examples)} examples")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the temporary name
+            np.savez(f, users=np.asarray(examples.users), targets=np.asarray(examples.targets),
+                     ranks=np.asarray(ranks, dtype=np.float64))
+
+    return atomic_file(path, write)
+
+
+def read_ranks(path: str | Path) -> dict[str, np.ndarray]:
+    """``{"users", "targets", "ranks"}`` of :func:`save_ranks`; a file that is not one is named."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            out = {k: f[k] for k in ("users", "targets", "ranks")}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise LmrecError(f"{path}: not a per-user ranks file written by lmrec (users, targets, ranks): {e}") from e
+    if not len(out["users"]) == len(out["targets"]) == len(out["ranks"]):
+        raise LmrecError(f"{path}: users, targets and ranks of different lengths")
+    return out

@@ -129,9 +129,9 @@ def train_generative(cfg: GenRunConfig, *, model_dir: str | Path, data: str | Pa
                    "steps": r.global_step, "attn_implementation": built.attn}
         if mix is not None:
             metrics["stream"] = tally.report(run, log)
-        if ds is not None:
-            metrics.update(_test_metrics(cfg, run, best, meta, sids, ds, fmt))
-        run.finish(metrics)
+        tested, test_ranks = _test_metrics(cfg, run, best, meta, sids, ds, fmt) if ds is not None else ({}, None)
+        metrics.update(tested)
+        run.finish(metrics, test_ranks=test_ranks)
     return GenResult(run.dir, best, metrics)
 
 
@@ -245,14 +245,17 @@ def _check_stream_end(steps: int, plan: StreamStage, cfg: GenRunConfig, log) -> 
             f"{plan.num_training_steps} (at its final learning rate); set train.num_training_steps to {steps}")
 
 
-def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) -> dict:
+def _test_metrics(cfg: GenRunConfig, run: Run, best: Path, meta, sids, ds, fmt) -> tuple[dict, tuple]:
+    """The test metrics next to popularity, and (the test examples, their ranks) for ``Run.finish``."""
     ev = cfg.eval
     model, tok = load_generative(best)
     rec = GenerativeRecommender(model.to(run.acc.device), tok, meta, sids, ds, fmt)
     kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=run.acc)
-    return {"test": evaluate(rec.rank_fn(ev.beams, ev.exclude_history), ds.examples("test"), desc="test", **kw),
-            "baselines": baselines(ds, "test", exclude_history=ev.exclude_history, **kw), "beams": ev.beams,
-            "sid_report": sids.report, "exclude_history": ev.exclude_history}
+    examples = ds.examples("test")
+    test, ranks = evaluate(rec.rank_fn(ev.beams, ev.exclude_history), examples, desc="test", return_ranks=True,
+                           **kw)
+    return {"test": test, "baselines": baselines(ds, "test", exclude_history=ev.exclude_history, **kw),
+            "beams": ev.beams, "sid_report": sids.report, "exclude_history": ev.exclude_history}, (examples, ranks)
 
 
 def _loader_factory(cfg: GenRunConfig, ds: PreparedDataset, sids: SemanticIds, tok, seq2seq: bool, log,

@@ -9,21 +9,24 @@ from lmrec.eval.evaluator import evaluate
 from lmrec.recformer.recommender import Recommender
 
 
-def evaluate_all(rec: Recommender, ds: PreparedDataset, ev, acc=None, item_batch_size: int = 256) -> dict:
-    """Test and valid metrics of the recommender and of popularity, on the same split."""
+def evaluate_all(rec: Recommender, ds: PreparedDataset, ev, acc=None, item_batch_size: int = 256
+                 ) -> tuple[dict, tuple]:
+    """Test and valid metrics of the recommender and of popularity, on the same split; and (the test examples,
+    their ranks) for ``Run.finish``."""
     kw = dict(ks=ev.ks, batch_size=ev.batch_size, accelerator=acc)
     out: dict = {}
     if not rec.has_item_table:
         rec.encode_items(item_batch_size, acc)
+    ranks = {}
     for split in ("test", "valid"):
-        out[split] = evaluate(rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size),
-                              ds.examples(split), desc=split, **kw)
+        out[split], ranks[split] = evaluate(rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size),
+                                            ds.examples(split), desc=split, return_ranks=True, **kw)
     for split, key in (("test", "baselines"), ("valid", "baselines_valid")):
         out[key] = baselines(ds, split, exclude_history=ev.exclude_history, **kw)
     new = evaluate_new_items(rec, ds, ev, acc)
     if new is not None:
         out["test_new_items"] = new
-    return out
+    return out, (ds.examples("test"), ranks["test"])
 
 
 def evaluate_new_items(rec: Recommender, ds: PreparedDataset, ev, acc=None) -> dict | None:

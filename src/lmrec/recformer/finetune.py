@@ -79,11 +79,11 @@ def finetune(cfg: RunConfig, dataset_path: str | Path, log=print) -> FinetuneRes
         rec.model.to(run.acc.device)
         history = _train_two_stages(run, rec, ds)
         _reload(rec, run.dir / "model")
-        metrics = evaluate_all(rec, ds, cfg.eval, run.acc, cfg.train.item_batch_size)
+        metrics, test_ranks = evaluate_all(rec, ds, cfg.eval, run.acc, cfg.train.item_batch_size)
         metrics["history"] = history
         metrics["dataset"] = {"path": str(dataset_path), **ds.manifest["counts"],
                               "split": ds.manifest["options"]["split"]}
-        run.finish(metrics)
+        run.finish(metrics, test_ranks=test_ranks)
     return FinetuneResult(run.dir, run.dir / "model", metrics, rec)
 
 

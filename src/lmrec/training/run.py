@@ -149,11 +149,16 @@ class Run:
         """An ``on_best`` hook: ``save(run_dir / name)`` on rank 0 (an atomic directory write), then a barrier."""
         return lambda metrics, epoch: self.on_main(lambda: save(self.dir / name))
 
-    def finish(self, metrics: dict, name: str = "metrics.json") -> dict:
-        """Add the wall time, write ``name`` atomically on rank 0, close the trackers."""
+    def finish(self, metrics: dict, name: str = "metrics.json", test_ranks: tuple | None = None) -> dict:
+        """Add the wall time, write ``name`` atomically on rank 0 — after ``test_ranks`` ((test examples, their
+        ranks): ``RANKS_FILE``, read by paired comparisons), when given —, close the trackers."""
         metrics["wall_time_s"] = round(time.time() - self.t0, 1)
         metrics["provenance"] = provenance()
         if self.is_main:
+            if test_ranks is not None:
+                from lmrec.eval.evaluator import RANKS_FILE, save_ranks
+
+                save_ranks(self.dir / RANKS_FILE, *test_ranks)
             text = json.dumps(metrics, indent=2) + "\n"
             atomic_file(self.dir / name, lambda tmp: tmp.write_text(text))
         # every rank leaves together: a rank that closed the process group while a peer was still in a
