@@ -7,7 +7,8 @@ are not independent samples: the user is the unit), then its mean over the users
 95 % interval (normal approximation: hundreds of users; ``lmrec.eval.metrics.paired_difference``, which
 ``lmrec compare`` reports against SASRec from the ranks its runs wrote; this script scores saved models again,
 on either split). An interval that holds 0 is a difference the split's users cannot tell from chance; a rule
-that adopts a setting when it validates better in every seed adopts such a difference about one time in eight.
+that adopts a setting when it validates better in every one of three seeds adopts such a difference about one
+time in eight (1/2³).
 
     python bench/reference/paired.py DATA A_SEED0 B_SEED0 [A_SEED1 B_SEED1 ...] [--split valid] [--record OUT]
 (e.g. RUNS/hybrid/seed-0/model RUNS/sasrec/seed-0/model ... of `lmrec compare`; any saved recommenders work.)

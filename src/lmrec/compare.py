@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
         run = out.parent.parent / name / f"seed-{seed}"
         _run_once(name, data, run, seed, part_overrides, preset, log)
         runs[name] = run
-        stage = run / "stage2" if name == "generative" else run
+        stage = _final_run(name, run)
         protocol[name] = load_config(stage / "run_config.yaml",
                                      schema=GenRunConfig if name == "generative" else IdRunConfig).eval
     gen_eval = protocol["generative"]
@@ -143,7 +144,8 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
                   runs["generative"] / "stage2" / "model", runs["generative"] / "sids", out / "model",
                   beams=cfg.eval.beams or gen_eval.beams, exclude_history=cfg.eval.exclude_history,
                   weights=cfg.weights, rules=cfg.rules, metric=cfg.eval.metric, ks=cfg.eval.ks,
-                  batch_size=cfg.eval.batch_size, ranks_to=out / RANKS_FILE, log=log)
+                  batch_size=cfg.eval.batch_size, log=log,
+                  ranks_to=out / RANKS_FILE if os.environ.get("RANK", "0") == "0" else None)  # rank 0 writes
     metrics = {"model": f"fusion ({result['id_model']} × generative)", **result,
                "parts": {n: str(r) for n, r in runs.items()}}
     atomic_file(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -240,29 +242,32 @@ def _run_once(name: str, data, run_dir: Path, seed: int, overrides: list[str], c
     return test
 
 
-def _ranks_file(name: str, run_dir: Path) -> Path:
-    """Where a row's run wrote its test users' ranks (the generative model: its last stage's run)."""
-    from lmrec.eval.evaluator import RANKS_FILE
-
-    return (run_dir / "stage2" if name == "generative" else run_dir) / RANKS_FILE
+def _final_run(name: str, run_dir: Path) -> Path:
+    """The run directory of a row's final model (the generative model: its stage-2 run)."""
+    return run_dir / "stage2" if name == "generative" else run_dir
 
 
 def _test_gains(name: str, run_dir: Path, test: dict, metric: str) -> tuple[tuple | None, str]:
-    """((the test users, each one's ``metric`` under the row's run), "") or (None, why not). The ranks must
-    give the figure the row recorded: a file left by another run is never paired."""
-    from lmrec.eval.evaluator import read_ranks
-    from lmrec.eval.metrics import ndcg_per_user
+    """((the test users, their targets, each user's ``metric`` under the row's run), "") or (None, why not).
+    The ranks must give every figure the row recorded: a file left by another run is never paired."""
+    from lmrec.eval.evaluator import RANKS_FILE, read_ranks
+    from lmrec.eval.metrics import compute_metrics, ndcg_per_user
 
-    path = _ranks_file(name, run_dir)
+    path = _final_run(name, run_dir) / RANKS_FILE
     if metric not in test:
         return None, f"its test metrics have no {metric} (eval.ks)"
     if not path.exists():
         return None, f"no {path.name} in {path.parent} (a run by an lmrec that did not write one)"
-    r = read_ranks(path)
-    gains = ndcg_per_user(r["ranks"], int(metric.split("@")[1]))
-    if not np.isclose(gains.mean(), test[metric], rtol=0, atol=1e-9):
-        return None, f"{path} gives {metric} {gains.mean():.6f}, not the run's {test[metric]:.6f}"
-    return (r["users"], gains), ""
+    try:
+        r = read_ranks(path)
+    except LmrecError as e:
+        return None, str(e)
+    ks = sorted({int(k.split("@")[1]) for k in test if "@" in k})
+    again = compute_metrics(r["ranks"], ks)
+    differ = [k for k in test if k in again and not np.isclose(again[k], test[k], rtol=0, atol=1e-9)]
+    if differ:
+        return None, f"{path} gives {differ[0]} {again[differ[0]]:.6f}, not the run's {test[differ[0]]:.6f}"
+    return (r["users"], r["targets"], ndcg_per_user(r["ranks"], int(metric.split("@")[1]))), ""
 
 
 def paired_with(reference: str, done: dict[str, list[dict]], rows: list[str], out: Path, seeds: list[int], log,
@@ -272,23 +277,23 @@ def paired_with(reference: str, done: dict[str, list[dict]], rows: list[str], ou
     the seeds); a row whose runs left no usable ranks gets ``{"missing": why}``."""
     from lmrec.eval.metrics import paired_difference
 
-    def gains(name: str) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    def gains(name: str) -> tuple[tuple | None, np.ndarray | None, str]:
         per_seed = [_test_gains(name, out / name / f"seed-{s}", t, metric) for s, t in zip(seeds, done[name],
                                                                                            strict=True)]
         bad = next((why for g, why in per_seed if g is None), "")
         if bad:
             return None, None, bad
-        users = per_seed[0][0][0]
-        if any(not np.array_equal(u, users) for (u, _), _ in per_seed):
-            return None, None, "its seeds' test users differ"
-        return users, np.stack([g for (_, g), _ in per_seed]), ""
+        pairs = per_seed[0][0][:2]  # (users, targets)
+        if any(not (np.array_equal(u, pairs[0]) and np.array_equal(t, pairs[1])) for (u, t, _), _ in per_seed):
+            return None, None, "its seeds' test users or targets differ"
+        return pairs, np.stack([g for (_, _, g), _ in per_seed]), ""
 
-    ref_users, ref, ref_why = gains(reference)
+    ref_pairs, ref, ref_why = gains(reference)
     models: dict = {}
     for name in (r for r in rows if r != reference):
-        users, g, why = gains(name) if ref is not None else (None, None, f"the reference {reference}: {ref_why}")
-        if g is not None and not np.array_equal(users, ref_users):
-            g, why = None, f"its test users are not {reference}'s"
+        pairs, g, why = gains(name) if ref is not None else (None, None, f"the reference {reference}: {ref_why}")
+        if g is not None and not all(np.array_equal(a, b) for a, b in zip(pairs, ref_pairs, strict=True)):
+            g, why = None, f"its test users or targets are not {reference}'s"
         models[name] = paired_difference(g, ref) if g is not None else {"missing": why}
         if g is None:
             log(f"{name} − {reference}: no paired interval ({why})")

@@ -108,7 +108,6 @@ def test_ranking_among_candidates_equals_ranking_the_sub_catalog():
         fn(histories, np.array([7, 3, 13]))
 
 
-
 def test_the_paired_comparison_takes_the_user_as_its_unit():
     """Each user's NDCG@10 (1 / log2(rank + 2) inside the cut-off), and the paired difference's standard error
     is that of the users' seed-averaged differences (the seeds share the users and targets of the split)."""

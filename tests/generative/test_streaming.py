@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tests.conftest import ONE_THREAD, run_cli
 from tests.training.resume_helpers import assert_same_weights, checkpoints, run_and_kill
 from tests.training.test_distributed import synthetic_dataset
+from tests.training.test_launch import torchrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cli = partial(run_cli, env=ONE_THREAD)  # the commands on one thread too (conftest.ONE_THREAD)
@@ -127,8 +128,6 @@ def test_sigkill_mid_stream_then_resume_gives_identical_weights(corpus, stream_r
 
 def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
     worker = Path(__file__).with_name("stream_worker.py")
-    from tests.training.test_launch import torchrun
-
     cmd = [*torchrun(tmp_path / "logs"), str(worker), str(corpus / "data_config.json"), str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=300)
@@ -138,9 +137,7 @@ def test_two_torchrun_ranks_read_disjoint_data(corpus, tmp_path):
     assert sorted(seen[0] + seen[1]) == sorted(json.loads((tmp_path / "all.json").read_text()))
 
 
-def torchrun(run: Path, *args) -> subprocess.CompletedProcess:
-    from tests.training.test_launch import torchrun
-
+def gen_train_under_torchrun(run: Path, *args) -> subprocess.CompletedProcess:
     cmd = [*torchrun(run.parent / "logs"), "-m", "lmrec.cli.main", "gen", "train", "--output-dir", str(run),
            *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
@@ -156,7 +153,7 @@ def test_a_stream_stage_under_torchrun_on_two_processes_resumes_every_ranks_own_
             "train.batch_size=2", "train.lr=3e-3", "train.log_every=2", "train.save_steps=2",
             "train.save_total_limit=10"]
     ref = tmp_path / "ref"
-    res = torchrun(ref, *args)
+    res = gen_train_under_torchrun(ref, *args)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((ref / "metrics.json").read_text())
     assert metrics["steps"] >= 4 and (ref / "model" / "model.safetensors").exists()
@@ -168,7 +165,7 @@ def test_a_stream_stage_under_torchrun_on_two_processes_resumes_every_ranks_own_
     own = [json.loads((middle / f"extra_state_rank{r}.json").read_text())["counts"]["samples"] for r in range(2)]
     assert own[0] != own[1]  # the ranks read different files: one rank's counts cannot stand for both
     run = tmp_path / "resumed"
-    res = torchrun(run, *args, "--resume-from", middle)
+    res = gen_train_under_torchrun(run, *args, "--resume-from", middle)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr
     again = json.loads((run / "metrics.json").read_text())
@@ -290,7 +287,6 @@ def test_stage1_sharded_under_torchrun_in_bf16_keeps_every_old_row(corpus, tmp_p
     from transformers import AutoConfig
 
     from lmrec.generative.vocab import read_meta
-    from tests.training.test_launch import torchrun
 
     run = tmp_path / "run"
     cmd = [*torchrun(tmp_path / "logs"), "-m", "lmrec.cli.main", "gen", "train", "--stage", "1", "--model",

@@ -137,23 +137,23 @@ def test_baseline_rejects_what_it_cannot_run(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_compare_reports_mean_and_std_over_seeds(tmp_path):
-    data = synthetic_dataset(tmp_path / "data", users=60, items=20)
-    out = tmp_path / "cmp"
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """`lmrec compare --models sasrec,gru4rec --seeds 0,1` on a small data set: (data, out, result, summary)."""
+    root = tmp_path_factory.mktemp("compare")
+    data = synthetic_dataset(root / "data", users=60, items=20)
+    out = root / "cmp"
     res = cli("compare", "--data", data, "--models", "sasrec,gru4rec", "--seeds", "0,1", "--output-dir", out,
               "--set", "sasrec:train.epochs=2", "--set", "gru4rec:train.epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((out / "compare.json").read_text())
-    for name in ("sasrec", "gru4rec"):
-        r = summary["models"][name]
-        values = [m["ndcg@10"] for m in r["per_seed"]]
-        assert len(values) == 2 and (out / name / "seed-1" / "metrics.json").exists()
-        assert r["mean"]["ndcg@10"] == pytest.approx(np.mean(values))
-        assert r["std"]["ndcg@10"] == pytest.approx(np.std(values, ddof=1))
-        assert f"{r['mean']['ndcg@10']:.4f} ± {r['std']['ndcg@10']:.4f}" in res.stdout
-    assert "popularity" in summary["baselines"] and "random (expected)" in res.stdout
-    # GRU4Rec's NDCG@10 paired with SASRec's over the test users: each user's difference averaged over the
-    # seeds, from the ranks each run wrote (checked here against the evaluator's formula, computed apart)
+    return data, out, res, json.loads((out / "compare.json").read_text())
+
+
+def test_compare_pairs_each_model_with_sasrec_over_the_test_users(compared, tmp_path):
+    """GRU4Rec's NDCG@10 minus SASRec's over the test users: each user's difference averaged over the seeds,
+    from the ranks each run wrote (checked here against the evaluator's formula, computed apart)."""
+    data, finished, res, summary = compared
+    out = finished
     paired = summary["paired"]
     assert paired["reference"] == "sasrec" and list(paired["models"]) == ["gru4rec"]
     per_user = {}
@@ -167,6 +167,40 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
                                       - summary["models"]["sasrec"]["mean"]["ndcg@10"]) == pytest.approx(d.mean())
     assert g["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d))) and g["users"] == len(d) == 60
     assert "ndcg@10 − sasrec [95 % over users]" in res.stdout and f"{g['diff']:+.4f} [{g['low']:+.4f}, " in res.stdout
+    from lmrec.compare import compare
+    from lmrec.errors import LmrecError
+
+    # ranks that do not give the figures a run recorded (here another run's), or no ranks file at all, are never
+    # paired: the row says why, the comparison goes on; no reference asked: no pairing
+    out = tmp_path / "cmp"
+    shutil.copytree(finished, out)
+    logs: list[str] = []
+    kw = dict(models=["gru4rec", "sasrec"], seeds=[0, 1], log=logs.append,
+              overrides={"sasrec": ["train.epochs=2"], "gru4rec": ["train.epochs=2"]})
+    ranks = out / "gru4rec" / "seed-1" / "test_ranks.npz"
+    shutil.copy(out / "sasrec" / "seed-1" / "test_ranks.npz", ranks)
+    why = compare(data, out, **kw)["paired"]["models"]["gru4rec"]["missing"]
+    assert why.startswith(f"{ranks} gives ") and "not the run's" in why
+    assert any(m.startswith("gru4rec − sasrec: no paired interval") for m in logs)
+    ranks.write_text("broken")
+    assert "not a per-user ranks file" in compare(data, out, **kw)["paired"]["models"]["gru4rec"]["missing"]
+    assert "paired" not in compare(data, out, **kw, reference=None)
+    with pytest.raises(LmrecError, match="--reference bert4rec: not among the comparison's runs"):
+        compare(data, out, **{**kw, "seeds": [0]}, reference="bert4rec")
+
+
+def test_compare_reports_mean_and_std_over_seeds(compared, tmp_path):
+    data, finished, res, summary = compared
+    out = tmp_path / "cmp"  # a copy: this test trains some runs again
+    shutil.copytree(finished, out)
+    for name in ("sasrec", "gru4rec"):
+        r = summary["models"][name]
+        values = [m["ndcg@10"] for m in r["per_seed"]]
+        assert len(values) == 2 and (out / name / "seed-1" / "metrics.json").exists()
+        assert r["mean"]["ndcg@10"] == pytest.approx(np.mean(values))
+        assert r["std"]["ndcg@10"] == pytest.approx(np.std(values, ddof=1))
+        assert f"{r['mean']['ndcg@10']:.4f} ± {r['std']['ndcg@10']:.4f}" in res.stdout
+    assert "popularity" in summary["baselines"] and "random (expected)" in res.stdout
     # where the numbers come from, recorded with them; the results page reads them back
     prov = summary["provenance"]
     assert prov["command"].startswith("lmrec compare --data") and prov["hardware"].endswith(")")
@@ -190,17 +224,6 @@ def test_compare_reports_mean_and_std_over_seeds(tmp_path):
                     log=logs.append)
     assert again["models"]["sasrec"]["per_seed"] == summary["models"]["sasrec"]["per_seed"]
     assert sum("finished before" in m for m in logs) == 2
-    # ranks that do not give the figure a run recorded (here another run's) are never paired; none asked: none
-    shutil.copy(out / "sasrec" / "seed-1" / "test_ranks.npz", out / "gru4rec" / "seed-1" / "test_ranks.npz")
-    kept = compare(data, out, models=["gru4rec", "sasrec"], seeds=[0, 1], log=logs.append,
-                   overrides={"sasrec": ["train.epochs=2"], "gru4rec": ["train.epochs=2"]})
-    why = kept["paired"]["models"]["gru4rec"]["missing"]
-    assert why.startswith(str(out / "gru4rec" / "seed-1" / "test_ranks.npz")) and "not the run's" in why
-    assert any(m.startswith("gru4rec − sasrec: no paired interval") for m in logs)
-    assert "paired" not in compare(data, out, models=["sasrec"], seeds=[0, 1], reference=None,
-                                   overrides={"sasrec": ["train.epochs=2"]}, log=logs.append)
-    with pytest.raises(LmrecError, match="--reference gru4rec: not among the comparison's runs"):
-        compare(data, out, models=["sasrec"], seeds=[0], reference="gru4rec")
     logs.clear()
     other = compare(data, out, models=["sasrec"], seeds=[0], overrides={"sasrec": ["train.epochs=1"]},
                     log=logs.append)
