@@ -45,15 +45,23 @@ def record_from(output: Path, name: str, title: str | None, given: dict, label: 
         return {"title": title or data["tables"][0]["title"], "tables": data["tables"], **kept}
     if not title:
         raise SystemExit(f"{output}: give --title")
-    if "models" in data:  # lmrec compare
+    columns, paired = ["model", *METRICS], data.get("paired")
+    if "models" in data:  # lmrec compare (and each model paired with its reference run, when it was)
         rows = [[model, *(f"{m['mean'][k]:.4f} ± {m['std'][k]:.4f}" for k in METRICS)]
                 for model, m in data["models"].items()]
+        if paired:
+            columns.append(f"{paired['metric']} − {paired['reference']} [95 % over users]")
+            for row in rows:
+                d = paired["models"].get(row[0], {})
+                row.append(f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if "diff" in d
+                           else "reference" if row[0] == paired["reference"] else "—")
         seeds = data.get("seeds")
         note = f"mean ± std over seeds {seeds}" if seeds else ""
     else:  # one run
         rows, note = [[label or name, *(f"{data['test'][k]:.4f}" for k in METRICS)]], "one run, test split"
-    rows += [[base, *(f"{m[k]:.4f}" for k in METRICS)] for base, m in data.get("baselines", {}).items()]
-    return {"title": title, "columns": ["model", *METRICS], "rows": rows, "note": note, **kept}
+    rows += [[base, *(f"{m[k]:.4f}" for k in METRICS), *([""] if paired else [])]
+             for base, m in data.get("baselines", {}).items()]
+    return {"title": title, "columns": columns, "rows": rows, "note": note, **kept}
 
 
 def _table(t: dict) -> list[str]:

@@ -167,6 +167,14 @@ def test_compare_pairs_each_model_with_sasrec_over_the_test_users(compared, tmp_
                                       - summary["models"]["sasrec"]["mean"]["ndcg@10"]) == pytest.approx(d.mean())
     assert g["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d))) and g["users"] == len(d) == 60
     assert "ndcg@10 − sasrec [95 % over users]" in res.stdout and f"{g['diff']:+.4f} [{g['low']:+.4f}, " in res.stdout
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results", ROOT / "docs" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    rec = results.record_from(out / "compare.json", "t", "A comparison", {})  # the results page shows it too
+    assert rec["columns"][-1] == "ndcg@10 − sasrec [95 % over users]" and [r[-1][:7] for r in rec["rows"]] == [
+        "referen", f"{g['diff']:+.4f}", "", ""]
     from lmrec.compare import compare
     from lmrec.errors import LmrecError
 

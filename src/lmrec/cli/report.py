@@ -83,7 +83,8 @@ def print_comparison(result: dict, console: Console | None = None, metrics=("ndc
         table.add_column(f"{paired['metric']} − {paired['reference']} [95 % over users]", justify="right")
     for name, r in result["models"].items():
         d = (paired or {}).get("models", {}).get(name, {})
-        diff = [f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if "diff" in d else "—"] if paired else []
+        diff = [f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if "diff" in d
+                else "reference" if name == paired["reference"] else "—"] if paired else []
         table.add_row(name, *[f"{r['mean'][c]:.4f} ± {r['std'][c]:.4f}" for c in metrics], *diff)
     for name, m in result["baselines"].items():
         table.add_row("random (expected)" if name == "random" else name, *[f"{m[c]:.4f}" for c in metrics],
