@@ -51,10 +51,10 @@ def record_from(output: Path, name: str, title: str | None, given: dict, label: 
                 for model, m in data["models"].items()]
         if paired:
             columns.append(f"{paired['metric']} − {paired['reference']} [95 % over users]")
+            from lmrec.compare import paired_cell
+
             for row in rows:
-                d = paired["models"].get(row[0], {})
-                row.append(f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if "diff" in d
-                           else "reference" if row[0] == paired["reference"] else "—")
+                row.append(paired_cell(paired, row[0]))
         seeds = data.get("seeds")
         note = f"mean ± std over seeds {seeds}" if seeds else ""
     else:  # one run

@@ -13,6 +13,11 @@ from lmrec.api import load_recommender, model_label  # noqa: E402
 from lmrec.data.dataset import PreparedDataset  # noqa: E402
 
 
+def ready(path: Path, ds: PreparedDataset):
+    """A saved recommender, loaded on the CPU and readied for the dataset's catalog."""
+    return load_recommender(path, device="cpu").ready_for(ds.item_ids, ds.item_text)
+
+
 def two_models(description: str):
     """(the parsed arguments, the dataset, the two recommenders, their labels)."""
     ap = argparse.ArgumentParser(description=description)
@@ -23,5 +28,5 @@ def two_models(description: str):
     args = ap.parse_args()
     ds = PreparedDataset(args.data)
     models = (args.model_a, args.model_b)
-    recs = [load_recommender(m, device="cpu").ready_for(ds.item_ids, ds.item_text) for m in models]
+    recs = [ready(m, ds) for m in models]
     return args, ds, recs, [model_label(m) for m in models]

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmrec.api import load_recommender, model_label  # noqa: E402
+from pair import ready  # noqa: E402
+
+from lmrec.api import model_label  # noqa: E402
 from lmrec.data.dataset import PreparedDataset  # noqa: E402
 from lmrec.eval.evaluator import evaluate  # noqa: E402
 from lmrec.eval.metrics import ndcg_per_user, paired_difference  # noqa: E402
@@ -44,7 +46,7 @@ def main() -> None:
     splits = ("valid", "test") if args.split == "both" else (args.split,)
     scores = {s: [] for s in splits}  # per split: one (users,) array per model, in the order given
     for path in args.models:
-        rec = load_recommender(path, device="cpu").ready_for(ds.item_ids, ds.item_text)
+        rec = ready(path, ds)
         for s in splits:
             ranks = evaluate(rec.rank_fn(), ds.examples(s), ks=[10], return_ranks=True)[1]
             scores[s].append(ndcg_per_user(ranks, 10))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +122,7 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
     from lmrec.config import FusionRunConfig, GenRunConfig, IdRunConfig, load_config
     from lmrec.eval.evaluator import RANKS_FILE
     from lmrec.fusion import fuse
+    from lmrec.training.distributed import is_main_rank
 
     cfg = load_config(config, [f"output_dir={out}", *overrides], schema=FusionRunConfig)
     if parts is None:  # called outside a comparison: the ID model the fusion's own settings name (auto: SASRec)
@@ -145,7 +145,7 @@ def _fusion(data, out: Path, seed: int, overrides: list[str], log, config=None, 
                   beams=cfg.eval.beams or gen_eval.beams, exclude_history=cfg.eval.exclude_history,
                   weights=cfg.weights, rules=cfg.rules, metric=cfg.eval.metric, ks=cfg.eval.ks,
                   batch_size=cfg.eval.batch_size, log=log,
-                  ranks_to=out / RANKS_FILE if os.environ.get("RANK", "0") == "0" else None)  # rank 0 writes
+                  ranks_to=out / RANKS_FILE if is_main_rank() else None)
     metrics = {"model": f"fusion ({result['id_model']} × generative)", **result,
                "parts": {n: str(r) for n, r in runs.items()}}
     atomic_file(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -298,6 +298,14 @@ def paired_with(reference: str, done: dict[str, list[dict]], rows: list[str], ou
         if g is None:
             log(f"{name} − {reference}: no paired interval ({why})")
     return {"reference": reference, "metric": metric, "models": models}
+
+
+def paired_cell(paired: dict, name: str) -> str:
+    """A model's cell of the paired column (tables of ``lmrec compare`` and of the results page)."""
+    d = paired["models"].get(name, {})
+    if "diff" in d:
+        return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+    return "reference" if name == paired["reference"] else "—"
 
 
 def _check_presets(presets: dict[str, str], models: list[str]) -> None:

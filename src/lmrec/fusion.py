@@ -426,10 +426,11 @@ def fuse(data, id_model: str | Path | dict[str, str | Path], generative_model: s
     log(f"fusion: {chosen} × generative, {rule} with weight {best:g}")
     rec = recs[chosen]
     rec.rule, rec.weight = rule, best
-    test, ranks = evaluate(rec.rank_fn(exclude_history=exclude_history), ds.examples("test"), ks=ks,
-                           batch_size=batch_size, desc="fusion test", return_ranks=True)
+    examples = ds.examples("test")
+    test, ranks = evaluate(rec.rank_fn(exclude_history=exclude_history), examples, ks=ks, batch_size=batch_size,
+                           desc="fusion test", return_ranks=True)
     if ranks_to is not None:
-        save_ranks(ranks_to, ds.examples("test"), ranks)
+        save_ranks(ranks_to, examples, ranks)
     where = dict(zip(PARTS, (data, dirs[chosen], generative_model, sids), strict=True))
     spec = {**{k: _relative(d, Path(out)) for k, d in where.items()}, "id_model_name": chosen,
             "made_at": {k: str(Path(d).resolve()) for k, d in where.items()},

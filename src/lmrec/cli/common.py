@@ -3,13 +3,13 @@ small helpers that parse counts and print a run's report."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 
 from lmrec.cli.report import print_metrics
 from lmrec.errors import LmrecError
+from lmrec.training.distributed import is_main_rank
 
 app = typer.Typer(help="lmrec: sequential recommendation with pretrained language models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -59,7 +59,7 @@ def _log(msg: str) -> None:
 
 def _is_main_rank() -> bool:
     """Under torchrun every process runs the command; only global rank 0 prints the final report."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return is_main_rank()
 
 
 def _report(metrics: dict, title: str, model_dir: Path, run_dir: Path, model_name: str = "RecFormer") -> None:

@@ -72,6 +72,8 @@ def print_comparison(result: dict, console: Console | None = None, metrics=("ndc
     """``lmrec compare``: mean ± standard deviation over the seeds per model — and, with a reference run, each
     model's NDCG@10 minus the reference's paired over the test users with its 95 % interval —, then the
     non-learned baselines."""
+    from lmrec.compare import paired_cell
+
     console = console or Console()
     n = len(result["seeds"])
     paired = result.get("paired")
@@ -82,9 +84,7 @@ def print_comparison(result: dict, console: Console | None = None, metrics=("ndc
     if paired:
         table.add_column(f"{paired['metric']} − {paired['reference']} [95 % over users]", justify="right")
     for name, r in result["models"].items():
-        d = (paired or {}).get("models", {}).get(name, {})
-        diff = [f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if "diff" in d
-                else "reference" if name == paired["reference"] else "—"] if paired else []
+        diff = [paired_cell(paired, name)] if paired else []
         table.add_row(name, *[f"{r['mean'][c]:.4f} ± {r['std'][c]:.4f}" for c in metrics], *diff)
     for name, m in result["baselines"].items():
         table.add_row("random (expected)" if name == "random" else name, *[f"{m[c]:.4f}" for c in metrics],

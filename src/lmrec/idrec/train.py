@@ -168,7 +168,7 @@ def train_baseline(cfg: IdRunConfig, data: str | Path, log=print, text_vectors: 
                      on_best=run.keep_best(lambda out: save_id_model(model, ds.item_ids, ds.item_text, out)))
         r = run.fit(model, make_loader, plan)
         trained = IdSeqRec.from_pretrained(best).to(run.acc.device)
-        test, ranks = evaluate(rank_fn(trained, exclude_history=ev.exclude_history), ds.examples("test"),
+        test, ranks = evaluate(rank_fn(trained, exclude_history=ev.exclude_history), examples := ds.examples("test"),
                                desc="test", return_ranks=True, **kw)
         metrics = {"model": NAMES[mc.arch], "valid": r.best_metrics, "best_epoch": r.best_epoch,
                    "epochs_run": r.epochs_run, "history": r.history, "test": test,
@@ -179,5 +179,5 @@ def train_baseline(cfg: IdRunConfig, data: str | Path, log=print, text_vectors: 
                                  exclude_history=ev.exclude_history, **kw)
         if new is not None:
             metrics["test_new_items"] = new
-        run.finish(metrics, test_ranks=(ds.examples("test"), ranks))
+        run.finish(metrics, test_ranks=(examples, ranks))
     return BaselineResult(run.dir, best, metrics)

@@ -17,17 +17,16 @@ def evaluate_all(rec: Recommender, ds: PreparedDataset, ev, acc=None, item_batch
     out: dict = {}
     if not rec.has_item_table:
         rec.encode_items(item_batch_size, acc)
-    examples = {split: ds.examples(split) for split in ("test", "valid")}
-    ranks = {}
-    for split, ex in examples.items():
-        out[split], ranks[split] = evaluate(rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size),
-                                            ex, desc=split, return_ranks=True, **kw)
+    rank_fn = rec.rank_fn(exclude_history=ev.exclude_history, chunk_size=ev.chunk_size)
+    test = ds.examples("test")
+    out["test"], ranks = evaluate(rank_fn, test, desc="test", return_ranks=True, **kw)
+    out["valid"] = evaluate(rank_fn, ds.examples("valid"), desc="valid", **kw)
     for split, key in (("test", "baselines"), ("valid", "baselines_valid")):
         out[key] = baselines(ds, split, exclude_history=ev.exclude_history, **kw)
     new = evaluate_new_items(rec, ds, ev, acc)
     if new is not None:
         out["test_new_items"] = new
-    return out, (examples["test"], ranks["test"])
+    return out, (test, ranks)
 
 
 def evaluate_new_items(rec: Recommender, ds: PreparedDataset, ev, acc=None) -> dict | None:

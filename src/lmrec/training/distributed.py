@@ -104,3 +104,8 @@ def inference_device(spec: str = "auto"):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise LmrecError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def is_main_rank() -> bool:
+    """Global rank 0, or no launcher at all (under torchrun every process runs the command)."""
+    return int(os.environ.get("RANK", "0")) == 0
