@@ -501,6 +501,42 @@ def test_the_quickstart_fuses_its_generative_model_with_the_id_model_that_valida
     best = max(v for by_rule in fused["tried"].values() for by_w in by_rule.values() for v in by_w.values())
     assert fused["valid"]["ndcg@10"] == best
     assert is_fused_model(fused["model_dir"])
+    _the_quickstart_pairs_every_row_with_sasrec(tmp_path, rows, added)
+
+
+def _the_quickstart_pairs_every_row_with_sasrec(tmp_path, rows, added):
+    """Every model's test ranks are saved and give its row's figures; the quickstart's paired column is each
+    row's per-user NDCG@10 minus SASRec's (a reference computation from the ranks files), a ranks file of
+    another run gives "—", and metrics.json keeps the pairs."""
+    from lmrec.cli.compare import _join_metrics
+    from lmrec.eval.evaluator import read_ranks
+    from lmrec.eval.metrics import compute_metrics, ndcg_per_user
+
+    ranks = {name: read_ranks(m["ranks"]) for name, m in added.items()}
+    for name, m in added.items():
+        assert compute_metrics(ranks[name]["ranks"], [10]).items() >= {"ndcg@10": m["test"]["ndcg@10"]}.items()
+        assert rows[m["row"]] is m["test"] or rows[m["row"]] == m["test"]
+    # a stand-in for RecFormer's run: the hybrid's ranks under its own run directory
+    rf = tmp_path / "recformer"
+    rf.mkdir()
+    shutil.copy(added["hybrid"]["ranks"], rf / "test_ranks.npz")
+    (rf / "metrics.json").write_text(json.dumps({"test": added["hybrid"]["test"]}))
+    result = SimpleNamespace(run_dir=rf, metrics={"test": added["hybrid"]["test"]})
+    with open(added["fusion"]["ranks"], "wb") as f:  # not the ranks the fusion's figures came from
+        np.savez(f, **{**ranks["fusion"], "ranks": ranks["fusion"]["ranks"] + 1})
+    header, cells = _join_metrics(result, added)
+    ref = ndcg_per_user(ranks["sasrec"]["ranks"], 10)
+    for name in ("hybrid", "generative"):
+        expect = float(np.mean(ndcg_per_user(ranks[name]["ranks"], 10) - ref))
+        assert cells[added[name]["row"]].startswith(f"{expect:+.4f} [")
+    assert cells["RecFormer"] == cells[added["hybrid"]["row"]]
+    assert cells[added["sasrec"]["row"]] == "reference" and cells[added["fusion"]["row"]] == "—"
+    assert header == "ndcg@10 − SASRec [95 % over users]"
+    saved = json.loads((rf / "metrics.json").read_text())
+    assert saved["paired"]["models"]["hybrid"]["diff"] == pytest.approx(
+        float(np.mean(ndcg_per_user(ranks["hybrid"]["ranks"], 10) - ref)), abs=1e-12)
+    assert "not the run's" in saved["paired"]["models"]["fusion"]["missing"]
+    assert saved["test"] == added["hybrid"]["test"] and saved["sasrec"]["row"] == "SASRec (item IDs)"
 
 
 def test_the_comparisons_fusion_takes_each_id_model_it_compares_or_the_one_named():

@@ -247,13 +247,13 @@ def _final_run(name: str, run_dir: Path) -> Path:
     return run_dir / "stage2" if name == "generative" else run_dir
 
 
-def _test_gains(name: str, run_dir: Path, test: dict, metric: str) -> tuple[tuple | None, str]:
-    """((the test users, their targets, each user's ``metric`` under the row's run), "") or (None, why not).
-    The ranks must give every figure the row recorded: a file left by another run is never paired."""
-    from lmrec.eval.evaluator import RANKS_FILE, read_ranks
+def ranks_gains(path: Path, test: dict, metric: str) -> tuple[tuple | None, str]:
+    """((the test users, their targets, each user's ``metric``), "") from a run's ranks file ``path``, or
+    (None, why not). The ranks must give every figure the run recorded (``test``): a file left by another run
+    is never paired."""
+    from lmrec.eval.evaluator import read_ranks
     from lmrec.eval.metrics import compute_metrics, ndcg_per_user
 
-    path = _final_run(name, run_dir) / RANKS_FILE
     if metric not in test:
         return None, f"its test metrics have no {metric} (eval.ks)"
     if not path.exists():
@@ -270,16 +270,15 @@ def _test_gains(name: str, run_dir: Path, test: dict, metric: str) -> tuple[tupl
     return (r["users"], r["targets"], ndcg_per_user(r["ranks"], int(metric.split("@")[1]))), ""
 
 
-def paired_with(reference: str, done: dict[str, list[dict]], rows: list[str], out: Path, seeds: list[int], log,
-                metric: str = "ndcg@10") -> dict:
-    """Each row's ``metric`` minus the ``reference`` run's, paired over the test users
+def paired_runs(reference: str, runs: dict[str, list[tuple[Path, dict]]], log, metric: str = "ndcg@10") -> dict:
+    """Each row's ``metric`` minus the ``reference`` row's, paired over the test users
     (:func:`~lmrec.eval.metrics.paired_difference`: the user is the unit, each user's difference averaged over
-    the seeds); a row whose runs left no usable ranks gets ``{"missing": why}``."""
+    the seeds). ``runs``: per row, per seed, (its ranks file, its recorded test metrics); a row whose runs left
+    no usable ranks gets ``{"missing": why}``."""
     from lmrec.eval.metrics import paired_difference
 
     def gains(name: str) -> tuple[tuple | None, np.ndarray | None, str]:
-        per_seed = [_test_gains(name, out / name / f"seed-{s}", t, metric) for s, t in zip(seeds, done[name],
-                                                                                           strict=True)]
+        per_seed = [ranks_gains(path, test, metric) for path, test in runs[name]]
         bad = next((why for g, why in per_seed if g is None), "")
         if bad:
             return None, None, bad
@@ -290,7 +289,7 @@ def paired_with(reference: str, done: dict[str, list[dict]], rows: list[str], ou
 
     ref_pairs, ref, ref_why = gains(reference)
     models: dict = {}
-    for name in (r for r in rows if r != reference):
+    for name in (r for r in runs if r != reference):
         pairs, g, why = gains(name) if ref is not None else (None, None, f"the reference {reference}: {ref_why}")
         if g is not None and not all(np.array_equal(a, b) for a, b in zip(pairs, ref_pairs, strict=True)):
             g, why = None, f"its test users or targets are not {reference}'s"
@@ -298,6 +297,17 @@ def paired_with(reference: str, done: dict[str, list[dict]], rows: list[str], ou
         if g is None:
             log(f"{name} − {reference}: no paired interval ({why})")
     return {"reference": reference, "metric": metric, "models": models}
+
+
+def paired_with(reference: str, done: dict[str, list[dict]], rows: list[str], out: Path, seeds: list[int], log,
+                metric: str = "ndcg@10") -> dict:
+    """:func:`paired_runs` over the comparison's runs (``OUT/<row>/seed-<s>``; ``done``: each row's test
+    metrics per seed; the reference's runs need not be a row of the table)."""
+    from lmrec.eval.evaluator import RANKS_FILE
+
+    runs = {name: [(_final_run(name, out / name / f"seed-{s}") / RANKS_FILE, t)
+                   for s, t in zip(seeds, done[name], strict=True)] for name in dict.fromkeys([*rows, reference])}
+    return paired_runs(reference, runs, log, metric)
 
 
 def paired_cell(paired: dict, name: str) -> str:

@@ -208,21 +208,28 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
     text from RecFormer's item table, its weights from that SASRec), the generative model (semantic IDs as
     ``sid_source`` says), and with the generative model and SASRec or the hybrid their fusion (:mod:`lmrec.fusion`:
     the ID model that validates best).
-    Returns (test metrics by table row, wall seconds by model, what joins RecFormer's metrics.json).
+    Returns (test metrics by table row, wall seconds by model, what joins RecFormer's metrics.json: per model its
+    metrics, its row's name under ``row`` and its test users' ranks file under ``ranks``).
     ``overrides``: each model's (``sasrec``, ``hybrid``, ``generative``)."""
     from lmrec.config import IdRunConfig, load_config
+    from lmrec.eval.evaluator import RANKS_FILE
     from lmrec.idrec.train import train_baseline
 
     rows, walls, added = {}, {}, {}
     overrides = overrides or {}
     trained = {"recformer": (recformer.model_dir, recformer.metrics["valid"])}
     keys = ("test", "valid", "best_epoch", "wall_time_s")
+
+    def add(name: str, row: str, label: str, metrics: dict, run_dir: Path, wall: float, **more) -> None:
+        rows[row], walls[label] = metrics["test"], wall
+        added[name] = {**{k: metrics[k] for k in keys + ("test_new_items",) if k in metrics}, **more,
+                       "row": row, "ranks": str(run_dir / RANKS_FILE)}
+
     if sasrec:
         cfg = load_config(None, [f"output_dir={output_dir / 'sasrec'}", *overrides.get("sasrec", [])],
                           schema=IdRunConfig)
         base = train_baseline(cfg, data, log=log)
-        rows["SASRec (item IDs)"], walls["SASRec"] = base.metrics["test"], base.metrics["wall_time_s"]
-        added["sasrec"] = {k: base.metrics[k] for k in keys + ("test_new_items",) if k in base.metrics}
+        add("sasrec", "SASRec (item IDs)", "SASRec", base.metrics, base.run_dir, base.metrics["wall_time_s"])
         trained["sasrec"] = (base.model_dir, base.metrics["valid"])
     if hybrid:
         # within the quickstart's budget: it starts from the SASRec just trained (when there is one) and stops
@@ -233,31 +240,32 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
                                  f"model.text_from={recformer.model_dir}", *warm, *overrides.get("hybrid", [])],
                           schema=IdRunConfig)
         hyb = train_baseline(cfg, data, log=log, text_vectors=text_vectors(recformer.model_dir, data, log=log))
-        hybrid_dir = hyb.model_dir
-        rows["hybrid (SASRec + text)"], walls["hybrid"] = hyb.metrics["test"], hyb.metrics["wall_time_s"]
-        added["hybrid"] = {k: hyb.metrics[k] for k in keys + ("test_new_items",) if k in hyb.metrics}
+        add("hybrid", "hybrid (SASRec + text)", "hybrid", hyb.metrics, hyb.run_dir, hyb.metrics["wall_time_s"])
+        trained["hybrid"] = (hyb.model_dir, hyb.metrics["valid"])
     if generative:
-        sources = choose_sid_source(sid_source, trained, log=log)
+        sources = choose_sid_source(sid_source, {k: v for k, v in trained.items() if k != "hybrid"}, log=log)
         gen = generative_pipeline(data, output_dir / "generative", sources=sources, init="codebook",
                                   overrides=GEN_QUICKSTART + overrides.get("generative", []), log=log)
-        rows[f"generative (SID, {gen['beams']} beams)"], walls["generative"] = gen["test"], gen["wall_time_s"]
-        added["generative"] = {**{k: gen[k] for k in ("test", "valid", "sid_report", "wall_time_s", "beams")},
-                               "sid_sources": [str(p) for p in sources]}
-        id_models = {"sasrec": trained["sasrec"][0]} if "sasrec" in trained else {}
-        if hybrid:
-            id_models["hybrid"] = hybrid_dir
+        add("generative", f"generative (SID, {gen['beams']} beams)", "generative", gen,
+            output_dir / "generative" / "stage2", gen["wall_time_s"], sid_report=gen["sid_report"],
+            beams=gen["beams"], sid_sources=[str(p) for p in sources])
+        id_models = {k: trained[k][0] for k in ("sasrec", "hybrid") if k in trained}
         if id_models:  # fused with the ID model that validates best: one beam search of valid and test
-            import time
-
-            from lmrec.fusion import fuse
-
-            start, g = time.perf_counter(), output_dir / "generative"
-            fz = fuse(data, id_models, g / "stage2" / "model", g / "sids", output_dir / "fusion" / "model",
-                      beams=gen["beams"], exclude_history=gen["exclude_history"], log=log)
-            from lmrec.idrec import SHORT_NAMES
-
-            rows[f"fusion ({SHORT_NAMES[fz['id_model']]} × generative)"] = fz["test"]
-            walls["fusion"] = time.perf_counter() - start
-            added["fusion"] = {**fz, "wall_time_s": round(walls["fusion"], 1),
-                               "model_dir": str(output_dir / "fusion" / "model")}
+            _quickstart_fusion(data, output_dir, id_models, gen, add, log)
     return rows, walls, added
+
+
+def _quickstart_fusion(data, output_dir: Path, id_models: dict, gen: dict, add, log) -> None:
+    import time
+
+    from lmrec.eval.evaluator import RANKS_FILE
+    from lmrec.fusion import fuse
+    from lmrec.idrec import SHORT_NAMES
+
+    start, g, out = time.perf_counter(), output_dir / "generative", output_dir / "fusion"
+    fz = fuse(data, id_models, g / "stage2" / "model", g / "sids", out / "model", beams=gen["beams"],
+              exclude_history=gen["exclude_history"], log=log, ranks_to=out / RANKS_FILE)
+    wall = time.perf_counter() - start
+    add("fusion", f"fusion ({SHORT_NAMES[fz['id_model']]} × generative)", "fusion", fz, out, wall,
+        **{k: v for k, v in fz.items() if k not in ("test", "valid")}, wall_time_s=round(wall, 1),
+        model_dir=str(out / "model"))

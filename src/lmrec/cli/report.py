@@ -9,18 +9,23 @@ COLUMNS = ("recall@10", "ndcg@10", "mrr@10", "mrr")
 
 
 def print_metrics(metrics: dict, title: str = "metrics", console: Console | None = None,
-                  model_name: str = "RecFormer", extra: dict[str, dict] | None = None) -> None:
-    """One row per model: the recommender (``metrics["test"]``) and each baseline."""
+                  model_name: str = "RecFormer", extra: dict[str, dict] | None = None,
+                  column: tuple[str, dict[str, str]] | None = None) -> None:
+    """One row per model: the recommender (``metrics["test"]``) and each baseline; ``column``: one more column
+    (its header, its cell by row name; empty where it has none)."""
     console = console or Console()
     table = Table(title=title)
     table.add_column("model")
     for c in COLUMNS:
         table.add_column(c, justify="right")
     table.add_column("users", justify="right")
+    if column:
+        table.add_column(column[0], justify="right")
     rows = [(model_name, metrics["test"])] + list((extra or {}).items())
     rows += [("random (expected)" if k == "random" else k, v) for k, v in metrics.get("baselines", {}).items()]
     for name, m in rows:
-        table.add_row(name, *[f"{m.get(c, float('nan')):.4f}" for c in COLUMNS], str(m.get("users", "")))
+        table.add_row(name, *[f"{m.get(c, float('nan')):.4f}" for c in COLUMNS], str(m.get("users", "")),
+                      *([column[1].get(name, "")] if column else []))
     console.print(table)
     for name, m in rows:
         if m.get("nonfinite"):
