@@ -505,17 +505,20 @@ def test_the_quickstart_fuses_its_generative_model_with_the_id_model_that_valida
 
 
 def _the_quickstart_pairs_every_row_with_sasrec(tmp_path, rows, added):
-    """Every model's test ranks are saved and give its row's figures; the quickstart's paired column is each
+    """Every model's test ranks are saved and give its row's figures; the quickstart's paired table is each
     row's per-user NDCG@10 minus SASRec's (a reference computation from the ranks files), a ranks file of
-    another run gives "—", and metrics.json keeps the pairs."""
+    another run gives "—" and why, and metrics.json keeps the pairs."""
+    from rich.console import Console
+
     from lmrec.cli.compare import _join_metrics
+    from lmrec.cli.report import print_paired
     from lmrec.eval.evaluator import read_ranks
     from lmrec.eval.metrics import compute_metrics, ndcg_per_user
 
     ranks = {name: read_ranks(m["ranks"]) for name, m in added.items()}
     for name, m in added.items():
-        assert compute_metrics(ranks[name]["ranks"], [10]).items() >= {"ndcg@10": m["test"]["ndcg@10"]}.items()
-        assert rows[m["row"]] is m["test"] or rows[m["row"]] == m["test"]
+        assert compute_metrics(ranks[name]["ranks"], [10])["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-12)
+        assert rows[m["row"]] == m["test"]
     # a stand-in for RecFormer's run: the hybrid's ranks under its own run directory
     rf = tmp_path / "recformer"
     rf.mkdir()
@@ -524,19 +527,23 @@ def _the_quickstart_pairs_every_row_with_sasrec(tmp_path, rows, added):
     result = SimpleNamespace(run_dir=rf, metrics={"test": added["hybrid"]["test"]})
     with open(added["fusion"]["ranks"], "wb") as f:  # not the ranks the fusion's figures came from
         np.savez(f, **{**ranks["fusion"], "ranks": ranks["fusion"]["ranks"] + 1})
-    header, cells = _join_metrics(result, added)
+    paired = _join_metrics(result, added)
     ref = ndcg_per_user(ranks["sasrec"]["ranks"], 10)
     for name in ("hybrid", "generative"):
-        expect = float(np.mean(ndcg_per_user(ranks[name]["ranks"], 10) - ref))
-        assert cells[added[name]["row"]].startswith(f"{expect:+.4f} [")
-    assert cells["RecFormer"] == cells[added["hybrid"]["row"]]
-    assert cells[added["sasrec"]["row"]] == "reference" and cells[added["fusion"]["row"]] == "—"
-    assert header == "ndcg@10 − SASRec [95 % over users]"
+        d = ndcg_per_user(ranks[name]["ranks"], 10) - ref
+        assert paired["models"][name]["diff"] == pytest.approx(float(np.mean(d)), abs=1e-12)
+        assert paired["models"][name]["se"] == pytest.approx(float(np.std(d, ddof=1) / np.sqrt(len(d))), abs=1e-12)
+    assert paired["models"]["recformer"] == paired["models"]["hybrid"] and paired["reference"] == "sasrec"
+    assert "not the run's" in paired["models"]["fusion"]["missing"]
     saved = json.loads((rf / "metrics.json").read_text())
-    assert saved["paired"]["models"]["hybrid"]["diff"] == pytest.approx(
-        float(np.mean(ndcg_per_user(ranks["hybrid"]["ranks"], 10) - ref)), abs=1e-12)
-    assert "not the run's" in saved["paired"]["models"]["fusion"]["missing"]
+    assert saved["paired"] == json.loads(json.dumps(paired))
     assert saved["test"] == added["hybrid"]["test"] and saved["sasrec"]["row"] == "SASRec (item IDs)"
+    console = Console(record=True, width=160)
+    print_paired(paired, {"recformer": "RecFormer", **{n: m["row"] for n, m in added.items()}}, console)
+    text = console.export_text()
+    hybrid = paired["models"]["hybrid"]
+    assert f"{hybrid['diff']:+.4f}" in text and f"[{hybrid['low']:+.4f}, {hybrid['high']:+.4f}]" in text
+    assert "SASRec (item IDs)" in text and "reference" in text and "no paired figure" in text
 
 
 def test_the_comparisons_fusion_takes_each_id_model_it_compares_or_the_one_named():

@@ -23,7 +23,7 @@ from lmrec.cli.common import (
     _run_flags,
     app,
 )
-from lmrec.cli.report import print_metrics
+from lmrec.cli.report import print_metrics, print_paired
 from lmrec.errors import LmrecError
 
 
@@ -36,26 +36,23 @@ def _refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
                          "is kept), or another --output-dir")
 
 
-def _join_metrics(result, added: dict) -> tuple[str, dict[str, str]] | None:
+def _join_metrics(result, added: dict) -> dict | None:
     """The quickstart's other models (and, with SASRec, every row's NDCG@10 minus SASRec's paired over the test
-    users) join RecFormer's metrics.json; returns the table's paired column (header, cell by row) or None."""
-    from lmrec.compare import paired_cell, paired_runs
+    users: :func:`lmrec.compare.paired_runs`) join RecFormer's metrics.json; returns the pairs or None."""
+    from lmrec.compare import paired_runs
     from lmrec.eval.evaluator import RANKS_FILE
     from lmrec.io import atomic_file
 
     if not added:
         return None
-    more, column = dict(added), None
+    more, paired = dict(added), None
     if "sasrec" in added:
         runs = {"recformer": [(result.run_dir / RANKS_FILE, result.metrics["test"])],
                 **{name: [(Path(m["ranks"]), m["test"])] for name, m in added.items()}}
         paired = more["paired"] = paired_runs("sasrec", runs, _log)
-        rows = {"recformer": "RecFormer", **{name: m["row"] for name, m in added.items()}}
-        column = (f"{paired['metric']} − SASRec [95 % over users]",
-                  {row: paired_cell(paired, name) for name, row in rows.items()})
     metrics = {**json.loads((result.run_dir / "metrics.json").read_text()), **more}
     atomic_file(result.run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
-    return column
+    return paired
 
 
 @app.command()
@@ -103,8 +100,10 @@ def quickstart(
     extra, walls, added = quickstart_others(data, output_dir, result, sasrec=sasrec, hybrid=hybrid,
                                             generative=generative, sid_source=sid_source, overrides=per, log=_log)
     wall = ", ".join(f"{name} {s:.0f} s" for name, s in {"RecFormer": result.metrics["wall_time_s"], **walls}.items())
-    column = _join_metrics(result, added)
-    print_metrics(result.metrics, title=f"MovieLens-100k ({split}), test split", extra=extra, column=column)
+    paired = _join_metrics(result, added)
+    print_metrics(result.metrics, title=f"MovieLens-100k ({split}), test split", extra=extra)
+    if paired:
+        print_paired(paired, {"recformer": "RecFormer", **{name: m["row"] for name, m in added.items()}})
     _print_new_items(result.metrics, others={"SASRec (item IDs)": added.get("sasrec", {}),
                                              "hybrid (SASRec + text)": added.get("hybrid", {})})
     from lmrec.training.run import write_run_report

@@ -9,28 +9,43 @@ COLUMNS = ("recall@10", "ndcg@10", "mrr@10", "mrr")
 
 
 def print_metrics(metrics: dict, title: str = "metrics", console: Console | None = None,
-                  model_name: str = "RecFormer", extra: dict[str, dict] | None = None,
-                  column: tuple[str, dict[str, str]] | None = None) -> None:
-    """One row per model: the recommender (``metrics["test"]``) and each baseline; ``column``: one more column
-    (its header, its cell by row name; empty where it has none)."""
+                  model_name: str = "RecFormer", extra: dict[str, dict] | None = None) -> None:
+    """One row per model: the recommender (``metrics["test"]``) and each baseline."""
     console = console or Console()
     table = Table(title=title)
     table.add_column("model")
     for c in COLUMNS:
         table.add_column(c, justify="right")
     table.add_column("users", justify="right")
-    if column:
-        table.add_column(column[0], justify="right")
     rows = [(model_name, metrics["test"])] + list((extra or {}).items())
     rows += [("random (expected)" if k == "random" else k, v) for k, v in metrics.get("baselines", {}).items()]
     for name, m in rows:
-        table.add_row(name, *[f"{m.get(c, float('nan')):.4f}" for c in COLUMNS], str(m.get("users", "")),
-                      *([column[1].get(name, "")] if column else []))
+        table.add_row(name, *[f"{m.get(c, float('nan')):.4f}" for c in COLUMNS], str(m.get("users", "")))
     console.print(table)
     for name, m in rows:
         if m.get("nonfinite"):
             console.print(f"[red]warning: {name}: {m['nonfinite']} of {m['users']} users had non-finite scores "
                           "(NaN or infinite: the model diverged or its weights are broken); they rank last[/]")
+
+
+def print_paired(paired: dict, labels: dict[str, str], console: Console | None = None) -> None:
+    """Each model's metric minus the reference's, paired over the test users (:func:`lmrec.compare.paired_runs`),
+    one row per model under its table label (``labels``: model → label), the reference's own row first."""
+    console = console or Console()
+    ref = paired["reference"]
+    users = next((d["users"] for d in paired["models"].values() if "users" in d), None)
+    table = Table(title=f"{paired['metric']} minus {labels.get(ref, ref)}'s, paired over "
+                        f"{f'the {users} ' if users else 'the '}test users")
+    for c in ("model", f"{paired['metric']} difference", "95 % interval"):
+        table.add_column(c, justify="left" if c == "model" else "right")
+    table.add_row(labels.get(ref, ref), "reference", "")
+    for name, d in paired["models"].items():
+        cells = [f"{d['diff']:+.4f}", f"[{d['low']:+.4f}, {d['high']:+.4f}]"] if "diff" in d else ["—", ""]
+        table.add_row(labels.get(name, name), *cells)
+    console.print(table)
+    for name, d in paired["models"].items():
+        if "missing" in d:
+            console.print(f"{labels.get(name, name)}: no paired figure ({d['missing']})")
 
 
 def print_recommendations(recs, console: Console | None = None) -> None:
