@@ -267,5 +267,5 @@ def _quickstart_fusion(data, output_dir: Path, id_models: dict, gen: dict, add, 
               exclude_history=gen["exclude_history"], log=log, ranks_to=out / RANKS_FILE)
     wall = time.perf_counter() - start
     add("fusion", f"fusion ({SHORT_NAMES[fz['id_model']]} × generative)", "fusion", fz, out, wall,
-        **{k: v for k, v in fz.items() if k not in ("test", "valid")}, wall_time_s=round(wall, 1),
+        **{k: v for k, v in fz.items() if k not in ("test", "valid", "wall_time_s")}, wall_time_s=round(wall, 1),
         model_dir=str(out / "model"))
