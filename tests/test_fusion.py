@@ -505,39 +505,51 @@ def test_the_quickstart_fuses_its_generative_model_with_the_id_model_that_valida
 
 
 def _the_quickstart_pairs_every_row_with_sasrec(tmp_path, rows, added):
-    """Every model's test ranks are saved and give its row's figures; the quickstart's paired table is each
-    row's per-user NDCG@10 minus SASRec's (a reference computation from the ranks files), a ranks file of
-    another run gives "—" and why, and metrics.json keeps the pairs."""
+    """Every model's test ranks are saved (relative to the quickstart's directory) and give its row's figures;
+    the quickstart's paired table is each row's per-user NDCG@10 minus SASRec's (a reference computation from
+    the ranks files), in the table's order; a ranks file of another run, a damaged one and a row with other
+    seeds than the reference's give "—" and why, never a crash; metrics.json keeps the pairs."""
     from rich.console import Console
 
     from lmrec.cli.compare import _join_metrics
     from lmrec.cli.report import print_paired
+    from lmrec.compare import paired_runs
     from lmrec.eval.evaluator import read_ranks
     from lmrec.eval.metrics import compute_metrics, ndcg_per_user
 
-    ranks = {name: read_ranks(m["ranks"]) for name, m in added.items()}
+    assert not any(Path(m["ranks"]).is_absolute() for m in added.values())
+    ranks = {name: read_ranks(tmp_path / m["ranks"]) for name, m in added.items()}
     for name, m in added.items():
         assert compute_metrics(ranks[name]["ranks"], [10])["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-12)
         assert rows[m["row"]] == m["test"]
     # a stand-in for RecFormer's run: the hybrid's ranks under its own run directory
     rf = tmp_path / "recformer"
     rf.mkdir()
-    shutil.copy(added["hybrid"]["ranks"], rf / "test_ranks.npz")
+    shutil.copy(tmp_path / added["hybrid"]["ranks"], rf / "test_ranks.npz")
     (rf / "metrics.json").write_text(json.dumps({"test": added["hybrid"]["test"]}))
     result = SimpleNamespace(run_dir=rf, metrics={"test": added["hybrid"]["test"]})
-    with open(added["fusion"]["ranks"], "wb") as f:  # not the ranks the fusion's figures came from
-        np.savez(f, **{**ranks["fusion"], "ranks": ranks["fusion"]["ranks"] + 1})
-    paired = _join_metrics(result, added)
+    paired = _join_metrics(result, added, tmp_path)
+    assert list(paired["models"]) == ["recformer", "hybrid", "generative", "fusion"] and paired["reference"] == "sasrec"
     ref = ndcg_per_user(ranks["sasrec"]["ranks"], 10)
-    for name in ("hybrid", "generative"):
+    for name in ("hybrid", "generative", "fusion"):
         d = ndcg_per_user(ranks[name]["ranks"], 10) - ref
         assert paired["models"][name]["diff"] == pytest.approx(float(np.mean(d)), abs=1e-12)
         assert paired["models"][name]["se"] == pytest.approx(float(np.std(d, ddof=1) / np.sqrt(len(d))), abs=1e-12)
-    assert paired["models"]["recformer"] == paired["models"]["hybrid"] and paired["reference"] == "sasrec"
-    assert "not the run's" in paired["models"]["fusion"]["missing"]
+    assert paired["models"]["recformer"] == paired["models"]["hybrid"]
     saved = json.loads((rf / "metrics.json").read_text())
     assert saved["paired"] == json.loads(json.dumps(paired))
     assert saved["test"] == added["hybrid"]["test"] and saved["sasrec"]["row"] == "SASRec (item IDs)"
+
+    fusion, generative = tmp_path / added["fusion"]["ranks"], tmp_path / added["generative"]["ranks"]
+    with open(fusion, "wb") as f:  # not the ranks the fusion's figures came from
+        np.savez(f, **{**ranks["fusion"], "ranks": ranks["fusion"]["ranks"] + 1})
+    generative.write_bytes(generative.read_bytes()[:100])  # a damaged file
+    paired = _join_metrics(result, added, tmp_path)
+    assert "not the run's" in paired["models"]["fusion"]["missing"]
+    assert "not a per-user ranks file" in paired["models"]["generative"]["missing"]
+    two = paired_runs("sasrec", {"sasrec": [(tmp_path / added["sasrec"]["ranks"], added["sasrec"]["test"])],
+                                 "recformer": [(rf / "test_ranks.npz", added["hybrid"]["test"])] * 2}, lambda m: None)
+    assert "2 seeds against the reference sasrec's 1" in two["models"]["recformer"]["missing"]
     console = Console(record=True, width=160)
     print_paired(paired, {"recformer": "RecFormer", **{n: m["row"] for n, m in added.items()}}, console)
     text = console.export_text()

@@ -7,7 +7,7 @@
 #   SEEDS=0 bash bench/gpu/compare.sh        # carry .whl and .data; then SEEDS=0,1,2 to add seeds
 #   python docs/results.py add bench/gpu/out/compare/compare.json --name compare-gpu
 # MODELS, SEEDS, DATA and OUT change what it runs; COMPARE_S (default 540) bounds its time.
-# RecFormer on the pretrained all-MiniLM-L6-v2 converted to long (wheels.sh writes it, in float16: 45 MB) in
+# RecFormer on the pretrained all-MiniLM-L6-v2 converted to long (wheels.sh writes it, in float16: 51 MB) in
 # place of the random-init backbone, into OUT/compare-minilm with bench/gpu/recformer-minilm-gpu.yaml — carry
 # .data and .whl-slim (the wheels these models need; with the MiniLM, all of .whl exceeds the 64 MiB carry
 # limit):
@@ -20,11 +20,12 @@ OUT=${OUT:-bench/gpu/out}
 DATA=${DATA:-.data/ml-100k-loo}
 mkdir -p "$OUT"
 WHEELS=${WHEELS:-.whl}
-if compgen -G "$WHEELS/*.whl" >/dev/null && [ ! -f /tmp/site/.complete ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl &&
-    touch /tmp/site/.complete
+SITE=/tmp/site-$(basename "$WHEELS")  # one per wheel set: a later call with another set installs it
+if compgen -G "$WHEELS/*.whl" >/dev/null && [ ! -f "$SITE/.complete" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl &&
+    touch "$SITE/.complete"
 fi
-[ -f /tmp/site/.complete ] && export PYTHONPATH=/tmp/site
+[ -f "$SITE/.complete" ] && export PYTHONPATH=$SITE
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export LMREC_REPORT=0 LMREC_COMMIT=${LMREC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if [ ! -f "$DATA/manifest.json" ]; then
@@ -32,19 +33,24 @@ if [ ! -f "$DATA/manifest.json" ]; then
   exit 2
 fi
 MODELS=${MODELS:-recformer,hybrid,sasrec}
-PRESET=() DIR=$OUT/compare YAML=bench/gpu/recformer-gpu.yaml
+DIR=$OUT/compare YAML=bench/gpu/recformer-gpu.yaml
 if [ -n "${BACKBONE:-}" ]; then
   if [ ! -f "$BACKBONE/config.json" ]; then
     echo "no backbone at $BACKBONE: bash bench/gpu/wheels.sh writes .data/minilm-long; carry .data" >&2
     exit 2
   fi
+  if [[ ",$MODELS," != *",recformer,"* ]]; then
+    echo "BACKBONE=$BACKBONE is RecFormer's backbone, and MODELS=$MODELS has no recformer" >&2
+    exit 2
+  fi
   DIR=$OUT/compare-minilm YAML=bench/gpu/recformer-minilm-gpu.yaml
-  PRESET=(--set "recformer:model.backbone=$BACKBONE")
 fi
+PRESET=(--seeds "${SEEDS:-0,1,2}")  # never empty: "${PRESET[@]}" under set -u needs bash ≥ 4.4 otherwise
 [[ ",$MODELS," == *",recformer,"* ]] && PRESET+=(--preset "recformer:$YAML")
+[ -n "${BACKBONE:-}" ] && PRESET+=(--set "recformer:model.backbone=$BACKBONE")
 t0=$SECONDS
 timeout -k 30 "${COMPARE_S:-540}" "$PY" -m lmrec.cli.main compare --data "$DATA" --models "$MODELS" \
-  --seeds "${SEEDS:-0,1,2}" --output-dir "$DIR" "${PRESET[@]}" "$@" 2>&1 |
+  --output-dir "$DIR" "${PRESET[@]}" "$@" 2>&1 |
   tee -a "$DIR.log" | grep --line-buffered -v "batch/s\|Warning"
 rc=${PIPESTATUS[0]}
 echo "[compare: $((SECONDS - t0)) s, exit $rc]"

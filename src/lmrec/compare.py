@@ -291,6 +291,8 @@ def paired_runs(reference: str, runs: dict[str, list[tuple[Path, dict]]], log, m
     models: dict = {}
     for name in (r for r in runs if r != reference):
         pairs, g, why = gains(name) if ref is not None else (None, None, f"the reference {reference}: {ref_why}")
+        if g is not None and len(g) != len(ref):
+            g, why = None, f"{len(g)} seeds against the reference {reference}'s {len(ref)}"
         if g is not None and not all(np.array_equal(a, b) for a, b in zip(pairs, ref_pairs, strict=True)):
             g, why = None, f"its test users or targets are not {reference}'s"
         models[name] = paired_difference(g, ref) if g is not None else {"missing": why}

@@ -8,6 +8,7 @@ ID-space vector predicted from their text, so new items still get codes.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,8 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
     ``sid_source`` says), and with the generative model and SASRec or the hybrid their fusion (:mod:`lmrec.fusion`:
     the ID model that validates best).
     Returns (test metrics by table row, wall seconds by model, what joins RecFormer's metrics.json: per model its
-    metrics, its row's name under ``row`` and its test users' ranks file under ``ranks``).
+    metrics, its row's name under ``row`` and its test users' ranks file under ``ranks``, relative to
+    ``output_dir``).
     ``overrides``: each model's (``sasrec``, ``hybrid``, ``generative``)."""
     from lmrec.config import IdRunConfig, load_config
     from lmrec.eval.evaluator import RANKS_FILE
@@ -220,16 +222,17 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
     trained = {"recformer": (recformer.model_dir, recformer.metrics["valid"])}
     keys = ("test", "valid", "best_epoch", "wall_time_s")
 
-    def add(name: str, row: str, label: str, metrics: dict, run_dir: Path, wall: float, **more) -> None:
+    def add(name: str, row: str, label: str, metrics: dict, run_dir: Path, wall: float, more: dict) -> None:
         rows[row], walls[label] = metrics["test"], wall
+        ranks = os.path.relpath(Path(run_dir) / RANKS_FILE, output_dir)  # the run tree moves as one
         added[name] = {**{k: metrics[k] for k in keys + ("test_new_items",) if k in metrics}, **more,
-                       "row": row, "ranks": str(run_dir / RANKS_FILE)}
+                       "row": row, "ranks": ranks}
 
     if sasrec:
         cfg = load_config(None, [f"output_dir={output_dir / 'sasrec'}", *overrides.get("sasrec", [])],
                           schema=IdRunConfig)
         base = train_baseline(cfg, data, log=log)
-        add("sasrec", "SASRec (item IDs)", "SASRec", base.metrics, base.run_dir, base.metrics["wall_time_s"])
+        add("sasrec", "SASRec (item IDs)", "SASRec", base.metrics, base.run_dir, base.metrics["wall_time_s"], {})
         trained["sasrec"] = (base.model_dir, base.metrics["valid"])
     if hybrid:
         # within the quickstart's budget: it starts from the SASRec just trained (when there is one) and stops
@@ -240,15 +243,15 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
                                  f"model.text_from={recformer.model_dir}", *warm, *overrides.get("hybrid", [])],
                           schema=IdRunConfig)
         hyb = train_baseline(cfg, data, log=log, text_vectors=text_vectors(recformer.model_dir, data, log=log))
-        add("hybrid", "hybrid (SASRec + text)", "hybrid", hyb.metrics, hyb.run_dir, hyb.metrics["wall_time_s"])
+        add("hybrid", "hybrid (SASRec + text)", "hybrid", hyb.metrics, hyb.run_dir, hyb.metrics["wall_time_s"], {})
         trained["hybrid"] = (hyb.model_dir, hyb.metrics["valid"])
     if generative:
         sources = choose_sid_source(sid_source, {k: v for k, v in trained.items() if k != "hybrid"}, log=log)
         gen = generative_pipeline(data, output_dir / "generative", sources=sources, init="codebook",
                                   overrides=GEN_QUICKSTART + overrides.get("generative", []), log=log)
         add("generative", f"generative (SID, {gen['beams']} beams)", "generative", gen,
-            output_dir / "generative" / "stage2", gen["wall_time_s"], sid_report=gen["sid_report"],
-            beams=gen["beams"], sid_sources=[str(p) for p in sources])
+            output_dir / "generative" / "stage2", gen["wall_time_s"],
+            {"sid_report": gen["sid_report"], "beams": gen["beams"], "sid_sources": [str(p) for p in sources]})
         id_models = {k: trained[k][0] for k in ("sasrec", "hybrid") if k in trained}
         if id_models:  # fused with the ID model that validates best: one beam search of valid and test
             _quickstart_fusion(data, output_dir, id_models, gen, add, log)
@@ -267,5 +270,5 @@ def _quickstart_fusion(data, output_dir: Path, id_models: dict, gen: dict, add, 
               exclude_history=gen["exclude_history"], log=log, ranks_to=out / RANKS_FILE)
     wall = time.perf_counter() - start
     add("fusion", f"fusion ({SHORT_NAMES[fz['id_model']]} × generative)", "fusion", fz, out, wall,
-        **{k: v for k, v in fz.items() if k not in ("test", "valid", "wall_time_s")}, wall_time_s=round(wall, 1),
-        model_dir=str(out / "model"))
+        {**{k: v for k, v in fz.items() if k not in ("test", "valid")}, "wall_time_s": round(wall, 1),
+         "model_dir": str(out / "model")})

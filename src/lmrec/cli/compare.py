@@ -36,9 +36,10 @@ def _refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
                          "is kept), or another --output-dir")
 
 
-def _join_metrics(result, added: dict) -> dict | None:
+def _join_metrics(result, added: dict, output_dir: Path) -> dict | None:
     """The quickstart's other models (and, with SASRec, every row's NDCG@10 minus SASRec's paired over the test
-    users: :func:`lmrec.compare.paired_runs`) join RecFormer's metrics.json; returns the pairs or None."""
+    users: :func:`lmrec.compare.paired_runs`) join RecFormer's metrics.json; returns the pairs or None.
+    ``added``: :func:`lmrec.pipeline.quickstart_others`'s, its ranks files relative to ``output_dir``."""
     from lmrec.compare import paired_runs
     from lmrec.eval.evaluator import RANKS_FILE
     from lmrec.io import atomic_file
@@ -48,7 +49,7 @@ def _join_metrics(result, added: dict) -> dict | None:
     more, paired = dict(added), None
     if "sasrec" in added:
         runs = {"recformer": [(result.run_dir / RANKS_FILE, result.metrics["test"])],
-                **{name: [(Path(m["ranks"]), m["test"])] for name, m in added.items()}}
+                **{name: [(output_dir / m["ranks"], m["test"])] for name, m in added.items()}}
         paired = more["paired"] = paired_runs("sasrec", runs, _log)
     metrics = {**json.loads((result.run_dir / "metrics.json").read_text()), **more}
     atomic_file(result.run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -100,7 +101,7 @@ def quickstart(
     extra, walls, added = quickstart_others(data, output_dir, result, sasrec=sasrec, hybrid=hybrid,
                                             generative=generative, sid_source=sid_source, overrides=per, log=_log)
     wall = ", ".join(f"{name} {s:.0f} s" for name, s in {"RecFormer": result.metrics["wall_time_s"], **walls}.items())
-    paired = _join_metrics(result, added)
+    paired = _join_metrics(result, added, output_dir)
     print_metrics(result.metrics, title=f"MovieLens-100k ({split}), test split", extra=extra)
     if paired:
         print_paired(paired, {"recformer": "RecFormer", **{name: m["row"] for name, m in added.items()}})

@@ -17,6 +17,7 @@ validation diverged must still be able to finish with the best earlier model.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def read_ranks(path: str | Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
             out = {k: f[k] for k in ("users", "targets", "ranks")}
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise LmrecError(f"{path}: not a per-user ranks file written by lmrec (users, targets, ranks): {e}") from e
     if not len(out["users"]) == len(out["targets"]) == len(out["ranks"]):
         raise LmrecError(f"{path}: users, targets and ranks of different lengths")
