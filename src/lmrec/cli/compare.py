@@ -78,7 +78,8 @@ def quickstart(
 ):
     """Prepare MovieLens-100k, finetune RecFormer (and SASRec, the hybrid, the generative model, and the fusion
     of the generative model with SASRec or the hybrid, whichever validates better), evaluate on test, and
-    compare with popularity."""
+    compare with popularity; with SASRec, each model's NDCG@10 minus SASRec's paired over the test users, with
+    its 95 % interval."""
 
     from lmrec.api import finetune, prepare
     from lmrec.compare import schemas
