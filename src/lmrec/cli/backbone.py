@@ -11,13 +11,13 @@ from lmrec.cli.common import (
     OVERWRITE_HELP,
     RESUME_HELP,
     SET_HELP,
-    _is_main_rank,
     _log,
     _overrides,
     _run_flags,
     backbone_app,
     ckpt_app,
 )
+from lmrec.training.distributed import is_main_rank
 
 
 @backbone_app.command("init")
@@ -80,7 +80,7 @@ def backbone_pretrain_mlm(
     ov = [f"output_dir={output_dir}", *_run_flags(resume_from, overwrite)]
     cfg = load_config(config, ov + _overrides(sets, overrides), schema=MlmRunConfig)
     r = pretrain_mlm(backbone, train, valid, cfg, log=_log)
-    if not _is_main_rank():
+    if not is_main_rank():
         return
     table = Table(title=f"validation MLM ({valid})")
     for c in ("epoch", "BPC", "perplexity", "train loss"):

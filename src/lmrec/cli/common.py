@@ -57,13 +57,8 @@ def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _is_main_rank() -> bool:
-    """Under torchrun every process runs the command; only global rank 0 prints the final report."""
-    return is_main_rank()
-
-
 def _report(metrics: dict, title: str, model_dir: Path, run_dir: Path, model_name: str = "RecFormer") -> None:
-    if _is_main_rank():
+    if is_main_rank():  # under torchrun every process runs the command; rank 0 reports
         print_metrics(metrics, title=title, model_name=model_name)
         _print_new_items(metrics, model_name)
         typer.echo(f"model in {model_dir}; metrics in {run_dir / 'metrics.json'}")

@@ -13,7 +13,6 @@ from lmrec.cli.common import (
     OVERWRITE_HELP,
     SET_HELP,
     SET_MODELS_HELP,
-    _is_main_rank,
     _log,
     _one_protocol_check,
     _overrides,
@@ -25,6 +24,7 @@ from lmrec.cli.common import (
 )
 from lmrec.cli.report import print_metrics, print_paired
 from lmrec.errors import LmrecError
+from lmrec.training.distributed import is_main_rank
 
 
 def _refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
@@ -199,6 +199,6 @@ def compare(
     _one_protocol_check(per_model)
     result = run(data, output_dir, models=names, seeds=seed_list, overrides=per_model, presets=presets,
                  reference=None if reference == "none" else reference, log=_log)
-    if _is_main_rank():
+    if is_main_rank():
         print_comparison(result)
         typer.echo(f"summary in {output_dir / 'compare.json'}")

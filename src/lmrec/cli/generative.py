@@ -13,7 +13,6 @@ from lmrec.cli.common import (
     OVERWRITE_HELP,
     RESUME_HELP,
     SET_HELP,
-    _is_main_rank,
     _k,
     _ks,
     _log,
@@ -24,6 +23,7 @@ from lmrec.cli.common import (
     sid_app,
 )
 from lmrec.cli.report import print_metrics, print_recommendations
+from lmrec.training.distributed import is_main_rank
 
 
 @sid_app.command("build")
@@ -120,7 +120,7 @@ def gen_train(
     if "test" in r.metrics:
         _report(r.metrics, f"{data}: test split, constrained beam search ({cfg.eval.beams} beams)", r.model_dir,
                 r.run_dir, model_name="generative")
-    elif _is_main_rank():
+    elif is_main_rank():
         typer.echo(f"{r.metrics['steps']} steps; model in {r.model_dir}; metrics in {r.run_dir / 'metrics.json'}")
 
 
