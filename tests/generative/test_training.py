@@ -120,6 +120,11 @@ def test_stage2_lora_and_merge_generate_the_same(gen, sft):
     merged = evaluate_generative(gen / "merged", gen / "data", gen / "sids", beams=10, ks=[5, 10])["test"]
     keys = ("recall@10", "ndcg@10", "mrr@10", "mrr")  # the merged model ranks like the adapter
     assert [merged[k] for k in keys] == pytest.approx([trained["test"][k] for k in keys], abs=0.02)
+    res = cli("gen", "evaluate", "--model", gen / "merged", "--data", gen / "data", "--sids", gen / "sids",
+              "--beams", "10", "--ks", "5,10")  # the command prints what the function returns
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = next(line for line in res.stdout.splitlines() if line.startswith("│ generative"))
+    assert all(f"{merged[k]:.4f}" in row for k in keys), (row, merged)
 
 
 def test_chat_samples_parquet(gen):
