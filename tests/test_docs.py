@@ -87,3 +87,14 @@ def test_every_test_the_docs_cite_exists():
             if not test.is_file() or not re.search(rf"^\s*(?:async )?def {name}\(", test.read_text(), re.M):
                 missing.append(f"{path.relative_to(ROOT)}: {file}::{name}")
     assert found > 50 and missing == []
+
+
+def test_the_data_config_example_on_the_scale_page_is_the_shipped_file():
+    """docs/scale.md says `configs/data-mix.json` is its example: the two must not drift apart."""
+    import json
+    import re
+
+    page = (ROOT / "docs" / "scale.md").read_text(encoding="utf-8")
+    shown = re.search(r"`configs/data-mix.json` is this example.*?```json\n(.*?)```", page, re.S)
+    assert shown, "the scale page no longer shows the data-config example"
+    assert json.loads(shown[1]) == json.loads((ROOT / "configs" / "data-mix.json").read_text())
