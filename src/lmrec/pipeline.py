@@ -222,17 +222,18 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
     trained = {"recformer": (recformer.model_dir, recformer.metrics["valid"])}
     keys = ("test", "valid", "best_epoch", "wall_time_s")
 
-    def add(name: str, row: str, label: str, metrics: dict, run_dir: Path, wall: float, more: dict) -> None:
+    def add(name: str, row: str, label: str, metrics: dict, run_dir: Path, wall: float, more: dict | None = None
+            ) -> None:
         rows[row], walls[label] = metrics["test"], wall
         ranks = os.path.relpath(Path(run_dir) / RANKS_FILE, output_dir)  # the run tree moves as one
-        added[name] = {**{k: metrics[k] for k in keys + ("test_new_items",) if k in metrics}, **more,
+        added[name] = {**{k: metrics[k] for k in keys + ("test_new_items",) if k in metrics}, **(more or {}),
                        "row": row, "ranks": ranks}
 
     if sasrec:
         cfg = load_config(None, [f"output_dir={output_dir / 'sasrec'}", *overrides.get("sasrec", [])],
                           schema=IdRunConfig)
         base = train_baseline(cfg, data, log=log)
-        add("sasrec", "SASRec (item IDs)", "SASRec", base.metrics, base.run_dir, base.metrics["wall_time_s"], {})
+        add("sasrec", "SASRec (item IDs)", "SASRec", base.metrics, base.run_dir, base.metrics["wall_time_s"])
         trained["sasrec"] = (base.model_dir, base.metrics["valid"])
     if hybrid:
         # within the quickstart's budget: it starts from the SASRec just trained (when there is one) and stops
@@ -243,7 +244,7 @@ def quickstart_others(data, output_dir: Path, recformer, *, sasrec: bool, hybrid
                                  f"model.text_from={recformer.model_dir}", *warm, *overrides.get("hybrid", [])],
                           schema=IdRunConfig)
         hyb = train_baseline(cfg, data, log=log, text_vectors=text_vectors(recformer.model_dir, data, log=log))
-        add("hybrid", "hybrid (SASRec + text)", "hybrid", hyb.metrics, hyb.run_dir, hyb.metrics["wall_time_s"], {})
+        add("hybrid", "hybrid (SASRec + text)", "hybrid", hyb.metrics, hyb.run_dir, hyb.metrics["wall_time_s"])
         trained["hybrid"] = (hyb.model_dir, hyb.metrics["valid"])
     if generative:
         sources = choose_sid_source(sid_source, {k: v for k, v in trained.items() if k != "hybrid"}, log=log)
